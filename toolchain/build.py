@@ -1,0 +1,157 @@
+"""`edgecc build`: recipe + model -> data -> float teacher -> int8 TFLite -> evaluation -> artifacts.
+
+Every input is validated before any training starts, so a bad recipe, target or
+output directory fails in a second with nothing written.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edgecc
+from edgecc import emit, report
+from edgecc.data import Dataset, load_dataset
+from edgecc.evaluate import host_latency, predictions
+from edgecc.progress import Reporter
+from edgecc.reader import read_graph
+from edgecc.recipe import LoadedRecipe, load_recipe, model_path
+from edgecc.runtime import Model
+from edgecc.targets import Target, load_target
+
+LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert",
+             "tflite-micro", "numpy", "scikit-learn")
+INT8_MODEL = "model.tflite"
+FLOAT_MODEL = "float.tflite"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path
+    manifest: dict[str, Any]
+
+    @property
+    def failed_budgets(self) -> list[dict[str, Any]]:
+        return [b for b in self.manifest["budgets"] if b["status"] == "fail"]
+
+
+def library_versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _budgets(loaded: LoadedRecipe, float_acc: float, int8_acc: float) -> list[dict[str, Any]]:
+    """The recipe's budgets with the measured figure and a verdict for each."""
+    b = loaded.recipe.budgets
+    drop = (float_acc - int8_acc) * 100
+    budgets = [
+        {"name": "int8 accuracy", "value": int8_acc, "limit": f">= {b.min_accuracy}",
+         "status": "pass" if int8_acc >= b.min_accuracy else "fail"},
+        {"name": "accuracy drop (points)", "value": round(drop, 3), "limit": f"<= {b.max_accuracy_drop}",
+         "status": "pass" if drop <= b.max_accuracy_drop + 1e-9 else "fail"},
+    ]
+    if b.max_latency_ms:
+        budgets.append({"name": "latency on target (ms)", "value": None, "limit": f"<= {b.max_latency_ms}",
+                        "status": "not evaluated", "why": "this build has no latency estimator for the target"})
+    return budgets
+
+
+def _preprocessing(dataset: Dataset, int8: Model) -> dict[str, Any]:
+    """Everything a third party needs to feed model.tflite and read its output."""
+    pre = dataset.preprocessing
+    return {
+        **pre.to_json(),
+        "model_input_shape": [1, *pre.input_shape],
+        "float_input": "x = raw * scale + offset",
+        "input_dtype": str(np.dtype(int8.input["dtype"])),
+        "input_quantization": {"scale": int8.input_quantization.scale, "zero_point": int8.input_quantization.zero_point},
+        "input_formula": "q = clip(round(x / input_scale) + input_zero_point, -128, 127)",
+        "output": "class logits; the predicted class is the argmax",
+        "output_dtype": str(np.dtype(int8.output["dtype"])),
+        "output_quantization": {"scale": int8.output_quantization.scale, "zero_point": int8.output_quantization.zero_point},
+        "label_names": list(dataset.label_names),
+    }
+
+
+def build(target_name: str, recipe_path: Path | None = None, out: Path | None = None,
+          reporter: Reporter | None = None) -> BuildResult:
+    """Run the whole pipeline and write artifacts under `out` (default `build/<target>`)."""
+    reporter = reporter or Reporter(quiet=True)
+    target: Target = load_target(target_name)
+    loaded = load_recipe(recipe_path)
+    recipe = loaded.recipe
+    out = out or Path("build") / target.name
+    emit.ensure_writable(out)
+    user_model = model_path(loaded)
+
+    dataset = load_dataset(recipe.data, recipe.seed)
+    reporter.info(f"[bold]edgecc build[/bold] {recipe.name} for {target.name}: {dataset.name}, "
+                  f"{len(dataset.train_index)} training / {len(dataset.test_index)} test examples")
+
+    from edgecc.convert import to_float_tflite, to_int8_tflite
+    from edgecc.teacher import teacher
+
+    model = teacher(recipe.model, user_model, dataset, recipe.train, recipe.seed, reporter)
+    rng = np.random.default_rng(recipe.seed)
+    count = min(recipe.compress.calibration_samples, len(dataset.train_index))
+    calibration = dataset.x[rng.choice(dataset.train_index, size=count, replace=False)]
+    reporter.info(f"quantizing to full int8 (calibrated on {count} training examples)")
+    float_bytes = to_float_tflite(model)
+    int8_bytes = to_int8_tflite(model, calibration, recipe.compress.per_channel)
+
+    float_model, int8_model = Model(float_bytes), Model(int8_bytes)
+    x_test, y_test = dataset.x[dataset.test_index], dataset.y[dataset.test_index]
+    float_acc = float(np.mean(predictions(float_model, x_test, reporter, "evaluating float TFLite") == y_test))
+    int8_acc = float(np.mean(predictions(int8_model, x_test, reporter, "evaluating int8 TFLite") == y_test))
+    reporter.info("measuring host latency (1 thread, float and int8 interleaved)")
+    latency = host_latency({"float": float_model, "int8": int8_model}, x_test[0])
+    graph = read_graph(int8_bytes)
+
+    manifest: dict[str, Any] = {
+        "edgecc_version": edgecc.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["edgecc", *sys.argv[1:]]) if Path(sys.argv[0]).name == "edgecc" else None,
+        "target": {"name": target.name, "description": target.description, "runtime": target.runtime},
+        "recipe": {"name": recipe.name, "path": str(loaded.path), "sha256": loaded.sha256},
+        "seed": recipe.seed,
+        "versions": library_versions(),
+        "data": {**dataset.split_json(), "test_size": len(dataset.test_index)},
+        "preprocessing": _preprocessing(dataset, int8_model),
+        "model": {
+            "source": str(user_model) if user_model else f"reference architecture {recipe.model.architecture}",
+            "parameters": int(model.count_params()),
+            "ops": graph.op_counts(),
+            "activation_dtypes": sorted({t.dtype for t in graph.activation_tensors()}),
+            "stages": list(recipe.compress.stages),
+        },
+        "metrics": {
+            "float_accuracy": float_acc,
+            "int8_accuracy": int8_acc,
+            "float_tflite_bytes": len(float_bytes),
+            "int8_tflite_bytes": len(int8_bytes),
+            "size_ratio": round(len(float_bytes) / len(int8_bytes), 3),
+            "host_latency": {name: lat.to_json() for name, lat in latency.items()},
+            "host": f"{platform.machine()} {platform.processor() or platform.system()}, measured with the TFLite interpreter",
+        },
+        "budgets": _budgets(loaded, float_acc, int8_acc),
+    }
+    with emit.atomic_directory(out) as staging:
+        (staging / INT8_MODEL).write_bytes(int8_bytes)
+        (staging / FLOAT_MODEL).write_bytes(float_bytes)
+        (staging / "report.md").write_text(report.markdown(manifest), encoding="utf-8")
+        manifest["artifacts"] = emit.artifact_entries(staging, [INT8_MODEL, FLOAT_MODEL, "report.md"])
+        emit.write_json(staging / "manifest.json", manifest)
+    return BuildResult(out, manifest)
+

@@ -1,0 +1,127 @@
+"""The `edgecc` command line: parses arguments and calls the library, nothing more.
+
+Exit codes: 0 success, 1 a budget does not hold, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import edgecc
+from edgecc.errors import EdgeccError
+from edgecc.progress import Reporter
+
+T = TypeVar("T")
+EXIT_BUDGET, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+app = typer.Typer(
+    help="edgecc: compress Keras transformers into fully-int8 TFLite models that fit edge devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stdout = Console(highlight=False)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    Console(stderr=True, highlight=False).print(f"edgecc: error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _run(work: Callable[[], T]) -> T:
+    """Run library code, turning user errors and interrupts into one line and an exit code."""
+    try:
+        return work()
+    except EdgeccError as err:
+        _fail(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", EXIT_INTERRUPTED)
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"edgecc {edgecc.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """edgecc: compress Keras transformers into fully-int8 TFLite models that fit edge devices."""
+
+
+@app.command()
+def build(
+    target: Annotated[str, typer.Option("--target", "-t", help="Target profile name (see `edgecc targets`) or a profile TOML file.")],
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="Recipe TOML file; the built-in digits recipe when omitted.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory [default: build/<target>].")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")] = False,
+) -> None:
+    """Train (or load), quantize to full int8, evaluate, and write model.tflite, manifest.json, report.md.
+
+    Exits 1 when a budget of the recipe does not hold (the artifacts are still written), 2 on bad input.
+    """
+    from edgecc.build import build as run_build
+
+    result = _run(lambda: run_build(target, recipe, out, Reporter(quiet=quiet or as_json)))
+    if as_json:
+        stdout.print_json(json.dumps(result.manifest))
+    elif not quiet:
+        metrics = result.manifest["metrics"]
+        stdout.print(
+            f"accuracy float {metrics['float_accuracy']:.4f}, int8 {metrics['int8_accuracy']:.4f}; "
+            f"int8 file {metrics['int8_tflite_bytes']:,} bytes ({metrics['size_ratio']:.2f}x smaller than float)"
+        )
+        stdout.print(f"wrote {result.out}/model.tflite, manifest.json, report.md")
+    for budget in result.failed_budgets:
+        Console(stderr=True, highlight=False).print(
+            f"edgecc: budget not met: {budget['name']} is {budget['value']}, limit {budget['limit']}", markup=False)
+    if result.failed_budgets:
+        raise typer.Exit(EXIT_BUDGET)
+
+
+@app.command()
+def targets(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the profiles as JSON.")] = False,
+) -> None:
+    """List the built-in target profiles."""
+    from dataclasses import asdict
+
+    from edgecc.targets import all_targets
+
+    profiles = _run(all_targets)
+    if as_json:
+        stdout.print_json(json.dumps([asdict(p) for p in profiles]))
+        return
+    table = Table("target", "device", "runtime", "cores x clock", "RAM")
+    for p in profiles:
+        table.add_row(p.name, p.description, p.runtime,
+                      f"{p.cpu.cores.value:g} x {p.cpu.clock_mhz.value:g} MHz {p.cpu.core}",
+                      f"{p.memory.ram_bytes.value / 2**20:,.0f} MiB")
+    stdout.print(table)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Console-script entry point; SIGTERM unwinds like Ctrl-C so partial output is removed."""
+    signal.signal(signal.SIGTERM, _terminate)
+    app(prog_name="edgecc")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Reading a .tflite flatbuffer with the TFLite schema, without TensorFlow.
+
+`ai_edge_litert.schema_py_generated` is the schema compiled to Python; it
+imports in a fraction of a second, so reports and checks can run on a board or
+a CI runner that has no TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgecc.errors import EdgeccError
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    constant: bool
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Operator:
+    kind: str
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The main subgraph of a model: its operators in execution order and its tensors."""
+
+    operators: tuple[Operator, ...]
+    tensors: tuple[Tensor, ...]
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for op in self.operators:
+            counts[op.kind] = counts.get(op.kind, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def activation_tensors(self) -> list[Tensor]:
+        """Tensors computed at run time (graph inputs and op outputs), not weights or biases."""
+        produced = {i for op in self.operators for i in op.outputs} | set(self.inputs)
+        return [t for i, t in enumerate(self.tensors) if i in produced and not t.constant]
+
+
+def _enum_names(enum: type) -> dict[int, str]:
+    return {value: key for key, value in vars(enum).items() if not key.startswith("_")}
+
+
+def read_graph(content: bytes) -> Graph:
+    """Parse the main subgraph; raises EdgeccError for bytes that are not a TFLite model."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    if len(content) < 8 or content[4:8] != b"TFL3":
+        raise EdgeccError("not a TFLite model (the file lacks the TFL3 identifier)")
+    try:
+        model = schema.ModelT.InitFromPackedBuf(content, 0)
+        subgraph = model.subgraphs[0]
+        op_names = _enum_names(schema.BuiltinOperator)
+        type_names = _enum_names(schema.TensorType)
+        codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+        tensors = []
+        for t in subgraph.tensors:
+            q = t.quantization
+            data = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
+            tensors.append(Tensor(
+                name=t.name.decode() if isinstance(t.name, bytes) else str(t.name),
+                dtype=type_names.get(t.type, str(t.type)),
+                shape=tuple(int(d) for d in (t.shape if t.shape is not None else ())),
+                constant=data is not None and len(data) > 0,
+                scale=tuple(float(s) for s in (q.scale if q is not None and q.scale is not None else ())),
+                zero_point=tuple(int(z) for z in (q.zeroPoint if q is not None and q.zeroPoint is not None else ())),
+            ))
+        operators = tuple(
+            Operator(op_names.get(codes[op.opcodeIndex], "CUSTOM"),
+                     tuple(int(i) for i in op.inputs), tuple(int(o) for o in op.outputs))
+            for op in subgraph.operators
+        )
+    except (IndexError, TypeError, AttributeError, ValueError) as err:
+        raise EdgeccError(f"not a readable TFLite model (truncated or corrupt: {err})") from None
+    return Graph(operators, tuple(tensors), tuple(int(i) for i in subgraph.inputs), tuple(int(o) for o in subgraph.outputs))

@@ -1,0 +1,127 @@
+"""Recipes: what to build, from what data, judged how, within which budgets.
+
+A recipe is TOML validated against the dataclasses below; every field has a
+default so a recipe states only what differs. The built-in default recipe
+(`models/digits.toml`, shipped in the package) is what `edgecc build` uses
+when no recipe is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from edgecc import schema
+from edgecc.errors import EdgeccError
+from edgecc.schema import spec
+
+ARCHITECTURES = ("vit",)
+DATA_SOURCES = ("sklearn-digits",)
+STAGES = ("ptq",)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Either a reference architecture (with its sizes) or a user's tf_keras model file."""
+
+    architecture: str = spec("vit", choices=ARCHITECTURES, doc="reference architecture to train")
+    path: str = spec("", doc="a user's tf_keras .keras file or SavedModel directory; replaces architecture")
+    stem_filters: tuple[int, ...] = spec((32,), minimum=1, doc="3x3 ReLU convolutions before tokenisation")
+    stem_strides: tuple[int, ...] = spec((1,), minimum=1, maximum=4, doc="stride of each stem convolution")
+    dim: int = spec(64, minimum=8, doc="token width")
+    depth: int = spec(2, minimum=1, maximum=48, doc="number of encoder blocks")
+    heads: int = spec(4, minimum=1, doc="attention heads per block; must divide dim")
+    mlp_dim: int = spec(128, minimum=1, doc="hidden width of each feed-forward layer")
+    dropout: float = spec(0.1, minimum=0.0, maximum=0.9)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str = spec("sklearn-digits", choices=DATA_SOURCES, doc="where the examples come from")
+    test_fraction: float = spec(0.25, minimum=0.05, maximum=0.5, doc="held-out share, stratified, seeded")
+
+
+@dataclass(frozen=True)
+class TaskSection:
+    metric: str = spec("accuracy", choices=("accuracy",), doc="the field metric the budgets refer to")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Training of the float teacher (skipped for a user's model when epochs is 0)."""
+
+    epochs: int = spec(40, minimum=0)
+    batch_size: int = spec(32, minimum=1)
+    learning_rate: float = spec(2e-3, minimum=0.0, maximum=1.0, doc="peak of a cosine decay")
+    weight_decay: float = spec(0.05, minimum=0.0, maximum=1.0, doc="AdamW decoupled weight decay")
+    label_smoothing: float = spec(0.1, minimum=0.0, maximum=0.5)
+    augment_shift: int = spec(1, minimum=0, maximum=8, doc="random translation in pixels, training only")
+
+
+@dataclass(frozen=True)
+class CompressSection:
+    stages: tuple[str, ...] = spec(("ptq",), choices=STAGES, doc="compression stages, in order")
+    calibration_samples: int = spec(256, minimum=1, doc="training examples used to calibrate int8 ranges")
+    per_channel: bool = spec(False, doc="per-channel int8 weights for fully connected layers")
+
+
+@dataclass(frozen=True)
+class BudgetsSection:
+    """The user's acceptance criteria; `edgecc build` fails (exit 1) when one does not hold."""
+
+    min_accuracy: float = spec(0.0, minimum=0.0, maximum=1.0, doc="int8 accuracy floor on the test split")
+    max_accuracy_drop: float = spec(1.0, minimum=0.0, maximum=100.0, doc="points of accuracy int8 may lose")
+    max_latency_ms: float = spec(0.0, minimum=0.0, doc="latency ceiling on the target; 0 means none")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = spec("unnamed", doc="short name used in reports")
+    seed: int = spec(0, minimum=0, doc="seeds data splits, initialisation and training")
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    compress: CompressSection = field(default_factory=CompressSection)
+    budgets: BudgetsSection = field(default_factory=BudgetsSection)
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe with where it came from and the hash of its bytes."""
+
+    recipe: Recipe
+    path: Path
+    sha256: str
+
+
+def default_recipe_path() -> Path:
+    return Path(str(resources.files("edgecc.models").joinpath("digits.toml")))
+
+
+def load_recipe(path: Path | None = None) -> LoadedRecipe:
+    """Load and validate a recipe file (the built-in default when `path` is None)."""
+    path = path or default_recipe_path()
+    recipe = schema.load(Recipe, path, "recipe")
+    problems = []
+    m = recipe.model
+    if len(m.stem_filters) != len(m.stem_strides):
+        problems.append("model.stem_filters and model.stem_strides must have the same length")
+    if m.dim % m.heads:
+        problems.append(f"model.heads: {m.heads} does not divide model.dim {m.dim}")
+    loaded = LoadedRecipe(recipe, path, hashlib.sha256(path.read_bytes()).hexdigest())
+    user_model = model_path(loaded)
+    if user_model is not None and not user_model.exists():
+        problems.append(f"model.path: {user_model} does not exist")
+    if problems:
+        raise EdgeccError(f"{path}: " + "; ".join(problems))
+    return loaded
+
+
+def model_path(loaded: LoadedRecipe) -> Path | None:
+    """The user's model file; a relative path is relative to the recipe's folder."""
+    if not loaded.recipe.model.path:
+        return None
+    return loaded.path.parent / Path(loaded.recipe.model.path).expanduser()

@@ -1,0 +1,68 @@
+"""report.md: the build's manifest rendered for people."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
+def markdown(manifest: dict[str, Any]) -> str:
+    """A readable summary; every figure comes from the manifest, which stays the record."""
+    m, metrics, pre = manifest["model"], manifest["metrics"], manifest["preprocessing"]
+    lat = metrics["host_latency"]
+    lines = [
+        f"# edgecc build: {manifest['recipe']['name']} for {manifest['target']['name']}",
+        "",
+        f"{manifest['target']['description']}. Built {manifest['created']} by edgecc {manifest['edgecc_version']}, "
+        f"seed {manifest['seed']}.",
+        "",
+        "## Result",
+        "",
+        "| | float TFLite | int8 TFLite |",
+        "|---|---|---|",
+        f"| accuracy on the test split ({manifest['data']['test_size']} examples) | "
+        f"{metrics['float_accuracy']:.4f} | {metrics['int8_accuracy']:.4f} |",
+        f"| file size | {_kib(metrics['float_tflite_bytes'])} | {_kib(metrics['int8_tflite_bytes'])} "
+        f"({metrics['size_ratio']:.2f}x smaller) |",
+        f"| host latency, median of {lat['int8']['runs']} runs, {lat['int8']['threads']} thread | "
+        f"{lat['float']['median_ms']:.3f} ms | {lat['int8']['median_ms']:.3f} ms |",
+        "",
+        f"Host latency was measured on this build machine ({metrics['host']}), both models interleaved in one "
+        "process; it is not a prediction for the target.",
+        "",
+        "## Budgets",
+        "",
+        "| budget | measured | limit | verdict |",
+        "|---|---|---|---|",
+    ]
+    for b in manifest["budgets"]:
+        value = "—" if b["value"] is None else b["value"]
+        lines.append(f"| {b['name']} | {value} | {b['limit']} | {b['status']}{' (' + b['why'] + ')' if 'why' in b else ''} |")
+    lines += [
+        "",
+        "## Model",
+        "",
+        f"{m['source']}, {m['parameters']:,} parameters; compression stages: {', '.join(m['stages'])}. "
+        f"Activation tensor types in model.tflite: {', '.join(m['activation_dtypes'])}.",
+        "",
+        "| op | count |",
+        "|---|---|",
+        *(f"| {op} | {n} |" for op, n in m["ops"].items()),
+        "",
+        "## Running model.tflite",
+        "",
+        f"- raw input: {pre['raw']}; layout {pre['layout']}, model input shape {pre['model_input_shape']}",
+        f"- float input: x = raw * {pre['scale']} + {pre['offset']}",
+        f"- int8 input: q = clip(round(x / {pre['input_quantization']['scale']}) + "
+        f"{pre['input_quantization']['zero_point']}, -128, 127)",
+        f"- output: {pre['output']} (int8, scale {pre['output_quantization']['scale']}, zero point "
+        f"{pre['output_quantization']['zero_point']})",
+        f"- labels: {', '.join(pre['label_names'])}",
+        "",
+        "manifest.json holds these figures, the test split, library versions and the sha256 of every artifact.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Running TFLite models with the real interpreter, without importing TensorFlow.
+
+ai-edge-litert is the interpreter; older boards may only have tflite-runtime,
+and a training machine always has tensorflow.lite, tried in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgecc.errors import EdgeccError
+
+
+def interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            try:
+                from edgecc.tf import tensorflow
+
+                Interpreter = tensorflow().lite.Interpreter
+            except EdgeccError:
+                raise EdgeccError("no TFLite interpreter found: pip install ai-edge-litert") from None
+    return Interpreter
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Affine int8 mapping: real = scale * (q - zero_point); scale 0 means a float tensor."""
+
+    scale: float
+    zero_point: int
+
+    def quantize(self, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        if not self.scale:
+            return x.astype(dtype)
+        info = np.iinfo(dtype)
+        return np.clip(np.round(x / self.scale) + self.zero_point, info.min, info.max).astype(dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        if not self.scale:
+            return q.astype(np.float32)
+        return (q.astype(np.float32) - self.zero_point) * self.scale
+
+
+class Model:
+    """One loaded TFLite model with a single input and output, run an example at a time."""
+
+    def __init__(self, content: bytes, threads: int = 1) -> None:
+        self.threads = threads
+        try:
+            self.interpreter = interpreter_class()(model_content=content, num_threads=threads)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            raise EdgeccError(f"the TFLite interpreter cannot load this model: {err}") from None
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.input_quantization = Quantization(*self.input["quantization"])
+        self.output_quantization = Quantization(*self.output["quantization"])
+
+    def invoke(self, x: np.ndarray) -> np.ndarray:
+        """Run one float example (no batch axis); returns the float output of the model."""
+        q = self.input_quantization.quantize(x[np.newaxis], self.input["dtype"])
+        self.interpreter.set_tensor(self.input["index"], q)
+        self.interpreter.invoke()
+        return self.output_quantization.dequantize(self.interpreter.get_tensor(self.output["index"]))[0]

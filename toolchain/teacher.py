@@ -1,0 +1,115 @@
+"""The float teacher: a reference transformer trained from scratch, or the user's own model.
+
+The teacher is trained with a free batch size and then cloned into the static
+batch-1 graph that conversion needs (a `None` batch turns into SHAPE/FILL ops
+that TFLite Micro cannot allocate).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecc.data import Dataset
+from edgecc.errors import EdgeccError
+from edgecc.progress import Reporter
+from edgecc.recipe import ModelSection, TrainSection
+from edgecc.tf import keras as _keras
+
+
+def reference_model(section: ModelSection, dataset: Dataset) -> Any:
+    """The recipe's reference architecture, sized for the dataset."""
+    from edgecc.transformer import VitConfig, vision_transformer
+
+    config = VitConfig(
+        stem_filters=section.stem_filters,
+        stem_strides=section.stem_strides,
+        dim=section.dim,
+        depth=section.depth,
+        heads=section.heads,
+        mlp_dim=section.mlp_dim,
+        dropout=section.dropout,
+    )
+    return vision_transformer(config, dataset.preprocessing.input_shape, dataset.num_classes)
+
+
+def load_user_model(path: Path, dataset: Dataset) -> Any:
+    """A user's tf_keras model file, loaded in safe mode (no code from the file runs)."""
+    keras = _keras()
+    import edgecc.layers  # noqa: F401  (registers edgecc's layers for deserialisation)
+
+    if not path.exists():
+        raise EdgeccError(f"model file {path} does not exist")
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as err:  # Keras raises many types for a file it cannot read
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EdgeccError(f"{path} is not a Keras model edgecc can load: {reason}") from None
+    expected = dataset.preprocessing.input_shape
+    if tuple(model.input_shape[1:]) != tuple(expected):
+        raise EdgeccError(f"{path}: model input shape {model.input_shape[1:]} does not match the data's {expected}")
+    if model.output_shape[-1] != dataset.num_classes:
+        raise EdgeccError(f"{path}: model has {model.output_shape[-1]} outputs, the data has {dataset.num_classes} classes")
+    return model
+
+
+def _shifted(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image translated by up to `shift` pixels, the uncovered border filled with zeros."""
+    if shift == 0:
+        return images
+    n, height, width = images.shape[:3]
+    padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+    dy, dx = rng.integers(0, 2 * shift + 1, size=(2, n))
+    return np.stack([padded[i, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(n)])
+
+
+def _outputs_logits(model: Any) -> bool:
+    keras = _keras()
+    return getattr(model.layers[-1], "activation", None) is not keras.activations.softmax
+
+
+def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, reporter: Reporter) -> Any:
+    """Fit the teacher on the training split only: AdamW, cosine decay, label smoothing, shifts."""
+    keras = _keras()
+    if section.epochs == 0:
+        return model
+    x, y = dataset.x[dataset.train_index], dataset.y[dataset.train_index]
+    targets = np.eye(dataset.num_classes, dtype=np.float32)[y]
+    steps = section.epochs * int(np.ceil(len(x) / section.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(section.learning_rate, steps)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(schedule, weight_decay=section.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=_outputs_logits(model), label_smoothing=section.label_smoothing
+        ),
+        metrics=["accuracy"],
+    )
+    rng = np.random.default_rng(seed)
+    with reporter.task("training float teacher", section.epochs) as advance:
+        for _ in range(section.epochs):
+            history = model.fit(
+                _shifted(x, section.augment_shift, rng), targets,
+                batch_size=section.batch_size, epochs=1, shuffle=True, verbose=0,
+            )
+            advance(status=f"loss {history.history['loss'][-1]:.3f} acc {history.history['accuracy'][-1]:.3f}")
+    return model
+
+
+def inference_graph(model: Any) -> Any:
+    """The same model with a static batch of 1 and the trained weights."""
+    keras = _keras()
+    batch_one = keras.Input(batch_shape=(1, *model.input_shape[1:]), name=model.inputs[0].name.split(":")[0])
+    clone = keras.models.clone_model(model, input_tensors=batch_one)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def teacher(model_section: ModelSection, user_model: Path | None, dataset: Dataset,
+            train_section: TrainSection, seed: int, reporter: Reporter) -> Any:
+    """The trained float teacher as a batch-1 inference graph."""
+    keras = _keras()
+    keras.utils.set_random_seed(seed)
+    model = load_user_model(user_model, dataset) if user_model else reference_model(model_section, dataset)
+    return inference_graph(train(model, dataset, train_section, seed, reporter))
