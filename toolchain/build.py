@@ -97,13 +97,14 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     user_model = model_path(loaded)
 
     dataset = load_dataset(recipe.data, recipe.seed)
-    reporter.info(f"[bold]edgecc build[/bold] {recipe.name} for {target.name}: {dataset.name}, "
-                  f"{len(dataset.train_index)} training / {len(dataset.test_index)} test examples")
 
     from edgecc.convert import to_float_tflite, to_int8_tflite
-    from edgecc.teacher import teacher
+    from edgecc.teacher import inference_graph, starting_model, train
 
-    model = teacher(recipe.model, user_model, dataset, recipe.train, recipe.seed, reporter)
+    model = starting_model(recipe.model, user_model, dataset, recipe.seed)
+    reporter.info(f"[bold]edgecc build[/bold] {recipe.name} for {target.name}: {dataset.name}, "
+                  f"{len(dataset.train_index)} training / {len(dataset.test_index)} test examples")
+    model = inference_graph(train(model, dataset, recipe.train, recipe.seed, reporter))
     rng = np.random.default_rng(recipe.seed)
     count = min(recipe.compress.calibration_samples, len(dataset.train_index))
     calibration = dataset.x[rng.choice(dataset.train_index, size=count, replace=False)]

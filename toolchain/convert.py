@@ -6,17 +6,20 @@ with ranges calibrated on training examples only (never the test split).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from edgecc.progress import native_output_silenced
 from edgecc.tf import tensorflow
 
 
 def to_float_tflite(model: Any) -> bytes:
     tf = tensorflow()
-    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    with native_output_silenced():
+        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
 
 
 def to_int8_tflite(model: Any, calibration: np.ndarray, per_channel: bool) -> bytes:
@@ -39,4 +42,7 @@ def to_int8_tflite(model: Any, calibration: np.ndarray, per_channel: bool) -> by
     converter.inference_input_type = tf.int8
     converter.inference_output_type = tf.int8
     converter._experimental_disable_per_channel_quantization_for_dense_layers = not per_channel
-    return converter.convert()
+    with native_output_silenced(), warnings.catch_warnings():
+        # the converter warns that the int8 input has no range statistics: it takes them from calibration
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return converter.convert()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -36,3 +38,24 @@ class Reporter:
                 bar.update(task_id, advance=steps, status=status)
 
             yield advance
+
+
+@contextmanager
+def native_output_silenced() -> Iterator[None]:
+    """Silence what C++ libraries (TensorFlow, the converter, XNNPACK) print to fds 1 and 2.
+
+    Python exceptions still carry their messages; only native chatter is dropped.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.errors import EdgeccError
+from edgecc.progress import native_output_silenced
 
 
 def interpreter_class() -> Any:
@@ -55,8 +56,9 @@ class Model:
     def __init__(self, content: bytes, threads: int = 1) -> None:
         self.threads = threads
         try:
-            self.interpreter = interpreter_class()(model_content=content, num_threads=threads)
-            self.interpreter.allocate_tensors()
+            with native_output_silenced():
+                self.interpreter = interpreter_class()(model_content=content, num_threads=threads)
+                self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as err:
             raise EdgeccError(f"the TFLite interpreter cannot load this model: {err}") from None
         self.input = self.interpreter.get_input_details()[0]

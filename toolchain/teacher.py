@@ -106,10 +106,8 @@ def inference_graph(model: Any) -> Any:
     return clone
 
 
-def teacher(model_section: ModelSection, user_model: Path | None, dataset: Dataset,
-            train_section: TrainSection, seed: int, reporter: Reporter) -> Any:
-    """The trained float teacher as a batch-1 inference graph."""
+def starting_model(section: ModelSection, user_model: Path | None, dataset: Dataset, seed: int) -> Any:
+    """The untrained reference model, or the user's model (validated against the data)."""
     keras = _keras()
     keras.utils.set_random_seed(seed)
-    model = load_user_model(user_model, dataset) if user_model else reference_model(model_section, dataset)
-    return inference_graph(train(model, dataset, train_section, seed, reporter))
+    return load_user_model(user_model, dataset) if user_model else reference_model(section, dataset)

@@ -9,13 +9,18 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
+from edgecc.progress import native_output_silenced
+
 
 def tensorflow() -> ModuleType:
     """Import TensorFlow with legacy Keras selected and its C++ logging quietened."""
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        import tensorflow as tf
+        with native_output_silenced():  # absl logs CUDA probing to fd 2 before any setting applies
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
     except ImportError as err:
         from edgecc.errors import EdgeccError
 

@@ -1,0 +1,33 @@
+"""Shared fixtures: the default build runs once per test session and its artifacts are shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def edgecc_command() -> str:
+    """The installed `edgecc` console script (beside this Python when its venv is not on PATH)."""
+    return shutil.which("edgecc") or str(Path(sys.executable).with_name("edgecc"))
+
+
+def edgecc(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run `edgecc` as a user would, in a wide terminal so messages stay on one line."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([edgecc_command(), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def default_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, subprocess.CompletedProcess[str]]:
+    """`edgecc build --target rpi4` on the built-in default recipe, exactly as the README runs it."""
+    work = tmp_path_factory.mktemp("default-build")
+    result = edgecc("build", "--target", "rpi4", "--json", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = work / "build" / "rpi4"
+    return out, json.loads((out / "manifest.json").read_text()), result

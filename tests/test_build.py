@@ -1,0 +1,134 @@
+"""The default `edgecc build --target rpi4`, checked from its artifacts alone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import edgecc, edgecc_command
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_accuracy_and_size(default_build) -> None:
+    out, manifest, result = default_build
+    metrics = manifest["metrics"]
+    assert json.loads(result.stdout) == manifest
+    assert metrics["int8_accuracy"] >= 0.95
+    assert metrics["float_accuracy"] - metrics["int8_accuracy"] <= 0.01
+    float_size, int8_size = (out / "float.tflite").stat().st_size, (out / "model.tflite").stat().st_size
+    assert float_size / int8_size >= 3.5, (float_size, int8_size)
+    assert all(b["status"] == "pass" for b in manifest["budgets"])
+
+
+def test_every_activation_tensor_is_int8(default_build) -> None:
+    """Read the flatbuffer directly: every tensor computed at run time must be int8."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    out, _, _ = default_build
+    model = schema.ModelT.InitFromPackedBuf((out / "model.tflite").read_bytes(), 0)
+    graph = model.subgraphs[0]
+    computed = set(graph.inputs) | set(graph.outputs) | {o for op in graph.operators for o in op.outputs}
+    assert computed
+    for index in computed:
+        tensor = graph.tensors[index]
+        assert tensor.type == schema.TensorType.INT8, tensor.name
+
+
+def test_third_party_reproduces_int8_accuracy(default_build) -> None:
+    """Only model.tflite, manifest.json, the public dataset and the interpreter: no edgecc code."""
+    from ai_edge_litert.interpreter import Interpreter
+    from sklearn.datasets import load_digits
+
+    out, manifest, _ = default_build
+    pre = manifest["preprocessing"]
+    assert manifest["data"]["dataset"] == "sklearn-digits"
+    digits = load_digits()
+    test = np.array(manifest["data"]["test_indices"])
+    interpreter = Interpreter(model_path=str(out / "model.tflite"), num_threads=1)
+    interpreter.allocate_tensors()
+    inp, outp = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    assert list(inp["shape"]) == pre["model_input_shape"] and pre["layout"] == "NHWC"
+    in_q, out_q = pre["input_quantization"], pre["output_quantization"]
+    correct = 0
+    for i in test:
+        x = digits.images[i].astype(np.float32) * pre["scale"] + pre["offset"]
+        q = np.clip(np.round(x / in_q["scale"]) + in_q["zero_point"], -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], q.reshape(pre["model_input_shape"]))
+        interpreter.invoke()
+        logits = (interpreter.get_tensor(outp["index"])[0].astype(np.float32) - out_q["zero_point"]) * out_q["scale"]
+        correct += pre["label_names"][int(np.argmax(logits))] == str(digits.target[i])
+    assert correct / len(test) == pytest.approx(manifest["metrics"]["int8_accuracy"], abs=1e-12)
+
+
+def test_manifest_records_provenance(default_build) -> None:
+    out, manifest, _ = default_build
+    for name, entry in manifest["artifacts"].items():
+        data = (out / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+    assert set(manifest["artifacts"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
+    default_recipe = ROOT / "models" / "digits.toml"
+    assert manifest["recipe"]["sha256"] == hashlib.sha256(default_recipe.read_bytes()).hexdigest()
+    assert manifest["seed"] == 0 and manifest["target"]["name"] == "rpi4"
+    for library in ("tensorflow", "tf-keras", "ai-edge-litert", "numpy", "python"):
+        assert manifest["versions"][library][0].isdigit()
+    latency = manifest["metrics"]["host_latency"]
+    assert latency["float"]["threads"] == latency["int8"]["threads"] == 1
+    assert latency["int8"]["median_ms"] > 0 and latency["float"]["median_ms"] > 0
+    test, train_size = manifest["data"]["test_indices"], manifest["data"]["train_size"]
+    assert len(set(test)) == len(test) == manifest["data"]["test_size"] and len(test) + train_size == 1797
+
+
+def test_report_shows_the_measured_figures(default_build) -> None:
+    out, manifest, _ = default_build
+    report = (out / "report.md").read_text()
+    assert f"{manifest['metrics']['int8_accuracy']:.4f}" in report
+    assert f"{manifest['metrics']['size_ratio']:.2f}x smaller" in report
+    assert "rpi4" in report
+
+
+def test_interrupted_build_keeps_the_previous_result(default_build, tmp_path: Path) -> None:
+    out, _, _ = default_build
+    target = tmp_path / "rpi4"
+    shutil.copytree(out, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    process = subprocess.Popen([edgecc_command(), "build", "--target", "rpi4", "--out", str(target)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(12)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["rpi4"]
+
+
+def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -> None:
+    """A user's model builds; a budget that does not hold exits 1 and still writes the artifacts."""
+    from edgecc.transformer import VitConfig, vision_transformer
+
+    config = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=16, depth=1, heads=2, mlp_dim=32, dropout=0.0)
+    vision_transformer(config, (8, 8, 1), 10).save(tmp_path / "mine.keras")
+    (tmp_path / "recipe.toml").write_text(
+        'name = "mine"\n[model]\npath = "mine.keras"\n[train]\nepochs = 2\n[compress]\ncalibration_samples = 32\n'
+        "[budgets]\nmin_accuracy = 1.0\n"
+    )
+    result = edgecc("build", "--target", "rpi4", "--recipe", str(tmp_path / "recipe.toml"),
+                    "--out", str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith("edgecc: budget not met: int8 accuracy is ")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["model"]["source"].endswith("mine.keras")
+    assert manifest["model"]["activation_dtypes"] == ["INT8"]
+    assert manifest["budgets"][0] == {"name": "int8 accuracy", "value": manifest["metrics"]["int8_accuracy"],
+                                      "limit": ">= 1.0", "status": "fail"}
