@@ -45,13 +45,20 @@ class PositionEmbedding(keras.layers.Layer):
         return x + self.positions
 
 
-@keras.utils.register_keras_serializable(package=PACKAGE)
-class AttentionScores(keras.layers.Layer):
-    """Scaled dot products of queries and keys per head: (batch, heads, tokens, tokens)."""
+class _MultiHead(keras.layers.Layer):
+    """A weightless attention step that splits its inputs into `heads` heads."""
 
     def __init__(self, heads: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.heads = heads
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "heads": self.heads}
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class AttentionScores(_MultiHead):
+    """Scaled dot products of queries and keys per head: (batch, heads, tokens, tokens)."""
 
     def call(self, inputs: list[Any]) -> Any:
         query, key = inputs
@@ -59,26 +66,16 @@ class AttentionScores(keras.layers.Layer):
         query = _split_heads(query, self.heads) * (head_dim**-0.5)
         return tf.matmul(query, _split_heads(key, self.heads), transpose_b=True)
 
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "heads": self.heads}
-
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
-class AttentionContext(keras.layers.Layer):
+class AttentionContext(_MultiHead):
     """Attention-weighted sum of the values, heads merged back: (batch, tokens, heads * head_dim)."""
-
-    def __init__(self, heads: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.heads = heads
 
     def call(self, inputs: list[Any]) -> Any:
         probs, value = inputs
         context = tf.matmul(probs, _split_heads(value, self.heads))
         tokens, width = value.shape[1], value.shape[2]
         return tf.reshape(tf.transpose(context, (0, 2, 1, 3)), (-1, tokens, width))
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "heads": self.heads}
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)

@@ -36,14 +36,24 @@ def reference_model(section: ModelSection, dataset: Dataset) -> Any:
 
 
 def load_user_model(path: Path, dataset: Dataset) -> Any:
-    """A user's tf_keras model file, loaded in safe mode (no code from the file runs)."""
+    """A user's `.keras` file or SavedModel directory, loaded in safe mode.
+
+    HDF5 files are refused: Keras restores their Lambda layers from Python
+    bytecode. For SavedModel directories Keras ignores `safe_mode`, so the safe
+    mode scope is set explicitly; either way no code from the file runs.
+    """
     keras = _keras()
     import edgecc.layers  # noqa: F401  (registers edgecc's layers for deserialisation)
+    from tf_keras.src.saving.serialization_lib import SafeModeScope
 
     if not path.exists():
         raise EdgeccError(f"model file {path} does not exist")
+    if not (path.suffix == ".keras" or (path / "saved_model.pb").exists()):
+        raise EdgeccError(f"{path}: edgecc loads tf_keras .keras files and SavedModel directories only "
+                          "(HDF5 and other formats can carry code and are refused)")
     try:
-        model = keras.models.load_model(path, compile=False, safe_mode=True)
+        with SafeModeScope(True):
+            model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as err:  # Keras raises many types for a file it cannot read
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise EdgeccError(f"{path} is not a Keras model edgecc can load: {reason}") from None
