@@ -1,8 +1,8 @@
 """Target device profiles: TOML files under `targets/`, every figure with its source.
 
-Profiles are data, not code: adding a board means adding a TOML file. A figure
-is written as `{ value = ..., source = "..." }` so that no number enters a
-report without saying where it came from.
+Profiles are data, not code: adding a board means adding a TOML file (or passing
+the path of one to `--target`). A figure is written as `{ value = ..., source = "..." }`
+so that no number enters a report without saying where it came from.
 """
 
 from __future__ import annotations
@@ -28,16 +28,52 @@ class Figure:
 
 @dataclass(frozen=True)
 class Cpu:
+    """The processor that runs the model (or the part of it an accelerator does not take)."""
+
     core: str = spec(doc="processor core, e.g. Cortex-A72")
-    cores: Figure = spec()
+    cores: Figure = spec(doc="cores the runtime uses")
     clock_mhz: Figure = spec()
+    int8_gmacs: Figure = spec(doc="effective int8 multiply-accumulates per second, in billions, for this runtime's kernels")
+    fp32_gmacs: Figure = spec(doc="effective fp32 multiply-accumulates per second, in billions; 0 when float is not run")
+    op_overhead_us: Figure = spec(doc="fixed cost of running one operator, in microseconds")
 
 
 @dataclass(frozen=True)
 class Memory:
-    ram_bytes: Figure = spec(doc="RAM available on the smallest variant of the board")
-    storage_bytes: Figure = spec(doc="where the model file lives (flash or SD card)")
-    bandwidth_gbps: Figure = spec(doc="main-memory bandwidth in GB/s")
+    ram_bytes: Figure = spec(doc="RAM of the board (smallest variant)")
+    runtime_ram_bytes: Figure = spec(doc="RAM the OS and the inference runtime take before any model")
+    flash_bytes: Figure = spec(doc="storage for the model: flash, or the SD card / eMMC")
+    runtime_flash_bytes: Figure = spec(doc="code size of the inference runtime on this target")
+    bandwidth_gbps: Figure = spec(doc="effective main-memory bandwidth in GB/s")
+
+
+@dataclass(frozen=True)
+class Arena:
+    """TFLite Micro only: what the target's optimised kernels need beyond the host's reference kernels."""
+
+    margin_bytes: Figure = spec(doc="fixed extra arena for optimised kernels' scratch buffers")
+    margin_fraction: Figure = spec(doc="extra arena as a fraction of the measured arena")
+
+
+@dataclass(frozen=True)
+class EdgeTpu:
+    tops: Figure = spec(doc="peak int8 tera-operations per second (1 MAC = 2 operations)")
+    onchip_bytes: Figure = spec(doc="on-chip memory that caches parameters")
+    link_gbps: Figure = spec(doc="effective host link bandwidth in GB/s (USB, PCIe); parameters that do not fit on chip stream over it")
+    invoke_overhead_ms: Figure = spec(doc="fixed cost of one inference on the accelerator, transfers of the input and output included")
+    op_overhead_us: Figure = spec(doc="fixed cost per operator on the Edge TPU")
+    mac_efficiency: Figure = spec(doc="fraction of peak MAC throughput reached on typical layers")
+
+
+@dataclass(frozen=True)
+class EthosU:
+    """Arm Ethos-U NPU: the settings the Vela compiler takes."""
+
+    accelerator_config: str = spec(doc="Vela --accelerator-config, e.g. ethos-u55-128")
+    system_config: str = spec(doc="Vela --system-config from Vela's vela.ini")
+    memory_mode: str = spec(doc="Vela --memory-mode from Vela's vela.ini")
+    npu_clock_mhz: Figure = spec()
+    sram_bytes: Figure = spec(doc="SRAM available to Vela's tensor arena")
 
 
 @dataclass(frozen=True)
@@ -45,8 +81,20 @@ class Target:
     name: str = spec()
     description: str = spec()
     runtime: str = spec(choices=RUNTIMES)
+    int8_only: bool = spec(doc="the runtime runs only fully-int8 models")
+    latency_budget_ms: Figure = spec(doc="default latency ceiling when neither the recipe nor --latency-ms gives one")
     cpu: Cpu = spec()
     memory: Memory = spec()
+    legal_ops: tuple[str, ...] = spec((), doc="TFLite builtin ops the runtime has; empty means every builtin")
+    legal_ops_source: str = spec("", doc="where the op list comes from")
+    arena: Arena | None = spec(None)
+    edgetpu: EdgeTpu | None = spec(None)
+    ethosu: EthosU | None = spec(None)
+
+    @property
+    def is_micro(self) -> bool:
+        """Runs on TFLite Micro (a microcontroller, with or without an NPU)."""
+        return self.runtime in ("tflite-micro", "ethos-u") or self.arena is not None
 
 
 def _builtin_dir() -> Path:
@@ -65,7 +113,17 @@ def load_target(name_or_path: str) -> Target:
             known = ", ".join(builtin_names())
             raise EdgeccError(f"unknown target {name_or_path!r}; known targets: {known}")
         path = _builtin_dir() / f"{name_or_path}.toml"
-    return schema.load(Target, path, "target profile")
+    target = schema.load(Target, path, "target profile")
+    problems = []
+    if target.runtime == "edgetpu" and target.edgetpu is None:
+        problems.append("edgetpu: an edgetpu runtime needs an [edgetpu] table")
+    if target.runtime == "ethos-u" and target.ethosu is None:
+        problems.append("ethosu: an ethos-u runtime needs an [ethosu] table")
+    if target.runtime in ("tflite-micro", "ethos-u") and target.arena is None:
+        problems.append("arena: a TFLite Micro target needs an [arena] table")
+    if problems:
+        raise EdgeccError(f"{path}: " + "; ".join(problems))
+    return target
 
 
 def all_targets() -> list[Target]:
