@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from edgecc.errors import EdgeccError
 
 
+ITEMSIZE = {"INT8": 1, "UINT8": 1, "BOOL": 1, "INT16": 2, "FLOAT16": 2, "INT32": 4, "FLOAT32": 4,
+            "INT64": 8, "FLOAT64": 8}
+
+
 @dataclass(frozen=True)
 class Tensor:
     name: str
@@ -20,6 +24,23 @@ class Tensor:
     constant: bool
     scale: tuple[float, ...]
     zero_point: tuple[int, ...]
+    data_bytes: int = 0
+
+    @property
+    def elements(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= max(d, 1)
+        return count
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE.get(self.dtype, 4)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor's values (its buffer for constants)."""
+        return self.data_bytes or self.elements * self.itemsize
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,7 @@ def read_graph(content: bytes) -> Graph:
                 constant=data is not None and len(data) > 0,
                 scale=tuple(float(s) for s in (q.scale if q is not None and q.scale is not None else ())),
                 zero_point=tuple(int(z) for z in (q.zeroPoint if q is not None and q.zeroPoint is not None else ())),
+                data_bytes=len(data) if data is not None else 0,
             ))
         operators = tuple(
             Operator(op_names.get(codes[op.opcodeIndex], "CUSTOM"),
