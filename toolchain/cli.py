@@ -113,6 +113,94 @@ def targets(
     stdout.print(table)
 
 
+ModelArg = Annotated[Path, typer.Argument(help="A .tflite model, or an edgecc build directory.", show_default=False)]
+TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Target profile name (see `edgecc targets`) or a profile TOML file.")]
+
+
+def _assess(model: Path, target: str, latency_ms: float | None) -> Any:
+    from edgecc.check import assess, read_model
+
+    def work() -> Any:
+        content, build_budget = read_model(model)
+        return assess(content, target, latency_ms if latency_ms is not None else build_budget)
+
+    return _run(work)
+
+
+def _figure(value: float, unit: str) -> str:
+    if unit == "bytes":
+        return f"{value / 1024:,.1f} KiB" if value < 2**20 else f"{value / 2**20:,.2f} MiB"
+    if unit == "ms":
+        return f"{value:,.3g} ms"
+    return f"{value:g} {unit}"
+
+
+@app.command()
+def check(
+    model: ModelArg,
+    target: TargetOpt,
+    latency_ms: Annotated[float | None, typer.Option("--latency-ms", min=0.0, help="Latency budget in ms [default: the build's recipe, else the target's].")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON.")] = False,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Also write the verdicts as a JUnit XML file for CI.")] = None,
+) -> None:
+    """Check that a model fits a target: operators, RAM (tensor arena), flash, latency.
+
+    Exit 0 when every budget holds, 1 when any is exceeded, 2 on bad input.
+    """
+    result = _assess(model, target, latency_ms)
+    if junit is not None:
+        from edgecc.report import junit_xml
+
+        _run(lambda: junit_xml(result, junit))
+    if as_json:
+        stdout.print_json(json.dumps(result.to_json()))
+    else:
+        table = Table("budget", "figure", "limit", "verdict", "how it was found", title=f"{model} on {result.target.name}")
+        for b in result.budgets:
+            verdict = "[green]holds[/green]" if b.ok else "[red]EXCEEDED[/red]"
+            table.add_row(b.name, _figure(b.value, b.unit), _figure(b.limit, b.unit), verdict, b.detail)
+        stdout.print(table)
+        stdout.print("[green]fits[/green]" if result.ok else
+                     "[red]does not fit[/red]: " + ", ".join(b.name for b in result.budgets if not b.ok))
+    if not result.ok:
+        raise typer.Exit(EXIT_BUDGET)
+
+
+@app.command()
+def profile(
+    model: ModelArg,
+    target: TargetOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the per-operator profile as JSON.")] = False,
+) -> None:
+    """Per-operator profile on a target: MACs, estimated time, live memory, where each op runs."""
+    result = _assess(model, target, None)
+    rows = [{"index": o.index, "op": o.kind, "macs": o.macs, "bytes_moved": o.bytes_moved, "estimate_ms": o.ms,
+             "live_activation_bytes": live, "runs_on": where}
+            for o, live, where in zip(result.latency.ops, result.memory.live_bytes, result.placement)]
+    if as_json:
+        stdout.print_json(json.dumps({**result.to_json(), "operators": rows}))
+        return
+    table = Table("#", "op", "MACs", "bytes moved", "est. ms", "live KiB", "runs on",
+                  title=f"{model} on {result.target.name} ({result.target.runtime})")
+    for r in rows:
+        table.add_row(str(r["index"]), r["op"], f"{r['macs']:,}", f"{r['bytes_moved']:,}", f"{r['estimate_ms']:.4f}",
+                      f"{r['live_activation_bytes'] / 1024:,.1f}", r["runs_on"])
+    stdout.print(table)
+    lat = result.latency
+    stdout.print(f"{len(rows)} operators, {result.total_macs:,} MACs; latency {lat.total_ms:.3g} ms "
+                 f"(band {lat.low_ms:.3g}-{lat.high_ms:.3g} ms, {lat.method})")
+    stdout.print(f"activations: lower bound {result.memory.lower_bound_bytes:,} B (at op {result.memory.peak_op}), "
+                 f"greedy plan {result.memory.planned_bytes:,} B"
+                 + (f"; TFLite Micro arena {result.arena.bytes:,} B (measured)" if result.arena else ""))
+    if result.edgetpu is not None:
+        stdout.print(f"Edge TPU ({result.edgetpu.method}): {sum(result.edgetpu.on_tpu)} of {len(rows)} operators "
+                     f"in {result.edgetpu.segments} segment(s)")
+        for index, reason in sorted(result.edgetpu.reasons.items()):
+            stdout.print(f"  op {index} {result.graph.operators[index].kind}: {reason}")
+    if result.missing_ops:
+        stdout.print(f"[red]{result.target.runtime} lacks[/red]: {', '.join(result.missing_ops)}")
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
 
@@ -66,3 +68,22 @@ def markdown(manifest: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def junit_xml(assessment: Any, path: Path) -> None:
+    """The budgets as a JUnit test suite, one test case each, so CI systems show them as tests."""
+    failures = [b for b in assessment.budgets if not b.ok]
+    suite = ET.Element("testsuite", name=f"edgecc check {assessment.target.name}",
+                       tests=str(len(assessment.budgets)), failures=str(len(failures)), errors="0")
+    for b in assessment.budgets:
+        case = ET.SubElement(suite, "testcase", classname=f"edgecc.{assessment.target.name}", name=b.name)
+        if not b.ok:
+            failure = ET.SubElement(case, "failure", message=f"{b.name} {b.value:g} {b.unit} exceeds {b.limit:g} {b.unit}")
+            failure.text = b.detail
+        ET.SubElement(case, "system-out").text = f"{b.value:g} {b.unit} (limit {b.limit:g}): {b.detail}"
+    try:
+        ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+    except OSError as err:
+        from edgecc.errors import EdgeccError
+
+        raise EdgeccError(f"cannot write the JUnit file {path}: {err.strerror}") from None

@@ -1,0 +1,152 @@
+"""The TFLite Micro tensor arena, measured with the real TFLite Micro interpreter.
+
+The recording allocator's "Arena allocation total" can be smaller than the
+smallest arena that works, and a slightly too small arena can crash the
+interpreter (SIGSEGV) instead of raising. So the smallest working arena is
+found by bisection, each try in a forked child that may die without harm. All
+of it runs in one worker process (`python -m edgecc.arena MODEL`), so a caller
+that has threads (TensorFlow, progress bars) never forks itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgecc.errors import EdgeccError
+
+ALIGNMENT = 16
+PROBE_ARENA = 256 * 1024 * 1024
+TOTAL_PATTERN = re.compile(r"Arena allocation total (\d+) bytes")
+
+
+@dataclass(frozen=True)
+class ArenaMeasurement:
+    """Smallest arena (bytes) with which TFLite Micro allocates the model, and how it was found."""
+
+    bytes: int
+    recorded_total: int
+    tries: int
+    method: str = "tflite-micro interpreter (host reference kernels), smallest arena found by bisection"
+
+
+def _fd_output(action: object) -> str:
+    """Run `action()` and return what native code wrote to fds 1 and 2 meanwhile."""
+    read_end, write_end = os.pipe()
+    saved = os.dup(1), os.dup(2)
+    sys.stdout.flush()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    try:
+        action()  # type: ignore[operator]
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(write_end)
+        for fd in saved:
+            os.close(fd)
+    chunks = []
+    while chunk := os.read(read_end, 65536):
+        chunks.append(chunk)
+    os.close(read_end)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _allocates(content: bytes, size: int) -> bool:
+    """Does the model allocate in an arena of `size` bytes? Tried in a child that may crash."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            from tflite_micro import runtime
+
+            runtime.Interpreter.from_bytes(content, arena_size=size)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def _recorded_total(content: bytes) -> int:
+    """Allocate once in a large arena and read the recording allocator's total."""
+    from tflite_micro import runtime
+
+    holder: list[object] = []
+
+    def allocate() -> None:
+        try:
+            holder.append(runtime.Interpreter.from_bytes(content, arena_size=PROBE_ARENA))
+        except Exception as err:  # the interpreter raises RuntimeError, its model parser others
+            print(f"{type(err).__name__}: {err}", flush=True)
+
+    log = _fd_output(allocate).strip()
+    if not holder:
+        reason = log.splitlines()[0] if log else "allocation failed"
+        raise EdgeccError(f"TFLite Micro cannot allocate this model even in a 256 MiB arena: {reason}")
+    match = TOTAL_PATTERN.search(_fd_output(holder[0].print_allocations))  # type: ignore[attr-defined]
+    if not match:
+        raise EdgeccError("TFLite Micro did not report its arena allocation")
+    return int(match.group(1))
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def smallest_arena(content: bytes) -> ArenaMeasurement:
+    """Bisect for the smallest working arena, starting from the recorded total."""
+    total = _recorded_total(content)
+    tries = 0
+    high = _align(total)
+    while True:  # grow until it works: the total can fall short of what allocation needs
+        tries += 1
+        if _allocates(content, high):
+            break
+        high = _align(high + max(1024, high // 8))
+        if high > PROBE_ARENA:
+            raise EdgeccError("TFLite Micro allocates this model only in its recording run")
+    low = _align(total * 49 // 50) - ALIGNMENT  # 2% below the total: expected to fail
+    tries += 1
+    if _allocates(content, low):  # rare: the total over-states the need; search further down
+        low = 0
+    while high - low > ALIGNMENT:  # both are multiples of ALIGNMENT, so middle lies strictly between
+        middle = low + (high - low) // (2 * ALIGNMENT) * ALIGNMENT
+        tries += 1
+        if _allocates(content, middle):
+            high = middle
+        else:
+            low = middle
+    return ArenaMeasurement(bytes=high, recorded_total=total, tries=tries)
+
+
+def measure_arena(model: Path) -> ArenaMeasurement:
+    """Measure in a worker process (safe to call from threaded programs)."""
+    result = subprocess.run([sys.executable, "-m", "edgecc.arena", str(model)],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        raise EdgeccError(lines[-1] if lines else "TFLite Micro arena measurement failed")
+    return ArenaMeasurement(**json.loads(result.stdout))
+
+
+def _worker(argv: list[str]) -> int:
+    try:
+        measurement = smallest_arena(Path(argv[0]).read_bytes())
+    except EdgeccError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(measurement)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

@@ -1,0 +1,222 @@
+"""Does a .tflite model fit a target? Arena/RAM, flash, latency and operators against the budgets.
+
+Works on any TFLite model, not only edgecc's, and never imports TensorFlow, so
+it runs on a CI runner or on the board itself.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgecc.arena import ArenaMeasurement, measure_arena
+from edgecc.cost import op_costs
+from edgecc.errors import EdgeccError
+from edgecc.latency import LatencyEstimate, estimate_latency
+from edgecc.liveness import MemoryPlan, plan_memory
+from edgecc.reader import Graph, read_graph
+from edgecc.targets import Target, load_target
+
+INT_TYPES = {"INT8", "UINT8", "INT16", "INT32", "INT64", "BOOL"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One budget: the figure, its limit and whether it holds."""
+
+    name: str
+    value: float
+    limit: float
+    unit: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Assessment:
+    target: Target
+    model_bytes: int
+    graph: Graph
+    total_macs: int
+    float_tensors: tuple[str, ...]
+    missing_ops: tuple[str, ...]
+    memory: MemoryPlan
+    arena: ArenaMeasurement | None
+    latency: LatencyEstimate
+    placement: tuple[str, ...]  # per operator: "cpu", "edgetpu" or "npu"
+    edgetpu: Any | None
+    vela: Any | None
+    budgets: tuple[Budget, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(b.ok for b in self.budgets)
+
+    def to_json(self) -> dict[str, Any]:
+        lat = self.latency
+        return {
+            "target": self.target.name,
+            "runtime": self.target.runtime,
+            "ok": self.ok,
+            "budgets": [asdict(b) for b in self.budgets],
+            "model_bytes": self.model_bytes,
+            "operators": len(self.graph.operators),
+            "total_macs": self.total_macs,
+            "ops": self.graph.op_counts(),
+            "missing_ops": list(self.missing_ops),
+            "activation_lower_bound_bytes": self.memory.lower_bound_bytes,
+            "activation_plan_bytes": self.memory.planned_bytes,
+            "arena": asdict(self.arena) if self.arena else None,
+            "latency": {"estimate_ms": lat.total_ms, "low_ms": lat.low_ms, "high_ms": lat.high_ms,
+                        "method": lat.method},
+            "edgetpu": _edgetpu_json(self.edgetpu),
+            "vela": {k: v for k, v in asdict(self.vela).items() if k != "model"} if self.vela else None,
+        }
+
+
+def _edgetpu_json(plan: Any | None) -> dict[str, Any] | None:
+    if plan is None:
+        return None
+    data = asdict(plan)
+    data["reasons"] = {str(k): v for k, v in plan.reasons.items()}
+    return data
+
+
+def read_model(path: Path) -> tuple[bytes, float | None]:
+    """The model bytes of a .tflite file or a build directory, and the build's own latency budget if any."""
+    if path.is_dir():
+        model = path / "model.tflite"
+        if not model.is_file():
+            raise EdgeccError(f"{path} is a directory without a model.tflite (not an edgecc build directory)")
+        budget = None
+        manifest = path / "manifest.json"
+        if manifest.is_file():
+            try:
+                budget = json.loads(manifest.read_text()).get("latency_budget_ms")
+            except (json.JSONDecodeError, AttributeError):
+                raise EdgeccError(f"{manifest} is not valid JSON") from None
+        return model.read_bytes(), budget or None
+    if not path.is_file():
+        raise EdgeccError(f"{path} does not exist")
+    return path.read_bytes(), None
+
+
+def _float_tensors(graph: Graph) -> tuple[str, ...]:
+    return tuple(t.name for t in graph.activation_tensors() if t.dtype not in INT_TYPES)
+
+
+def _budget(name: str, value: float, limit: float, unit: str, detail: str) -> Budget:
+    return Budget(name, value, limit, unit, value <= limit, detail)
+
+
+def assess(content: bytes, target: str | Target, latency_ms: float | None = None,
+           measure_arena: bool = True) -> Assessment:
+    """Profile `content` on `target` and judge every budget.
+
+    `latency_ms` overrides the target's default latency budget; `measure_arena`
+    runs the real TFLite Micro interpreter for microcontroller targets.
+    """
+    target = load_target(target) if isinstance(target, str) else target
+    graph = read_graph(content)
+    float_tensors = _float_tensors(graph)
+    if target.int8_only and float_tensors:
+        raise EdgeccError(f"a float model given to an int8-only target: {target.name} ({target.runtime}) runs "
+                          f"only fully-int8 models, and {len(float_tensors)} activation tensors are float "
+                          f"(first: {float_tensors[0]})")
+    arena_worker = _ArenaWorker(content) if measure_arena and target.is_micro else None
+    costs = op_costs(graph)
+    memory = plan_memory(graph)
+    legal = set(target.legal_ops)
+    missing = tuple(sorted({op.kind for op in graph.operators} - legal)) if legal and target.runtime != "edgetpu" else ()
+
+    placement = ["cpu"] * len(graph.operators)
+    edgetpu_plan = vela_result = None
+    streamed = 0
+    if target.edgetpu is not None:
+        from edgecc.edgetpu import plan_edgetpu
+
+        edgetpu_plan = plan_edgetpu(graph, target.edgetpu, target.legal_ops, content)
+        placement = ["edgetpu" if on else "cpu" for on in edgetpu_plan.on_tpu]
+        streamed = edgetpu_plan.streamed_parameter_bytes
+    latency = estimate_latency(graph, costs, target, edgetpu_plan.on_tpu if edgetpu_plan else None, streamed)
+    if target.ethosu is not None:
+        from edgecc.vela import compile_for_ethos_u
+
+        vela_result = compile_for_ethos_u(content, target.ethosu)
+        placement = ["cpu" if op.kind in vela_result.cpu_ops else "npu" for op in graph.operators]
+        cpu_ms = sum(o.ms for o, where in zip(latency.ops, placement) if where == "cpu")
+        total = vela_result.latency_ms + cpu_ms
+        latency = LatencyEstimate(total, total * 0.7, total * 1.3, vela_result.latency_ms, latency.ops,
+                                  f"Vela {vela_result.vela_version} performance estimate for the NPU part + "
+                                  f"per-operator estimate for operators on the CPU")
+    arena = arena_worker.result() if arena_worker else None
+
+    budgets = _budgets(target, len(content), graph, memory, arena, latency, latency_ms, missing, vela_result)
+    return Assessment(target, len(content), graph, sum(c.macs for c in costs), float_tensors, missing, memory,
+                      arena, latency, tuple(placement), edgetpu_plan, vela_result, tuple(budgets))
+
+
+class _ArenaWorker:
+    """TFLite Micro measurement running in the background while the rest is computed."""
+
+    def __init__(self, content: bytes) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="edgecc-arena-")
+        path = Path(self._dir.name) / "model.tflite"
+        path.write_bytes(content)
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._future = self._pool.submit(measure_arena, path)
+
+    def result(self) -> ArenaMeasurement:
+        try:
+            return self._future.result()
+        finally:
+            self._pool.shutdown()
+            self._dir.cleanup()
+
+
+def _budgets(target: Target, model_bytes: int, graph: Graph, memory: MemoryPlan, arena: ArenaMeasurement | None,
+             latency: LatencyEstimate, latency_ms: float | None, missing: tuple[str, ...],
+             vela: Any | None) -> list[Budget]:
+    mem = target.memory
+    budgets = []
+    if missing:
+        budgets.append(Budget("operators", len(missing), 0, "ops", False,
+                              f"{target.runtime} on {target.name} lacks: {', '.join(missing)}"))
+    else:
+        budgets.append(Budget("operators", 0, 0, "ops", True, f"every operator is available in {target.runtime}"))
+    if vela is not None:
+        ram = vela.sram_bytes + mem.runtime_ram_bytes.value
+        ram_detail = f"Vela SRAM plan {vela.sram_bytes:,} B + runtime {mem.runtime_ram_bytes.value:,.0f} B"
+        flash = vela.flash_bytes + mem.runtime_flash_bytes.value
+        flash_detail = f"Vela-compiled model {vela.flash_bytes:,} B + runtime code {mem.runtime_flash_bytes.value:,.0f} B"
+        assert target.ethosu is not None
+        budgets.append(_budget("NPU SRAM", vela.sram_bytes, target.ethosu.sram_bytes.value, "bytes",
+                               f"Vela {vela.vela_version}, {target.ethosu.accelerator_config}"))
+    elif target.arena is not None:
+        measured = arena.bytes if arena else memory.planned_bytes
+        how = "measured with the TFLite Micro interpreter" if arena else "estimate: activation plan, not measured"
+        margin = measured * target.arena.margin_fraction.value + target.arena.margin_bytes.value
+        ram = measured + margin + mem.runtime_ram_bytes.value
+        ram_detail = (f"tensor arena {measured:,} B {how} + kernel margin {margin:,.0f} B + "
+                      f"runtime {mem.runtime_ram_bytes.value:,.0f} B")
+        flash = model_bytes + mem.runtime_flash_bytes.value
+        flash_detail = f"model {model_bytes:,} B + runtime code {mem.runtime_flash_bytes.value:,.0f} B"
+    else:
+        weights = sum(t.nbytes for t in graph.tensors if t.constant)
+        ram = mem.runtime_ram_bytes.value + model_bytes + weights + memory.planned_bytes
+        ram_detail = (f"estimate: runtime {mem.runtime_ram_bytes.value:,.0f} B + model file {model_bytes:,} B + "
+                      f"repacked weights {weights:,} B + activation plan {memory.planned_bytes:,} B")
+        flash = model_bytes + mem.runtime_flash_bytes.value
+        flash_detail = f"model {model_bytes:,} B + runtime {mem.runtime_flash_bytes.value:,.0f} B"
+    budgets.append(_budget("RAM", ram, mem.ram_bytes.value, "bytes", ram_detail))
+    budgets.append(_budget("flash", flash, mem.flash_bytes.value, "bytes", flash_detail))
+    limit = latency_ms if latency_ms is not None else target.latency_budget_ms.value
+    source = "--latency-ms" if latency_ms is not None else f"{target.name}'s default budget"
+    budgets.append(_budget("latency", latency.total_ms, limit, "ms",
+                           f"{latency.method}; band {latency.low_ms:.3g}-{latency.high_ms:.3g} ms; limit from {source}"))
+    return budgets
