@@ -7,6 +7,7 @@ a CI runner that has no TensorFlow.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from edgecc.errors import EdgeccError
@@ -105,6 +106,6 @@ def read_graph(content: bytes) -> Graph:
                      tuple(int(i) for i in op.inputs), tuple(int(o) for o in op.outputs))
             for op in subgraph.operators
         )
-    except (IndexError, TypeError, AttributeError, ValueError) as err:
+    except (IndexError, TypeError, AttributeError, ValueError, struct.error) as err:
         raise EdgeccError(f"not a readable TFLite model (truncated or corrupt: {err})") from None
     return Graph(operators, tuple(tensors), tuple(int(i) for i in subgraph.inputs), tuple(int(o) for o in subgraph.outputs))
