@@ -31,3 +31,33 @@ def default_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict,
     assert result.returncode == 0, result.stderr[-3000:]
     out = work / "build" / "rpi4"
     return out, json.loads((out / "manifest.json").read_text()), result
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small TFLite models made here: edgecc's transformer in int8 and float, and an int8 model with GELU."""
+    import numpy as np
+
+    from edgecc.convert import to_float_tflite, to_int8_tflite
+    from edgecc.layers import keras
+    from edgecc.teacher import inference_graph
+    from edgecc.transformer import VitConfig, vision_transformer
+
+    keras.utils.set_random_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-models")
+    calibration = np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32)
+    config = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=32, depth=1, heads=2, mlp_dim=64, dropout=0.0)
+    vit = inference_graph(vision_transformer(config, (8, 8, 1), 10))
+    inputs = keras.Input(batch_shape=(1, 8, 8, 1))
+    x = keras.layers.Dense(16, activation="gelu")(keras.layers.Flatten()(inputs))
+    gelu = keras.Model(inputs, keras.layers.Dense(10)(x))
+    contents = {
+        "vit_int8": to_int8_tflite(vit, calibration, per_channel=False),
+        "vit_float": to_float_tflite(vit),
+        "gelu_int8": to_int8_tflite(gelu, calibration, per_channel=False),
+    }
+    paths = {}
+    for name, content in contents.items():
+        paths[name] = folder / f"{name}.tflite"
+        paths[name].write_bytes(content)
+    return paths

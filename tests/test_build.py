@@ -88,6 +88,17 @@ def test_manifest_records_provenance(default_build) -> None:
     assert len(set(test)) == len(test) == manifest["data"]["test_size"] and len(test) + train_size == 1797
 
 
+def test_build_checks_the_target_budgets(default_build) -> None:
+    out, manifest, _ = default_build
+    check = manifest["target_check"]
+    assert check["target"] == "rpi4" and check["ok"] is True
+    names = {b["name"] for b in check["budgets"]}
+    assert names == {"operators", "RAM", "flash", "latency"}
+    assert {f"{name} on rpi4" for name in names} <= {b["name"].rsplit(" (", 1)[0] for b in manifest["budgets"]}
+    result = edgecc("check", str(out), "--target", "rpi4", "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["budgets"] == check["budgets"]
+
+
 def test_report_shows_the_measured_figures(default_build) -> None:
     out, manifest, _ = default_build
     report = (out / "report.md").read_text()

@@ -31,7 +31,7 @@ def recipe(tmp_path: Path, text: str, name: str = "recipe.toml") -> Path:
 @pytest.mark.parametrize(
     ("make_args", "fragment"),
     [
-        (lambda d: ["--target", "rpi9"], "unknown target 'rpi9'; known targets: rpi4"),
+        (lambda d: ["--target", "rpi9"], "unknown target 'rpi9'; known targets: "),
         (lambda d: ["--target", "rpi4", "--recipe", str(d / "absent.toml")], "absent.toml does not exist"),
         (lambda d: ["--target", "rpi4", "--recipe", str(recipe(d, "[train\n"))], "is not valid TOML"),
         (lambda d: ["--target", "rpi4", "--recipe", str(recipe(d, "[train]\nepochs = 'ten'"))],

@@ -18,6 +18,7 @@ import numpy as np
 
 import edgecc
 from edgecc import emit, report
+from edgecc.check import Assessment, assess
 from edgecc.data import Dataset, load_dataset
 from edgecc.evaluate import host_latency, predictions
 from edgecc.progress import Reporter
@@ -52,19 +53,20 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def _budgets(loaded: LoadedRecipe, float_acc: float, int8_acc: float) -> list[dict[str, Any]]:
-    """The recipe's budgets with the measured figure and a verdict for each."""
+def _budgets(loaded: LoadedRecipe, float_acc: float, int8_acc: float, fit: Assessment) -> list[dict[str, Any]]:
+    """The recipe's accuracy budgets and the target check's budgets, each with its figure and verdict."""
     b = loaded.recipe.budgets
     drop = (float_acc - int8_acc) * 100
     budgets = [
         {"name": "int8 accuracy", "value": int8_acc, "limit": f">= {b.min_accuracy}",
-         "status": "pass" if int8_acc >= b.min_accuracy else "fail"},
+         "status": "pass" if int8_acc >= b.min_accuracy else "fail", "detail": "test split, TFLite interpreter"},
         {"name": "accuracy drop (points)", "value": round(drop, 3), "limit": f"<= {b.max_accuracy_drop}",
-         "status": "pass" if drop <= b.max_accuracy_drop + 1e-9 else "fail"},
+         "status": "pass" if drop <= b.max_accuracy_drop + 1e-9 else "fail", "detail": "float minus int8 TFLite"},
     ]
-    if b.max_latency_ms:
-        budgets.append({"name": "latency on target (ms)", "value": None, "limit": f"<= {b.max_latency_ms}",
-                        "status": "not evaluated", "why": "this build has no latency estimator for the target"})
+    for budget in fit.budgets:
+        budgets.append({"name": f"{budget.name} on {fit.target.name} ({budget.unit})", "value": round(budget.value, 3),
+                        "limit": f"<= {budget.limit:g}", "status": "pass" if budget.ok else "fail",
+                        "detail": budget.detail})
     return budgets
 
 
@@ -119,6 +121,9 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     reporter.info("measuring host latency (1 thread, float and int8 interleaved)")
     latency = host_latency({"float": float_model, "int8": int8_model}, x_test[0])
     graph = read_graph(int8_bytes)
+    reporter.info(f"checking the int8 model against {target.name}'s budgets")
+    latency_budget = recipe.budgets.max_latency_ms or None
+    fit = assess(int8_bytes, target, latency_ms=latency_budget)
 
     manifest: dict[str, Any] = {
         "edgecc_version": edgecc.__version__,
@@ -146,7 +151,9 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
             "host_latency": {name: lat.to_json() for name, lat in latency.items()},
             "host": f"{platform.machine()} {platform.processor() or platform.system()}, measured with the TFLite interpreter",
         },
-        "budgets": _budgets(loaded, float_acc, int8_acc),
+        "latency_budget_ms": latency_budget,
+        "target_check": fit.to_json(),
+        "budgets": _budgets(loaded, float_acc, int8_acc, fit),
     }
     with emit.atomic_directory(out) as staging:
         (staging / INT8_MODEL).write_bytes(int8_bytes)

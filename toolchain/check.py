@@ -126,11 +126,12 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
         raise EdgeccError(f"a float model given to an int8-only target: {target.name} ({target.runtime}) runs "
                           f"only fully-int8 models, and {len(float_tensors)} activation tensors are float "
                           f"(first: {float_tensors[0]})")
-    arena_worker = _ArenaWorker(content) if measure_arena and target.is_micro else None
-    costs = op_costs(graph)
-    memory = plan_memory(graph)
     legal = set(target.legal_ops)
     missing = tuple(sorted({op.kind for op in graph.operators} - legal)) if legal and target.runtime != "edgetpu" else ()
+    # TFLite Micro cannot allocate a model with an operator it lacks: then the arena is estimated, not measured
+    arena_worker = _ArenaWorker(content) if measure_arena and target.is_micro and not missing else None
+    costs = op_costs(graph)
+    memory = plan_memory(graph)
 
     placement = ["cpu"] * len(graph.operators)
     edgetpu_plan = vela_result = None

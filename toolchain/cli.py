@@ -105,11 +105,13 @@ def targets(
     if as_json:
         stdout.print_json(json.dumps([asdict(p) for p in profiles]))
         return
-    table = Table("target", "device", "runtime", "cores x clock", "RAM")
+    table = Table("target", "runtime", "processor", "RAM", "flash", "latency budget",
+                  caption="`edgecc targets --json` gives every figure with its source.")
     for p in profiles:
-        table.add_row(p.name, p.description, p.runtime,
-                      f"{p.cpu.cores.value:g} x {p.cpu.clock_mhz.value:g} MHz {p.cpu.core}",
-                      f"{p.memory.ram_bytes.value / 2**20:,.0f} MiB")
+        table.add_row(p.name, p.runtime,
+                      f"{p.cpu.cores.value:g} x {p.cpu.core.split(' (')[0]} @ {p.cpu.clock_mhz.value:g} MHz",
+                      _figure(p.memory.ram_bytes.value, "bytes"), _figure(p.memory.flash_bytes.value, "bytes"),
+                      _figure(p.latency_budget_ms.value, "ms"))
     stdout.print(table)
 
 

@@ -66,7 +66,7 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
         ms = _edgetpu_ms(cost, target) if tpu else _cpu_ms(cost, is_int8, target)
         ops.append(OpEstimate(index, op.kind, cost.macs, cost.bytes_moved, "edgetpu" if tpu else "cpu", ms))
     fixed = 0.0
-    method = f"estimate: per-operator cost model with {target.name}'s calibrated rates"
+    method = f"estimate: per-operator cost model with the rates of the {target.name} profile (sources in its TOML)"
     if on_tpu is not None and any(on_tpu) and target.edgetpu is not None:
         fixed = target.edgetpu.invoke_overhead_ms.value + streamed_bytes / (target.edgetpu.link_gbps.value * 1e9) * 1e3
         method += " (Edge TPU part + CPU part + host link)"

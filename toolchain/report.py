@@ -37,12 +37,12 @@ def markdown(manifest: dict[str, Any]) -> str:
         "",
         "## Budgets",
         "",
-        "| budget | measured | limit | verdict |",
-        "|---|---|---|---|",
+        "| budget | measured | limit | verdict | how it was found |",
+        "|---|---|---|---|---|",
     ]
     for b in manifest["budgets"]:
-        value = "—" if b["value"] is None else b["value"]
-        lines.append(f"| {b['name']} | {value} | {b['limit']} | {b['status']}{' (' + b['why'] + ')' if 'why' in b else ''} |")
+        value = f"{b['value']:.4g}" if isinstance(b["value"], float) else b["value"]
+        lines.append(f"| {b['name']} | {value} | {b['limit']} | {b['status']} | {b['detail']} |")
     lines += [
         "",
         "## Model",
