@@ -197,8 +197,13 @@ def profile(
     if result.edgetpu is not None:
         stdout.print(f"Edge TPU ({result.edgetpu.method}): {sum(result.edgetpu.on_tpu)} of {len(rows)} operators "
                      f"in {result.edgetpu.segments} segment(s)")
+        following = [i for i, reason in result.edgetpu.reasons.items() if "maps nothing further" in reason]
         for index, reason in sorted(result.edgetpu.reasons.items()):
-            stdout.print(f"  op {index} {result.graph.operators[index].kind}: {reason}")
+            if index not in following:
+                stdout.print(f"  op {index}: {reason}")
+        if following:
+            stdout.print(f"  {len(following)} more operators run on the CPU only because they come after the first "
+                         f"CPU operator (op {result.edgetpu.first_cpu_op})")
     if result.missing_ops:
         stdout.print(f"[red]{result.target.runtime} lacks[/red]: {', '.join(result.missing_ops)}")
 
