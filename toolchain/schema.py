@@ -129,3 +129,33 @@ def load(cls: type[T], path: Path, what: str) -> T:
     except tomllib.TOMLDecodeError as err:
         raise EdgeccError(f"{what} {path} is not valid TOML: {err}") from None
     return parse(cls, data, str(path))
+
+
+def _toml_value(value: Any) -> str:
+    if dataclasses.is_dataclass(value):
+        inner = ", ".join(f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        return "{ " + inner + " }"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump(obj: Any, tables: tuple[str, ...]) -> str:
+    """TOML text for a schema dataclass; the fields named in `tables` become [tables], the rest inline."""
+    top, sections = [], []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if f.name in tables:
+            body = [f"{g.name} = {_toml_value(getattr(value, g.name))}" for g in dataclasses.fields(value)]
+            sections.append("\n".join([f"[{f.name}]", *body]))
+        else:
+            top.append(f"{f.name} = {_toml_value(value)}")
+    return "\n\n".join(["\n".join(top), *sections]) + "\n"
