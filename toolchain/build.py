@@ -20,7 +20,8 @@ import edgecc
 from edgecc import emit, report
 from edgecc.check import Assessment, assess
 from edgecc.data import Dataset, load_dataset
-from edgecc.evaluate import host_latency, predictions
+from edgecc.bundle import write_board_files
+from edgecc.evaluate import host_latency, layer_errors, predictions
 from edgecc.progress import Reporter
 from edgecc.reader import read_graph
 from edgecc.recipe import LoadedRecipe, load_recipe, model_path
@@ -31,6 +32,7 @@ LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge
              "tflite-micro", "numpy", "scikit-learn")
 INT8_MODEL = "model.tflite"
 FLOAT_MODEL = "float.tflite"
+ERROR_EXAMPLES = 32  # test examples compared operator by operator between the float and int8 models
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,15 @@ def _budgets(loaded: LoadedRecipe, float_acc: float, int8_acc: float, fit: Asses
     b = loaded.recipe.budgets
     drop = (float_acc - int8_acc) * 100
     budgets = [
-        {"name": "int8 accuracy", "value": int8_acc, "limit": f">= {b.min_accuracy}",
+        {"name": "int8 accuracy", "value": int8_acc, "unit": "", "limit": f">= {b.min_accuracy}",
          "status": "pass" if int8_acc >= b.min_accuracy else "fail", "detail": "test split, TFLite interpreter"},
-        {"name": "accuracy drop (points)", "value": round(drop, 3), "limit": f"<= {b.max_accuracy_drop}",
+        {"name": "accuracy drop", "value": round(drop, 3), "unit": "points", "limit": f"<= {b.max_accuracy_drop}",
          "status": "pass" if drop <= b.max_accuracy_drop + 1e-9 else "fail", "detail": "float minus int8 TFLite"},
     ]
     for budget in fit.budgets:
-        budgets.append({"name": f"{budget.name} on {fit.target.name} ({budget.unit})", "value": round(budget.value, 3),
-                        "limit": f"<= {budget.limit:g}", "status": "pass" if budget.ok else "fail",
-                        "detail": budget.detail})
+        budgets.append({"name": f"{budget.name} on {fit.target.name}", "value": round(budget.value, 3),
+                        "unit": budget.unit, "limit": f"<= {budget.limit:g}",
+                        "status": "pass" if budget.ok else "fail", "detail": budget.detail})
     return budgets
 
 
@@ -84,6 +86,21 @@ def _preprocessing(dataset: Dataset, int8: Model) -> dict[str, Any]:
         "output_dtype": str(np.dtype(int8.output["dtype"])),
         "output_quantization": {"scale": int8.output_quantization.scale, "zero_point": int8.output_quantization.zero_point},
         "label_names": list(dataset.label_names),
+    }
+
+
+def _plots(manifest: dict[str, Any], fit: Assessment) -> dict[str, bytes]:
+    from edgecc import plots
+
+    ops = fit.latency.ops
+    errors = manifest["quantization_error"]
+    return {
+        "accuracy_vs_size": plots.accuracy_vs_size(manifest["metrics"]["stages"]),
+        "op_latency": plots.per_op_bars([o.ms for o in ops], [o.kind for o in ops], "estimated ms",
+                                        f"Estimated time per operator on {fit.target.name}"),
+        "live_memory": plots.live_memory(list(fit.memory.live_bytes), fit.arena.bytes if fit.arena else None),
+        "layer_error": plots.per_op_bars([e["relative_rms_error"] for e in errors], [e["op"] for e in errors],
+                                         "relative RMS error", "int8 against float, per operator output"),
     }
 
 
@@ -117,13 +134,16 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     float_model, int8_model = Model(float_bytes), Model(int8_bytes)
     x_test, y_test = dataset.x[dataset.test_index], dataset.y[dataset.test_index]
     float_acc = float(np.mean(predictions(float_model, x_test, reporter, "evaluating float TFLite") == y_test))
-    int8_acc = float(np.mean(predictions(int8_model, x_test, reporter, "evaluating int8 TFLite") == y_test))
+    int8_predictions = predictions(int8_model, x_test, reporter, "evaluating int8 TFLite")
+    int8_acc = float(np.mean(int8_predictions == y_test))
     reporter.info("measuring host latency (1 thread, float and int8 interleaved)")
     latency = host_latency({"float": float_model, "int8": int8_model}, x_test[0])
     graph = read_graph(int8_bytes)
     reporter.info(f"checking the int8 model against {target.name}'s budgets")
     latency_budget = recipe.budgets.max_latency_ms or None
     fit = assess(int8_bytes, target, latency_ms=latency_budget)
+    reporter.info("comparing every int8 operator output with the float model")
+    quantization_error = layer_errors(float_bytes, int8_bytes, x_test[:ERROR_EXAMPLES])
 
     manifest: dict[str, Any] = {
         "edgecc_version": edgecc.__version__,
@@ -133,7 +153,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "recipe": {"name": recipe.name, "path": str(loaded.path), "sha256": loaded.sha256},
         "seed": recipe.seed,
         "versions": library_versions(),
-        "data": {**dataset.split_json(), "test_size": len(dataset.test_index)},
+        "data": {**dataset.split_json(), "test_size": len(dataset.test_index),
+                 "int8_test_predictions": int8_predictions.tolist()},
         "preprocessing": _preprocessing(dataset, int8_model),
         "model": {
             "source": str(user_model) if user_model else f"reference architecture {recipe.model.architecture}",
@@ -149,17 +170,23 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
             "int8_tflite_bytes": len(int8_bytes),
             "size_ratio": round(len(float_bytes) / len(int8_bytes), 3),
             "host_latency": {name: lat.to_json() for name, lat in latency.items()},
+            "stages": [{"name": "float teacher", "accuracy": float_acc, "bytes": len(float_bytes)},
+                       {"name": "int8 (post-training quantization)", "accuracy": int8_acc, "bytes": len(int8_bytes)}],
             "host": f"{platform.machine()} {platform.processor() or platform.system()}, measured with the TFLite interpreter",
         },
         "latency_budget_ms": latency_budget,
         "target_check": fit.to_json(),
         "budgets": _budgets(loaded, float_acc, int8_acc, fit),
+        "quantization_error": quantization_error,
     }
     with emit.atomic_directory(out) as staging:
         (staging / INT8_MODEL).write_bytes(int8_bytes)
         (staging / FLOAT_MODEL).write_bytes(float_bytes)
+        board_files = write_board_files(staging, int8_bytes, fit, list(dataset.label_names))
         (staging / "report.md").write_text(report.markdown(manifest), encoding="utf-8")
-        manifest["artifacts"] = emit.artifact_entries(staging, [INT8_MODEL, FLOAT_MODEL, "report.md"])
+        (staging / "report.html").write_text(report.html(manifest, _plots(manifest, fit)), encoding="utf-8")
+        manifest["artifacts"] = emit.artifact_entries(
+            staging, [INT8_MODEL, FLOAT_MODEL, *board_files, "report.md", "report.html"])
         emit.write_json(staging / "manifest.json", manifest)
     return BuildResult(out, manifest)
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from edgecc.progress import Reporter
-from edgecc.runtime import Model
+from edgecc.progress import Reporter, native_output_silenced
+from edgecc.reader import read_graph
+from edgecc.runtime import Model, Quantization, interpreter_class
 
 
 def predictions(model: Model, x: np.ndarray, reporter: Reporter, description: str) -> np.ndarray:
@@ -54,3 +56,44 @@ def host_latency(models: dict[str, Model], example: np.ndarray, runs: int = 300,
         name: Latency(float(np.median(s)), float(np.percentile(s, 90)), runs, models[name].threads)
         for name, s in samples.items()
     }
+
+
+def layer_errors(float_content: bytes, int8_content: bytes, examples: np.ndarray) -> list[dict[str, object]]:
+    """Relative RMS error of each int8 operator's output against the float model's same tensor.
+
+    Both graphs come from the same Keras model, so an operator's output tensor
+    has the same name in both; this shows where along the graph precision is lost.
+    """
+    from ai_edge_litert.interpreter import OpResolverType
+
+    graph = read_graph(int8_content)
+    names = [(op.kind, graph.tensors[op.outputs[0]].name) for op in graph.operators if op.outputs]
+    models = {}
+    cls = interpreter_class()
+    for key, content in (("float", float_content), ("int8", int8_content)):
+        # without XNNPACK, so that every intermediate tensor is materialised and kept
+        with native_output_silenced(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+            interpreter = cls(model_content=content, experimental_preserve_all_tensors=True,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            interpreter.allocate_tensors()
+        models[key] = (interpreter, {d["name"]: d for d in interpreter.get_tensor_details()})
+    squared_error = np.zeros(len(names))
+    squared_signal = np.zeros(len(names))
+    for example in examples:
+        values = {}
+        for key, (interpreter, details) in models.items():
+            source = interpreter.get_input_details()[0]
+            quantization = Quantization(*source["quantization"])
+            interpreter.set_tensor(source["index"], quantization.quantize(example[np.newaxis], source["dtype"]))
+            interpreter.invoke()
+            values[key] = {name: Quantization(*details[name]["quantization"]).dequantize(
+                interpreter.get_tensor(details[name]["index"])) for _, name in names if name in details}
+        for i, (_, name) in enumerate(names):
+            if name in values["float"] and name in values["int8"]:
+                reference = values["float"][name]
+                squared_error[i] += float(np.sum((values["int8"][name] - reference) ** 2))
+                squared_signal[i] += float(np.sum(reference ** 2))
+    return [{"index": i, "op": kind, "tensor": name,
+             "relative_rms_error": float(np.sqrt(squared_error[i] / squared_signal[i])) if squared_signal[i] else 0.0}
+            for i, (kind, name) in enumerate(names)]

@@ -1,73 +1,137 @@
-"""report.md: the build's manifest rendered for people."""
+"""The build's manifest rendered for people (report.md, report.html) and check verdicts for CI (JUnit)."""
 
 from __future__ import annotations
 
+import base64
+import html as html_lib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
+
+
+Block = tuple[str, Any]  # ("p", text) | ("table", (header, rows)) | ("list", items) | ("image", (key, caption))
 
 
 def _kib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
-def markdown(manifest: dict[str, Any]) -> str:
-    """A readable summary; every figure comes from the manifest, which stays the record."""
+def _quantity(value: float, unit: str) -> str:
+    if unit == "bytes":
+        return _kib(int(value)) if value < 2**20 else f"{value / 2**20:.2f} MiB"
+    return f"{value:.4g} {unit}".strip()
+
+
+def _limit(limit: str, unit: str) -> str:
+    """'<= 1073741824' -> '<= 1024.00 MiB' for byte budgets; other limits as written."""
+    relation, _, number = limit.partition(" ")
+    return f"{relation} {_quantity(float(number), unit)}" if unit else limit
+
+
+def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block]]]]:
+    """The report's content once, as sections of blocks, for both the Markdown and the HTML rendering."""
     m, metrics, pre = manifest["model"], manifest["metrics"], manifest["preprocessing"]
     lat = metrics["host_latency"]
-    lines = [
-        f"# edgecc build: {manifest['recipe']['name']} for {manifest['target']['name']}",
-        "",
-        f"{manifest['target']['description']}. Built {manifest['created']} by edgecc {manifest['edgecc_version']}, "
-        f"seed {manifest['seed']}.",
-        "",
-        "## Result",
-        "",
-        "| | float TFLite | int8 TFLite |",
-        "|---|---|---|",
-        f"| accuracy on the test split ({manifest['data']['test_size']} examples) | "
-        f"{metrics['float_accuracy']:.4f} | {metrics['int8_accuracy']:.4f} |",
-        f"| file size | {_kib(metrics['float_tflite_bytes'])} | {_kib(metrics['int8_tflite_bytes'])} "
-        f"({metrics['size_ratio']:.2f}x smaller) |",
-        f"| host latency, median of {lat['int8']['runs']} runs, {lat['int8']['threads']} thread | "
-        f"{lat['float']['median_ms']:.3f} ms | {lat['int8']['median_ms']:.3f} ms |",
-        "",
-        f"Host latency was measured on this build machine ({metrics['host']}), both models interleaved in one "
-        "process; it is not a prediction for the target.",
-        "",
-        "## Budgets",
-        "",
-        "| budget | measured | limit | verdict | how it was found |",
-        "|---|---|---|---|---|",
+    title = f"edgecc build: {manifest['recipe']['name']} for {manifest['target']['name']}"
+    budget_rows = [[b["name"], _quantity(b["value"], b["unit"]), _limit(b["limit"], b["unit"]), b["status"],
+                    b["detail"]] for b in manifest["budgets"]]
+    sections: list[tuple[str, list[Block]]] = [
+        ("", [("p", f"{manifest['target']['description']}. Built {manifest['created']} by edgecc "
+                    f"{manifest['edgecc_version']}, seed {manifest['seed']}.")]),
+        ("Result", [
+            ("table", (["", "float TFLite", "int8 TFLite"], [
+                [f"accuracy on the test split ({manifest['data']['test_size']} examples)",
+                 f"{metrics['float_accuracy']:.4f}", f"{metrics['int8_accuracy']:.4f}"],
+                ["file size", _kib(metrics["float_tflite_bytes"]),
+                 f"{_kib(metrics['int8_tflite_bytes'])} ({metrics['size_ratio']:.2f}x smaller)"],
+                [f"host latency, median of {lat['int8']['runs']} runs, {lat['int8']['threads']} thread",
+                 f"{lat['float']['median_ms']:.3f} ms", f"{lat['int8']['median_ms']:.3f} ms"],
+            ])),
+            ("p", f"Host latency was measured on this build machine ({metrics['host']}), both models interleaved "
+                  "in one process; it is not a prediction for the target."),
+            ("image", ("accuracy_vs_size", "Accuracy against size, per stage")),
+        ]),
+        ("Budgets", [("table", (["budget", "measured", "limit", "verdict", "how it was found"], budget_rows))]),
+        ("Where the time goes (estimate for the target)", [
+            ("image", ("op_latency", "Estimated time per operator on the target")),
+            ("p", manifest["target_check"]["latency"]["method"]),
+        ]),
+        ("Where the memory goes", [("image", ("live_memory", "Activation memory over the operator sequence"))]),
+        ("Where accuracy is lost", [
+            ("image", ("layer_error", "Relative RMS error of each int8 operator output against the float model")),
+            ("p", "Each bar compares one operator's int8 output with the same tensor of the float model on test "
+                  "examples; a step up shows where rounding to 8 bits costs precision."),
+        ]),
+        ("Model", [
+            ("p", f"{m['source']}, {m['parameters']:,} parameters; compression stages: {', '.join(m['stages'])}. "
+                  f"Activation tensor types in model.tflite: {', '.join(m['activation_dtypes'])}."),
+            ("table", (["op", "count"], [[op, str(n)] for op, n in m["ops"].items()])),
+        ]),
+        ("Running model.tflite", [
+            ("list", [
+                f"raw input: {pre['raw']}; layout {pre['layout']}, model input shape {pre['model_input_shape']}",
+                f"float input: x = raw * {pre['scale']} + {pre['offset']}",
+                f"int8 input: q = clip(round(x / {pre['input_quantization']['scale']}) + "
+                f"{pre['input_quantization']['zero_point']}, -128, 127)",
+                f"output: {pre['output']} (int8, scale {pre['output_quantization']['scale']}, zero point "
+                f"{pre['output_quantization']['zero_point']})",
+                f"labels: {', '.join(pre['label_names'])}",
+            ]),
+            ("p", "manifest.json holds these figures, the test split, library versions and the sha256 of every "
+                  "artifact; `edgecc verify` checks them."),
+        ]),
     ]
-    for b in manifest["budgets"]:
-        value = f"{b['value']:.4g}" if isinstance(b["value"], float) else b["value"]
-        lines.append(f"| {b['name']} | {value} | {b['limit']} | {b['status']} | {b['detail']} |")
-    lines += [
-        "",
-        "## Model",
-        "",
-        f"{m['source']}, {m['parameters']:,} parameters; compression stages: {', '.join(m['stages'])}. "
-        f"Activation tensor types in model.tflite: {', '.join(m['activation_dtypes'])}.",
-        "",
-        "| op | count |",
-        "|---|---|",
-        *(f"| {op} | {n} |" for op, n in m["ops"].items()),
-        "",
-        "## Running model.tflite",
-        "",
-        f"- raw input: {pre['raw']}; layout {pre['layout']}, model input shape {pre['model_input_shape']}",
-        f"- float input: x = raw * {pre['scale']} + {pre['offset']}",
-        f"- int8 input: q = clip(round(x / {pre['input_quantization']['scale']}) + "
-        f"{pre['input_quantization']['zero_point']}, -128, 127)",
-        f"- output: {pre['output']} (int8, scale {pre['output_quantization']['scale']}, zero point "
-        f"{pre['output_quantization']['zero_point']})",
-        f"- labels: {', '.join(pre['label_names'])}",
-        "",
-        "manifest.json holds these figures, the test split, library versions and the sha256 of every artifact.",
-        "",
-    ]
+    return title, sections
+
+
+def markdown(manifest: dict[str, Any]) -> str:
+    """report.md; the plots are in report.html."""
+    title, sections = _document(manifest)
+    lines = [f"# {title}", ""]
+    for heading, blocks in sections:
+        if heading:
+            lines += [f"## {heading}", ""]
+        for kind, content in blocks:
+            if kind == "p":
+                lines += [content, ""]
+            elif kind == "list":
+                lines += [*(f"- {item}" for item in content), ""]
+            elif kind == "table":
+                header, rows = content
+                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+            elif kind == "image":
+                lines += [f"(plot in report.html: {content[1]})", ""]
     return "\n".join(lines)
+
+
+def html(manifest: dict[str, Any], images: dict[str, bytes]) -> str:
+    """report.html: one self-contained file, its plots embedded as PNG data, no external resources."""
+    title, sections = _document(manifest)
+    esc = html_lib.escape
+    body = [f"<h1>{esc(title)}</h1>"]
+    for heading, blocks in sections:
+        if heading:
+            body.append(f"<h2>{esc(heading)}</h2>")
+        for kind, content in blocks:
+            if kind == "p":
+                body.append(f"<p>{esc(content)}</p>")
+            elif kind == "list":
+                body.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in content) + "</ul>")
+            elif kind == "table":
+                header, rows = content
+                head = "".join(f"<th>{esc(h)}</th>" for h in header)
+                cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+            elif kind == "image" and content[0] in images:
+                data = base64.b64encode(images[content[0]]).decode("ascii")
+                body.append(f'<figure><img alt="{esc(content[1])}" src="data:image/png;base64,{data}">'
+                            f"<figcaption>{esc(content[1])}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left;vertical-align:top}img{max-width:100%}figcaption{color:#666;font-size:90%}")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 def junit_xml(assessment: Any, path: Path) -> None:

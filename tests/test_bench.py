@@ -1,0 +1,45 @@
+"""`edgecc bench` measures a model; `edgecc targets calibrate` fits a profile to that measurement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import edgecc
+from edgecc.check import assess
+from edgecc.targets import load_target
+
+
+def test_bench_record(tiny_models, tmp_path: Path) -> None:
+    record = tmp_path / "record.json"
+    result = edgecc("bench", str(tiny_models["vit_int8"]), "--runs", "30", "--record", str(record), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(record.read_text())
+    assert data == json.loads(result.stdout)
+    assert 0 < data["p50_ms"] <= data["p90_ms"] <= data["p99_ms"]
+    assert data["runs"] == 30 and data["threads"] == 1
+    assert data["rss_after_bytes"] > 0 and data["model_rss_bytes"] == data["rss_after_bytes"] - data["rss_before_bytes"]
+
+
+def test_calibrated_profile_reproduces_the_measurement(tiny_models, tmp_path: Path) -> None:
+    model = tiny_models["vit_int8"]
+    record = tmp_path / "record.json"
+    assert edgecc("bench", str(model), "--runs", "30", "--record", str(record), "--quiet").returncode == 0
+    profile = tmp_path / "my-board.toml"
+    result = edgecc("targets", "calibrate", str(record), str(model), "--target", "rpi4", "--out", str(profile))
+    assert result.returncode == 0, result.stderr
+    mine = load_target(str(profile))
+    assert mine.name == "rpi4-calibrated" and "calibrated with edgecc bench" in mine.cpu.int8_gmacs.source
+    estimate = assess(model.read_bytes(), mine, measure_arena=False).latency.total_ms
+    assert estimate == pytest.approx(json.loads(record.read_text())["p50_ms"], rel=1e-4)
+
+
+def test_calibrate_refuses_a_record_of_another_model(tiny_models, tmp_path: Path) -> None:
+    record = tmp_path / "record.json"
+    assert edgecc("bench", str(tiny_models["vit_int8"]), "--runs", "5", "--record", str(record), "--quiet").returncode == 0
+    result = edgecc("targets", "calibrate", str(record), str(tiny_models["gelu_int8"]), "--target", "rpi4",
+                    "--out", str(tmp_path / "x.toml"))
+    assert result.returncode == 2 and "sha256 differs" in result.stderr
+    assert not (tmp_path / "x.toml").exists()

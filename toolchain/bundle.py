@@ -1,0 +1,45 @@
+"""What each kind of board's toolchain consumes, written beside model.tflite by `edgecc build`.
+
+Linux boards get a runner script that needs only the bundle directory; TFLite
+Micro boards get C++ sources for their firmware build.
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from edgecc.check import Assessment
+from edgecc.reader import read_graph
+from edgecc.targets import Target
+
+REQUIREMENTS = {
+    "litert-xnnpack": "numpy\nai-edge-litert  # or tflite-runtime on boards without an ai-edge-litert wheel\n",
+    "edgetpu": ("numpy\ntflite-runtime  # with the Edge TPU runtime from Coral's apt repository: libedgetpu1-std\n"),
+}
+
+
+def write_linux_bundle(directory: Path, target: Target, label_names: list[str]) -> list[str]:
+    """labels.txt, requirements.txt and run.py (which reads manifest.json for the preprocessing)."""
+    (directory / "labels.txt").write_text("".join(f"{name}\n" for name in label_names), encoding="utf-8")
+    (directory / "requirements.txt").write_text(
+        f"# Python packages {target.name} needs to run this bundle: pip install -r requirements.txt\n"
+        + REQUIREMENTS.get(target.runtime, REQUIREMENTS["litert-xnnpack"]), encoding="utf-8")
+    shutil.copyfile(Path(str(resources.files("edgecc.board").joinpath("run.py"))), directory / "run.py")
+    return ["labels.txt", "requirements.txt", "run.py"]
+
+
+def write_board_files(directory: Path, content: bytes, fit: Assessment, label_names: list[str]) -> list[str]:
+    """The board files for the target's kind; returns their names."""
+    target = fit.target
+    if not target.is_micro:
+        return write_linux_bundle(directory, target, label_names)
+    from edgecc.micro import arena_size, write_micro_sources
+
+    model = fit.vela.model if fit.vela is not None else content
+    if fit.vela is not None:  # the NPU's working memory is Vela's SRAM plan
+        measured = fit.vela.sram_bytes
+    else:
+        measured = fit.arena.bytes if fit.arena is not None else fit.memory.planned_bytes
+    return write_micro_sources(directory, model, read_graph(model), arena_size(measured, target), target)
