@@ -87,16 +87,25 @@ def build(
         stdout.print(f"wrote {result.out}/model.tflite, manifest.json, report.md")
     for budget in result.failed_budgets:
         Console(stderr=True, highlight=False).print(
-            f"edgecc: budget not met: {budget['name']} is {budget['value']}, limit {budget['limit']}", markup=False)
+            f"edgecc: budget not met: {budget['name']} is {budget['value']} {budget['unit']}".rstrip()
+            + f", limit {budget['limit']}", markup=False)
     if result.failed_budgets:
         raise typer.Exit(EXIT_BUDGET)
 
 
-@app.command()
+targets_app = typer.Typer(help="Device profiles: list them, or fit one to a board's own measurement.",
+                          invoke_without_command=True, no_args_is_help=False)
+app.add_typer(targets_app, name="targets")
+
+
+@targets_app.callback()
 def targets(
+    ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print the profiles as JSON.")] = False,
 ) -> None:
-    """List the built-in target profiles."""
+    """List the built-in target profiles (every figure with its source in --json)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from dataclasses import asdict
 
     from edgecc.targets import all_targets
@@ -113,6 +122,70 @@ def targets(
                       _figure(p.memory.ram_bytes.value, "bytes"), _figure(p.memory.flash_bytes.value, "bytes"),
                       _figure(p.latency_budget_ms.value, "ms"))
     stdout.print(table)
+
+
+@targets_app.command("calibrate")
+def targets_calibrate(
+    record: Annotated[Path, typer.Argument(help="Calibration record written by `edgecc bench --record`.", show_default=False)],
+    model: Annotated[Path, typer.Argument(help="The .tflite model that record measured.", show_default=False)],
+    target: Annotated[str, typer.Option("--target", "-t", help="The profile to fit (name or TOML file).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the calibrated profile TOML.")],
+    name: Annotated[str | None, typer.Option("--name", help="Name of the new profile [default: <target>-calibrated].")] = None,
+) -> None:
+    """Write a profile whose latency estimates match what `edgecc bench` measured on the board."""
+    from edgecc.calibrate import calibrate, write_profile
+    from edgecc.targets import load_target
+
+    def work() -> tuple[Any, float]:
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise EdgeccError(f"{record} is not a readable bench record: {err}") from None
+        if not model.is_file():
+            raise EdgeccError(f"{model} does not exist")
+        profile, factor = calibrate(data, model.read_bytes(), load_target(target), name)
+        write_profile(profile, out)
+        return profile, factor
+
+    profile, factor = _run(work)
+    stdout.print(f"wrote {out}: {profile.name}, rates scaled by 1/{factor:.3g}; use it with --target {out}")
+
+
+@app.command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="A .tflite model.", show_default=False)],
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Interpreter threads.")] = 1,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs after the warm-up.")] = 200,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 20,
+    record: Annotated[Path | None, typer.Option("--record", help="Write the calibration record (JSON) here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the record as JSON.")] = False,
+) -> None:
+    """Measure a model on this machine (run it on the board): latency p50/p90/p99 and resident memory."""
+    from edgecc.bench import bench as run_bench
+
+    def work() -> Any:
+        if not model.is_file():
+            raise EdgeccError(f"{model} does not exist")
+        result = run_bench(model, threads, runs, warmup, Reporter(quiet=quiet or as_json))
+        if record is not None:
+            try:
+                record.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+            except OSError as err:
+                raise EdgeccError(f"cannot write {record}: {err.strerror}") from None
+        return result
+
+    result = _run(work)
+    if as_json:
+        stdout.print_json(json.dumps(result.to_json()))
+        return
+    if quiet:
+        return
+    stdout.print(f"{model.name}: p50 {result.p50_ms:.3f} ms, p90 {result.p90_ms:.3f} ms, p99 {result.p99_ms:.3f} ms "
+                 f"({runs} runs, {threads} thread(s)); resident memory +{result.model_rss_bytes / 2**20:.1f} MiB "
+                 f"(process {result.rss_after_bytes / 2**20:.1f} MiB)")
+    if record is not None:
+        stdout.print(f"calibration record: {record} (edgecc targets calibrate {record} {model} --target T --out FILE)")
 
 
 ModelArg = Annotated[Path, typer.Argument(help="A .tflite model, or an edgecc build directory.", show_default=False)]
@@ -206,6 +279,79 @@ def profile(
                          f"CPU operator (op {result.edgetpu.first_cpu_op})")
     if result.missing_ops:
         stdout.print(f"[red]{result.target.runtime} lacks[/red]: {', '.join(result.missing_ops)}")
+
+
+@app.command()
+def shadow(
+    baseline: Annotated[Path, typer.Option("--baseline", help="The model in service now: .tflite, or .keras (needs TensorFlow, edgecc\\[train]).", show_default=False)],
+    candidate: Annotated[Path, typer.Option("--candidate", help="The model on trial: .tflite or .keras.", show_default=False)],
+    data: Annotated[Path, typer.Option("--data", show_default=False, help=(
+        "Float model inputs, as the float model takes them (a build's manifest.json gives the preprocessing; "
+        "int8 models are quantized for you): a .npy of shape (N, *input_shape), or a .npz with that array as `x` "
+        "and optional integer labels `y` (then each model's accuracy is reported too)."))],
+    log: Annotated[Path, typer.Option("--log", help="Append-only audit log (JSON Lines, one record per input).")] = Path("shadow-audit.jsonl"),
+    max_disagreement: Annotated[float, typer.Option("--max-disagreement", min=0.0, max=1.0, help="Exit 1 when the share of inputs whose predicted classes differ is above this.")] = 0.01,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Shadow mode (the pilot): run a candidate beside the baseline on every input and log where they disagree.
+
+    Exit 0 when the disagreement rate is at most --max-disagreement, 1 when above, 2 on bad input.
+    """
+    from edgecc.shadow import Interrupted
+    from edgecc.shadow import shadow as run_shadow
+
+    def work() -> Any:
+        try:
+            return run_shadow(baseline, candidate, data, log, max_disagreement, Reporter(quiet=quiet or as_json))
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; {log} keeps a complete record of every input compared so far") from None
+
+    summary = _run(work)
+    if as_json:
+        stdout.print_json(json.dumps(summary.to_json()))
+    else:
+        per_class = Table("baseline class", "inputs", "disagreements", "rate", title="disagreement by class")
+        for cls, row in summary.per_class().items():
+            per_class.add_row(str(cls), str(row["inputs"]), str(row["disagreements"]), f"{row['rate']:.2%}")
+        classes = range(len(summary.confusion))
+        confusion = Table("baseline \\ candidate", *map(str, classes), title="confusion (inputs)")
+        for cls in classes:
+            confusion.add_row(str(cls), *(str(n) if n else "." for n in summary.confusion[cls]))
+        latency = Table("model", "p50 ms", "p90 ms", "p99 ms", *(["accuracy"] if summary.accuracy else []),
+                        title="latency (this host, one example at a time)")
+        for role, path in (("baseline", summary.baseline), ("candidate", summary.candidate)):
+            lat = summary.latency[role]
+            latency.add_row(f"{role} {path.name}", f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}",
+                            *([f"{summary.accuracy[role]:.4f}"] if summary.accuracy else []))
+        for table in (per_class, confusion, latency):
+            stdout.print(table)
+        verdict = "[green]within[/green]" if summary.ok else "[red]ABOVE[/red]"
+        stdout.print(f"{summary.inputs} inputs, {summary.disagreements} disagreements: rate "
+                     f"{summary.disagreement_rate:.2%}, {verdict} the limit {summary.max_disagreement:.2%}; "
+                     f"audit log {summary.log}")
+    if not summary.ok:
+        raise typer.Exit(EXIT_BUDGET)
+
+
+@app.command()
+def verify(
+    build_dir: Annotated[Path, typer.Argument(help="An edgecc build directory (with its manifest.json).", show_default=False)],
+) -> None:
+    """Check every artifact of a build against the sha256 its manifest.json recorded.
+
+    Exit 0 when all match, 1 when any changed or is missing, 2 when there is no readable manifest.json.
+    """
+    from edgecc.verify import verify as run_verify
+
+    result = _run(lambda: run_verify(build_dir))
+    for name in result.changed:
+        stdout.print(f"changed: {name} (its sha256 is not the one in manifest.json)", markup=False)
+    for name in result.missing:
+        stdout.print(f"missing: {name}", markup=False)
+    if not result.ok:
+        raise typer.Exit(EXIT_BUDGET)
+    stdout.print(f"all {len(result.matched)} artifacts match {build_dir / 'manifest.json'}", markup=False)
 
 
 def _terminate(signum: int, frame: Any) -> None:
