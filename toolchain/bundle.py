@@ -34,7 +34,11 @@ def write_board_files(directory: Path, content: bytes, fit: Assessment, label_na
     """The board files for the target's kind; returns their names."""
     target = fit.target
     if not target.is_micro:
-        return write_linux_bundle(directory, target, label_names)
+        written = write_linux_bundle(directory, target, label_names)
+        if fit.edgetpu is not None and fit.edgetpu.compiled_model is not None:  # edgetpu_compiler was on PATH
+            (directory / "model_edgetpu.tflite").write_bytes(fit.edgetpu.compiled_model)
+            written.append("model_edgetpu.tflite")
+        return written
     from edgecc.micro import arena_size, write_micro_sources
 
     model = fit.vela.model if fit.vela is not None else content

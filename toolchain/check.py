@@ -81,6 +81,7 @@ def _edgetpu_json(plan: Any | None) -> dict[str, Any] | None:
     if plan is None:
         return None
     data = asdict(plan)
+    data.pop("compiled_model")
     data["reasons"] = {str(k): v for k, v in plan.reasons.items()}
     return data
 

@@ -23,6 +23,7 @@ and split axes) are not checked, so a prediction can be optimistic there.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -63,6 +64,7 @@ class EdgeTpuPlan:
     first_cpu_op: int | None          # index of the first operator that leaves the Edge TPU (None: all mapped)
     cached_parameter_bytes: int       # parameter bytes that fit the on-chip memory
     streamed_parameter_bytes: int     # parameter bytes streamed from host memory every inference
+    compiled_model: bytes | None = None  # model_edgetpu.tflite, when the compiler ran
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,8 @@ def _compile(compiler: str, graph: Graph, content: bytes) -> EdgeTpuPlan:
         if result.returncode != 0 or not compiled.exists():
             lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
             raise EdgeccError(f"edgetpu_compiler failed: {lines[-1] if lines else f'exit code {result.returncode}'}")
-        return plan_from_compiler(graph, read_graph(compiled.read_bytes()), parse_compiler_log(result.stdout))
+        plan = plan_from_compiler(graph, read_graph(compiled.read_bytes()), parse_compiler_log(result.stdout))
+        return dataclasses.replace(plan, compiled_model=compiled.read_bytes())
 
 
 def parse_compiler_log(text: str) -> CompilerLog:
