@@ -124,11 +124,18 @@ def test_interrupted_build_keeps_the_previous_result(default_build, tmp_path: Pa
 
 
 def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -> None:
-    """A user's model builds; a budget that does not hold exits 1 and still writes the artifacts."""
-    from edgecc.transformer import VitConfig, vision_transformer
+    """A user's model of standard Keras layers is rewritten and built; a budget it misses exits 1, artifacts kept."""
+    from edgecc.tf import keras as load_keras
 
-    config = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=16, depth=1, heads=2, mlp_dim=32, dropout=0.0)
-    vision_transformer(config, (8, 8, 1), 10).save(tmp_path / "mine.keras")
+    keras = load_keras()
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 1))
+    x = layers.Reshape((16, 16))(layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(inputs))
+    h = layers.LayerNormalization(epsilon=1e-6)(x)
+    x = x + layers.MultiHeadAttention(num_heads=2, key_dim=8)(h, h)
+    x = x + layers.Dense(16)(layers.Dense(32, activation="relu")(layers.LayerNormalization()(x)))
+    outputs = layers.Dense(10)(layers.GlobalAveragePooling1D()(x))
+    keras.Model(inputs, outputs).save(tmp_path / "mine.keras")
     (tmp_path / "recipe.toml").write_text(
         'name = "mine"\n[model]\npath = "mine.keras"\n[train]\nepochs = 2\n[compress]\ncalibration_samples = 32\n'
         "[budgets]\nmin_accuracy = 1.0\n"
@@ -141,6 +148,7 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["model"]["source"].endswith("mine.keras")
     assert manifest["model"]["activation_dtypes"] == ["INT8"]
+    assert manifest["model"]["ops"]["BATCH_MATMUL"] == 2  # the rewritten attention: scores and context
     first = manifest["budgets"][0]
     assert (first["name"], first["value"], first["limit"], first["status"]) == \
         ("int8 accuracy", manifest["metrics"]["int8_accuracy"], ">= 1.0", "fail")

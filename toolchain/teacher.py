@@ -36,7 +36,7 @@ def reference_model(section: ModelSection, dataset: Dataset) -> Any:
 
 
 def load_user_model(path: Path, dataset: Dataset) -> Any:
-    """A user's `.keras` file or SavedModel directory, loaded in safe mode.
+    """A user's `.keras` file or SavedModel directory, loaded in safe mode and rewritten into edgecc's layers.
 
     HDF5 files are refused: Keras restores their Lambda layers from Python
     bytecode. For SavedModel directories Keras ignores `safe_mode`, so the safe
@@ -44,6 +44,7 @@ def load_user_model(path: Path, dataset: Dataset) -> Any:
     """
     keras = _keras()
     import edgecc.layers  # noqa: F401  (registers edgecc's layers for deserialisation)
+    from edgecc.rewrite import rewrite_model
     from tf_keras.src.saving.serialization_lib import SafeModeScope
 
     if not path.exists():
@@ -62,7 +63,7 @@ def load_user_model(path: Path, dataset: Dataset) -> Any:
         raise EdgeccError(f"{path}: model input shape {model.input_shape[1:]} does not match the data's {expected}")
     if model.output_shape[-1] != dataset.num_classes:
         raise EdgeccError(f"{path}: model has {model.output_shape[-1]} outputs, the data has {dataset.num_classes} classes")
-    return model
+    return rewrite_model(model)
 
 
 def _shifted(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
