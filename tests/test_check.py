@@ -123,3 +123,15 @@ for command in ("check", "profile"):
 assert "tensorflow" not in sys.modules, "TensorFlow was imported"
 """
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_edgetpu_check_splits_the_transformer_and_charges_the_link(tiny_models) -> None:
+    result = assess(tiny_models["vit_int8"].read_bytes(), "coral-usb")
+    plan = result.edgetpu
+    assert plan is not None and plan.method.startswith("prediction")
+    assert result.placement[0] == "edgetpu" and result.placement[-1] == "cpu"
+    matmuls = [i for i, op in enumerate(result.graph.operators) if op.kind == "BATCH_MATMUL"]
+    assert matmuls and all("both inputs are activations" in plan.reasons[i] for i in matmuls)
+    tpu = result.target.edgetpu
+    assert result.latency.fixed_ms > tpu.invoke_overhead_ms.value  # the stem's output crosses to the CPU
+    assert [o.unit for o in result.latency.ops] == list(result.placement)

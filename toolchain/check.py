@@ -105,6 +105,14 @@ def read_model(path: Path) -> tuple[bytes, float | None]:
     return path.read_bytes(), None
 
 
+def _crossing_bytes(graph: Graph, on_tpu: tuple[bool, ...]) -> int:
+    """Activation bytes that go over the host link between Edge TPU and CPU operators."""
+    producer = {t: i for i, op in enumerate(graph.operators) for t in op.outputs}
+    crossing = {t for i, op in enumerate(graph.operators) for t in op.inputs
+                if t in producer and on_tpu[producer[t]] != on_tpu[i]}
+    return sum(graph.tensors[t].nbytes for t in crossing)
+
+
 def _float_tensors(graph: Graph) -> tuple[str, ...]:
     return tuple(t.name for t in graph.activation_tensors() if t.dtype not in INT_TYPES)
 
@@ -142,7 +150,7 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
 
         edgetpu_plan = plan_edgetpu(graph, target.edgetpu, target.legal_ops, content)
         placement = ["edgetpu" if on else "cpu" for on in edgetpu_plan.on_tpu]
-        streamed = edgetpu_plan.streamed_parameter_bytes
+        streamed = edgetpu_plan.streamed_parameter_bytes + _crossing_bytes(graph, edgetpu_plan.on_tpu)
     latency = estimate_latency(graph, costs, target, edgetpu_plan.on_tpu if edgetpu_plan else None, streamed)
     if target.ethosu is not None:
         from edgecc.vela import compile_for_ethos_u

@@ -57,7 +57,12 @@ def _edgetpu_ms(cost: OpCost, target: Target) -> float:
 
 def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
                      on_tpu: tuple[bool, ...] | None = None, streamed_bytes: int = 0) -> LatencyEstimate:
-    """Estimate one batch-1 inference on `target`; `on_tpu` marks the operators an Edge TPU runs."""
+    """Estimate one batch-1 inference on `target`.
+
+    `on_tpu` marks the operators an Edge TPU runs; `streamed_bytes` is what crosses
+    the host link on every inference besides the input and output (parameters
+    that do not fit on chip, activations passed between the Edge TPU and the CPU).
+    """
     ops = []
     for index, (op, cost) in enumerate(zip(graph.operators, costs)):
         out = graph.tensors[op.outputs[0]] if op.outputs else None
@@ -69,6 +74,6 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
     method = f"estimate: per-operator cost model with the rates of the {target.name} profile (sources in its TOML)"
     if on_tpu is not None and any(on_tpu) and target.edgetpu is not None:
         fixed = target.edgetpu.invoke_overhead_ms.value + streamed_bytes / (target.edgetpu.link_gbps.value * 1e9) * 1e3
-        method += " (Edge TPU part + CPU part + host link)"
+        method += " (Edge TPU part + CPU part + parameters and activations over the host link)"
     total = fixed + sum(o.ms for o in ops)
     return LatencyEstimate(total, total * (1 - ERROR_BAND), total * (1 + ERROR_BAND), fixed, tuple(ops), method)
