@@ -1,0 +1,97 @@
+"""Knowledge distillation from the float teacher, the glue of every compression stage.
+
+The student learns from three signals: the task labels, the teacher's logits
+softened by a temperature (KL divergence, scaled by T² so its gradients keep
+their size as T changes), and the teacher's hidden states after each block
+(mean squared error), which guide a pruned or quantized student layer by layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgecc.errors import EdgeccError
+from edgecc.progress import Reporter
+from edgecc.tf import keras as _keras, tensorflow
+
+BLOCK_OUTPUT_SUFFIX = "_mlp_residual"  # the last layer of each edgecc encoder block
+
+
+@dataclass(frozen=True)
+class DistillWeights:
+    task: float = 1.0
+    logits: float = 1.0
+    hidden: float = 0.0
+    temperature: float = 2.0
+
+
+def block_outputs(model: Any) -> list[str]:
+    """Names of the layers that end each encoder block, in order."""
+    return [layer.name for layer in model.layers if layer.name.endswith(BLOCK_OUTPUT_SUFFIX)]
+
+
+def hidden_pairs(student: Any, teacher: Any) -> list[tuple[str, str]]:
+    """Student block -> teacher block, spread evenly when the student has fewer blocks."""
+    mine, theirs = block_outputs(student), block_outputs(teacher)
+    if not mine or not theirs:
+        return []
+    step = len(theirs) / len(mine)
+    pairs = [(name, theirs[min(len(theirs) - 1, int(round((i + 1) * step)) - 1)]) for i, name in enumerate(mine)]
+    for s, t in pairs:
+        if student.get_layer(s).output.shape[1:] != teacher.get_layer(t).output.shape[1:]:
+            raise EdgeccError(f"hidden-state distillation needs equal widths: student {s} "
+                              f"{student.get_layer(s).output.shape[1:]} vs teacher {t} {teacher.get_layer(t).output.shape[1:]}")
+    return pairs
+
+
+def _with_hidden(model: Any, names: list[str]) -> Any:
+    keras = _keras()
+    return keras.Model(model.inputs, [model.outputs[0], *(model.get_layer(n).output for n in names)])
+
+
+def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int,
+            learning_rate: float, weights: DistillWeights, seed: int, reporter: Reporter,
+            description: str = "distilling") -> list[float]:
+    """Train `student` in place against `teacher`; returns the mean loss of each epoch."""
+    tf = tensorflow()
+    keras = _keras()
+    pairs = hidden_pairs(student, teacher) if weights.hidden else []
+    student_view = _with_hidden(student, [s for s, _ in pairs])
+    teacher_view = _with_hidden(teacher, [t for _, t in pairs])
+    steps = max(1, epochs * int(np.ceil(len(x) / batch_size)))
+    optimizer = keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(learning_rate, steps), weight_decay=0.01)
+    temperature = weights.temperature
+    classes = int(student.output_shape[-1])
+
+    @tf.function
+    def step(batch_x: Any, batch_y: Any) -> Any:
+        teacher_out = teacher_view(batch_x, training=False)
+        with tf.GradientTape() as tape:
+            student_out = student_view(batch_x, training=True)
+            logits, teacher_logits = student_out[0], teacher_out[0]
+            task = tf.reduce_mean(keras.losses.categorical_crossentropy(
+                tf.one_hot(batch_y, classes), logits, from_logits=True))
+            soft_teacher = tf.nn.softmax(teacher_logits / temperature)
+            log_student = tf.nn.log_softmax(logits / temperature)
+            kl = tf.reduce_mean(tf.reduce_sum(
+                soft_teacher * (tf.math.log(soft_teacher + 1e-9) - log_student), axis=-1)) * temperature**2
+            hidden = tf.add_n([tf.reduce_mean(tf.square(s - t)) for s, t in zip(student_out[1:], teacher_out[1:])]) \
+                if pairs else 0.0
+            loss = weights.task * task + weights.logits * kl + weights.hidden * hidden
+        variables = student.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss
+
+    rng = np.random.default_rng(seed)
+    history = []
+    with reporter.task(description, epochs) as advance:
+        for _ in range(epochs):
+            order = rng.permutation(len(x))
+            losses = [float(step(tf.constant(x[order[i:i + batch_size]]), tf.constant(y[order[i:i + batch_size]])))
+                      for i in range(0, len(x), batch_size)]
+            history.append(float(np.mean(losses)))
+            advance(status=f"loss {history[-1]:.4f}")
+    return history
