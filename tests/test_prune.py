@@ -1,0 +1,209 @@
+"""Structured pruning removes whole heads and neurons exactly and makes the int8 model smaller and cheaper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tf_keras")
+from edgecc.tf import keras as load_keras  # noqa: E402
+
+keras = load_keras()
+from edgecc.convert import to_int8_tflite  # noqa: E402
+from edgecc.cost import op_costs  # noqa: E402
+from edgecc.errors import EdgeccError  # noqa: E402
+from edgecc.prune import (  # noqa: E402
+    AttentionUnit, FeedForwardUnit, find_units, head_importance, neuron_importance, prune, prune_to,
+)
+from edgecc.reader import read_graph  # noqa: E402
+from edgecc.rewrite import rewrite_model  # noqa: E402
+from edgecc.teacher import inference_graph  # noqa: E402
+from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+
+layers = keras.layers
+SMALL = VitConfig(stem_filters=(4,), stem_strides=(2,), dim=16, depth=2, heads=4, mlp_dim=32, dropout=0.0)
+IMAGES = np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32)
+TOKENS, DIM = 6, 32
+
+
+def randomised(model: Any, seed: int = 0) -> Any:
+    """Every weight set to noise, so no bias is zero and no layer-norm parameter is one."""
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.normal(0.0, 0.3, w.shape).astype(w.dtype) for w in model.get_weights()])
+    return model
+
+
+def vit() -> Any:
+    keras.utils.set_random_seed(0)
+    return randomised(vision_transformer(SMALL, (8, 8, 1), 5))
+
+
+def rewritten() -> Any:
+    """A user's standard-layer model (MultiHeadAttention with value_dim != key_dim, x + y), rewritten."""
+    inputs = keras.Input((TOKENS, DIM), name="features")
+    x = inputs
+    for i in range(2):
+        h = layers.LayerNormalization(name=f"ln{i}_a")(x)
+        x = x + layers.MultiHeadAttention(num_heads=4, key_dim=8, value_dim=6, name=f"attn{i}")(h, h)
+        h = layers.LayerNormalization(name=f"ln{i}_b")(x)
+        h = layers.Dense(48, activation="relu", name=f"up{i}")(h)
+        x = x + layers.Dense(DIM, name=f"down{i}")(h)
+    outputs = layers.Dense(3, name="logits")(layers.GlobalAveragePooling1D()(x))
+    return rewrite_model(randomised(keras.Model(inputs, outputs)))
+
+
+def features() -> np.ndarray:
+    return np.random.default_rng(1).normal(size=(8, TOKENS, DIM)).astype(np.float32)
+
+
+def scale_head(model: Any, unit: AttentionUnit, head: int, factor: float) -> None:
+    """Multiply one head's rows of the output projection, i.e. its whole contribution, by `factor`."""
+    output = model.get_layer(unit.output)
+    kernel = output.kernel.numpy()
+    rows = kernel.shape[0] // unit.heads
+    kernel[head * rows : (head + 1) * rows] *= factor
+    output.kernel.assign(kernel)
+
+
+def dense_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    return {layer.name: tuple(layer.kernel.shape) for layer in model.layers if isinstance(layer, layers.Dense)}
+
+
+def test_finds_every_block_in_edgecc_vit() -> None:
+    attention, feed_forward = find_units(vit())
+    assert attention == [AttentionUnit(f"block{i}_scores", f"block{i}_context", f"block{i}_query", f"block{i}_key",
+                                       f"block{i}_value", f"block{i}_attn_output", 4) for i in range(2)]
+    assert feed_forward == [FeedForwardUnit(f"block{i}_mlp_up", f"block{i}_mlp_down", 32) for i in range(2)]
+
+
+def test_finds_every_block_in_a_rewritten_standard_model() -> None:
+    attention, feed_forward = find_units(rewritten())
+    assert attention == [AttentionUnit(f"attn{i}_scores", f"attn{i}_context", f"attn{i}_query", f"attn{i}_key",
+                                       f"attn{i}_value", f"attn{i}_output", 4) for i in range(2)]
+    assert feed_forward == [FeedForwardUnit(f"up{i}", f"down{i}", 48) for i in range(2)]
+
+
+def test_a_query_read_elsewhere_is_not_a_unit() -> None:
+    """Slicing heads out of a projection that another layer also reads would change that layer."""
+    from edgecc.layers import AttentionContext, AttentionScores
+
+    inputs = keras.Input((TOKENS, DIM))
+    query = layers.Dense(DIM)(inputs)
+    probs = layers.Softmax()(AttentionScores(4)([query, layers.Dense(DIM)(inputs)]))
+    context = AttentionContext(4)([probs, layers.Dense(DIM)(inputs)])
+    model = keras.Model(inputs, layers.Add()([layers.Dense(DIM)(context), query]))
+    assert find_units(model) == ([], [])
+
+
+@pytest.mark.parametrize("build, x", [(vit, IMAGES), (rewritten, features())], ids=["vit", "rewritten"])
+def test_removing_silent_heads_and_neurons_is_exact(build: Any, x: np.ndarray) -> None:
+    model = build()
+    attention, feed_forward = find_units(model)
+    scale_head(model, attention[0], 1, 0.0)
+    scale_head(model, attention[1], 3, 0.0)
+    down = model.get_layer(feed_forward[0].down)
+    kernel = down.kernel.numpy()
+    kernel[[2, 7]] = 0.0
+    down.kernel.assign(kernel)
+    before = model(x).numpy()
+    width = feed_forward[0].width
+    pruned = prune(model, {attention[0].scores: [0, 2, 3], attention[1].scores: [0, 1, 2]},
+                   {feed_forward[0].up: [i for i in range(width) if i not in (2, 7)]})
+    assert pruned.count_params() < model.count_params()
+    np.testing.assert_allclose(pruned(x).numpy(), before, atol=1e-5, rtol=0)
+
+
+def test_head_importance_ranks_a_louder_head_higher() -> None:
+    model = vit()
+    unit = find_units(model)[0][0]
+    scale_head(model, unit, 2, 10.0)
+    scale_head(model, unit, 0, 0.01)
+    importance = head_importance(model, unit, IMAGES, model.predict(IMAGES, verbose=0))
+    assert importance.shape == (4,)
+    assert importance[2] > importance[0]
+    assert np.argmax(importance) == 2
+    kept = prune_to(model, 0.25, 1.0, IMAGES, model.predict(IMAGES, verbose=0))
+    assert kept.get_layer(unit.scores).heads == 1
+    np.testing.assert_allclose(kept.get_layer(unit.query).get_weights()[0],
+                               model.get_layer(unit.query).get_weights()[0][:, 8:12])
+
+
+def test_neuron_importance_is_zero_for_a_neuron_that_feeds_nothing() -> None:
+    model = vit()
+    unit = find_units(model)[1][0]
+    down = model.get_layer(unit.down)
+    kernel = down.kernel.numpy()
+    kernel[5] = 0.0
+    kernel[6] *= 10.0
+    down.kernel.assign(kernel)
+    importance = neuron_importance(model, unit, IMAGES)
+    assert importance.shape == (32,)
+    assert importance[5] == 0.0
+    assert np.all(importance >= 0.0)
+
+
+@pytest.fixture(scope="module")
+def pruned_pair() -> tuple[Any, Any]:
+    """The small ViT and the same model with half its heads and neurons removed by importance."""
+    model = vit()
+    return model, prune_to(model, 0.5, 0.5, IMAGES, model.predict(IMAGES, verbose=0))
+
+
+def test_pruned_model_is_physically_smaller(pruned_pair: tuple[Any, Any]) -> None:
+    model, pruned = pruned_pair
+    assert pruned.count_params() < model.count_params()
+    shapes = dense_shapes(pruned)
+    for i in range(2):
+        for part in ("query", "key", "value"):
+            assert shapes[f"block{i}_{part}"] == (16, 8)
+        assert shapes[f"block{i}_attn_output"] == (8, 16)
+        assert shapes[f"block{i}_mlp_up"] == (16, 16)
+        assert shapes[f"block{i}_mlp_down"] == (16, 16)
+        assert pruned.get_layer(f"block{i}_scores").heads == pruned.get_layer(f"block{i}_context").heads == 2
+    assert shapes["token_projection"] == dense_shapes(model)["token_projection"]
+    assert shapes["logits"] == dense_shapes(model)["logits"]
+
+
+def test_pruned_model_converts_to_a_smaller_cheaper_int8_model(pruned_pair: tuple[Any, Any]) -> None:
+    graphs = {}
+    for name, model in zip(("original", "pruned"), pruned_pair):
+        content = to_int8_tflite(inference_graph(model), IMAGES, per_channel=False)
+        graphs[name] = (len(content), read_graph(content))
+    graph = graphs["pruned"][1]
+    assert "BATCH_MATMUL" in graph.op_counts()
+    assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}
+    assert graphs["pruned"][0] < graphs["original"][0]
+    macs = {name: sum(c.macs for c in op_costs(g)) for name, (_, g) in graphs.items()}
+    assert macs["pruned"] < 0.8 * macs["original"], macs
+
+
+def test_pruned_model_round_trips_in_safe_mode(pruned_pair: tuple[Any, Any], tmp_path: Path) -> None:
+    pruned = pruned_pair[1]
+    path = tmp_path / "pruned.keras"
+    pruned.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True, compile=False)
+    assert dense_shapes(loaded) == dense_shapes(pruned)
+    np.testing.assert_allclose(loaded(IMAGES).numpy(), pruned(IMAGES).numpy(), atol=1e-6)
+
+
+def test_prune_to_keeps_at_least_one_of_each() -> None:
+    model = vit()
+    pruned = prune_to(model, 0.01, 0.01, IMAGES, model.predict(IMAGES, verbose=0))
+    attention, feed_forward = find_units(pruned)
+    assert [u.heads for u in attention] == [1, 1]
+    assert [u.width for u in feed_forward] == [1, 1]
+
+
+def test_prune_refuses_what_it_cannot_do() -> None:
+    model = vit()
+    with pytest.raises(EdgeccError, match="no prunable .* named block9_scores"):
+        prune(model, {"block9_scores": [0]}, {})
+    with pytest.raises(EdgeccError, match="heads of block0_scores"):
+        prune(model, {"block0_scores": [0, 4]}, {})
+    with pytest.raises(EdgeccError, match="neurons of block0_mlp_up"):
+        prune(model, {}, {"block0_mlp_up": []})
+    with pytest.raises(EdgeccError, match="head_fraction"):
+        prune_to(model, 0.0, 0.5, IMAGES, np.zeros((16, 5), np.float32))

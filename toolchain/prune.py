@@ -1,0 +1,269 @@
+"""Structured pruning: whole attention heads and feed-forward neurons removed, the dense model made smaller.
+
+Unstructured sparsity leaves every matrix at its full size, so a CPU does the
+same work; removing a head shrinks its query/key/value columns, its share of the
+two attention matmuls and its rows of the output projection, and removing a
+hidden neuron shrinks both feed-forward matrices. Units are found from how the
+layers are wired, not from their names, so edgecc's reference models and users'
+rewritten models are handled alike, and a layer counts as a unit only where the
+surgery is exact: a head or neuron that contributes nothing can be removed
+without changing the outputs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from edgecc.errors import EdgeccError
+from edgecc.layers import AttentionContext, AttentionScores, keras
+
+layers = keras.layers
+
+
+@dataclass(frozen=True)
+class AttentionUnit:
+    """One self-attention: Dense q/k/v -> AttentionScores -> softmax -> AttentionContext -> Dense output."""
+
+    scores: str
+    context: str
+    query: str
+    key: str
+    value: str
+    output: str
+    heads: int
+
+
+@dataclass(frozen=True)
+class FeedForwardUnit:
+    """Two Dense layers with nothing but elementwise layers between them; `width` hidden neurons."""
+
+    up: str
+    down: str
+    width: int
+
+
+class _Wiring:
+    """The nodes of a functional model in execution order and who consumes each tensor."""
+
+    def __init__(self, model: Any) -> None:
+        self.nodes = [node for depth in sorted(model._nodes_by_depth, reverse=True)
+                      for node in model._nodes_by_depth[depth] if not node.is_input]
+        self.consumers: dict[int, list[Any]] = {}
+        for node in self.nodes:
+            for tensor in node.keras_inputs:
+                self.consumers.setdefault(id(tensor), []).append(node)
+        self.outputs = {id(t) for t in model.outputs}
+        self.calls = Counter(id(node.layer) for node in self.nodes)
+
+    def only_consumer(self, tensor: Any) -> Any | None:
+        """The one node that reads `tensor`, or None when others (or the model's outputs) read it too."""
+        users = self.consumers.get(id(tensor), [])
+        return users[0] if len(users) == 1 and id(tensor) not in self.outputs else None
+
+    def follow(self, tensor: Any, passes: Callable[[Any], bool]) -> tuple[Any | None, Any]:
+        """The first sole consumer past a chain of layers that `passes` lets through, and the tensor it reads."""
+        node = self.only_consumer(tensor)
+        while node is not None and passes(node.layer):
+            tensor = node.outputs
+            node = self.only_consumer(tensor)
+        return node, tensor
+
+    def sole_dense(self, tensor: Any, consumer: Any) -> Any | None:
+        """The unshared Dense layer that produced `tensor`, when `consumer` alone reads it."""
+        layer = tensor._keras_history.layer
+        if isinstance(layer, layers.Dense) and self.calls[id(layer)] == 1 and self.only_consumer(tensor) is consumer:
+            return layer
+        return None
+
+
+def _within_head(layer: Any) -> bool:
+    """Layers on (batch, heads, queries, keys) that never mix heads: dropout, softmax over queries or keys."""
+    if isinstance(layer, layers.Dropout):
+        return True
+    return isinstance(layer, layers.Softmax) and all(a % 4 in (2, 3) for a in np.atleast_1d(layer.axis))
+
+
+def _elementwise(layer: Any) -> bool:
+    """Layers that treat each hidden neuron on its own (a softmax would couple them)."""
+    if isinstance(layer, (layers.Dropout, layers.ReLU)):
+        return True
+    return isinstance(layer, layers.Activation) and layer.activation is not keras.activations.softmax
+
+
+def _attention_unit(node: Any, wiring: _Wiring) -> AttentionUnit | None:
+    scores = node.layer
+    query, key = node.call_args[0]
+    q, k = wiring.sole_dense(query, node), wiring.sole_dense(key, node)
+    context, probs = wiring.follow(node.outputs, _within_head)
+    if q is None or k is None or context is None or not isinstance(context.layer, AttentionContext):
+        return None
+    context_probs, value = context.call_args[0]
+    v = wiring.sole_dense(value, context)
+    output = wiring.only_consumer(context.outputs)
+    if (context_probs is not probs or context.layer.heads != scores.heads or wiring.calls[id(context.layer)] != 1
+            or v is None or output is None or not isinstance(output.layer, layers.Dense)
+            or wiring.calls[id(output.layer)] != 1):
+        return None
+    return AttentionUnit(scores.name, context.layer.name, q.name, k.name, v.name, output.layer.name, scores.heads)
+
+
+def _feed_forward_unit(node: Any, wiring: _Wiring) -> FeedForwardUnit | None:
+    up = node.layer
+    if wiring.calls[id(up)] != 1 or up.activation is keras.activations.softmax:
+        return None
+    down, _ = wiring.follow(node.outputs, _elementwise)
+    if down is None or not isinstance(down.layer, layers.Dense) or wiring.calls[id(down.layer)] != 1:
+        return None
+    return FeedForwardUnit(up.name, down.layer.name, up.units)
+
+
+def find_units(model: Any) -> tuple[list[AttentionUnit], list[FeedForwardUnit]]:
+    """Every self-attention and every Dense -> Dense pair whose heads or hidden neurons can be removed exactly.
+
+    Every tensor inside a unit must be read by the unit alone: a head or neuron
+    that another layer also reads could not be sliced away. A Dense -> Dense pair
+    outside the blocks (a classifier's hidden layer) is a unit too; the surgery
+    is the same there.
+    """
+    if not getattr(model, "_is_graph_network", False):
+        raise EdgeccError(f"cannot prune model '{model.name}': structured pruning needs a functional or Sequential model")
+    wiring = _Wiring(model)
+    attention, feed_forward = [], []
+    for node in wiring.nodes:
+        if isinstance(node.layer, AttentionScores) and wiring.calls[id(node.layer)] == 1:
+            unit = _attention_unit(node, wiring)
+            if unit is not None:
+                attention.append(unit)
+        elif isinstance(node.layer, layers.Dense):
+            unit = _feed_forward_unit(node, wiring)
+            if unit is not None:
+                feed_forward.append(unit)
+    return attention, feed_forward
+
+
+def _input_of(model: Any, name: str) -> Any:
+    """The tensor that layer `name` reads in this model (the layer may also be used in other models)."""
+    return next(node.keras_inputs[0] for node in _Wiring(model).nodes if node.layer.name == name)
+
+
+def _head_indices(width: int, heads: int, kept: list[int]) -> np.ndarray:
+    """Feature indices of the kept heads in a (heads * head_dim) axis, heads outermost as AttentionContext merges them."""
+    head_dim = width // heads
+    return np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
+
+
+def head_importance(model: Any, unit: AttentionUnit, x: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per head, the mean squared difference from `reference` of the model's outputs with that head ablated.
+
+    Zeroing a head's rows of the output projection is exactly what removing the
+    head does, so this measures what pruning it costs against the teacher,
+    interactions with the rest of the network included. The model's weights are
+    restored afterwards.
+    """
+    kernel = model.get_layer(unit.output).kernel
+    original = kernel.numpy()
+    importance = []
+    try:
+        for head in range(unit.heads):
+            ablated = original.copy()
+            ablated[_head_indices(len(original), unit.heads, [head])] = 0.0
+            kernel.assign(ablated)
+            outputs = model.predict(x, batch_size=256, verbose=0)
+            importance.append(float(np.mean((outputs - reference) ** 2)))
+    finally:
+        kernel.assign(original)
+    return np.asarray(importance)
+
+
+def neuron_importance(model: Any, unit: FeedForwardUnit, x: np.ndarray) -> np.ndarray:
+    """Per hidden neuron, mean |activation| on `x` times the L2 norm of its row of the down projection.
+
+    A neuron adds activation * row to the block's output, so this product bounds
+    how much it moves the output on average: one forward pass scores all
+    neurons (ablating each would need one pass per neuron), a dead ReLU or a
+    zero row scores exactly 0, and a large activation feeding tiny weights
+    is not mistaken for an important one.
+    """
+    activations = keras.Model(model.inputs, _input_of(model, unit.down)).predict(x, batch_size=256, verbose=0)
+    mean_abs = np.abs(activations).reshape(-1, unit.width).mean(axis=0)
+    return mean_abs * np.linalg.norm(model.get_layer(unit.down).kernel.numpy(), axis=1)
+
+
+def _checked(kept: list[int], count: int, what: str) -> list[int]:
+    indices = sorted(int(i) for i in kept)
+    if not indices or indices[0] < 0 or indices[-1] >= count or len(set(indices)) != len(indices):
+        raise EdgeccError(f"{what}: keep a non-empty set of distinct indices in 0..{count - 1}, not {list(kept)}")
+    return indices
+
+
+def prune(model: Any, keep_heads: dict[str, list[int]], keep_neurons: dict[str, list[int]]) -> Any:
+    """A new, smaller model that keeps only the listed heads (keyed by AttentionUnit.scores) and neurons
+    (keyed by FeedForwardUnit.up); units not named stay whole, every other weight is copied.
+
+    The model is rebuilt from its own config with smaller `units` and `heads`,
+    so it stays a plain functional model that saves, loads in safe mode and
+    converts like the original.
+    """
+    attention, feed_forward = find_units(model)
+    by_scores, by_up = {u.scores: u for u in attention}, {u.up: u for u in feed_forward}
+    unknown = sorted(set(keep_heads) - set(by_scores)) + sorted(set(keep_neurons) - set(by_up))
+    if unknown:
+        raise EdgeccError(f"no prunable attention or feed-forward unit named {', '.join(unknown)}; units are "
+                          f"{', '.join(list(by_scores) + list(by_up))}")
+    columns: dict[str, np.ndarray] = {}  # Dense layer -> the output features it keeps
+    rows: dict[str, np.ndarray] = {}  # Dense layer -> the input features it keeps
+    heads: dict[str, int] = {}
+    for name, kept in keep_heads.items():
+        unit = by_scores[name]
+        kept = _checked(kept, unit.heads, f"heads of {name}")
+        heads[unit.scores] = heads[unit.context] = len(kept)
+        for part in (unit.query, unit.key, unit.value):
+            columns[part] = _head_indices(model.get_layer(part).units, unit.heads, kept)
+        rows[unit.output] = columns[unit.value]
+    for name, kept in keep_neurons.items():
+        unit = by_up[name]
+        columns[unit.up] = rows[unit.down] = np.asarray(_checked(kept, unit.width, f"neurons of {name}"))
+
+    config = model.get_config()
+    for layer in config["layers"]:
+        name = layer["config"]["name"]
+        if name in columns:
+            layer["config"]["units"] = len(columns[name])
+        if name in heads:
+            layer["config"]["heads"] = heads[name]
+    pruned = type(model).from_config(config)
+    for layer in pruned.layers:
+        weights = model.get_layer(layer.name).get_weights()
+        if layer.name in rows or layer.name in columns:
+            kernel, *bias = weights
+            keep_in, keep_out = rows.get(layer.name, slice(None)), columns.get(layer.name, slice(None))
+            weights = [kernel[keep_in][:, keep_out], *(b[keep_out] for b in bias)]
+        layer.set_weights(weights)
+    return pruned
+
+
+def _most_important(importance: np.ndarray, count: int) -> list[int]:
+    """Indices of the `count` (at least 1) highest scores, in ascending index order."""
+    return sorted(np.argsort(-importance, kind="stable")[: max(1, count)].tolist())
+
+
+def prune_to(model: Any, head_fraction: float, neuron_fraction: float, x: np.ndarray, reference: np.ndarray) -> Any:
+    """Keep the most important round(heads * head_fraction) heads of every attention and
+    round(width * neuron_fraction) neurons of every feed-forward unit (at least one each).
+
+    Every unit is scored on the unpruned model, so one pass of scoring serves all
+    units; distillation fine-tuning afterwards recovers what their removals cost together.
+    """
+    for what, fraction in (("head_fraction", head_fraction), ("neuron_fraction", neuron_fraction)):
+        if not 0.0 < fraction <= 1.0:
+            raise EdgeccError(f"{what} must be in (0, 1], not {fraction}")
+    attention, feed_forward = find_units(model)
+    keep_heads = {u.scores: _most_important(head_importance(model, u, x, reference), round(u.heads * head_fraction))
+                  for u in attention}
+    keep_neurons = {u.up: _most_important(neuron_importance(model, u, x), round(u.width * neuron_fraction))
+                    for u in feed_forward}
+    return prune(model, keep_heads, keep_neurons)
