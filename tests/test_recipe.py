@@ -52,7 +52,7 @@ stages = ["magic"]
     assert "\n" not in message
     for expected in ("seed: -1 is below the minimum 0", "train.epochs: expected an integer, got 'ten'",
                      "train.batch_sise: unknown field", "model.stem_filters[1]: expected an integer",
-                     "compress.stages: 'magic' is not one of 'ptq'"):
+                     "compress.stages: 'magic' is not one of 'prune', 'qat', 'ptq'"):
         assert expected in message
 
 
@@ -70,3 +70,12 @@ def test_cross_field_checks(tmp_path: Path) -> None:
     assert "model.heads: 4 does not divide model.dim 30" in message
     assert "same length" in message
     assert "model.path:" in message and "missing.keras does not exist" in message
+
+
+def test_stages_must_end_with_one_quantization(tmp_path: Path) -> None:
+    for stages, problem in ((["prune"], "must end with exactly one of 'qat' or 'ptq'"),
+                            (["qat", "ptq"], "must end with exactly one of 'qat' or 'ptq'"),
+                            (["prune", "prune", "ptq"], "names a stage twice")):
+        with pytest.raises(EdgeccError, match=problem):
+            load_recipe(write(tmp_path, f"[compress]\nstages = {stages}"))
+    assert load_recipe(write(tmp_path, "[compress]\nstages = ['prune', 'qat']")).recipe.compress.stages == ("prune", "qat")

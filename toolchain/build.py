@@ -6,13 +6,14 @@ output directory fails in a second with nothing written.
 
 from __future__ import annotations
 
+import gzip
 import platform
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,8 +21,11 @@ import edgecc
 from edgecc import emit, report
 from edgecc.check import Assessment, assess
 from edgecc.data import Dataset, load_dataset
+
+if TYPE_CHECKING:
+    from edgecc.compress import Stage
 from edgecc.bundle import write_board_files
-from edgecc.evaluate import host_latency, layer_errors, predictions
+from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
 from edgecc.progress import Reporter
 from edgecc.reader import read_graph
 from edgecc.recipe import LoadedRecipe, load_recipe, model_path
@@ -89,6 +93,26 @@ def _preprocessing(dataset: Dataset, int8: Model) -> dict[str, Any]:
     }
 
 
+def _stage_records(teacher: Any, float_bytes: bytes, float_acc: float, stages: list[Stage],
+                   stage_predictions: list[np.ndarray], y_test: np.ndarray, latency: dict[str, Latency]) -> list[dict[str, Any]]:
+    """Per stage: accuracy, sizes, parameters, host latency against float, and weight sparsity in the int8 file."""
+    records = [{"name": "float teacher", "accuracy": float_acc, "bytes": len(float_bytes),
+                "gzip_bytes": len(gzip.compress(float_bytes)), "parameters": int(teacher.count_params()),
+                "host_latency_ms": latency["float"].median_ms}]
+    for stage, predicted in zip(stages, stage_predictions):
+        graph = read_graph(stage.int8)
+        weights = [t for t in graph.tensors if t.constant and t.dtype == "INT8" and len(t.shape) >= 2]
+        records.append({
+            "name": f"int8 after {stage.name}", "accuracy": float(np.mean(predicted == y_test)),
+            "bytes": len(stage.int8), "gzip_bytes": len(gzip.compress(stage.int8)), "parameters": stage.parameters,
+            "host_latency_ms": latency[stage.name].median_ms,
+            "speedup_vs_float": round(latency["float"].median_ms / latency[stage.name].median_ms, 3),
+            "weight_sparsity": {t.name: round(t.zero_fraction, 4) for t in weights},
+            "distill_losses": list(stage.distill_losses),
+        })
+    return records
+
+
 def _plots(manifest: dict[str, Any], fit: Assessment) -> dict[str, bytes]:
     from edgecc import plots
 
@@ -117,27 +141,35 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
 
     dataset = load_dataset(recipe.data, recipe.seed)
 
-    from edgecc.convert import to_float_tflite, to_int8_tflite
+    from edgecc.compress import run_stages
+    from edgecc.convert import to_float_tflite
     from edgecc.teacher import inference_graph, starting_model, train
 
     model = starting_model(recipe.model, user_model, dataset, recipe.seed)
     reporter.info(f"[bold]edgecc build[/bold] {recipe.name} for {target.name}: {dataset.name}, "
                   f"{len(dataset.train_index)} training / {len(dataset.test_index)} test examples")
-    model = inference_graph(train(model, dataset, recipe.train, recipe.seed, reporter))
+    teacher = train(model, dataset, recipe.train, recipe.seed, reporter)
     rng = np.random.default_rng(recipe.seed)
     count = min(recipe.compress.calibration_samples, len(dataset.train_index))
     calibration = dataset.x[rng.choice(dataset.train_index, size=count, replace=False)]
-    reporter.info(f"quantizing to full int8 (calibrated on {count} training examples)")
-    float_bytes = to_float_tflite(model)
-    int8_bytes = to_int8_tflite(model, calibration, recipe.compress.per_channel)
+    reporter.info(f"compressing: {' -> '.join(recipe.compress.stages)} (int8 calibrated on {count} training examples)")
+    float_bytes = to_float_tflite(inference_graph(teacher))
+    stages = run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter)
+    int8_bytes = stages[-1].int8
 
-    float_model, int8_model = Model(float_bytes), Model(int8_bytes)
+    float_model = Model(float_bytes)
+    stage_models = [Model(stage.int8) for stage in stages]
+    int8_model = stage_models[-1]
     x_test, y_test = dataset.x[dataset.test_index], dataset.y[dataset.test_index]
     float_acc = float(np.mean(predictions(float_model, x_test, reporter, "evaluating float TFLite") == y_test))
-    int8_predictions = predictions(int8_model, x_test, reporter, "evaluating int8 TFLite")
+    stage_predictions = [predictions(m, x_test, reporter, f"evaluating int8 after {stage.name}")
+                         for m, stage in zip(stage_models, stages)]
+    int8_predictions = stage_predictions[-1]
     int8_acc = float(np.mean(int8_predictions == y_test))
-    reporter.info("measuring host latency (1 thread, float and int8 interleaved)")
-    latency = host_latency({"float": float_model, "int8": int8_model}, x_test[0])
+    reporter.info("measuring host latency (1 thread, float and int8 models interleaved)")
+    latency = host_latency({"float": float_model, **{stage.name: m for stage, m in zip(stages, stage_models)}}, x_test[0])
+    latency["int8"] = latency[stages[-1].name]
+    stage_records = _stage_records(teacher, float_bytes, float_acc, stages, stage_predictions, y_test, latency)
     graph = read_graph(int8_bytes)
     reporter.info(f"checking the int8 model against {target.name}'s budgets")
     latency_budget = recipe.budgets.max_latency_ms or None
@@ -158,7 +190,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "preprocessing": _preprocessing(dataset, int8_model),
         "model": {
             "source": str(user_model) if user_model else f"reference architecture {recipe.model.architecture}",
-            "parameters": int(model.count_params()),
+            "parameters": int(teacher.count_params()),
+            "student_parameters": stages[-1].parameters,
             "ops": graph.op_counts(),
             "activation_dtypes": sorted({t.dtype for t in graph.activation_tensors()}),
             "stages": list(recipe.compress.stages),
@@ -170,8 +203,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
             "int8_tflite_bytes": len(int8_bytes),
             "size_ratio": round(len(float_bytes) / len(int8_bytes), 3),
             "host_latency": {name: lat.to_json() for name, lat in latency.items()},
-            "stages": [{"name": "float teacher", "accuracy": float_acc, "bytes": len(float_bytes)},
-                       {"name": "int8 (post-training quantization)", "accuracy": int8_acc, "bytes": len(int8_bytes)}],
+            "stages": stage_records,
             "host": f"{platform.machine()} {platform.processor() or platform.system()}, measured with the TFLite interpreter",
         },
         "latency_budget_ms": latency_budget,

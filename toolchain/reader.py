@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from edgecc.errors import EdgeccError
 
 
@@ -26,6 +28,7 @@ class Tensor:
     scale: tuple[float, ...]
     zero_point: tuple[int, ...]
     data_bytes: int = 0
+    zero_fraction: float = 0.0  # share of a constant tensor's bytes that are zero (int8 weight sparsity)
 
     @property
     def elements(self) -> int:
@@ -100,6 +103,7 @@ def read_graph(content: bytes) -> Graph:
                 scale=tuple(float(s) for s in (q.scale if q is not None and q.scale is not None else ())),
                 zero_point=tuple(int(z) for z in (q.zeroPoint if q is not None and q.zeroPoint is not None else ())),
                 data_bytes=len(data) if data is not None else 0,
+                zero_fraction=float(np.mean(np.asarray(data) == 0)) if data is not None and len(data) else 0.0,
             ))
         operators = tuple(
             Operator(op_names.get(codes[op.opcodeIndex], "CUSTOM"),

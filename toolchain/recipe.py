@@ -19,7 +19,8 @@ from edgecc.schema import spec
 
 ARCHITECTURES = ("vit",)
 DATA_SOURCES = ("sklearn-digits",)
-STAGES = ("ptq",)
+STAGES = ("prune", "qat", "ptq")
+QUANTIZING = ("qat", "ptq")
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,19 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class CompressSection:
-    stages: tuple[str, ...] = spec(("ptq",), choices=STAGES, doc="compression stages, in order")
+    """Stages in order: optional structured `prune`, then `qat` (quantization-aware distillation) or `ptq`."""
+
+    stages: tuple[str, ...] = spec(("ptq",), choices=STAGES, doc="compression stages, in order; the last quantizes")
     calibration_samples: int = spec(256, minimum=1, doc="training examples used to calibrate int8 ranges")
     per_channel: bool = spec(False, doc="per-channel int8 weights for fully connected layers")
+    head_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of attention heads kept per block")
+    neuron_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of feed-forward neurons kept")
+    distill_epochs: int = spec(10, minimum=0, doc="distillation epochs after each prune or qat stage")
+    distill_learning_rate: float = spec(1e-3, minimum=0.0, maximum=1.0)
+    temperature: float = spec(2.0, minimum=0.1, maximum=20.0, doc="softening of the logits in the KL term")
+    task_weight: float = spec(1.0, minimum=0.0, doc="weight of the cross-entropy on the labels")
+    logits_weight: float = spec(1.0, minimum=0.0, doc="weight of the KL divergence to the teacher's logits")
+    hidden_weight: float = spec(0.0, minimum=0.0, doc="weight of the per-block hidden-state loss (prune stage)")
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,11 @@ def load_recipe(path: Path | None = None) -> LoadedRecipe:
         problems.append("model.stem_filters and model.stem_strides must have the same length")
     if m.dim % m.heads:
         problems.append(f"model.heads: {m.heads} does not divide model.dim {m.dim}")
+    stages = recipe.compress.stages
+    if not stages or stages[-1] not in QUANTIZING or sum(stage in QUANTIZING for stage in stages) != 1:
+        problems.append(f"compress.stages: {list(stages)} must end with exactly one of 'qat' or 'ptq'")
+    if len(set(stages)) != len(stages):
+        problems.append(f"compress.stages: {list(stages)} names a stage twice")
     loaded = LoadedRecipe(recipe, path, hashlib.sha256(path.read_bytes()).hexdigest())
     user_model = model_path(loaded)
     if user_model is not None and not user_model.exists():

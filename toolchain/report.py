@@ -51,6 +51,12 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
                   "in one process; it is not a prediction for the target."),
             ("image", ("accuracy_vs_size", "Accuracy against size, per stage")),
         ]),
+        ("Stages", [
+            ("table", (["stage", "test accuracy", "file", "gzip", "parameters", "host latency (1 thread)"], [
+                [st["name"], f"{st['accuracy']:.4f}", _kib(st["bytes"]), _kib(st["gzip_bytes"]), f"{st['parameters']:,}",
+                 f"{st['host_latency_ms']:.3f} ms" + (f" ({st['speedup_vs_float']:.2f}x float)" if "speedup_vs_float" in st else "")]
+                for st in metrics["stages"]])),
+        ]),
         ("Budgets", [("table", (["budget", "measured", "limit", "verdict", "how it was found"], budget_rows))]),
         ("Where the time goes (estimate for the target)", [
             ("image", ("op_latency", "Estimated time per operator on the target")),

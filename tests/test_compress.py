@@ -1,0 +1,42 @@
+"""The compression stages run in the recipe's order and change what they should."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tf_keras")
+from edgecc.compress import run_stages  # noqa: E402
+from edgecc.data import load_dataset  # noqa: E402
+from edgecc.layers import AttentionScores, keras  # noqa: E402
+from edgecc.progress import Reporter  # noqa: E402
+from edgecc.reader import read_graph  # noqa: E402
+from edgecc.recipe import CompressSection, DataSection, TrainSection  # noqa: E402
+from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+
+DIGITS = load_dataset(DataSection(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    config = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=32, depth=2, heads=4, mlp_dim=64, dropout=0.0)
+    model = vision_transformer(config, (8, 8, 1), 10)
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(DIGITS.x[DIGITS.train_index], DIGITS.y[DIGITS.train_index], epochs=3, batch_size=32, verbose=0)
+    return model
+
+
+def test_prune_then_ptq(teacher: keras.Model) -> None:
+    section = CompressSection(stages=("prune", "ptq"), head_fraction=0.5, neuron_fraction=0.5, distill_epochs=2,
+                              hidden_weight=0.5, calibration_samples=32)
+    calibration = DIGITS.x[DIGITS.train_index[:32]]
+    pruned, final = run_stages(teacher, DIGITS, section, TrainSection(batch_size=64), 0, calibration,
+                               Reporter(quiet=True))
+    assert [pruned.name, final.name] == ["prune", "ptq"]
+    heads = [layer.heads for layer in pruned.student.layers if isinstance(layer, AttentionScores)]
+    assert heads == [2, 2]
+    assert pruned.parameters < teacher.count_params()
+    assert len(pruned.distill_losses) == 2 and np.isfinite(pruned.distill_losses).all()
+    graph = read_graph(final.int8)
+    assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}

@@ -1,0 +1,71 @@
+"""The recipe's compression stages, in order, each fine-tuned by distillation from the float teacher.
+
+- `prune`: remove the least important attention heads and feed-forward neurons
+  (a physically smaller dense model), then distil.
+- `qat`: quantization-aware training of the current student, distilled; the
+  int8 model comes from the QAT graph.
+- `ptq`: post-training quantization of the current student (the fast baseline).
+
+Every stage ends with an int8 TFLite model, so each can be measured the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgecc.convert import to_int8_tflite
+from edgecc.data import Dataset
+from edgecc.distill import DistillWeights, distill
+from edgecc.progress import Reporter
+from edgecc.recipe import CompressSection, TrainSection
+from edgecc.teacher import inference_graph
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's result: the float (or QAT) student and its int8 TFLite model."""
+
+    name: str
+    student: Any
+    int8: bytes
+    parameters: int
+    distill_losses: tuple[float, ...]
+
+
+def _weights(section: CompressSection, hidden: bool) -> DistillWeights:
+    return DistillWeights(task=section.task_weight, logits=section.logits_weight,
+                          hidden=section.hidden_weight if hidden else 0.0, temperature=section.temperature)
+
+
+def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: TrainSection, seed: int,
+               calibration: np.ndarray, reporter: Reporter) -> list[Stage]:
+    """Apply `section.stages` to a copy of `teacher`; the last stage's int8 model is the build's result."""
+    x, y = dataset.x[dataset.train_index], dataset.y[dataset.train_index]
+    student = teacher
+    stages = []
+    for name in section.stages:
+        losses: list[float] = []
+        if name == "prune":
+            from edgecc.prune import prune_to
+
+            reference = teacher.predict(calibration, verbose=0)
+            student = prune_to(student, section.head_fraction, section.neuron_fraction, calibration, reference)
+            losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
+                             section.distill_learning_rate, _weights(section, hidden=True), seed, reporter,
+                             "distilling the pruned student")
+            int8 = to_int8_tflite(inference_graph(student), calibration, section.per_channel)
+        elif name == "qat":
+            from edgecc.qat import qat_model, to_int8_tflite_from_qat
+
+            student = qat_model(student)
+            losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
+                             section.distill_learning_rate, _weights(section, hidden=False), seed, reporter,
+                             "quantization-aware distillation")
+            int8 = to_int8_tflite_from_qat(student, calibration)
+        else:
+            int8 = to_int8_tflite(inference_graph(student), calibration, section.per_channel)
+        stages.append(Stage(name, student, int8, int(student.count_params()), tuple(losses)))
+    return stages
