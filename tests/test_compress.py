@@ -40,3 +40,19 @@ def test_prune_then_ptq(teacher: keras.Model) -> None:
     assert len(pruned.distill_losses) == 2 and np.isfinite(pruned.distill_losses).all()
     graph = read_graph(final.int8)
     assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}
+
+
+def test_quantization_aware_distillation(teacher: keras.Model) -> None:
+    section = CompressSection(stages=("qat",), distill_epochs=1, calibration_samples=64)
+    calibration = DIGITS.x[DIGITS.train_index[:64]]
+    (stage,) = run_stages(teacher, DIGITS, section, TrainSection(batch_size=64), 0, calibration, Reporter(quiet=True))
+    graph = read_graph(stage.int8)
+    assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}
+    assert {"BATCH_MATMUL", "SOFTMAX", "RSQRT"} <= set(graph.op_counts())
+    from edgecc.runtime import Model
+
+    int8 = Model(stage.int8)
+    x, y = DIGITS.x[DIGITS.test_index], DIGITS.y[DIGITS.test_index]
+    int8_accuracy = np.mean([np.argmax(int8.invoke(example)) == label for example, label in zip(x, y)])
+    float_accuracy = np.mean(np.argmax(teacher.predict(x, verbose=0), -1) == y)
+    assert int8_accuracy > float_accuracy - 0.05, (int8_accuracy, float_accuracy)

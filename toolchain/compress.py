@@ -60,7 +60,7 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
         elif name == "qat":
             from edgecc.qat import qat_model, to_int8_tflite_from_qat
 
-            student = qat_model(student)
+            student = qat_model(student, calibration)
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
                              section.distill_learning_rate, _weights(section, hidden=False), seed, reporter,
                              "quantization-aware distillation")

@@ -68,9 +68,9 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
 
     @tf.function
     def step(batch_x: Any, batch_y: Any) -> Any:
-        teacher_out = teacher_view(batch_x, training=False)
+        teacher_out = tf.nest.flatten(teacher_view(batch_x, training=False))  # a lone output comes unwrapped
         with tf.GradientTape() as tape:
-            student_out = student_view(batch_x, training=True)
+            student_out = tf.nest.flatten(student_view(batch_x, training=True))
             logits, teacher_logits = student_out[0], teacher_out[0]
             task = tf.reduce_mean(keras.losses.categorical_crossentropy(
                 tf.one_hot(batch_y, classes), logits, from_logits=True))

@@ -1,0 +1,119 @@
+"""Quantization-aware training with real TF-MOT: it trains, converts to an all-int8 graph, and that graph agrees with it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_model_optimization")
+from edgecc.errors import EdgeccError  # noqa: E402
+from edgecc.layers import keras  # noqa: E402
+from edgecc.qat import qat_model, quantize_scope, to_int8_tflite_from_qat  # noqa: E402
+from edgecc.reader import read_graph  # noqa: E402
+from edgecc.runtime import Model, interpreter_class  # noqa: E402
+from edgecc.teacher import inference_graph  # noqa: E402
+from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+
+TINY = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=16, depth=1, heads=2, mlp_dim=32, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return (data.images / 16).astype(np.float32)[..., np.newaxis], data.target
+
+
+def _compile(model: Any, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(digits: tuple[np.ndarray, np.ndarray]) -> tuple[Any, list[float], bytes]:
+    """QAT from scratch on digits, 10 epochs of 30 steps (tracing costs more than the steps), then int8 conversion."""
+    x, y = digits
+    keras.utils.set_random_seed(0)
+    qat = qat_model(vision_transformer(TINY, (8, 8, 1), 10), x[:200])
+    _compile(qat, 3e-3)
+    losses = qat.fit(x[:960], y[:960], batch_size=32, epochs=10, verbose=0).history["loss"]
+    return qat, losses, to_int8_tflite_from_qat(qat, x[:16])
+
+
+def test_qat_model_trains(trained: tuple[Any, list[float], bytes]) -> None:
+    qat, losses, _ = trained
+    assert sum(type(layer).__name__ == "QuantizeWrapperV2" for layer in qat.layers) == len(qat.layers) - 2
+    assert np.isfinite(losses).all()
+    assert losses[1] < losses[0] and losses[-1] < 0.6 * losses[0], losses
+
+
+def test_qat_graph_converts_to_all_int8(trained: tuple[Any, list[float], bytes]) -> None:
+    graph = read_graph(trained[2])
+    kinds = {tensor.dtype for tensor in graph.activation_tensors()}
+    assert kinds == {"INT8"}, kinds
+    ops = set(graph.op_counts())
+    assert {"BATCH_MATMUL", "SOFTMAX", "RSQRT", "FULLY_CONNECTED"} <= ops, ops
+    assert not ops & {"SHAPE", "FILL", "REDUCE_PROD", "GATHER", "PACK", "QUANTIZE", "DEQUANTIZE"}, ops
+
+
+def test_int8_graph_agrees_with_fake_quant_model(
+    trained: tuple[Any, list[float], bytes], digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    qat, _, content = trained
+    x = digits[0][1500:1600]
+    keras_predictions = qat.predict(x, verbose=0).argmax(-1)
+    int8 = Model(content)
+    int8_predictions = np.array([int8.invoke(example).argmax() for example in x])
+    agreement = float(np.mean(keras_predictions == int8_predictions))
+    print(f"int8 TFLite agrees with the QAT model on {agreement:.2f} of 100 digits")
+    assert agreement >= 0.95
+
+
+def test_quantize_scope_rebuilds_qat_model_at_batch_one(trained: tuple[Any, list[float], bytes]) -> None:
+    qat = trained[0]
+    with quantize_scope():
+        batch_one = inference_graph(qat)
+    x = np.random.default_rng(0).random((1, 8, 8, 1), dtype=np.float32)
+    assert batch_one.input_shape == (1, 8, 8, 1)
+    np.testing.assert_allclose(batch_one(x).numpy(), qat(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("make_layer", [
+    lambda: keras.layers.LayerNormalization(name="refused"),  # not rewritten into edgecc's LayerNorm
+    lambda: keras.layers.Dense(8, activation="elu", name="refused"),  # an activation TF-MOT cannot quantize
+], ids=["LayerNormalization", "Dense-elu"])
+def test_unsupported_layer_is_refused_by_name(make_layer: Any) -> None:
+    inputs = keras.Input((4, 8))
+    model = keras.Model(inputs, keras.layers.Dense(2)(make_layer()(inputs)))
+    with pytest.raises(EdgeccError, match="'refused'"):
+        qat_model(model, np.zeros((1, 4, 8), np.float32))
+
+
+def test_sparsity_preserving_qat_keeps_pruned_zeros_in_int8(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = digits
+    keras.utils.set_random_seed(2)
+    model = vision_transformer(TINY, (8, 8, 1), 10)
+    layer = model.get_layer("block0_mlp_up")
+    kernel = layer.kernel.numpy()
+    pruned = np.random.default_rng(0).random(kernel.shape) < 0.5
+    kernel[pruned] = 0.0
+    layer.kernel.assign(kernel)
+
+    qat = qat_model(model, x[:64], preserve_sparsity=True)
+    _compile(qat, 1e-2)
+    qat.fit(x[:160], y[:160], batch_size=32, epochs=1, verbose=0)
+    (trained_kernel,) = [w.numpy() for w in qat.get_layer("quant_block0_mlp_up").trainable_weights if "kernel" in w.name]
+    assert not np.allclose(trained_kernel[~pruned], kernel[~pruned])
+
+    interpreter = interpreter_class()(model_content=to_int8_tflite_from_qat(qat, x[:16]))
+    (weights,) = [
+        interpreter.get_tensor(t["index"]) for t in interpreter.get_tensor_details()
+        if "block0_mlp_up" in t["name"] and tuple(t["shape"]) == kernel.T.shape and t["dtype"] == np.int8
+    ]
+    assert np.all(weights.T[pruned] == 0)
+    assert np.count_nonzero(weights.T[~pruned]) > 0.9 * np.count_nonzero(~pruned)

@@ -1,0 +1,311 @@
+"""Quantization-aware training (TF-MOT) for models built from edgecc's layers.
+
+QAT only pays off when its fake-quant nodes round the same tensors, on the same
+grids, as the int8 TFLite graph. What TF-MOT 0.8.1 does and what edgecc adds:
+
+- Conv2D (per-channel kernel), Dense (per-tensor kernel), Add and
+  GlobalAveragePooling1D use TF-MOT's default 8-bit registry (activation or
+  output quantized); Reshape and Dropout are registered without quantizers,
+  which matches TFLite, where they keep their input's scale.
+- Softmax is registered but left unquantized. TFLite's int8 SOFTMAX always
+  writes scale 1/256 and zero point -128, so edgecc rounds it to that fixed
+  grid, [0, 255/256].
+- The TFLite graph has one int8 op per step of a LayerNorm (MEAN, SUB,
+  SQUARED_DIFFERENCE, MEAN, ADD, RSQRT, MUL, MUL, ADD). It also has the MUL that
+  scales the queries in AttentionScores. A QuantizeConfig can reach only a
+  layer's weights, its output and the callables its `call` uses. So qat_model
+  swaps these two layers for twins that compute the same thing but pass each of
+  those tensors through a hook. Their QuantizeConfigs fake-quantize every hook.
+  Without this the ranges of those tensors come only from converter
+  calibration and QAT never sees the rounding they add.
+- AttentionContext gets an output quantizer only. Its TRANSPOSE and RESHAPE
+  keep the scale of the BATCH_MATMUL output. PositionEmbedding's positions are
+  rounded per tensor, symmetric 8-bit.
+- LayerNorm's gamma and beta are quantized too, asymmetric per tensor over
+  [min(0, w), max(0, w)]. The converter turns them into int8 constants of MUL
+  and ADD with exactly that scheme, so the same rounding happens in training.
+- TF-MOT starts every activation range at [-6, 6] and moves it by an EMA with
+  decay 0.999 per step, so a short QAT run barely leaves that range. On that
+  grid a LayerNorm's variance rounds to zero. So qat_model requires
+  calibration examples and starts every range at what the float model shows
+  on them, as post-training quantization would.
+- Sparsity-preserving QAT (Default8BitPrunePreserveQuantizeScheme) works
+  with these configs. Its registry is asked only about layers without an
+  explicit config, which are the Dense and Conv2D kernels it masks.
+- Keras' LayerNormalization, MultiHeadAttention, EinsumDense, Lambda and
+  activations TF-MOT cannot quantize (elu, for example) are refused with the
+  layer's name. edgecc.rewrite turns the standard layers into edgecc's layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from edgecc.errors import EdgeccError
+from edgecc.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, _split_heads, keras, tf
+from edgecc.progress import native_output_silenced
+
+import tensorflow_model_optimization as tfmot  # after edgecc.layers: TF must be imported with legacy Keras first
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_aware_activation import (
+    QuantizeAwareActivation,
+)
+
+quantizers = tfmot.quantization.keras.quantizers
+
+
+def _moving_average() -> Any:
+    return quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False, narrow_range=False)
+
+
+class NamedQuantizer(quantizers.MovingAverageQuantizer):
+    """An 8-bit per-tensor moving-average quantizer with range variables named after the tensor it rounds.
+
+    TF-MOT names every activation's range `post_activation`. A layer with several
+    hooks needs distinct names, and calibration finds the variables by these names.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(num_bits=8, per_axis=False, symmetric=False, narrow_range=False)
+        self.name = name
+
+    def build(self, tensor_shape: Any, name: str, layer: Any) -> dict[str, Any]:
+        return super().build(tensor_shape, self.name, layer)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+def _hook(layer: Any, name: str, x: Any) -> Any:
+    return getattr(layer, f"{name}_hook")(x)
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class QatLayerNorm(LayerNorm):
+    """LayerNorm with a hook after each op that the int8 TFLite graph rounds. A hook is the identity unless QAT wraps it."""
+
+    HOOKS = ("mean", "centred", "squares", "variance", "shifted", "inverse", "normalised", "scaled")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in self.HOOKS:
+            setattr(self, f"{name}_hook", keras.activations.linear)
+
+    def call(self, x: Any, training: Any = None) -> Any:
+        mean = _hook(self, "mean", tf.reduce_mean(x, axis=-1, keepdims=True))
+        centred = _hook(self, "centred", x - mean)
+        squares = _hook(self, "squares", tf.math.squared_difference(x, mean))
+        variance = _hook(self, "variance", tf.reduce_mean(squares, axis=-1, keepdims=True))
+        shifted = _hook(self, "shifted", variance + self.epsilon)
+        if training is True:
+            # A row whose variance rounds to 0 would give rsqrt(0) = inf, and the moving-average range of
+            # `inverse` would take it in for good. TFLite saturates such a row, and so does rsqrt(epsilon).
+            shifted = tf.maximum(shifted, self.epsilon)
+        inverse = _hook(self, "inverse", tf.math.rsqrt(shifted))
+        normalised = _hook(self, "normalised", centred * inverse)
+        return _hook(self, "scaled", normalised * self.gamma) + self.beta
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class QatAttentionScores(AttentionScores):
+    """AttentionScores with a hook on the scaled queries, which TFLite rounds after its MUL."""
+
+    HOOKS = ("scaled_query",)
+
+    def __init__(self, heads: int, **kwargs: Any) -> None:
+        super().__init__(heads, **kwargs)
+        self.scaled_query_hook = keras.activations.linear
+
+    def call(self, inputs: list[Any]) -> Any:
+        query, key = inputs
+        head_dim = query.shape[-1] // self.heads
+        query = _hook(self, "scaled_query", _split_heads(query, self.heads) * (head_dim**-0.5))
+        return tf.matmul(query, _split_heads(key, self.heads), transpose_b=True)
+
+
+class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+    """No weights, no inner tensors: only the layer's output is rounded, as TFLite rounds the op's output."""
+
+    def get_weights_and_quantizers(self, layer: Any) -> list[tuple[Any, Any]]:
+        return []
+
+    def get_activations_and_quantizers(self, layer: Any) -> list[tuple[Any, Any]]:
+        return []
+
+    def set_quantize_weights(self, layer: Any, quantize_weights: list[Any]) -> None:
+        pass
+
+    def set_quantize_activations(self, layer: Any, quantize_activations: list[Any]) -> None:
+        pass
+
+    def get_output_quantizers(self, layer: Any) -> list[Any]:
+        return [_moving_average()]
+
+    def get_config(self) -> dict[str, Any]:
+        return {}
+
+
+class HookedQuantizeConfig(OutputQuantizeConfig):
+    """Rounds every hook of a twin layer (QatLayerNorm, QatAttentionScores) and its output."""
+
+    def get_activations_and_quantizers(self, layer: Any) -> list[tuple[Any, Any]]:
+        return [(getattr(layer, f"{name}_hook"), NamedQuantizer(name)) for name in layer.HOOKS]
+
+    def set_quantize_activations(self, layer: Any, quantize_activations: list[Any]) -> None:
+        for name, activation in zip(layer.HOOKS, quantize_activations):
+            setattr(layer, f"{name}_hook", activation)
+
+
+class LayerNormQuantizeConfig(HookedQuantizeConfig):
+    """The hooks and output of QatLayerNorm, plus gamma and beta rounded as the converter rounds MUL/ADD constants."""
+
+    def get_weights_and_quantizers(self, layer: Any) -> list[tuple[Any, Any]]:
+        return [
+            (weight, quantizers.LastValueQuantizer(num_bits=8, per_axis=False, symmetric=False, narrow_range=False))
+            for weight in (layer.gamma, layer.beta)
+        ]
+
+    def set_quantize_weights(self, layer: Any, quantize_weights: list[Any]) -> None:
+        layer.gamma, layer.beta = quantize_weights
+
+
+class PositionEmbeddingQuantizeConfig(OutputQuantizeConfig):
+    """The positions become a symmetric per-tensor int8 constant of TFLite's ADD. The sum is rounded too."""
+
+    def get_weights_and_quantizers(self, layer: Any) -> list[tuple[Any, Any]]:
+        return [(layer.positions, quantizers.LastValueQuantizer(num_bits=8, per_axis=False, symmetric=True, narrow_range=True))]
+
+    def set_quantize_weights(self, layer: Any, quantize_weights: list[Any]) -> None:
+        (layer.positions,) = quantize_weights
+
+
+class SoftmaxQuantizeConfig(OutputQuantizeConfig):
+    """TFLite's int8 SOFTMAX output is fixed at scale 1/256, zero point -128, so QAT rounds to that grid."""
+
+    def get_output_quantizers(self, layer: Any) -> list[Any]:
+        return [quantizers.FixedQuantizer(num_bits=8, init_min=0.0, init_max=255 / 256, narrow_range=False)]
+
+
+TWINS: dict[type, type] = {LayerNorm: QatLayerNorm, AttentionScores: QatAttentionScores}
+CONFIGS: dict[type, type] = {
+    QatLayerNorm: LayerNormQuantizeConfig,
+    QatAttentionScores: HookedQuantizeConfig,
+    AttentionContext: OutputQuantizeConfig,
+    PositionEmbedding: PositionEmbeddingQuantizeConfig,
+    keras.layers.Softmax: SoftmaxQuantizeConfig,
+}
+
+
+def quantize_scope() -> contextlib.AbstractContextManager:
+    """TF-MOT's quantize_scope that also knows edgecc's layers, their twins and configs: clone QAT models inside it.
+
+    A QAT model saved as `.keras` does not load again with TF-MOT 0.8.1 and tf_keras 2.21.
+    This holds even for plain Dense models: QuantizeLayer expects 5 variables and the file
+    holds 3. Keep QAT weights with `save_weights` or HDF5 instead.
+    """
+    objects = [*TWINS, *CONFIGS, *TWINS.values(), *CONFIGS.values()]
+    return tfmot.quantization.keras.quantize_scope({c.__name__: c for c in objects})
+
+
+def _refuse_unsupported(model: Any) -> None:
+    """Name the first layer that TF-MOT would reject, before any cloning. TF-MOT's own errors do not name it."""
+    registry = tfmot.quantization.keras.default_8bit.Default8BitQuantizeRegistry()
+    activations = QuantizeAwareActivation._PRE_QUANT_ACTIVATIONS | QuantizeAwareActivation._POST_QUANT_ACTIVATIONS
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer) or type(layer) in TWINS or type(layer) in CONFIGS:
+            continue
+        activation = getattr(layer, "activation", keras.activations.linear)
+        if not registry.supports(layer) or getattr(activation, "__name__", type(activation).__name__) not in activations:
+            raise EdgeccError(
+                f"layer {layer.name!r} ({type(layer).__name__}) cannot be quantization-aware trained: edgecc "
+                "quantizes its own transformer layers and the Keras layers and activations that TF-MOT supports "
+                "(rewrite the model into edgecc's layers first)"
+            )
+
+
+def qat_model(model: Any, calibration: np.ndarray, preserve_sparsity: bool = False) -> Any:
+    """A QAT copy of `model` with fake-quant nodes where the int8 TFLite graph rounds. `model` itself is left unchanged.
+
+    `calibration` holds a few hundred training examples, never the test split. It starts every
+    activation range at the float model's range. `preserve_sparsity` keeps the zeros of
+    Dense/Conv2D kernels exactly zero through training (TF-MOT's prune-preserving scheme).
+    Raises EdgeccError naming the first layer that cannot be quantized.
+    """
+    _refuse_unsupported(model)
+    twinned = keras.models.clone_model(
+        model, clone_function=lambda layer: TWINS.get(type(layer), type(layer)).from_config(layer.get_config())
+    )
+    twinned.set_weights(model.get_weights())
+
+    def annotate(layer: Any) -> Any:
+        config = CONFIGS.get(type(layer))
+        return tfmot.quantization.keras.quantize_annotate_layer(layer, config() if config else None)
+
+    annotated = keras.models.clone_model(twinned, clone_function=annotate)
+    scheme = (tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme() if preserve_sparsity
+              else tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
+    with quantize_scope():
+        qat = tfmot.quantization.keras.quantize_apply(annotated, scheme)
+    _calibrate(qat, twinned, calibration)
+    return qat
+
+
+def _calibrate(qat: Any, twinned: Any, calibration: np.ndarray) -> None:
+    """Set every activation range to min(0, min) .. max(0, max) of the float tensor it rounds on `calibration`.
+
+    `twinned` is the float model with the twin layers. It runs eagerly so that recording hooks
+    see the twins' inner tensors. A training-mode call first sets the weight ranges, which
+    TF-MOT otherwise sets only in the first training step.
+    """
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def observe(key: str, x: Any) -> Any:
+        ranges[key] = (min(0.0, float(tf.reduce_min(x))), max(0.0, float(tf.reduce_max(x))))
+        return x
+
+    layers = [layer for layer in twinned.layers if not isinstance(layer, keras.layers.InputLayer)]
+    for layer in layers:
+        for name in getattr(layer, "HOOKS", ()):
+            setattr(layer, f"{name}_hook", lambda x, key=f"quant_{layer.name}/{name}": observe(key, x))
+    observe("quantize_layer/quantize_layer", calibration)
+    outputs = keras.Model(twinned.inputs, [layer.output for layer in layers])(calibration)
+    for layer, output in zip(layers, outputs):
+        # registry layers name their output range `post_activation`, edgecc's configs `output`
+        observe(f"quant_{layer.name}/output", output)
+        ranges[f"quant_{layer.name}/post_activation"] = ranges[f"quant_{layer.name}/output"]
+    qat(calibration[:1], training=True)
+    for weight in qat.non_trainable_weights:
+        key, _, end = weight.name.split(":")[0].rpartition("_")
+        if key in ranges and end in ("min", "max"):
+            weight.assign(ranges[key][end == "max"])
+
+
+def to_int8_tflite_from_qat(qat: Any, calibration: np.ndarray) -> bytes:
+    """The QAT model as a full-int8 TFLite model, traced at batch 1 so that every shape is static.
+
+    Tensors with a fake-quant node take its range, and `calibration` covers any others.
+    Tracing a concrete function keeps the prune-preserving masks. A clone would rebuild them
+    from freshly initialised weights. Converting the frozen function, not a SavedModel made
+    from it, avoids re-tracing every Keras layer: about 1.5 s here instead of 7 to 15 s.
+    """
+    batch_one = tf.TensorSpec((1, *qat.input_shape[1:]), tf.float32)
+    function = tf.function(lambda x: qat(x, training=False)).get_concrete_function(batch_one)
+
+    def representative() -> Iterator[list[np.ndarray]]:
+        for example in calibration:
+            yield [example[np.newaxis].astype(np.float32)]
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function], qat)
+    converter.experimental_lower_to_saved_model = False
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    with native_output_silenced(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return converter.convert()
