@@ -87,13 +87,13 @@ def model_file(name: str, precision: str) -> Path:
     if path.exists():
         return path
     from edgecc.convert import to_float_tflite, to_int8_tflite
+    from edgecc.teacher import inference_graph
     from edgecc.tf import keras as load_keras
 
     keras = load_keras()
     keras.utils.set_random_seed(0)
     model = BUILDERS[name](keras)
-    batch_one = keras.models.clone_model(model, input_tensors=keras.Input(batch_shape=(1, *model.input_shape[1:])))
-    batch_one.set_weights(model.get_weights())
+    batch_one = inference_graph(model)
     calibration = np.random.default_rng(0).uniform(-1, 1, (8, *model.input_shape[1:])).astype(np.float32)
     content = to_int8_tflite(batch_one, calibration, per_channel=True) if precision == "int8" else to_float_tflite(batch_one)
     CACHE.mkdir(parents=True, exist_ok=True)

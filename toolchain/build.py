@@ -170,10 +170,10 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     latency = host_latency({"float": float_model, **{stage.name: m for stage, m in zip(stages, stage_models)}}, x_test[0])
     latency["int8"] = latency[stages[-1].name]
     stage_records = _stage_records(teacher, float_bytes, float_acc, stages, stage_predictions, y_test, latency)
-    graph = read_graph(int8_bytes)
     reporter.info(f"checking the int8 model against {target.name}'s budgets")
     latency_budget = recipe.budgets.max_latency_ms or None
     fit = assess(int8_bytes, target, latency_ms=latency_budget)
+    graph = fit.graph
     reporter.info("comparing every int8 operator output with the float model")
     quantization_error = layer_errors(float_bytes, int8_bytes, x_test[:ERROR_EXAMPLES])
 

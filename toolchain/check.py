@@ -15,7 +15,7 @@ from typing import Any
 from edgecc.arena import ArenaMeasurement, measure_arena
 from edgecc.cost import op_costs
 from edgecc.errors import EdgeccError
-from edgecc.latency import LatencyEstimate, estimate_latency
+from edgecc.latency import ERROR_BAND, LatencyEstimate, estimate_latency
 from edgecc.liveness import MemoryPlan, plan_memory
 from edgecc.reader import Graph, read_graph
 from edgecc.targets import Target, load_target
@@ -159,7 +159,7 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
         placement = ["cpu" if op.kind in vela_result.cpu_ops else "npu" for op in graph.operators]
         cpu_ms = sum(o.ms for o, where in zip(latency.ops, placement) if where == "cpu")
         total = vela_result.latency_ms + cpu_ms
-        latency = LatencyEstimate(total, total * 0.7, total * 1.3, vela_result.latency_ms, latency.ops,
+        latency = LatencyEstimate(total, total * (1 - ERROR_BAND), total * (1 + ERROR_BAND), vela_result.latency_ms, latency.ops,
                                   f"Vela {vela_result.vela_version} performance estimate for the NPU part + "
                                   f"per-operator estimate for operators on the CPU")
     arena = arena_worker.result() if arena_worker else None
@@ -210,7 +210,7 @@ def _budgets(target: Target, model_bytes: int, graph: Graph, memory: MemoryPlan,
     elif target.arena is not None:
         measured = arena.bytes if arena else memory.planned_bytes
         how = "measured with the TFLite Micro interpreter" if arena else "estimate: activation plan, not measured"
-        margin = measured * target.arena.margin_fraction.value + target.arena.margin_bytes.value
+        margin = target.arena.margin(measured)
         ram = measured + margin + mem.runtime_ram_bytes.value
         ram_detail = (f"tensor arena {measured:,} B {how} + kernel margin {margin:,.0f} B + "
                       f"runtime {mem.runtime_ram_bytes.value:,.0f} B")

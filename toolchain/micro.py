@@ -81,8 +81,7 @@ def arena_size(measured_bytes: int, target: Target) -> int:
     """
     if target.arena is None:
         raise EdgeccError(f"target {target.name} has no [arena] table: it does not run TFLite Micro")
-    margin = measured_bytes * target.arena.margin_fraction.value + target.arena.margin_bytes.value
-    return math.ceil((measured_bytes + margin) / ALIGNMENT) * ALIGNMENT
+    return math.ceil((measured_bytes + target.arena.margin(measured_bytes)) / ALIGNMENT) * ALIGNMENT
 
 
 def used_ops(model: bytes) -> dict[str, int]:

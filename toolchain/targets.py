@@ -54,6 +54,10 @@ class Arena:
     margin_bytes: Figure = spec(doc="fixed extra arena for optimised kernels' scratch buffers")
     margin_fraction: Figure = spec(doc="extra arena as a fraction of the measured arena")
 
+    def margin(self, measured_bytes: float) -> float:
+        """Bytes to add to an arena measured with the host's reference kernels."""
+        return measured_bytes * self.margin_fraction.value + self.margin_bytes.value
+
 
 @dataclass(frozen=True)
 class EdgeTpu:
