@@ -173,7 +173,7 @@ def test_pruned_model_converts_to_a_smaller_cheaper_int8_model(pruned_pair: tupl
         content = to_int8_tflite(inference_graph(model), IMAGES, per_channel=False)
         graphs[name] = (len(content), read_graph(content))
     graph = graphs["pruned"][1]
-    assert "BATCH_MATMUL" in graph.op_counts()
+    assert "SOFTMAX" in graph.op_counts()  # attention survives pruning
     assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}
     assert graphs["pruned"][0] < graphs["original"][0]
     macs = {name: sum(c.macs for c in op_costs(g)) for name, (_, g) in graphs.items()}

@@ -29,11 +29,15 @@ def to_int8_tflite(model: Any, calibration: np.ndarray, per_channel: bool) -> by
     transformers the per-channel scales and 64-bit zero points cost about 12
     bytes per output channel, a large share of the int8 file.
     """
+    from edgecc.layers import int8_graph
+
     tf = tensorflow()
+
+    dtype = model.inputs[0].dtype.as_numpy_dtype  # float32, or int32 token ids for text models
 
     def representative() -> Iterator[list[np.ndarray]]:
         for example in calibration:
-            yield [example[np.newaxis].astype(np.float32)]
+            yield [example[np.newaxis].astype(dtype)]
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -42,7 +46,7 @@ def to_int8_tflite(model: Any, calibration: np.ndarray, per_channel: bool) -> by
     converter.inference_input_type = tf.int8
     converter.inference_output_type = tf.int8
     converter._experimental_disable_per_channel_quantization_for_dense_layers = not per_channel
-    with native_output_silenced(), warnings.catch_warnings():
+    with native_output_silenced(), warnings.catch_warnings(), int8_graph():
         # the converter warns that the int8 input has no range statistics: it takes them from calibration
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         return converter.convert()

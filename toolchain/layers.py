@@ -12,6 +12,9 @@ to plain RESHAPE / TRANSPOSE / BATCH_MATMUL ops that every runtime has.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 from edgecc.tf import keras as _keras, tensorflow as _tensorflow
@@ -22,11 +25,51 @@ keras = _keras()
 PACKAGE = "edgecc"
 
 
+_INT8_GRAPH = contextvars.ContextVar("edgecc_int8_graph", default=False)
+
+
+@contextlib.contextmanager
+def int8_graph() -> Iterator[None]:
+    """Trace attention for the int8 TFLite graph: one FULLY_CONNECTED per head instead of a BATCH_MATMUL.
+
+    TFLite's int8 BATCH_MATMUL with two activation inputs runs about 20x slower
+    than the float one on the host (no XNNPACK path), while an int8
+    FULLY_CONNECTED with an activation as its weights runs faster than float.
+    Both compute the same products; the float graph keeps BATCH_MATMUL, its
+    fastest form. Only a static batch of 1 (the inference graph) is split.
+    """
+    token = _INT8_GRAPH.set(True)
+    try:
+        yield
+    finally:
+        _INT8_GRAPH.reset(token)
+
+
+def _per_head(x: Any) -> bool:
+    return _INT8_GRAPH.get() and x.shape[0] == 1
+
+
 def _split_heads(x: Any, heads: int) -> Any:
     """(batch, tokens, heads * head_dim) -> (batch, heads, tokens, head_dim)."""
     tokens, width = x.shape[1], x.shape[2]
     x = tf.reshape(x, (-1, tokens, heads, width // heads))
     return tf.transpose(x, (0, 2, 1, 3))
+
+
+def _head_matrices(x: Any, heads: int) -> list[Any]:
+    """(1, tokens, heads * head_dim) -> one (tokens, head_dim) matrix per head."""
+    tokens, width = x.shape[1], x.shape[2]
+    return tf.unstack(tf.transpose(tf.reshape(x, (tokens, heads, width // heads)), (1, 0, 2)))
+
+
+def scores(query: Any, key: Any, heads: int) -> Any:
+    """Scaled dot products per head, (batch, heads, tokens, tokens), from already scaled queries."""
+    if _per_head(query):
+        products = [tf.matmul(q, k, transpose_b=True) for q, k in zip(_head_matrices(query, heads),
+                                                                      _head_matrices(key, heads))]
+        tokens = query.shape[1]
+        return tf.reshape(tf.concat(products, axis=0), (1, heads, tokens, tokens))
+    return tf.matmul(_split_heads(query, heads), _split_heads(key, heads), transpose_b=True)
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
@@ -63,8 +106,7 @@ class AttentionScores(_MultiHead):
     def call(self, inputs: list[Any]) -> Any:
         query, key = inputs
         head_dim = query.shape[-1] // self.heads
-        query = _split_heads(query, self.heads) * (head_dim**-0.5)
-        return tf.matmul(query, _split_heads(key, self.heads), transpose_b=True)
+        return scores(query * (head_dim**-0.5), key, self.heads)
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
@@ -73,6 +115,14 @@ class AttentionContext(_MultiHead):
 
     def call(self, inputs: list[Any]) -> Any:
         probs, value = inputs
+        if _per_head(value):
+            # (p·v)ᵀ = vᵀ·pᵀ is FULLY_CONNECTED(input=vᵀ, weights=p); heads stay outermost in the merged features
+            tokens, width = value.shape[1], value.shape[2]
+            transposed = tf.unstack(tf.reshape(tf.transpose(tf.reshape(value, (tokens, width))),
+                                               (self.heads, width // self.heads, tokens)))
+            products = [tf.matmul(v, p, transpose_b=True)
+                        for v, p in zip(transposed, tf.unstack(tf.reshape(probs, probs.shape[1:])))]
+            return tf.reshape(tf.transpose(tf.concat(products, axis=0)), (1, tokens, width))
         context = tf.matmul(probs, _split_heads(value, self.heads))
         tokens, width = value.shape[1], value.shape[2]
         return tf.reshape(tf.transpose(context, (0, 2, 1, 3)), (-1, tokens, width))
@@ -96,9 +146,19 @@ class LayerNorm(keras.layers.Layer):
         self.beta = self.add_weight(name="beta", shape=(width,), initializer="zeros")
         super().build(input_shape)
 
+    def average(self, x: Any) -> Any:
+        """Mean over the last axis as a product with a constant column: one int8 FULLY_CONNECTED.
+
+        TFLite's int8 MEAN and SQUARED_DIFFERENCE kernels run ~20x slower than
+        their float twins on the host; a fully connected op with a constant
+        1/width weight is as fast as any other small Dense.
+        """
+        width = x.shape[-1]
+        return tf.matmul(x, tf.constant(1.0 / width, shape=(width, 1)))
+
     def call(self, x: Any) -> Any:
-        centred = x - tf.reduce_mean(x, axis=-1, keepdims=True)
-        variance = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
+        centred = x - self.average(x)
+        variance = self.average(centred * centred)
         return centred * tf.math.rsqrt(variance + self.epsilon) * self.gamma + self.beta
 
     def get_config(self) -> dict[str, Any]:

@@ -10,8 +10,9 @@ grids, as the int8 TFLite graph. What TF-MOT 0.8.1 does and what edgecc adds:
 - Softmax is registered but left unquantized. TFLite's int8 SOFTMAX always
   writes scale 1/256 and zero point -128, so edgecc rounds it to that fixed
   grid, [0, 255/256].
-- The TFLite graph has one int8 op per step of a LayerNorm (MEAN, SUB,
-  SQUARED_DIFFERENCE, MEAN, ADD, RSQRT, MUL, MUL, ADD). It also has the MUL that
+- The TFLite graph has one int8 op per step of a LayerNorm (FULLY_CONNECTED
+  for the mean, SUB, MUL, FULLY_CONNECTED with epsilon as its bias, RSQRT,
+  MUL, MUL, ADD). It also has the MUL that
   scales the queries in AttentionScores. A QuantizeConfig can reach only a
   layer's weights, its output and the callables its `call` uses. So qat_model
   swaps these two layers for twins that compute the same thing but pass each of
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.errors import EdgeccError
-from edgecc.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, _split_heads, keras, tf
+from edgecc.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, int8_graph, keras, scores, tf
 from edgecc.progress import native_output_silenced
 
 import tensorflow_model_optimization as tfmot  # after edgecc.layers: TF must be imported with legacy Keras first
@@ -88,7 +89,7 @@ def _hook(layer: Any, name: str, x: Any) -> Any:
 class QatLayerNorm(LayerNorm):
     """LayerNorm with a hook after each op that the int8 TFLite graph rounds. A hook is the identity unless QAT wraps it."""
 
-    HOOKS = ("mean", "centred", "squares", "variance", "shifted", "inverse", "normalised", "scaled")
+    HOOKS = ("mean", "centred", "squares", "shifted", "inverse", "normalised", "scaled")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -96,11 +97,11 @@ class QatLayerNorm(LayerNorm):
             setattr(self, f"{name}_hook", keras.activations.linear)
 
     def call(self, x: Any, training: Any = None) -> Any:
-        mean = _hook(self, "mean", tf.reduce_mean(x, axis=-1, keepdims=True))
+        mean = _hook(self, "mean", self.average(x))
         centred = _hook(self, "centred", x - mean)
-        squares = _hook(self, "squares", tf.math.squared_difference(x, mean))
-        variance = _hook(self, "variance", tf.reduce_mean(squares, axis=-1, keepdims=True))
-        shifted = _hook(self, "shifted", variance + self.epsilon)
+        squares = _hook(self, "squares", centred * centred)
+        # the converter folds epsilon into the bias of the second averaging FULLY_CONNECTED
+        shifted = _hook(self, "shifted", self.average(squares) + self.epsilon)
         if training is True:
             # A row whose variance rounds to 0 would give rsqrt(0) = inf, and the moving-average range of
             # `inverse` would take it in for good. TFLite saturates such a row, and so does rsqrt(epsilon).
@@ -123,8 +124,7 @@ class QatAttentionScores(AttentionScores):
     def call(self, inputs: list[Any]) -> Any:
         query, key = inputs
         head_dim = query.shape[-1] // self.heads
-        query = _hook(self, "scaled_query", _split_heads(query, self.heads) * (head_dim**-0.5))
-        return tf.matmul(query, _split_heads(key, self.heads), transpose_b=True)
+        return scores(_hook(self, "scaled_query", query * (head_dim**-0.5)), key, self.heads)
 
 
 class OutputQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
@@ -292,12 +292,14 @@ def to_int8_tflite_from_qat(qat: Any, calibration: np.ndarray) -> bytes:
     from freshly initialised weights. Converting the frozen function, not a SavedModel made
     from it, avoids re-tracing every Keras layer: about 1.5 s here instead of 7 to 15 s.
     """
-    batch_one = tf.TensorSpec((1, *qat.input_shape[1:]), tf.float32)
-    function = tf.function(lambda x: qat(x, training=False)).get_concrete_function(batch_one)
+    dtype = qat.inputs[0].dtype
+    batch_one = tf.TensorSpec((1, *qat.input_shape[1:]), dtype)
+    with int8_graph():
+        function = tf.function(lambda x: qat(x, training=False)).get_concrete_function(batch_one)
 
     def representative() -> Iterator[list[np.ndarray]]:
         for example in calibration:
-            yield [example[np.newaxis].astype(np.float32)]
+            yield [example[np.newaxis].astype(dtype.as_numpy_dtype)]
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([function], qat)
     converter.experimental_lower_to_saved_model = False
