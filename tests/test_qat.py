@@ -117,3 +117,24 @@ def test_sparsity_preserving_qat_keeps_pruned_zeros_in_int8(digits: tuple[np.nda
     ]
     assert np.all(weights.T[pruned] == 0)
     assert np.count_nonzero(weights.T[~pruned]) > 0.9 * np.count_nonzero(~pruned)
+
+
+def test_text_transformer_quantizes_with_int32_token_ids() -> None:
+    """Token ids stay int32 through QAT and TFLite; the embedding table becomes an int8 GATHER."""
+    from edgecc.transformer import text_transformer
+
+    keras.utils.set_random_seed(0)
+    ids = np.random.default_rng(0).integers(0, 50, size=(40, 12)).astype(np.int32)
+    labels = (ids[:, 0] % 3).astype(np.int64)  # learnable from the first token
+    qat = qat_model(text_transformer(TINY, 12, 50, 3), ids[:32])
+    _compile(qat, 3e-3)
+    qat.fit(ids, labels, batch_size=8, epochs=2, verbose=0)
+    content = to_int8_tflite_from_qat(qat, ids[:16])
+    graph = read_graph(content)
+    assert "GATHER" in graph.op_counts() and "BATCH_MATMUL" not in graph.op_counts()
+    assert {t.dtype for t in graph.activation_tensors()} == {"INT8", "INT32"}
+    model = Model(content)
+    assert model.input["dtype"] == np.int32
+    expected = np.argmax(qat.predict(ids, verbose=0), axis=1)
+    got = np.array([np.argmax(model.invoke(example)) for example in ids])
+    assert np.mean(got == expected) >= 0.9

@@ -107,7 +107,7 @@ def test_post_norm_text_model_without_biases_and_with_unequal_head_sizes() -> No
     rewritten = rewrite_model(model)
     ids = np.random.default_rng(4).integers(0, 50, size=(8, TOKENS)).astype(np.int32)
     assert max_difference(model, rewritten, ids) < 1e-5
-    assert "Embedding" in layer_types(rewritten) and "Multiply" in layer_types(rewritten)
+    assert "TokenEmbedding" in layer_types(rewritten) and "Multiply" in layer_types(rewritten)
     assert not layer_types(rewritten) & {"MultiHeadAttention", "LayerNormalization", "TFOpLambda"}
     query, value = rewritten.get_layer("attn_query"), rewritten.get_layer("attn_value")
     assert (query.units, value.units, query.use_bias) == (32, 24, False)

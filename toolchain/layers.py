@@ -88,6 +88,31 @@ class PositionEmbedding(keras.layers.Layer):
         return x + self.positions
 
 
+@keras.utils.register_keras_serializable(package=PACKAGE)
+class TokenEmbedding(keras.layers.Layer):
+    """A learned vector per token id: an int8 GATHER in TFLite.
+
+    Keras' Embedding is not accepted by TF-MOT QAT; this layer gets a
+    QuantizeConfig that rounds its table as the converter does.
+    """
+
+    def __init__(self, vocabulary_size: int, dim: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.vocabulary_size = vocabulary_size
+        self.dim = dim
+
+    def build(self, input_shape: Any) -> None:
+        self.table = self.add_weight(name="table", shape=(self.vocabulary_size, self.dim),
+                                     initializer=keras.initializers.TruncatedNormal(stddev=0.02))
+        super().build(input_shape)
+
+    def call(self, ids: Any) -> Any:
+        return tf.gather(self.table, tf.cast(ids, tf.int32))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "vocabulary_size": self.vocabulary_size, "dim": self.dim}
+
+
 class _MultiHead(keras.layers.Layer):
     """A weightless attention step that splits its inputs into `heads` heads."""
 

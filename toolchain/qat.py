@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.errors import EdgeccError
-from edgecc.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, int8_graph, keras, scores, tf
+from edgecc.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, int8_graph, keras, scores, tf
 from edgecc.progress import native_output_silenced
 
 import tensorflow_model_optimization as tfmot  # after edgecc.layers: TF must be imported with legacy Keras first
@@ -183,6 +183,20 @@ class PositionEmbeddingQuantizeConfig(OutputQuantizeConfig):
         (layer.positions,) = quantize_weights
 
 
+class TokenEmbeddingQuantizeConfig(OutputQuantizeConfig):
+    """The table becomes the int8 constant of TFLite's GATHER, asymmetric per tensor; GATHER keeps its scale."""
+
+    def get_weights_and_quantizers(self, layer: Any) -> list[tuple[Any, Any]]:
+        return [(layer.table, quantizers.LastValueQuantizer(num_bits=8, per_axis=False, symmetric=False,
+                                                            narrow_range=False))]
+
+    def set_quantize_weights(self, layer: Any, quantize_weights: list[Any]) -> None:
+        (layer.table,) = quantize_weights
+
+    def get_output_quantizers(self, layer: Any) -> list[Any]:
+        return []
+
+
 class SoftmaxQuantizeConfig(OutputQuantizeConfig):
     """TFLite's int8 SOFTMAX output is fixed at scale 1/256, zero point -128, so QAT rounds to that grid."""
 
@@ -196,6 +210,7 @@ CONFIGS: dict[type, type] = {
     QatAttentionScores: HookedQuantizeConfig,
     AttentionContext: OutputQuantizeConfig,
     PositionEmbedding: PositionEmbeddingQuantizeConfig,
+    TokenEmbedding: TokenEmbeddingQuantizeConfig,
     keras.layers.Softmax: SoftmaxQuantizeConfig,
 }
 
@@ -248,10 +263,36 @@ def qat_model(model: Any, calibration: np.ndarray, preserve_sparsity: bool = Fal
     annotated = keras.models.clone_model(twinned, clone_function=annotate)
     scheme = (tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme() if preserve_sparsity
               else tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme())
-    with quantize_scope():
+    integer_input = not model.inputs[0].dtype.is_floating
+    with quantize_scope(), _input_left_unquantized(integer_input):
         qat = tfmot.quantization.keras.quantize_apply(annotated, scheme)
     _calibrate(qat, twinned, calibration)
     return qat
+
+
+@contextlib.contextmanager
+def _input_left_unquantized(active: bool) -> Iterator[None]:
+    """Keep TF-MOT from fake-quantizing integer model inputs (token ids).
+
+    TF-MOT's layout always puts a float fake-quant layer after every input,
+    which fails on int32 token ids; TFLite keeps them int32 too. Its transform
+    has no option for this, so its pattern is made unmatchable meanwhile.
+    """
+    if not active:
+        yield
+        return
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import default_8bit_transforms
+    from tensorflow_model_optimization.python.core.quantization.keras.graph_transformations.transforms import (
+        LayerPattern,
+    )
+
+    transform = default_8bit_transforms.InputLayerQuantize
+    original = transform.pattern
+    transform.pattern = lambda self: LayerPattern("edgecc-no-such-layer")
+    try:
+        yield
+    finally:
+        transform.pattern = original
 
 
 def _calibrate(qat: Any, twinned: Any, calibration: np.ndarray) -> None:

@@ -1,7 +1,7 @@
 """Rewriting a user's tf_keras transformer into edgecc's layers, before any compression.
 
 TF-MOT cannot prune or quantize MultiHeadAttention, LayerNormalization or the
-TFOpLambda that `x + y` becomes, so a user's model built from those standard
+TFOpLambda that `x + y` becomes, nor Keras' Embedding, so a user's model built from those standard
 layers is rebuilt layer by layer from edgecc's: the same function, the same
 weights, only in layers that compression and the int8 graph can handle.
 Anything else is refused by name rather than guessed at.
@@ -15,21 +15,20 @@ from typing import Any, Callable
 import numpy as np
 
 from edgecc.errors import EdgeccError
-from edgecc.layers import AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, keras, tf
+from edgecc.layers import AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, keras, tf
 
 layers = keras.layers
 
 # Re-created from their config with their weights: compression already handles these.
-# Keras' Embedding stays as it is: it converts to an int8 GATHER.
 KEPT = tuple(getattr(layers, name) for name in (
     "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "Dropout", "Activation", "ReLU", "Softmax",
     "Add", "Multiply", "Concatenate", "Reshape", "Flatten", "Permute",
     "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
     "AveragePooling1D", "AveragePooling2D", "MaxPooling1D", "MaxPooling2D",
-    "Embedding", "BatchNormalization",
-)) + (PositionEmbedding, AttentionScores, AttentionContext, LayerNorm)
+    "BatchNormalization",
+)) + (PositionEmbedding, AttentionScores, AttentionContext, LayerNorm, TokenEmbedding)
 
-REWRITTEN = ("MultiHeadAttention (self-attention)", "LayerNormalization (last axis)",
+REWRITTEN = ("MultiHeadAttention (self-attention)", "LayerNormalization (last axis)", "Embedding",
              "x + y", "x * y", "x + constant (a position table)")
 
 SUPPORTED = ", ".join([cls.__name__ for cls in KEPT] + list(REWRITTEN))
@@ -86,6 +85,8 @@ def _applier(layer: Any) -> Apply:
         return _attention(layer)
     if type(layer) is layers.LayerNormalization:
         return _layer_norm(layer)
+    if type(layer) is layers.Embedding:
+        return _embedding(layer)
     if type(layer).__name__ == "TFOpLambda":
         return _operator(layer)
     if type(layer) is layers.Lambda:
@@ -151,6 +152,18 @@ def _attention(layer: Any) -> Apply:
             width = dense[part].units
             kernel = kernel.reshape(-1, width) if part == "output" else kernel.reshape(kernel.shape[0], width)
             dense[part].set_weights([kernel] + ([p.bias.numpy().reshape(-1)] if p.bias is not None else []))
+        return y
+
+    return apply
+
+
+def _embedding(layer: Any) -> Apply:
+    """TokenEmbedding with the same table (TF-MOT QAT refuses Keras' Embedding); masks were refused earlier."""
+    embedding = TokenEmbedding(layer.input_dim, layer.output_dim, name=layer.name)
+
+    def apply(args: tuple, kwargs: dict) -> Any:
+        y = embedding(args[0])
+        embedding.set_weights(layer.get_weights())
         return y
 
     return apply

@@ -21,18 +21,26 @@ from edgecc.tf import keras as _keras
 
 def reference_model(section: ModelSection, dataset: Dataset) -> Any:
     """The recipe's reference architecture, sized for the dataset."""
-    from edgecc.transformer import VitConfig, vision_transformer
+    from edgecc.transformer import VitConfig, text_transformer, vision_transformer
 
     config = VitConfig(
         stem_filters=section.stem_filters,
         stem_strides=section.stem_strides,
+        stem_kernel=(section.stem_kernel[0], section.stem_kernel[1]),
         dim=section.dim,
         depth=section.depth,
         heads=section.heads,
         mlp_dim=section.mlp_dim,
         dropout=section.dropout,
     )
-    return vision_transformer(config, dataset.preprocessing.input_shape, dataset.num_classes)
+    shape = dataset.preprocessing.input_shape
+    if section.architecture == "text":
+        if len(shape) != 1 or not dataset.preprocessing.vocabulary:
+            raise EdgeccError("model.architecture 'text' needs token ids: set data.source = 'text'")
+        return text_transformer(config, shape[0], len(dataset.preprocessing.vocabulary), dataset.num_classes)
+    if len(shape) != 3:
+        raise EdgeccError(f"model.architecture 'vit' needs images or signals (H, W, C), the data gives {shape}")
+    return vision_transformer(config, shape, dataset.num_classes)
 
 
 def load_user_model(path: Path, dataset: Dataset) -> Any:
@@ -111,7 +119,8 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
 def inference_graph(model: Any) -> Any:
     """The same model with a static batch of 1 and the trained weights."""
     keras = _keras()
-    batch_one = keras.Input(batch_shape=(1, *model.input_shape[1:]), name=model.inputs[0].name.split(":")[0])
+    batch_one = keras.Input(batch_shape=(1, *model.input_shape[1:]), dtype=model.inputs[0].dtype,
+                            name=model.inputs[0].name.split(":")[0])
     clone = keras.models.clone_model(model, input_tensors=batch_one)
     clone.set_weights(model.get_weights())
     return clone

@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edgecc.layers import AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, keras
+from edgecc.layers import AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, keras
 
 layers = keras.layers
 
 
 @dataclass(frozen=True)
 class VitConfig:
-    """A small vision transformer: convolutional stem -> tokens -> encoder blocks -> classifier."""
+    """A small transformer: convolutional stem (or token embedding) -> tokens -> encoder blocks -> classifier."""
 
     stem_filters: tuple[int, ...]
     stem_strides: tuple[int, ...]
@@ -26,6 +26,7 @@ class VitConfig:
     heads: int
     mlp_dim: int
     dropout: float
+    stem_kernel: tuple[int, int] = (3, 3)
 
 
 def encoder_block(x: Any, index: int, heads: int, mlp_dim: int, dropout: float) -> Any:
@@ -57,13 +58,26 @@ def vision_transformer(
     inputs = keras.Input(shape=input_shape, batch_size=batch_size, name="image")
     x = inputs
     for i, (filters, stride) in enumerate(zip(config.stem_filters, config.stem_strides)):
-        x = layers.Conv2D(filters, 3, strides=stride, padding="same", activation="relu", name=f"stem{i}")(x)
+        x = layers.Conv2D(filters, config.stem_kernel, strides=stride, padding="same", activation="relu",
+                          name=f"stem{i}")(x)
     x = layers.Reshape((x.shape[1] * x.shape[2], x.shape[3]), name="tokens")(x)
     x = layers.Dense(config.dim, name="token_projection")(x)
-    x = PositionEmbedding(name="positions")(x)
+    return keras.Model(inputs, _encoder_and_head(x, config, num_classes), name="vit")
+
+
+def text_transformer(
+    config: VitConfig, sequence_length: int, vocabulary_size: int, num_classes: int, batch_size: int | None = None
+) -> Any:
+    """Token ids -> embeddings -> encoder blocks -> mean over tokens -> classifier (stem fields unused)."""
+    inputs = keras.Input(shape=(sequence_length,), batch_size=batch_size, dtype="int32", name="tokens")
+    x = TokenEmbedding(vocabulary_size, config.dim, name="token_embedding")(inputs)
+    return keras.Model(inputs, _encoder_and_head(x, config, num_classes), name="text_transformer")
+
+
+def _encoder_and_head(tokens: Any, config: VitConfig, num_classes: int) -> Any:
+    x = PositionEmbedding(name="positions")(tokens)
     for i in range(config.depth):
         x = encoder_block(x, i, config.heads, config.mlp_dim, config.dropout)
     x = LayerNorm(name="final_norm")(x)
     x = layers.GlobalAveragePooling1D(name="pool")(x)
-    outputs = layers.Dense(num_classes, name="logits")(x)
-    return keras.Model(inputs, outputs, name="vit")
+    return layers.Dense(num_classes, name="logits")(x)
