@@ -113,6 +113,16 @@ def _stage_records(teacher: Any, float_bytes: bytes, float_acc: float, stages: l
     return records
 
 
+def _ptq_baseline(teacher: Any, calibration: np.ndarray, per_channel: bool) -> Stage:
+    """Post-training quantization of the teacher itself, measured beside the stages as the fast baseline."""
+    from edgecc.compress import Stage
+    from edgecc.convert import to_int8_tflite
+    from edgecc.teacher import inference_graph
+
+    content = to_int8_tflite(inference_graph(teacher), calibration, per_channel)
+    return Stage("ptq of the teacher", teacher, content, int(teacher.count_params()), ())
+
+
 def _plots(manifest: dict[str, Any], fit: Assessment) -> dict[str, bytes]:
     from edgecc import plots
 
@@ -139,7 +149,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     emit.ensure_writable(out)
     user_model = model_path(loaded)
 
-    dataset = load_dataset(recipe.data, recipe.seed)
+    dataset = load_dataset(recipe.data, recipe.seed, loaded.path.parent)
 
     from edgecc.compress import run_stages
     from edgecc.convert import to_float_tflite
@@ -156,6 +166,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     float_bytes = to_float_tflite(inference_graph(teacher))
     stages = run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter)
     int8_bytes = stages[-1].int8
+    if recipe.compress.stages != ("ptq",):
+        stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
 
     float_model = Model(float_bytes)
     stage_models = [Model(stage.int8) for stage in stages]

@@ -2,8 +2,11 @@
 
 - `prune`: remove the least important attention heads and feed-forward neurons
   (a physically smaller dense model), then distil.
+- `sparsify`: TF-MOT magnitude pruning of the Dense and Conv2D kernels to a
+  target share of zeros, or to 2:4 sparsity, then distil. The matrices keep
+  their size: the zeros shrink the compressed file and suit sparse kernels.
 - `qat`: quantization-aware training of the current student, distilled; the
-  int8 model comes from the QAT graph.
+  int8 model comes from the QAT graph. After `sparsify` it keeps the zeros.
 - `ptq`: post-training quantization of the current student (the fast baseline).
 
 Every stage ends with an int8 TFLite model, so each can be measured the same way.
@@ -56,16 +59,29 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
                              section.distill_learning_rate, _weights(section, hidden=True), seed, reporter,
                              "distilling the pruned student")
-            int8 = to_int8_tflite(inference_graph(student), calibration, section.per_channel)
-        elif name == "qat":
-            from edgecc.qat import qat_model, to_int8_tflite_from_qat
+        elif name == "sparsify":
+            from edgecc.sparsity import sparsify
 
-            student = qat_model(student, calibration)
+            student, losses = sparsify(student, teacher, x, y, section.sparsity, section.sparsity_pattern,
+                                       section.distill_epochs, train.batch_size, section.distill_learning_rate,
+                                       _weights(section, hidden=True), seed, reporter)
+        elif name == "qat":
+            from edgecc.qat import qat_model
+
+            sparse = any(stage.name == "sparsify" for stage in stages)
+            student = qat_model(student, calibration, preserve_sparsity=sparse)
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
                              section.distill_learning_rate, _weights(section, hidden=False), seed, reporter,
                              "quantization-aware distillation")
-            int8 = to_int8_tflite_from_qat(student, calibration)
-        else:
-            int8 = to_int8_tflite(inference_graph(student), calibration, section.per_channel)
+        int8 = _int8(student, name, calibration, section.per_channel)
         stages.append(Stage(name, student, int8, int(student.count_params()), tuple(losses)))
     return stages
+
+
+def _int8(student: Any, stage: str, calibration: np.ndarray, per_channel: bool) -> bytes:
+    """The int8 TFLite model of a stage: from the QAT graph after `qat`, by post-training quantization otherwise."""
+    if stage == "qat":
+        from edgecc.qat import to_int8_tflite_from_qat
+
+        return to_int8_tflite_from_qat(student, calibration)
+    return to_int8_tflite(inference_graph(student), calibration, per_channel)

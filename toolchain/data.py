@@ -2,12 +2,20 @@
 
 The preprocessing is recorded as data (`Preprocessing`) rather than hidden in
 code, because the manifest must let a third party feed the int8 model
-correctly without edgecc.
+correctly without edgecc. Besides scikit-learn's digits, a recipe can point at
+its own data with no code: a folder of images, a text file, or a folder of
+recorded signals (see `DataSection`).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import re
+import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,24 +23,45 @@ import numpy as np
 from edgecc.errors import EdgeccError
 from edgecc.recipe import DataSection
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+SIGNAL_SUFFIXES = (".npz", ".npy")
+TOKEN = re.compile(r"[a-z0-9']+|[^\sa-z0-9]")
+TOKENIZER = (f'lowercase, then re.findall(r"{TOKEN.pattern}", text); words not in the vocabulary -> unknown_id; '
+             "cut to sequence_length or padded at the end with padding_id")
+PAD, UNK = "[PAD]", "[UNK]"
+
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How raw examples become the float model input: `x = raw * scale + offset`."""
+    """How raw examples become the float model input: `x = raw * scale + offset`.
+
+    The optional fields are what a source needs beyond that formula (text: the
+    tokenizer and vocabulary; signals: the sampling rate); None means it does not apply.
+    """
 
     raw: str
     layout: str
     input_shape: tuple[int, ...]
     scale: float
     offset: float
+    tokenizer: str | None = None
+    vocabulary: tuple[str, ...] | None = None
+    sequence_length: int | None = None
+    padding_id: int | None = None
+    unknown_id: int | None = None
+    sample_rate: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Float model inputs with labels, split once: the test split is never trained or calibrated on."""
+    """Float model inputs with labels, split once: the test split is never trained or calibrated on.
+
+    `x` is float32 for images and signals, int32 token ids for text.
+    `example_ids` names each example (file, file:line or file@sample) so the split can be checked from outside.
+    """
 
     name: str
     x: np.ndarray
@@ -41,14 +70,22 @@ class Dataset:
     train_index: np.ndarray
     test_index: np.ndarray
     preprocessing: Preprocessing
+    split_rule: str = ""
+    example_ids: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
 
     def split_json(self) -> dict[str, Any]:
-        """The test split as positions in the source dataset's own order."""
-        return {"dataset": self.name, "test_indices": self.test_index.tolist(), "train_size": len(self.train_index)}
+        """The test split as positions in the source dataset's own order, and by example name."""
+        split: dict[str, Any] = {"dataset": self.name, "test_indices": self.test_index.tolist(),
+                                 "train_size": len(self.train_index)}
+        if self.split_rule:
+            split["split_rule"] = self.split_rule
+        if self.example_ids:
+            split["test_examples"] = [self.example_ids[i] for i in self.test_index]
+        return split
 
 
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +100,27 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _sklearn_digits(section: DataSection, seed: int) -> Dataset:
+def tokenize(text: str) -> list[str]:
+    """The words of `text` as the vocabulary knows them (the rule `TOKENIZER` states)."""
+    return TOKEN.findall(text.lower())
+
+
+def decimate(signal: np.ndarray, factor: int) -> np.ndarray:
+    """Every `factor`-th sample after a low-pass at the new Nyquist frequency, so faster content cannot alias.
+
+    The filter is scipy.signal.decimate's FIR: a Hamming-windowed sinc of 20 * factor + 1 taps,
+    applied with its delay removed so samples stay aligned in time.
+    """
+    if factor == 1:
+        return signal
+    taps = 20 * factor + 1
+    kernel = np.sinc((np.arange(taps) - taps // 2) / factor) * np.hamming(taps)
+    kernel /= kernel.sum()
+    filtered = np.convolve(signal, kernel)[taps // 2: taps // 2 + len(signal)]
+    return filtered[::factor]
+
+
+def _sklearn_digits(section: DataSection, seed: int, base: Path | None) -> Dataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
@@ -80,10 +137,340 @@ def _sklearn_digits(section: DataSection, seed: int) -> Dataset:
     y = digits.target.astype(np.int64)
     train, test = stratified_split(y, section.test_fraction, seed)
     names = tuple(str(n) for n in digits.target_names)
-    return Dataset("sklearn-digits", x, y, names, train, test, pre)
+    rule = f"test_fraction {section.test_fraction}, stratified, seed {seed}"
+    return Dataset("sklearn-digits", x, y, names, train, test, pre, rule)
 
 
-def load_dataset(section: DataSection, seed: int) -> Dataset:
-    """The recipe's dataset, with its split and preprocessing."""
-    loaders = {"sklearn-digits": _sklearn_digits}
-    return loaders[section.source](section, seed)
+def _natural(text: str) -> list[Any]:
+    """Sort key that orders 'a_2' before 'a_10'."""
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text))]
+
+
+def _resolve(section: DataSection, name: str, base: Path | None) -> Path:
+    value = getattr(section, name)
+    if not value:
+        raise EdgeccError(f"data.{name}: needed for data.source '{section.source}'")
+    path = Path(value).expanduser()
+    return path if base is None else base / path
+
+
+def _regex(section: DataSection, name: str) -> re.Pattern[str]:
+    pattern = getattr(section, name)
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise EdgeccError(f"data.{name}: {pattern!r} is not a valid regular expression: {err}") from None
+
+
+def _split_option(section: DataSection, allowed: tuple[str, ...]) -> str:
+    """The one split option the recipe sets ('test_fraction' when none is)."""
+    chosen = [name for name in ("test_pattern", "test_path", "test_every") if getattr(section, name)]
+    if len(chosen) > 1:
+        raise EdgeccError(f"data: {' and '.join('data.' + c for c in chosen)} each define the test split; set only one")
+    if chosen and chosen[0] not in allowed:
+        raise EdgeccError(f"data.{chosen[0]}: does not apply to data.source '{section.source}'")
+    if section.test_every == 1:
+        raise EdgeccError("data.test_every: must be at least 2 (1 would leave nothing to train on)")
+    return chosen[0] if chosen else "test_fraction"
+
+
+def _every(count: int, n: int) -> np.ndarray:
+    """True for the n-th, 2n-th, ... of `count` examples in file order."""
+    return (np.arange(count) + 1) % n == 0
+
+
+def _classes(section: DataSection, option: str, labels: list[str], is_test: np.ndarray | None,
+             seed: int) -> tuple[np.ndarray, tuple[str, ...], np.ndarray, np.ndarray]:
+    """Class ids (names in natural order) and the split; a seeded stratified one when `is_test` is None.
+
+    Every class must have training and test examples, or its accuracy would mean nothing.
+    """
+    names = tuple(sorted(set(labels), key=_natural))
+    ids = {name: i for i, name in enumerate(names)}
+    y = np.array([ids[label] for label in labels], dtype=np.int64)
+    if is_test is None:
+        is_test = np.zeros(len(y), dtype=bool)
+        is_test[stratified_split(y, section.test_fraction, seed)[1]] = True
+    for i, name in enumerate(names):
+        for part, members in (("training", ~is_test), ("test", is_test)):
+            if not np.any(y[members] == i):
+                raise EdgeccError(f"data.{option}: class {name!r} has no {part} examples")
+    return y, names, np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def _split_rule(section: DataSection, option: str, seed: int) -> str:
+    if option == "test_fraction":
+        return f"test_fraction {section.test_fraction}, stratified, seed {seed}"
+    return f"{option} {getattr(section, option)!r}"
+
+
+def _image_files(folder: Path, field: str) -> list[tuple[str, Path]]:
+    """(class, file) pairs from one sub-folder per class or from '<class>_<n>.<ext>' names, in natural order."""
+    if not folder.is_dir():
+        raise EdgeccError(f"data.{field}: {folder} is not a folder")
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    folders = [p for p in entries if p.is_dir()]
+    if files and folders:
+        raise EdgeccError(f"data.{field}: {folder} holds both images and sub-folders; use one class layout")
+    if folders:
+        found = [(d.name, f) for d in folders for f in d.iterdir()
+                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        found = []
+        for f in files:
+            if "_" not in f.stem:
+                raise EdgeccError(f"data.{field}: {f.name} is not named <class>_<n>{f.suffix}")
+            found.append((f.stem.rsplit("_", 1)[0], f))
+    if not found:
+        raise EdgeccError(f"data.{field}: no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
+    return sorted(found, key=lambda pair: (_natural(pair[0]), _natural(pair[1].name)))
+
+
+def _read_images(files: list[tuple[str, Path]], section: DataSection) -> np.ndarray:
+    """0..255 float32 pixels, (N, size, size, channels), from (field, file) pairs."""
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise EdgeccError("data.source 'images' needs Pillow: pip install 'edgecc[train]'") from err
+    size, mode = section.image_size, "L" if section.channels == 1 else "RGB"
+    x = np.empty((len(files), size, size, section.channels), dtype=np.float32)
+    for i, (field, path) in enumerate(files):
+        try:
+            with Image.open(path) as image:
+                pixels = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+        except (OSError, ValueError) as err:
+            raise EdgeccError(f"data.{field}: cannot read image {path}: {err}") from None
+        x[i] = np.asarray(pixels, dtype=np.float32).reshape(size, size, section.channels)
+    return x
+
+
+def _images(section: DataSection, seed: int, base: Path | None) -> Dataset:
+    option = _split_option(section, ("test_pattern", "test_path", "test_every"))
+    roots = [("path", _resolve(section, "path", base))]
+    if option == "test_path":
+        roots.append(("test_path", _resolve(section, "test_path", base)))
+    files = [(field, label, path, path.relative_to(root).as_posix())
+             for field, root in roots for label, path in _image_files(root, field)]
+    is_test = None
+    if option == "test_path":
+        is_test = np.array([field == "test_path" for field, _, _, _ in files])
+    elif option == "test_pattern":
+        pattern = _regex(section, "test_pattern")
+        is_test = np.array([bool(pattern.search(path.name)) for _, _, path, _ in files])
+    elif option == "test_every":
+        is_test = _every(len(files), section.test_every)
+    y, names, train, test = _classes(section, option, [label for _, label, _, _ in files], is_test, seed)
+    size, channels = section.image_size, section.channels
+    pre = Preprocessing(
+        raw=(f"image files read with Pillow, converted to {'L (grayscale)' if channels == 1 else 'RGB'}, "
+             f"resized to {size}x{size} with Image.Resampling.BILINEAR: pixel values 0..255"),
+        layout="NHWC",
+        input_shape=(size, size, channels),
+        scale=1.0 / 255.0,
+        offset=0.0,
+    )
+    x = _read_images([(field, path) for field, _, path, _ in files], section) * np.float32(pre.scale)
+    return Dataset(section.path, x, y, names, train, test, pre, _split_rule(section, option, seed),
+                   tuple(name for _, _, _, name in files))
+
+
+def _column(value: str, header: list[str] | None, field: str) -> int:
+    """A column index from digits or, with a header, a column name."""
+    if value.isdecimal():
+        return int(value)
+    if header is None:
+        raise EdgeccError(f"data.{field}: {value!r} is not a column index; a column name needs data.header = true")
+    if value not in header:
+        raise EdgeccError(f"data.{field}: no column {value!r} (columns: {', '.join(header)})")
+    return header.index(value)
+
+
+def _rows(path: Path, section: DataSection, field: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank line, or csv record, of a text file."""
+    try:
+        text = path.read_text(encoding=section.encoding)
+    except LookupError:
+        raise EdgeccError(f"data.encoding: {section.encoding!r} is not a known encoding") from None
+    except FileNotFoundError:
+        raise EdgeccError(f"data.{field}: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        problem = f"cannot read {path} as {section.encoding} (see data.encoding): {err}"
+        raise EdgeccError(f"data.{field}: {problem}") from None
+    if section.format == "csv":
+        reader = csv.reader(io.StringIO(text))
+        rows = [(reader.line_num, row) for row in reader]
+    elif section.format == "tsv":
+        rows = [(n, line.split("\t")) for n, line in enumerate(text.split("\n"), 1)]
+    else:
+        rows = [(n, line.split(None, 1)) for n, line in enumerate(text.split("\n"), 1)]
+    return [(n, row) for n, row in rows if any(cell.strip() for cell in row)]
+
+
+def _read_text(path: Path, section: DataSection, field: str) -> list[tuple[str, str, str]]:
+    """(label, text, 'file:line') for each example."""
+    rows = _rows(path, section, field)
+    header = rows.pop(0)[1] if section.header and rows else None
+    columns = (0, 1)
+    if section.format != "label-text":
+        columns = (_column(section.label_column, header, "label_column"),
+                   _column(section.text_column, header, "text_column"))
+    pattern = _regex(section, "label_pattern")
+    examples = []
+    for n, row in rows:
+        where = f"{path.name}:{n}"
+        if len(row) <= max(columns):
+            raise EdgeccError(f"data.{field}: {where} has {len(row)} field(s), not both the label (column "
+                              f"{columns[0]}) and the text (column {columns[1]}) of data.format '{section.format}'")
+        label, text = row[columns[0]].strip(), row[columns[1]]
+        if section.label_pattern:
+            match = pattern.match(label)
+            if match is None:
+                raise EdgeccError(f"data.label_pattern: {section.label_pattern!r} does not match the label "
+                                  f"{label!r} at {where}")
+            label = match.group(1) if pattern.groups else match.group(0)
+        examples.append((label, text, where))
+    if not examples:
+        raise EdgeccError(f"data.{field}: {path} holds no examples")
+    return examples
+
+
+def _text(section: DataSection, seed: int, base: Path | None) -> Dataset:
+    option = _split_option(section, ("test_path", "test_every"))
+    examples = _read_text(_resolve(section, "path", base), section, "path")
+    is_test = None
+    if option == "test_path":
+        test = _read_text(_resolve(section, "test_path", base), section, "test_path")
+        is_test = np.arange(len(examples) + len(test)) >= len(examples)
+        examples += test
+    elif option == "test_every":
+        is_test = _every(len(examples), section.test_every)
+    y, names, train, test_index = _classes(section, option, [label for label, _, _ in examples], is_test, seed)
+    tokens = [tokenize(text) for _, text, _ in examples]
+    counts = Counter(word for i in train for word in tokens[i])
+    words = sorted((w for w, c in counts.items() if c >= section.min_count), key=lambda w: (-counts[w], w))
+    vocabulary = (PAD, UNK, *words[: section.max_vocabulary - 2])
+    ids = {word: i for i, word in enumerate(vocabulary)}
+    length = section.sequence_length
+    x = np.zeros((len(examples), length), dtype=np.int32)
+    for row, words_of in enumerate(tokens):
+        encoded = [ids.get(word, 1) for word in words_of[:length]]
+        x[row, : len(encoded)] = encoded
+    pre = Preprocessing(
+        raw="token ids of each text, from the tokenizer and vocabulary below",
+        layout="NL token ids",
+        input_shape=(length,),
+        scale=1.0,
+        offset=0.0,
+        tokenizer=TOKENIZER,
+        vocabulary=vocabulary,
+        sequence_length=length,
+        padding_id=0,
+        unknown_id=1,
+    )
+    return Dataset(section.path, x, y, names, train, test_index, pre, _split_rule(section, option, seed),
+                   tuple(where for _, _, where in examples))
+
+
+def _decimation(section: DataSection, name: str) -> int:
+    """The integer factor that brings file `name` from its rate (data.file_rates) to data.sample_rate."""
+    if section.file_rates and not section.sample_rate:
+        raise EdgeccError("data.file_rates: needs data.sample_rate, the rate to resample to")
+    for i, rule in enumerate(section.file_rates):
+        pattern, _, hz = rule.rpartition("=")
+        if not pattern or not hz.isdecimal() or int(hz) == 0:
+            raise EdgeccError(f"data.file_rates[{i}]: expected '<regex>=<Hz>', got {rule!r}")
+        try:
+            found = re.search(pattern, name)
+        except re.error as err:
+            raise EdgeccError(f"data.file_rates[{i}]: {pattern!r} is not a valid regular expression: {err}") from None
+        if found:
+            if int(hz) % section.sample_rate:
+                raise EdgeccError(f"data.file_rates[{i}]: {name} at {hz} Hz is not an integer multiple of "
+                                  f"data.sample_rate {section.sample_rate} Hz; resample it beforehand")
+            return int(hz) // section.sample_rate
+    return 1
+
+
+def _npz_array(path: Path, key: str) -> np.ndarray:
+    """The array named `key` in an .npz file, or its only array when `key` is empty."""
+    with np.load(path, allow_pickle=False) as loaded:
+        if key and key not in loaded:
+            raise EdgeccError(f"data.key: {path.name} has no array {key!r} (arrays: {', '.join(loaded)})")
+        if not key and len(loaded.files) != 1:
+            raise EdgeccError(f"data.key: {path.name} holds several arrays ({', '.join(loaded)}); name one")
+        return loaded[key or loaded.files[0]]
+
+
+def _read_signal(path: Path, key: str) -> np.ndarray:
+    """One recording as 1-D float64."""
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            array = _npz_array(path, key)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise EdgeccError(f"data.path: cannot read {path}: {err}") from None
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.number):
+        raise EdgeccError(f"data.path: {path.name} holds a {array.dtype} array of shape {array.shape}, "
+                          "not one channel of numbers, (N,) or (N, 1)")
+    return array.astype(np.float64)
+
+
+def _signals(section: DataSection, seed: int, base: Path | None) -> Dataset:
+    _split_option(section, ())
+    folder = _resolve(section, "path", base)
+    if not folder.is_dir():
+        raise EdgeccError(f"data.path: {folder} is not a folder")
+    if not section.files:
+        raise EdgeccError("data.files: needed for data.source 'signals' (a regex whose group 1 is the class)")
+    pattern = _regex(section, "files")
+    if pattern.groups < 1:
+        raise EdgeccError(f"data.files: {section.files!r} has no group to take the class from")
+    chosen = sorted((p for p in folder.iterdir() if p.suffix in SIGNAL_SUFFIXES and pattern.fullmatch(p.name)),
+                    key=lambda p: _natural(p.name))
+    if not chosen:
+        raise EdgeccError(f"data.files: {section.files!r} matches no .npz or .npy file name in {folder}")
+    window, hop = section.window, section.hop or section.window // 2
+    windows, labels, names, is_test = [], [], [], []
+    for path in chosen:
+        signal = decimate(_read_signal(path, section.key), _decimation(section, path.name))
+        label = pattern.fullmatch(path.name).group(1)
+        cut = int(len(signal) * (1.0 - section.test_tail))
+        starts = [(s, False) for s in range(0, cut - window + 1, hop)]
+        starts += [(s, True) for s in range(cut, len(signal) - window + 1, hop)]
+        for start, test in starts:
+            windows.append(signal[start: start + window])
+            labels.append(label)
+            names.append(f"{path.name}@{start}")
+            is_test.append(test)
+    if not windows:
+        raise EdgeccError(f"data.window: {window} samples do not fit in the training part of any recording")
+    y, classes, train, test_index = _classes(section, "test_tail", labels, np.array(is_test, dtype=bool), seed)
+    raw = np.stack(windows)
+    std = float(raw[train].std())
+    if std == 0.0:
+        raise EdgeccError("data.path: the training windows are constant; there is nothing to learn from")
+    rate = f" at {section.sample_rate} Hz" if section.sample_rate else ""
+    array = f" of array {section.key!r}" if section.key else ""
+    pre = Preprocessing(
+        raw=(f"{window} consecutive samples{rate} of a recording{array}; recordings sampled faster are first "
+             "decimated by an integer factor after a low-pass at the new Nyquist frequency (scipy.signal.decimate's "
+             "FIR: Hamming-windowed sinc, 20 * factor + 1 taps)"),
+        layout="NHWC",
+        input_shape=(1, window, 1),
+        scale=1.0 / std,
+        offset=0.0,
+        sample_rate=section.sample_rate or None,
+    )
+    x = (raw * pre.scale).astype(np.float32).reshape(len(raw), 1, window, 1)
+    rule = f"test_tail {section.test_tail}: windows lying in the last {section.test_tail:.0%} of each recording"
+    return Dataset(section.path, x, y, classes, train, test_index, pre, rule, tuple(names))
+
+
+def load_dataset(section: DataSection, seed: int, base: Path | None = None) -> Dataset:
+    """The recipe's dataset, with its split and preprocessing; relative paths are relative to `base`."""
+    loaders = {"sklearn-digits": _sklearn_digits, "images": _images, "text": _text, "signals": _signals}
+    return loaders[section.source](section, seed, base)

@@ -17,9 +17,9 @@ from edgecc import schema
 from edgecc.errors import EdgeccError
 from edgecc.schema import spec
 
-ARCHITECTURES = ("vit",)
-DATA_SOURCES = ("sklearn-digits",)
-STAGES = ("prune", "qat", "ptq")
+ARCHITECTURES = ("vit", "text")
+DATA_SOURCES = ("sklearn-digits", "images", "text", "signals")
+STAGES = ("prune", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
 
 
@@ -27,10 +27,13 @@ QUANTIZING = ("qat", "ptq")
 class ModelSection:
     """Either a reference architecture (with its sizes) or a user's tf_keras model file."""
 
-    architecture: str = spec("vit", choices=ARCHITECTURES, doc="reference architecture to train")
+    architecture: str = spec("vit", choices=ARCHITECTURES,
+                             doc="reference architecture to train: 'vit' (images, signals) or 'text' (token ids)")
     path: str = spec("", doc="a user's tf_keras .keras file or SavedModel directory; replaces architecture")
-    stem_filters: tuple[int, ...] = spec((32,), minimum=1, doc="3x3 ReLU convolutions before tokenisation")
-    stem_strides: tuple[int, ...] = spec((1,), minimum=1, maximum=4, doc="stride of each stem convolution")
+    stem_filters: tuple[int, ...] = spec((32,), minimum=1, doc="vit: ReLU convolutions before tokenisation")
+    stem_strides: tuple[int, ...] = spec((1,), minimum=1, maximum=4, doc="vit: stride of each stem convolution")
+    stem_kernel: tuple[int, ...] = spec((3, 3), minimum=1, maximum=15,
+                                        doc="vit: kernel height and width of the stem convolutions ([1, 9] for signals)")
     dim: int = spec(64, minimum=8, doc="token width")
     depth: int = spec(2, minimum=1, maximum=48, doc="number of encoder blocks")
     heads: int = spec(4, minimum=1, doc="attention heads per block; must divide dim")
@@ -40,8 +43,42 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
+    """Where the examples come from and which of them are the test split.
+
+    `images` and `text` take one of test_pattern, test_path or test_every, else a seeded stratified
+    test_fraction; `signals` cut each recording at test_tail so overlapping windows never straddle
+    the split. Relative paths are relative to the recipe's folder.
+    """
+
     source: str = spec("sklearn-digits", choices=DATA_SOURCES, doc="where the examples come from")
-    test_fraction: float = spec(0.25, minimum=0.05, maximum=0.5, doc="held-out share, stratified, seeded")
+    path: str = spec("", doc="images/signals: a folder; text: a file")
+    test_fraction: float = spec(0.25, minimum=0.05, maximum=0.5, doc="held-out share, stratified, seeded; "
+                                "used when no other split option is set")
+    test_pattern: str = spec("", doc="images: a regex searched in each file name; matching files are the test split")
+    test_path: str = spec("", doc="images: a folder, text: a file, laid out like path, that is the whole test split")
+    test_every: int = spec(0, minimum=0, doc="every n-th example in file order is a test example (0: unset)")
+    test_tail: float = spec(0.2, minimum=0.05, maximum=0.5, doc="signals: share at the end of each recording "
+                            "that is the test split")
+    image_size: int = spec(64, minimum=4, maximum=1024, doc="images: resized to image_size x image_size pixels")
+    channels: int = spec(1, choices=(1, 3), doc="images: 1 for grayscale, 3 for RGB")
+    format: str = spec("csv", choices=("csv", "tsv", "label-text"), doc="text: csv or tsv columns, or "
+                       "label-text lines '<label> <text>'")
+    label_column: str = spec("0", doc="csv/tsv: the label's column, an index (digits) or a header name")
+    text_column: str = spec("1", doc="csv/tsv: the text's column, an index (digits) or a header name")
+    header: bool = spec(False, doc="text: skip the first line; for csv/tsv it names the columns")
+    encoding: str = spec("utf-8", doc="text: the files' character encoding, e.g. latin-1")
+    label_pattern: str = spec("", doc="text: a regex matched at the label's start; its group 1 (or the match) "
+                              "is the class")
+    sequence_length: int = spec(32, minimum=1, doc="text: token ids per example, cut or padded at the end")
+    min_count: int = spec(2, minimum=1, doc="text: a word enters the vocabulary when seen this often in training")
+    max_vocabulary: int = spec(20000, minimum=3, doc="text: vocabulary size cap, [PAD] and [UNK] included")
+    files: str = spec("", doc="signals: a regex that must match a whole file name; its group 1 is the class")
+    key: str = spec("", doc="signals: the array's name in each .npz (empty: the file's only array)")
+    sample_rate: int = spec(0, minimum=0, doc="signals: the model's sampling rate in Hz (0: take files as they are)")
+    file_rates: tuple[str, ...] = spec((), doc="signals: '<regex>=<Hz>' for files recorded faster than "
+                                       "sample_rate; the first regex found in the file name applies")
+    window: int = spec(1024, minimum=8, doc="signals: samples per example")
+    hop: int = spec(0, minimum=0, doc="signals: samples between window starts (0: window // 2)")
 
 
 @dataclass(frozen=True)
@@ -58,24 +95,30 @@ class TrainSection:
     learning_rate: float = spec(2e-3, minimum=0.0, maximum=1.0, doc="peak of a cosine decay")
     weight_decay: float = spec(0.05, minimum=0.0, maximum=1.0, doc="AdamW decoupled weight decay")
     label_smoothing: float = spec(0.1, minimum=0.0, maximum=0.5)
-    augment_shift: int = spec(1, minimum=0, maximum=8, doc="random translation in pixels, training only")
+    augment_shift: int = spec(1, minimum=0, maximum=8, doc="images: random translation in pixels, training only")
+    token_dropout: float = spec(0.0, minimum=0.0, maximum=0.9,
+                                doc="text: share of words replaced by [UNK] in each training epoch")
 
 
 @dataclass(frozen=True)
 class CompressSection:
-    """Stages in order: optional structured `prune`, then `qat` (quantization-aware distillation) or `ptq`."""
+    """Stages in order: optional structured `prune`, optional `sparsify` (zeros in the kernels), then `qat`
+    (quantization-aware distillation, which keeps the zeros) or `ptq`."""
 
     stages: tuple[str, ...] = spec(("ptq",), choices=STAGES, doc="compression stages, in order; the last quantizes")
     calibration_samples: int = spec(256, minimum=1, doc="training examples used to calibrate int8 ranges")
     per_channel: bool = spec(False, doc="per-channel int8 weights for fully connected layers")
     head_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of attention heads kept per block")
     neuron_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of feed-forward neurons kept")
-    distill_epochs: int = spec(10, minimum=0, doc="distillation epochs after each prune or qat stage")
+    sparsity: float = spec(0.5, minimum=0.0, maximum=0.95, doc="sparsify: share of zero weights in each pruned kernel")
+    sparsity_pattern: str = spec("magnitude", choices=("magnitude", "2:4"),
+                                 doc="sparsify: smallest weights anywhere, or 2 of every 4 along the input axis")
+    distill_epochs: int = spec(10, minimum=0, doc="distillation epochs of each prune, sparsify or qat stage")
     distill_learning_rate: float = spec(1e-3, minimum=0.0, maximum=1.0)
     temperature: float = spec(2.0, minimum=0.1, maximum=20.0, doc="softening of the logits in the KL term")
     task_weight: float = spec(1.0, minimum=0.0, doc="weight of the cross-entropy on the labels")
     logits_weight: float = spec(1.0, minimum=0.0, doc="weight of the KL divergence to the teacher's logits")
-    hidden_weight: float = spec(0.0, minimum=0.0, doc="weight of the per-block hidden-state loss (prune stage)")
+    hidden_weight: float = spec(0.0, minimum=0.0, doc="weight of the per-block hidden-state loss (prune, sparsify)")
 
 
 @dataclass(frozen=True)
@@ -120,6 +163,8 @@ def load_recipe(path: Path | None = None) -> LoadedRecipe:
     m = recipe.model
     if len(m.stem_filters) != len(m.stem_strides):
         problems.append("model.stem_filters and model.stem_strides must have the same length")
+    if len(m.stem_kernel) != 2:
+        problems.append(f"model.stem_kernel: {list(m.stem_kernel)} must be [height, width]")
     if m.dim % m.heads:
         problems.append(f"model.heads: {m.heads} does not divide model.dim {m.dim}")
     stages = recipe.compress.stages
@@ -127,6 +172,13 @@ def load_recipe(path: Path | None = None) -> LoadedRecipe:
         problems.append(f"compress.stages: {list(stages)} must end with exactly one of 'qat' or 'ptq'")
     if len(set(stages)) != len(stages):
         problems.append(f"compress.stages: {list(stages)} names a stage twice")
+    if "sparsify" in stages and "prune" in stages[stages.index("sparsify"):]:
+        problems.append("compress.stages: 'prune' must come before 'sparsify' (its distillation would refill the zeros)")
+    c = recipe.compress
+    if "sparsify" in stages and c.distill_epochs < 1:
+        problems.append("compress.distill_epochs: 'sparsify' needs at least 1 (its masks are set while training)")
+    if c.sparsity_pattern == "2:4" and c.sparsity != 0.5:
+        problems.append(f"compress.sparsity: {c.sparsity} does not apply to the 2:4 pattern, which is always 0.5")
     loaded = LoadedRecipe(recipe, path, hashlib.sha256(path.read_bytes()).hexdigest())
     user_model = model_path(loaded)
     if user_model is not None and not user_model.exists():

@@ -84,13 +84,26 @@ def _shifted(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.nda
     return np.stack([padded[i, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(n)])
 
 
+def _augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.random.Generator) -> np.ndarray:
+    """One epoch's training inputs: images shifted, or words dropped to [UNK] (padding kept)."""
+    pre = dataset.preprocessing
+    if pre.unknown_id is not None:
+        if not section.token_dropout:
+            return x
+        dropped = (rng.random(x.shape) < section.token_dropout) & (x != pre.padding_id)
+        return np.where(dropped, pre.unknown_id, x).astype(x.dtype)
+    if x.ndim == 4 and x.shape[1] > 1:
+        return _shifted(x, section.augment_shift, rng)
+    return x
+
+
 def _outputs_logits(model: Any) -> bool:
     keras = _keras()
     return getattr(model.layers[-1], "activation", None) is not keras.activations.softmax
 
 
 def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, reporter: Reporter) -> Any:
-    """Fit the teacher on the training split only: AdamW, cosine decay, label smoothing, shifts."""
+    """Fit the teacher on the training split only: AdamW, cosine decay, label smoothing, augmentation."""
     keras = _keras()
     if section.epochs == 0:
         return model
@@ -109,7 +122,7 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
     with reporter.task("training float teacher", section.epochs) as advance:
         for _ in range(section.epochs):
             history = model.fit(
-                _shifted(x, section.augment_shift, rng), targets,
+                _augmented(x, section, dataset, rng), targets,
                 batch_size=section.batch_size, epochs=1, shuffle=True, verbose=0,
             )
             advance(status=f"loss {history.history['loss'][-1]:.3f} acc {history.history['accuracy'][-1]:.3f}")

@@ -3,7 +3,8 @@
     python run.py INPUTS.npy [--json] [--threads N]
 
 INPUTS.npy holds raw examples, one per row, in the form manifest.json's
-"preprocessing.raw" describes; this script applies the manifest's scaling and
+"preprocessing.raw" describes (token ids for text models, made with its
+"tokenizer" and "vocabulary"); this script applies the manifest's scaling and
 int8 quantization, runs model.tflite (model_edgetpu.tflite with the Edge TPU
 delegate when it is present) and prints the predicted label of each example.
 Needs numpy and ai-edge-litert (or tflite-runtime on older boards).
@@ -47,8 +48,11 @@ def main() -> None:
     out_scale, out_zero = pre["output_quantization"]["scale"], pre["output_quantization"]["zero_point"]
     predictions = []
     for raw in np.load(args.inputs):
-        x = raw.astype(np.float32) * pre["scale"] + pre["offset"]
-        q = np.clip(np.round(x / in_scale) + in_zero, -128, 127).astype(np.int8)
+        if source["dtype"] == np.int32:  # text models take the token ids themselves
+            q = raw.astype(np.int32)
+        else:
+            x = raw.astype(np.float32) * pre["scale"] + pre["offset"]
+            q = np.clip(np.round(x / in_scale) + in_zero, -128, 127).astype(np.int8)
         model.set_tensor(source["index"], q.reshape(pre["model_input_shape"]))
         model.invoke()
         logits = (model.get_tensor(sink["index"])[0].astype(np.float32) - out_zero) * out_scale

@@ -1,0 +1,141 @@
+"""Compression on three real tasks: each reference recipe built for rpi4, one row per task and stage.
+
+For every task in `models/` (neu_det, cwru_bearing, trec) this runs `edgecc build
+--target rpi4` on the data under ../shared/data (skipped, with the reason, when
+absent), keeps the final `model.tflite`, `float.tflite` and `manifest.json` under
+`benchmarks/models/<task>/` (git-ignored), writes every row to
+`benchmarks/compression.json` and the table to BENCHMARKS.md. Accuracy is on each
+task's fixed test split with the TFLite interpreter; host latency is int8 against
+float TFLite on 1 thread, interleaved in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_estimator import ROOT, write_section  # noqa: E402
+
+from edgecc.build import build  # noqa: E402
+from edgecc.errors import EdgeccError  # noqa: E402
+from edgecc.progress import Reporter  # noqa: E402
+from edgecc.recipe import load_recipe  # noqa: E402
+
+TASKS = ("neu_det", "cwru_bearing", "trec")
+OUT = ROOT / "benchmarks"
+
+
+def run_task(task: str) -> dict[str, Any]:
+    """Build one task's recipe; returns its rows, or the reason it was skipped."""
+    recipe_path = ROOT / "models" / f"{task}.toml"
+    data = load_recipe(recipe_path).recipe.data
+    data_path = (recipe_path.parent / data.path).resolve()
+    if not data_path.exists():
+        return {"task": task, "skipped": f"data not found at {data_path}"}
+    started = time.perf_counter()
+    try:
+        result = build("rpi4", recipe_path, OUT / "models" / task, Reporter())
+    except EdgeccError as err:
+        return {"task": task, "skipped": f"build failed: {err}"}
+    metrics = result.manifest["metrics"]
+    records = metrics["stages"]
+    teacher = records[0]
+    rows = []
+    for record in records:
+        rows.append({
+            "task": task, "stage": record["name"], "accuracy": record["accuracy"],
+            "drop_points": round((teacher["accuracy"] - record["accuracy"]) * 100, 2),
+            "bytes": record["bytes"], "gzip_bytes": record["gzip_bytes"], "parameters": record["parameters"],
+            "size_ratio": round(teacher["bytes"] / record["bytes"], 2),
+            "host_latency_ms": record["host_latency_ms"],
+            "speedup_vs_float": record.get("speedup_vs_float", 1.0),
+            "int8_weight_sparsity": _mean_sparsity(record.get("weight_sparsity", {})),
+        })
+    return {"task": task, "rows": rows, "build_seconds": round(time.perf_counter() - started),
+            "recipe": str(recipe_path.relative_to(ROOT)), "test_size": result.manifest["data"]["test_size"]}
+
+
+def _mean_sparsity(per_tensor: dict[str, float]) -> float | None:
+    return round(sum(per_tensor.values()) / len(per_tensor), 3) if per_tensor else None
+
+
+def verdicts(result: dict[str, Any]) -> list[str]:
+    """The issue's acceptance checks for one task, each with the figures it compares."""
+    rows = {row["stage"]: row for row in result["rows"]}
+    teacher, final = result["rows"][0], result["rows"][-1]
+    lines = [
+        f"float teacher accuracy {teacher['accuracy']:.4f}",
+        f"final int8 within 1.0 point of the teacher: {final['drop_points']:+.2f} points "
+        f"({'yes' if final['drop_points'] <= 1.0 else 'NO'})",
+        f"final int8 at least 8x smaller than the float TFLite: {final['size_ratio']:.2f}x "
+        f"({'yes' if final['size_ratio'] >= 8 else 'NO'})",
+        f"final int8 at least 3x faster than float on the host: {final['speedup_vs_float']:.2f}x "
+        f"({'yes' if final['speedup_vs_float'] >= 3 else 'NO'})",
+    ]
+    baseline = rows.get("int8 after ptq of the teacher")
+    if baseline and baseline["drop_points"] > 0.5:
+        recovered = (baseline["drop_points"] - final["drop_points"]) / baseline["drop_points"]
+        lines.append(f"PTQ alone loses {baseline['drop_points']:.2f} points; the final model recovers "
+                     f"{recovered:.0%} of that ({'yes' if recovered >= 0.5 else 'NO'}, at least half required)")
+    elif baseline:
+        lines.append(f"PTQ alone loses {baseline['drop_points']:.2f} points (not more than 0.5: no recovery needed)")
+    pruned = rows.get("int8 after prune")
+    if baseline and pruned:
+        lines.append(f"structured pruning: int8 latency {baseline['host_latency_ms']:.3f} ms -> "
+                     f"{pruned['host_latency_ms']:.3f} ms (PTQ of the teacher -> PTQ of the pruned student)")
+    return lines
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| task | stage | accuracy | drop (points) | file bytes | gzip bytes | params | smaller than float | "
+             "int8 speed-up vs float | int8 weight sparsity |", "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for result in results:
+        if "skipped" in result:
+            notes.append(f"- {result['task']}: skipped, {result['skipped']}")
+            continue
+        for r in result["rows"]:
+            sparsity = "" if r["int8_weight_sparsity"] is None else f"{r['int8_weight_sparsity']:.1%}"
+            lines.append(f"| {r['task']} | {r['stage']} | {r['accuracy']:.4f} | {r['drop_points']:+.2f} | "
+                         f"{r['bytes']:,} | {r['gzip_bytes']:,} | {r['parameters']:,} | {r['size_ratio']:.2f}x | "
+                         f"{r['speedup_vs_float']:.2f}x ({r['host_latency_ms']:.3f} ms) | {sparsity} |")
+        notes.append(f"- **{result['task']}** ({result['recipe']}, {result['test_size']} test examples, "
+                     f"built in {result['build_seconds']} s): " + "; ".join(verdicts(result)) + ".")
+    return "\n".join(lines + [""] + notes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tasks", nargs="*", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    results = [run_task(task) for task in args.tasks]
+    OUT.mkdir(exist_ok=True)
+    (OUT / "compression.json").write_text(json.dumps(results, indent=2) + "\n")
+    body = "\n".join([
+        "## Compression on real tasks",
+        "",
+        f"`python scripts/bench_compression.py {' '.join(args.tasks)}`, {date.today().isoformat()}, on "
+        f"{platform.machine()} ({platform.processor() or platform.system()}), 2 cores. Each task is "
+        "`edgecc build --target rpi4 --recipe models/<task>.toml`; accuracy is on the task's fixed test split "
+        "with the TFLite interpreter. File sizes are TFLite files; 'smaller than float' divides the float "
+        "teacher's TFLite file by the row's. Host latency is the median of 300 interleaved `invoke()` calls on "
+        "1 thread, float and every int8 model in the same process; the speed-up divides the float teacher's "
+        "latency by the row's. Sparsity is the mean share of zeros in the int8 weight matrices of the file. "
+        "Models and manifests are kept under `benchmarks/models/<task>/`; rows in `benchmarks/compression.json`.",
+        "",
+        table(results),
+    ])
+    print(body)
+    write_section(args.out, "bench_compression", body)
+
+
+if __name__ == "__main__":
+    main()
