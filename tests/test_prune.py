@@ -207,3 +207,30 @@ def test_prune_refuses_what_it_cannot_do() -> None:
         prune(model, {}, {"block0_mlp_up": []})
     with pytest.raises(EdgeccError, match="head_fraction"):
         prune_to(model, 0.0, 0.5, IMAGES, np.zeros((16, 5), np.float32))
+
+
+def test_trimmed_vocabulary_keeps_frequent_tokens_and_folds_the_rest_into_unk(tmp_path: Path) -> None:
+    from edgecc.prune import trim_vocabulary
+    from edgecc.transformer import text_transformer
+
+    keras.utils.set_random_seed(0)
+    config = VitConfig(stem_filters=(), stem_strides=(), dim=16, depth=1, heads=2, mlp_dim=16, dropout=0.0)
+    model = text_transformer(config, 8, 100, 3)
+    rng = np.random.default_rng(0)
+    common = rng.integers(0, 20, size=(64, 8)).astype(np.int32)  # ids 0..19 only: the frequent ones
+    trimmed = trim_vocabulary(model, common, 0.25, unknown_id=1)
+    embedding = trimmed.get_layer("token_embedding")
+    assert embedding.table.shape == (25, 16) and embedding.input_vocabulary == 100
+    np.testing.assert_allclose(trimmed(common).numpy(), model(common).numpy(), atol=1e-5)
+    rare = common.copy()
+    rare[:, 3] = 77  # unseen in training: read as [UNK]
+    as_unknown = common.copy()
+    as_unknown[:, 3] = 1
+    np.testing.assert_allclose(trimmed(rare).numpy(), model(as_unknown).numpy(), atol=1e-5)
+    sizes = [len(to_int8_tflite(inference_graph(m), common[:8], per_channel=False)) for m in (model, trimmed)]
+    saved_bytes = 75 * 16 - 100 * 4  # int8 rows dropped, less the int32 id map added
+    assert sizes[0] - sizes[1] >= 0.5 * saved_bytes, sizes
+    path = tmp_path / "trimmed.keras"
+    trimmed.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True, compile=False)
+    np.testing.assert_allclose(loaded(rare).numpy(), trimmed(rare).numpy(), atol=1e-6)

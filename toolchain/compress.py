@@ -1,7 +1,8 @@
 """The recipe's compression stages, in order, each fine-tuned by distillation from the float teacher.
 
 - `prune`: remove the least important attention heads and feed-forward neurons
-  (a physically smaller dense model), then distil.
+  (a physically smaller dense model), and for text the embedding rows of the
+  rarest tokens, then distil.
 - `sparsify`: TF-MOT magnitude pruning of the Dense and Conv2D kernels to a
   target share of zeros, or to 2:4 sparsity, then distil. The matrices keep
   their size: the zeros shrink the compressed file and suit sparse kernels.
@@ -52,10 +53,12 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
     for name in section.stages:
         losses: list[float] = []
         if name == "prune":
-            from edgecc.prune import prune_to
+            from edgecc.prune import prune_to, trim_vocabulary
 
             reference = teacher.predict(calibration, verbose=0)
             student = prune_to(student, section.head_fraction, section.neuron_fraction, calibration, reference)
+            if section.vocabulary_fraction < 1.0:
+                student = trim_vocabulary(student, x, section.vocabulary_fraction, dataset.preprocessing.unknown_id)
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
                              section.distill_learning_rate, _weights(section, hidden=True), seed, reporter,
                              "distilling the pruned student")

@@ -93,24 +93,35 @@ class TokenEmbedding(keras.layers.Layer):
     """A learned vector per token id: an int8 GATHER in TFLite.
 
     Keras' Embedding is not accepted by TF-MOT QAT; this layer gets a
-    QuantizeConfig that rounds its table as the converter does.
+    QuantizeConfig that rounds its table as the converter does. A trimmed
+    vocabulary (`input_vocabulary` > 0) first maps each input id to a row of a
+    smaller table through a constant int32 `id_map` (a second, int32 GATHER),
+    so the tokenizer and its ids stay as they were.
     """
 
-    def __init__(self, vocabulary_size: int, dim: int, **kwargs: Any) -> None:
+    def __init__(self, vocabulary_size: int, dim: int, input_vocabulary: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.vocabulary_size = vocabulary_size
         self.dim = dim
+        self.input_vocabulary = input_vocabulary
 
     def build(self, input_shape: Any) -> None:
         self.table = self.add_weight(name="table", shape=(self.vocabulary_size, self.dim),
                                      initializer=keras.initializers.TruncatedNormal(stddev=0.02))
+        if self.input_vocabulary:
+            self.id_map = self.add_weight(name="id_map", shape=(self.input_vocabulary,), dtype="int32",
+                                          initializer="zeros", trainable=False)
         super().build(input_shape)
 
     def call(self, ids: Any) -> Any:
-        return tf.gather(self.table, tf.cast(ids, tf.int32))
+        ids = tf.cast(ids, tf.int32)
+        if self.input_vocabulary:
+            ids = tf.gather(self.id_map, ids)
+        return tf.gather(self.table, ids)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "vocabulary_size": self.vocabulary_size, "dim": self.dim}
+        return {**super().get_config(), "vocabulary_size": self.vocabulary_size, "dim": self.dim,
+                "input_vocabulary": self.input_vocabulary}
 
 
 class _MultiHead(keras.layers.Layer):

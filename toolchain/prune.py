@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgecc.errors import EdgeccError
-from edgecc.layers import AttentionContext, AttentionScores, keras
+from edgecc.layers import AttentionContext, AttentionScores, TokenEmbedding, keras
 
 layers = keras.layers
 
@@ -228,22 +228,61 @@ def prune(model: Any, keep_heads: dict[str, list[int]], keep_neurons: dict[str, 
         unit = by_up[name]
         columns[unit.up] = rows[unit.down] = np.asarray(_checked(kept, unit.width, f"neurons of {name}"))
 
+    changes = {**{name: {"units": len(kept)} for name, kept in columns.items()},
+               **{name: {"heads": count} for name, count in heads.items()}}
+    weights = {}
+    for name in set(rows) | set(columns):
+        kernel, *bias = model.get_layer(name).get_weights()
+        keep_in, keep_out = rows.get(name, slice(None)), columns.get(name, slice(None))
+        weights[name] = [kernel[keep_in][:, keep_out], *(b[keep_out] for b in bias)]
+    return _rebuilt(model, changes, weights)
+
+
+def _rebuilt(model: Any, changes: dict[str, dict[str, Any]], weights: dict[str, list[np.ndarray]]) -> Any:
+    """The model rebuilt from its own config with `changes` to some layers' configs and their new `weights`;
+    every other layer keeps its weights. It stays a plain functional model that saves and loads in safe mode."""
     config = model.get_config()
     for layer in config["layers"]:
-        name = layer["config"]["name"]
-        if name in columns:
-            layer["config"]["units"] = len(columns[name])
-        if name in heads:
-            layer["config"]["heads"] = heads[name]
-    pruned = type(model).from_config(config)
-    for layer in pruned.layers:
-        weights = model.get_layer(layer.name).get_weights()
-        if layer.name in rows or layer.name in columns:
-            kernel, *bias = weights
-            keep_in, keep_out = rows.get(layer.name, slice(None)), columns.get(layer.name, slice(None))
-            weights = [kernel[keep_in][:, keep_out], *(b[keep_out] for b in bias)]
-        layer.set_weights(weights)
-    return pruned
+        layer["config"].update(changes.get(layer["config"]["name"], {}))
+    rebuilt = type(model).from_config(config)
+    for layer in rebuilt.layers:
+        layer.set_weights(weights.get(layer.name) or model.get_layer(layer.name).get_weights())
+    return rebuilt
+
+
+def trim_vocabulary(model: Any, ids: np.ndarray, fraction: float, unknown_id: int | None) -> Any:
+    """Keep the embedding rows of the round(rows * fraction) tokens used most in `ids` (training token ids).
+
+    Every other id then shares one row, as a tokenizer folds words it does not
+    know into [UNK]: the [UNK] row when the data has one (`unknown_id`), else a
+    new row, the mean of the dropped ones. Input ids are unchanged: a constant
+    id map inside TokenEmbedding sends them to the kept rows.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise EdgeccError(f"vocabulary_fraction must be in (0, 1], not {fraction}")
+    embeddings = [layer for layer in model.layers if isinstance(layer, TokenEmbedding)]
+    if len(embeddings) != 1:
+        raise EdgeccError(f"trimming the vocabulary needs exactly one TokenEmbedding, the model has {len(embeddings)}")
+    layer = embeddings[0]
+    table = layer.table.numpy()
+    inputs = layer.input_vocabulary or len(table)
+    rows_of_ids = layer.id_map.numpy() if layer.input_vocabulary else np.arange(inputs)
+    counts = np.bincount(rows_of_ids[ids.ravel()], minlength=len(table))
+    kept = np.argsort(-counts, kind="stable")[: max(1, round(len(table) * fraction))]
+    if unknown_id is not None and rows_of_ids[unknown_id] not in kept:
+        kept[-1] = rows_of_ids[unknown_id]
+    kept = np.sort(kept)
+    new_row = np.empty(len(table), np.int32)
+    if unknown_id is not None:
+        new_table = table[kept]
+        new_row[:] = np.searchsorted(kept, rows_of_ids[unknown_id])
+    else:
+        dropped = np.setdiff1d(np.arange(len(table)), kept)
+        new_table = np.concatenate([table[kept], table[dropped].mean(axis=0, keepdims=True)]) if len(dropped) else table
+        new_row[:] = len(kept)
+    new_row[kept] = np.arange(len(kept))
+    changes = {layer.name: {"vocabulary_size": len(new_table), "input_vocabulary": inputs}}
+    return _rebuilt(model, changes, {layer.name: [new_table, new_row[rows_of_ids]]})
 
 
 def _most_important(importance: np.ndarray, count: int) -> list[int]:

@@ -110,6 +110,9 @@ class CompressSection:
     per_channel: bool = spec(False, doc="per-channel int8 weights for fully connected layers")
     head_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of attention heads kept per block")
     neuron_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of feed-forward neurons kept")
+    vocabulary_fraction: float = spec(1.0, minimum=0.01, maximum=1.0,
+                                      doc="prune: share of the token embedding rows kept, the tokens used most in "
+                                          "training; the others share the [UNK] row")
     sparsity: float = spec(0.5, minimum=0.0, maximum=0.95, doc="sparsify: share of zero weights in each pruned kernel")
     sparsity_pattern: str = spec("magnitude", choices=("magnitude", "2:4"),
                                  doc="sparsify: smallest weights anywhere, or 2 of every 4 along the input axis")
