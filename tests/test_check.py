@@ -130,8 +130,13 @@ def test_edgetpu_check_splits_the_transformer_and_charges_the_link(tiny_models) 
     plan = result.edgetpu
     assert plan is not None and plan.method.startswith("prediction")
     assert result.placement[0] == "edgetpu" and result.placement[-1] == "cpu"
-    matmuls = [i for i, op in enumerate(result.graph.operators) if op.kind == "BATCH_MATMUL"]
-    assert matmuls and all("both inputs are activations" in plan.reasons[i] for i in matmuls)
+    # the int8 graph's attention products: one FULLY_CONNECTED per head whose weights are an activation
+    # (K for Q·Kᵀ, the probabilities for the context); tiny ViT: 1 block, 2 heads, 2 products each
+    graph = result.graph
+    products = [i for i, op in enumerate(graph.operators)
+                if op.kind == "FULLY_CONNECTED" and not graph.tensors[op.inputs[1]].constant]
+    assert len(products) == 2 * 2, products
+    assert all(plan.reasons[i].startswith("FULLY_CONNECTED: both inputs are activations") for i in products)
     tpu = result.target.edgetpu
     assert result.latency.fixed_ms > tpu.invoke_overhead_ms.value  # the stem's output crosses to the CPU
     assert [o.unit for o in result.latency.ops] == list(result.placement)

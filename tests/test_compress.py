@@ -48,7 +48,12 @@ def test_quantization_aware_distillation(teacher: keras.Model) -> None:
     (stage,) = run_stages(teacher, DIGITS, section, TrainSection(batch_size=64), 0, calibration, Reporter(quiet=True))
     graph = read_graph(stage.int8)
     assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}
-    assert {"BATCH_MATMUL", "SOFTMAX", "RSQRT"} <= set(graph.op_counts())
+    ops = graph.op_counts()
+    assert {"SOFTMAX", "RSQRT", "FULLY_CONNECTED"} <= set(ops) and "BATCH_MATMUL" not in ops, ops
+    # attention as one FULLY_CONNECTED per head with an activation as its weights: Q·Kᵀ and the context
+    products = [op for op in graph.operators
+                if op.kind == "FULLY_CONNECTED" and not graph.tensors[op.inputs[1]].constant]
+    assert len(products) == 2 * 4 * 2  # 2 products x 4 heads x 2 blocks
     from edgecc.runtime import Model
 
     int8 = Model(stage.int8)

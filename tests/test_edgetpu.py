@@ -73,9 +73,16 @@ def test_transformer_leaves_the_edge_tpu_with_a_reason_per_op(vit: Graph) -> Non
     # the ops that break the documented rules by themselves, whatever comes before them
     own = {i: operator_problem(vit, op, EDGETPU_OPS) for i, op in enumerate(vit.operators)}
     own = {i: p for i, p in own.items() if p}
-    assert {kinds[i] for i in own} == {"FULLY_CONNECTED", "BATCH_MATMUL", "SOFTMAX"}
-    scores = kinds.index("BATCH_MATMUL")  # the first attention matmul, Q·Kᵀ
-    assert own[scores].startswith("BATCH_MATMUL: both inputs are activations")
+    # UNPACK splits Q, K, Vᵀ and the probabilities into heads; it is not in the supported-operations table
+    assert {kinds[i] for i in own} == {"FULLY_CONNECTED", "SOFTMAX", "UNPACK"}
+    # the int8 graph computes attention as one FULLY_CONNECTED per head whose weights are an activation
+    assert "BATCH_MATMUL" not in kinds
+    products = [i for i, op in enumerate(vit.operators)
+                if op.kind == "FULLY_CONNECTED" and not vit.tensors[op.inputs[1]].constant]
+    assert len(products) == 2 * 2  # Q·Kᵀ and the context, for each of the 2 heads of the 1 block
+    assert all(own[i].startswith("FULLY_CONNECTED: both inputs are activations") for i in products)
+    scores = products[0]  # the first attention product, Q·Kᵀ of the first head
+    assert scores < kinds.index("SOFTMAX") < products[-1]
     assert "1-D tensor of at most 16,000" in own[kinds.index("SOFTMAX")]
     assert kinds[-1] == "FULLY_CONNECTED" and len(vit.operators) - 1 not in own  # logits: a 1-D output
 
@@ -91,7 +98,7 @@ def test_transformer_leaves_the_edge_tpu_with_a_reason_per_op(vit: Graph) -> Non
     for i in range(first + 1, len(kinds)):
         assert plan.reasons[i] == own.get(i, f"{kinds[i]}: after the first CPU operator (op {first}), the compiler "
                                              "maps nothing further (by default it builds a single Edge TPU subgraph)")
-    assert plan.reasons[scores].startswith("BATCH_MATMUL: both inputs are activations")
+    assert plan.reasons[scores].startswith("FULLY_CONNECTED: both inputs are activations")
 
 
 def test_parameter_cache_splits_at_onchip_bytes(cnn: Graph) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 layers_mod = pytest.importorskip("edgecc.layers")
+from edgecc.convert import to_int8_tflite  # noqa: E402
 from edgecc.layers import AttentionContext, AttentionScores, LayerNorm, keras, tf  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
 from edgecc.teacher import inference_graph  # noqa: E402
@@ -52,9 +54,36 @@ def test_batch_one_graph_has_static_shapes_and_same_outputs() -> None:
     x = np.random.default_rng(2).random((1, 8, 8, 1), dtype=np.float32)
     np.testing.assert_allclose(batch_one(x).numpy(), model(x).numpy(), atol=1e-6)
     content = tf.lite.TFLiteConverter.from_keras_model(batch_one).convert()
-    ops = set(read_graph(content).op_counts())
-    assert not ops & {"SHAPE", "FILL", "REDUCE_PROD", "GATHER", "PACK"}, ops
-    assert {"BATCH_MATMUL", "SOFTMAX", "FULLY_CONNECTED"} <= ops
+    counts = read_graph(content).op_counts()
+    assert not set(counts) & {"SHAPE", "FILL", "REDUCE_PROD", "GATHER", "PACK"}, counts
+    # the float graph keeps attention batched: one BATCH_MATMUL for Q·Kᵀ and one for the context
+    assert {"SOFTMAX", "FULLY_CONNECTED"} <= set(counts) and counts.get("BATCH_MATMUL") == 2, counts
+    # the int8 graph: one FULLY_CONNECTED per head and product, its weights an activation (K, or the probabilities)
+    graph = read_graph(to_int8_tflite(batch_one, np.random.default_rng(3).random((8, 8, 8, 1), dtype=np.float32),
+                                      per_channel=False))
+    counts = graph.op_counts()
+    assert not set(counts) & {"SHAPE", "FILL", "REDUCE_PROD", "GATHER", "PACK", "BATCH_MATMUL"}, counts
+    products = [op for op in graph.operators if op.kind == "FULLY_CONNECTED" and not graph.tensors[op.inputs[1]].constant]
+    assert len(products) == 2 * SMALL.heads * SMALL.depth, counts
+
+
+def test_int8_graph_attention_per_head_matches_the_batched_form() -> None:
+    """Inside `int8_graph()` a batch of 1 takes the per-head path: plain matmuls, no batched one, same values."""
+    rng = np.random.default_rng(4)
+    heads, tokens, width = 3, 4, 12
+    q, k, v = (tf.constant(rng.normal(size=(1, tokens, width)).astype(np.float32)) for _ in range(3))
+    softmax, scores, context = keras.layers.Softmax(), AttentionScores(heads), AttentionContext(heads)
+
+    def trace() -> Any:  # a fresh tf.function each time: `int8_graph()` is read when tracing, not a cache key
+        return tf.function(lambda q, k, v: context([softmax(scores([q, k])), v])).get_concrete_function(q, k, v)
+
+    batched = trace()
+    with layers_mod.int8_graph():
+        per_head = trace()
+    kinds = [{op.type for op in f.graph.get_operations()} for f in (batched, per_head)]
+    assert "BatchMatMulV2" in kinds[0] and "MatMul" not in kinds[0], kinds[0]
+    assert "BatchMatMulV2" not in kinds[1] and "MatMul" in kinds[1], kinds[1]
+    np.testing.assert_allclose(per_head(q, k, v).numpy(), batched(q, k, v).numpy(), atol=1e-5)
 
 
 def test_saved_model_file_loads_in_safe_mode(tmp_path: Path) -> None:

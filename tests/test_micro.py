@@ -105,7 +105,9 @@ def test_resolver_registers_exactly_the_models_ops(stm32: tuple[Path, bytes, int
     ops = read_graph(model).op_counts()
     assert sorted(names) == sorted(ops) and len(set(names)) == len(names)
     assert capacity == len(ops)
-    assert {"FULLY_CONNECTED", "BATCH_MATMUL", "SOFTMAX"} <= set(names)
+    # the int8 attention: per-head FULLY_CONNECTED products of heads split by UNPACK and joined by CONCATENATION
+    assert {"FULLY_CONNECTED", "SOFTMAX", "UNPACK", "CONCATENATION"} <= set(names)
+    assert "BATCH_MATMUL" not in names
 
 
 def test_settings_describe_the_graphs_input_and_output(stm32: tuple[Path, bytes, int, list[str]]) -> None:

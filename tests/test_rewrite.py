@@ -15,6 +15,7 @@ from edgecc.tf import keras as load_keras, tensorflow as load_tensorflow  # noqa
 keras = load_keras()
 tf = load_tensorflow()
 import edgecc.layers  # noqa: E402,F401  (registers edgecc's layers for loading)
+from edgecc.convert import to_int8_tflite  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
 from edgecc.rewrite import rewrite_model  # noqa: E402
@@ -86,10 +87,16 @@ def test_pre_norm_transformer_is_rewritten_exactly(pre_norm: tuple[Any, Any]) ->
     assert {"attn0_query", "attn0_scores", "attn1_output", "ln0_a"} <= names
 
 
-def test_rewritten_model_converts_to_tflite_with_batch_matmul(pre_norm: tuple[Any, Any]) -> None:
-    content = tf.lite.TFLiteConverter.from_keras_model(inference_graph(pre_norm[1])).convert()
-    ops = read_graph(content).op_counts()
-    assert "BATCH_MATMUL" in ops and "FULLY_CONNECTED" in ops, ops
+def test_rewritten_model_converts_to_float_and_int8_tflite(pre_norm: tuple[Any, Any]) -> None:
+    """Float: attention as BATCH_MATMUL; int8: one FULLY_CONNECTED per head with an activation as its weights."""
+    batch_one = inference_graph(pre_norm[1])
+    ops = read_graph(tf.lite.TFLiteConverter.from_keras_model(batch_one).convert()).op_counts()
+    assert ops.get("BATCH_MATMUL") == 2 * 2 and "FULLY_CONNECTED" in ops, ops  # Q·Kᵀ and context, 2 blocks
+    calibration = np.random.default_rng(5).normal(size=(8, TOKENS, DIM)).astype(np.float32)
+    graph = read_graph(to_int8_tflite(batch_one, calibration, per_channel=False))
+    assert "BATCH_MATMUL" not in graph.op_counts() and {t.dtype for t in graph.activation_tensors()} == {"INT8"}
+    products = [op for op in graph.operators if op.kind == "FULLY_CONNECTED" and not graph.tensors[op.inputs[1]].constant]
+    assert len(products) == 2 * 4 * 2, graph.op_counts()  # 2 products x 4 heads x 2 blocks
 
 
 def test_rewritten_model_round_trips_through_a_safe_keras_file(pre_norm: tuple[Any, Any], tmp_path: Path) -> None:
