@@ -58,6 +58,7 @@ def test_qat_graph_converts_to_all_int8(trained: tuple[Any, list[float], bytes])
     assert kinds == {"INT8"}, kinds
     ops = set(graph.op_counts())
     assert {"SOFTMAX", "RSQRT", "FULLY_CONNECTED"} <= ops and "BATCH_MATMUL" not in ops, ops
+    assert not [t.name for t in graph.tensors if ";" in t.name]  # fused names cut to their first (compact_names)
     assert not ops & {"SHAPE", "FILL", "REDUCE_PROD", "GATHER", "PACK", "QUANTIZE", "DEQUANTIZE"}, ops
 
 

@@ -16,10 +16,29 @@ from edgecc.progress import native_output_silenced
 from edgecc.tf import tensorflow
 
 
+def compact_names(content: bytes) -> bytes:
+    """The same model with each tensor named by its first name only.
+
+    The converter names a fused tensor after every op folded into it, joined by
+    ';' (with TF-MOT's fake-quant paths, hundreds of bytes each): about 8% of a
+    small int8 file. The first name is the one the float graph shares.
+    """
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(content, 0)
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            tensor.name = tensor.name.split(b";")[0]
+    builder = flatbuffers.Builder(len(content))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def to_float_tflite(model: Any) -> bytes:
     tf = tensorflow()
     with native_output_silenced():
-        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+        return compact_names(tf.lite.TFLiteConverter.from_keras_model(model).convert())
 
 
 def to_int8_tflite(model: Any, calibration: np.ndarray, per_channel: bool) -> bytes:
@@ -49,4 +68,4 @@ def to_int8_tflite(model: Any, calibration: np.ndarray, per_channel: bool) -> by
     with native_output_silenced(), warnings.catch_warnings(), int8_graph():
         # the converter warns that the int8 input has no range statistics: it takes them from calibration
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-        return converter.convert()
+        return compact_names(converter.convert())

@@ -14,7 +14,7 @@ import io
 import re
 import zipfile
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,10 @@ TOKEN = re.compile(r"[a-z0-9']+|[^\sa-z0-9]")
 TOKENIZER = (f'lowercase, then re.findall(r"{TOKEN.pattern}", text); words not in the vocabulary -> unknown_id; '
              "cut to sequence_length or padded at the end with padding_id")
 PAD, UNK = "[PAD]", "[UNK]"
+
+
+STANDARDIZE_EPSILON = 1e-3
+STANDARDIZE_FORMULA = f"then per example: x = (x - mean(x)) / (std(x) + {STANDARDIZE_EPSILON})"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Preprocessing:
     padding_id: int | None = None
     unknown_id: int | None = None
     sample_rate: int | None = None
+    standardize: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -473,4 +478,12 @@ def _signals(section: DataSection, seed: int, base: Path | None) -> Dataset:
 def load_dataset(section: DataSection, seed: int, base: Path | None = None) -> Dataset:
     """The recipe's dataset, with its split and preprocessing; relative paths are relative to `base`."""
     loaders = {"sklearn-digits": _sklearn_digits, "images": _images, "text": _text, "signals": _signals}
-    return loaders[section.source](section, seed, base)
+    dataset = loaders[section.source](section, seed, base)
+    if not section.standardize:
+        return dataset
+    if section.source == "text":
+        raise EdgeccError("data.standardize applies to images and signals, not to token ids")
+    flat = dataset.x.reshape(len(dataset.x), -1)
+    mean, std = flat.mean(axis=1, keepdims=True), flat.std(axis=1, keepdims=True)
+    x = ((flat - mean) / (std + STANDARDIZE_EPSILON)).reshape(dataset.x.shape).astype(np.float32)
+    return replace(dataset, x=x, preprocessing=replace(dataset.preprocessing, standardize=STANDARDIZE_FORMULA))

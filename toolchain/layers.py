@@ -56,9 +56,20 @@ def _split_heads(x: Any, heads: int) -> Any:
     return tf.transpose(x, (0, 2, 1, 3))
 
 
+def _unstack(x: Any) -> list[Any]:
+    """Split the leading axis; a single slice is a RESHAPE rather than an UNPACK (a pruned model may keep one head)."""
+    return [tf.reshape(x, x.shape[1:])] if x.shape[0] == 1 else tf.unstack(x)
+
+
+def _concat(parts: list[Any], axis: int) -> Any:
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=axis)
+
+
 def _head_matrices(x: Any, heads: int) -> list[Any]:
     """(1, tokens, heads * head_dim) -> one (tokens, head_dim) matrix per head."""
     tokens, width = x.shape[1], x.shape[2]
+    if heads == 1:
+        return [tf.reshape(x, (tokens, width))]
     return tf.unstack(tf.transpose(tf.reshape(x, (tokens, heads, width // heads)), (1, 0, 2)))
 
 
@@ -68,7 +79,7 @@ def scores(query: Any, key: Any, heads: int) -> Any:
         products = [tf.matmul(q, k, transpose_b=True) for q, k in zip(_head_matrices(query, heads),
                                                                       _head_matrices(key, heads))]
         tokens = query.shape[1]
-        return tf.reshape(tf.concat(products, axis=0), (1, heads, tokens, tokens))
+        return tf.reshape(_concat(products, axis=0), (1, heads, tokens, tokens))
     return tf.matmul(_split_heads(query, heads), _split_heads(key, heads), transpose_b=True)
 
 
@@ -154,11 +165,11 @@ class AttentionContext(_MultiHead):
         if _per_head(value):
             # (p·v)ᵀ = vᵀ·pᵀ is FULLY_CONNECTED(input=vᵀ, weights=p); heads stay outermost in the merged features
             tokens, width = value.shape[1], value.shape[2]
-            transposed = tf.unstack(tf.reshape(tf.transpose(tf.reshape(value, (tokens, width))),
-                                               (self.heads, width // self.heads, tokens)))
+            transposed = _unstack(tf.reshape(tf.transpose(tf.reshape(value, (tokens, width))),
+                                             (self.heads, width // self.heads, tokens)))
             products = [tf.matmul(v, p, transpose_b=True)
-                        for v, p in zip(transposed, tf.unstack(tf.reshape(probs, probs.shape[1:])))]
-            return tf.reshape(tf.transpose(tf.concat(products, axis=0)), (1, tokens, width))
+                        for v, p in zip(transposed, _unstack(tf.reshape(probs, probs.shape[1:])))]
+            return tf.reshape(tf.transpose(_concat(products, axis=0)), (1, tokens, width))
         context = tf.matmul(probs, _split_heads(value, self.heads))
         tokens, width = value.shape[1], value.shape[2]
         return tf.reshape(tf.transpose(context, (0, 2, 1, 3)), (-1, tokens, width))

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecc.convert import compact_names
 from edgecc.errors import EdgeccError
 from edgecc.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, int8_graph, keras, scores, tf
 from edgecc.progress import native_output_silenced
@@ -351,4 +352,4 @@ def to_int8_tflite_from_qat(qat: Any, calibration: np.ndarray) -> bytes:
     converter.inference_output_type = tf.int8
     with native_output_silenced(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-        return converter.convert()
+        return compact_names(converter.convert())

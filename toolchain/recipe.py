@@ -59,6 +59,8 @@ class DataSection:
     test_every: int = spec(0, minimum=0, doc="every n-th example in file order is a test example (0: unset)")
     test_tail: float = spec(0.2, minimum=0.05, maximum=0.5, doc="signals: share at the end of each recording "
                             "that is the test split")
+    standardize: bool = spec(False, doc="images, signals: each example minus its mean, over its standard deviation "
+                             "(lighting and gain no longer tell classes apart)")
     image_size: int = spec(64, minimum=4, maximum=1024, doc="images: resized to image_size x image_size pixels")
     channels: int = spec(1, choices=(1, 3), doc="images: 1 for grayscale, 3 for RGB")
     format: str = spec("csv", choices=("csv", "tsv", "label-text"), doc="text: csv or tsv columns, or "
@@ -96,6 +98,11 @@ class TrainSection:
     weight_decay: float = spec(0.05, minimum=0.0, maximum=1.0, doc="AdamW decoupled weight decay")
     label_smoothing: float = spec(0.1, minimum=0.0, maximum=0.5)
     augment_shift: int = spec(1, minimum=0, maximum=8, doc="images: random translation in pixels, training only")
+    augment_flip: bool = spec(False, doc="images: random horizontal and vertical flips, training only")
+    augment_brightness: float = spec(0.0, minimum=0.0, maximum=1.0,
+                                     doc="images: random offset of up to this much (in model input units) per image")
+    augment_contrast: float = spec(0.0, minimum=0.0, maximum=0.9,
+                                   doc="images: random contrast factor in [1 - c, 1 + c] about each image's mean")
     token_dropout: float = spec(0.0, minimum=0.0, maximum=0.9,
                                 doc="text: share of words replaced by [UNK] in each training epoch")
 

@@ -85,16 +85,32 @@ def _shifted(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.nda
 
 
 def _augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.random.Generator) -> np.ndarray:
-    """One epoch's training inputs: images shifted, or words dropped to [UNK] (padding kept)."""
+    """One epoch's training inputs: images shifted, flipped, brightened and contrasted, or words dropped to [UNK].
+
+    Brightness and contrast jitter make the model rely on texture rather than
+    on the lighting of the session that recorded the training images.
+    """
     pre = dataset.preprocessing
     if pre.unknown_id is not None:
         if not section.token_dropout:
             return x
         dropped = (rng.random(x.shape) < section.token_dropout) & (x != pre.padding_id)
         return np.where(dropped, pre.unknown_id, x).astype(x.dtype)
-    if x.ndim == 4 and x.shape[1] > 1:
-        return _shifted(x, section.augment_shift, rng)
-    return x
+    if x.ndim != 4 or x.shape[1] == 1:  # signals: their windows already overlap
+        return x
+    x = _shifted(x, section.augment_shift, rng)
+    n = len(x)
+    if section.augment_flip:
+        flips = rng.integers(0, 2, size=(2, n)).astype(bool)
+        x = np.where(flips[0, :, None, None, None], x[:, ::-1], x)
+        x = np.where(flips[1, :, None, None, None], x[:, :, ::-1], x)
+    if section.augment_contrast:
+        factor = rng.uniform(1 - section.augment_contrast, 1 + section.augment_contrast, size=(n, 1, 1, 1))
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        x = mean + (x - mean) * factor
+    if section.augment_brightness:
+        x = x + rng.uniform(-section.augment_brightness, section.augment_brightness, size=(n, 1, 1, 1))
+    return x.astype(np.float32)
 
 
 def _outputs_logits(model: Any) -> bool:

@@ -52,6 +52,8 @@ def main() -> None:
             q = raw.astype(np.int32)
         else:
             x = raw.astype(np.float32) * pre["scale"] + pre["offset"]
+            if "standardize" in pre:  # per example, as "preprocessing.standardize" says
+                x = (x - x.mean()) / (x.std() + 1e-3)
             q = np.clip(np.round(x / in_scale) + in_zero, -128, 127).astype(np.int8)
         model.set_tensor(source["index"], q.reshape(pre["model_input_shape"]))
         model.invoke()
