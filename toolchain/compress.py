@@ -69,10 +69,11 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
                                        section.distill_epochs, train.batch_size, section.distill_learning_rate,
                                        _weights(section, hidden=True), seed, reporter)
         elif name == "qat":
+            from edgecc.fold import fold_norms
             from edgecc.qat import qat_model
 
             sparse = any(stage.name == "sparsify" for stage in stages)
-            student = qat_model(student, calibration, preserve_sparsity=sparse)
+            student = qat_model(fold_norms(student), calibration, preserve_sparsity=sparse)
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
                              section.distill_learning_rate, _weights(section, hidden=False), seed, reporter,
                              "quantization-aware distillation")

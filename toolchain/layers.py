@@ -183,15 +183,20 @@ class LayerNorm(keras.layers.Layer):
     same function with the ops the int8 TFLite graph will contain.
     """
 
-    def __init__(self, epsilon: float = 1e-5, **kwargs: Any) -> None:
+    def __init__(self, epsilon: float = 1e-5, affine: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.epsilon = epsilon
+        self.affine = affine
 
     def build(self, input_shape: Any) -> None:
-        width = input_shape[-1]
-        self.gamma = self.add_weight(name="gamma", shape=(width,), initializer="ones")
-        self.beta = self.add_weight(name="beta", shape=(width,), initializer="zeros")
+        if self.affine:  # a norm whose gamma and beta were folded into the next Dense has none
+            width = input_shape[-1]
+            self.gamma = self.add_weight(name="gamma", shape=(width,), initializer="ones")
+            self.beta = self.add_weight(name="beta", shape=(width,), initializer="zeros")
         super().build(input_shape)
+
+    def scale_and_shift(self, normalised: Any) -> Any:
+        return normalised * self.gamma + self.beta if self.affine else normalised
 
     def average(self, x: Any) -> Any:
         """Mean over the last axis as a product with a constant column: one int8 FULLY_CONNECTED.
@@ -206,7 +211,7 @@ class LayerNorm(keras.layers.Layer):
     def call(self, x: Any) -> Any:
         centred = x - self.average(x)
         variance = self.average(centred * centred)
-        return centred * tf.math.rsqrt(variance + self.epsilon) * self.gamma + self.beta
+        return self.scale_and_shift(centred * tf.math.rsqrt(variance + self.epsilon))
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "epsilon": self.epsilon}
+        return {**super().get_config(), "epsilon": self.epsilon, "affine": self.affine}

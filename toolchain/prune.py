@@ -235,10 +235,10 @@ def prune(model: Any, keep_heads: dict[str, list[int]], keep_neurons: dict[str, 
         kernel, *bias = model.get_layer(name).get_weights()
         keep_in, keep_out = rows.get(name, slice(None)), columns.get(name, slice(None))
         weights[name] = [kernel[keep_in][:, keep_out], *(b[keep_out] for b in bias)]
-    return _rebuilt(model, changes, weights)
+    return rebuilt(model, changes, weights)
 
 
-def _rebuilt(model: Any, changes: dict[str, dict[str, Any]], weights: dict[str, list[np.ndarray]]) -> Any:
+def rebuilt(model: Any, changes: dict[str, dict[str, Any]], weights: dict[str, list[np.ndarray]]) -> Any:
     """The model rebuilt from its own config with `changes` to some layers' configs and their new `weights`;
     every other layer keeps its weights. It stays a plain functional model that saves and loads in safe mode."""
     config = model.get_config()
@@ -246,7 +246,7 @@ def _rebuilt(model: Any, changes: dict[str, dict[str, Any]], weights: dict[str, 
         layer["config"].update(changes.get(layer["config"]["name"], {}))
     rebuilt = type(model).from_config(config)
     for layer in rebuilt.layers:
-        layer.set_weights(weights.get(layer.name) or model.get_layer(layer.name).get_weights())
+        layer.set_weights(weights[layer.name] if layer.name in weights else model.get_layer(layer.name).get_weights())
     return rebuilt
 
 
@@ -282,7 +282,7 @@ def trim_vocabulary(model: Any, ids: np.ndarray, fraction: float, unknown_id: in
         new_row[:] = len(kept)
     new_row[kept] = np.arange(len(kept))
     changes = {layer.name: {"vocabulary_size": len(new_table), "input_vocabulary": inputs}}
-    return _rebuilt(model, changes, {layer.name: [new_table, new_row[rows_of_ids]]})
+    return rebuilt(model, changes, {layer.name: [new_table, new_row[rows_of_ids]]})
 
 
 def _most_important(importance: np.ndarray, count: int) -> list[int]:

@@ -109,6 +109,8 @@ class QatLayerNorm(LayerNorm):
             shifted = tf.maximum(shifted, self.epsilon)
         inverse = _hook(self, "inverse", tf.math.rsqrt(shifted))
         normalised = _hook(self, "normalised", centred * inverse)
+        if not self.affine:
+            return normalised
         return _hook(self, "scaled", normalised * self.gamma) + self.beta
 
 
@@ -165,13 +167,16 @@ class LayerNormQuantizeConfig(HookedQuantizeConfig):
     """The hooks and output of QatLayerNorm, plus gamma and beta rounded as the converter rounds MUL/ADD constants."""
 
     def get_weights_and_quantizers(self, layer: Any) -> list[tuple[Any, Any]]:
+        if not layer.affine:
+            return []
         return [
             (weight, quantizers.LastValueQuantizer(num_bits=8, per_axis=False, symmetric=False, narrow_range=False))
             for weight in (layer.gamma, layer.beta)
         ]
 
     def set_quantize_weights(self, layer: Any, quantize_weights: list[Any]) -> None:
-        layer.gamma, layer.beta = quantize_weights
+        if layer.affine:
+            layer.gamma, layer.beta = quantize_weights
 
 
 class PositionEmbeddingQuantizeConfig(OutputQuantizeConfig):

@@ -146,13 +146,15 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
 
 
 def inference_graph(model: Any) -> Any:
-    """The same model with a static batch of 1 and the trained weights."""
+    """The same function with a static batch of 1 and the trained weights, norms folded into their readers."""
+    from edgecc.fold import fold_norms
+
     keras = _keras()
     batch_one = keras.Input(batch_shape=(1, *model.input_shape[1:]), dtype=model.inputs[0].dtype,
                             name=model.inputs[0].name.split(":")[0])
     clone = keras.models.clone_model(model, input_tensors=batch_one)
     clone.set_weights(model.get_weights())
-    return clone
+    return fold_norms(clone)
 
 
 def starting_model(section: ModelSection, user_model: Path | None, dataset: Dataset, seed: int) -> Any:

@@ -1,0 +1,43 @@
+"""Folding LayerNorm's gamma and beta into the Dense layers that read them: same function, fewer int8 ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+from edgecc.convert import to_int8_tflite  # noqa: E402
+from edgecc.fold import fold_norms  # noqa: E402
+from edgecc.layers import LayerNorm, keras  # noqa: E402
+from edgecc.reader import read_graph  # noqa: E402
+from edgecc.teacher import inference_graph  # noqa: E402
+from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+
+SMALL = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=16, depth=2, heads=2, mlp_dim=32, dropout=0.0)
+
+
+def test_folded_norms_compute_the_same_function_with_fewer_ops() -> None:
+    keras.utils.set_random_seed(0)
+    model = vision_transformer(SMALL, (8, 8, 1), 5)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, LayerNorm):  # trained-looking scales and shifts, which the converter cannot drop
+            layer.set_weights([rng.uniform(0.5, 1.5, layer.gamma.shape), rng.normal(0, 0.3, layer.beta.shape)])
+    x = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)
+    folded = fold_norms(model)
+    norms = [layer for layer in folded.layers if isinstance(layer, LayerNorm)]
+    assert len(norms) == 5 and not any(norm.affine for norm in norms)  # 2 per block and the final one
+    np.testing.assert_allclose(folded(x).numpy(), model(x).numpy(), atol=1e-5)
+    batch_one = keras.Input(batch_shape=(1, 8, 8, 1))
+    unfolded = keras.models.clone_model(model, input_tensors=batch_one)
+    unfolded.set_weights(model.get_weights())
+    counts = [read_graph(to_int8_tflite(m, x, per_channel=False)).op_counts() for m in (unfolded, inference_graph(model))]
+    assert counts[1]["MUL"] == counts[0]["MUL"] - 5 and counts[1]["ADD"] == counts[0]["ADD"] - 5, counts
+
+
+def test_a_norm_read_by_anything_but_dense_stays_as_it_is() -> None:
+    inputs = keras.Input((4, 8))
+    norm = LayerNorm(name="norm")(inputs)
+    outputs = keras.layers.Add()([norm, keras.layers.Dense(8)(norm)])
+    model = keras.Model(inputs, outputs)
+    assert fold_norms(model) is model
