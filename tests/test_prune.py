@@ -234,3 +234,26 @@ def test_trimmed_vocabulary_keeps_frequent_tokens_and_folds_the_rest_into_unk(tm
     trimmed.save(path)
     loaded = keras.models.load_model(path, safe_mode=True, compile=False)
     np.testing.assert_allclose(loaded(rare).numpy(), trimmed(rare).numpy(), atol=1e-6)
+
+
+def test_removing_a_block_keeps_the_rest_of_the_model_exactly() -> None:
+    from edgecc.prune import block_importance, find_blocks, remove_blocks
+
+    keras.utils.set_random_seed(0)
+    model = vit()
+    blocks = find_blocks(model)
+    assert [b.output for b in blocks] == ["block0_mlp_residual", "block1_mlp_residual"]
+    assert blocks[1].source[0] == "block0_mlp_residual" and "block1_query" in blocks[1].members
+    reference = model.predict(IMAGES, verbose=0)
+    bypassed = block_importance(model, blocks[0], IMAGES, reference)
+    assert bypassed > 0 and np.allclose(model.predict(IMAGES, verbose=0), reference)  # weights restored
+    shorter = remove_blocks(model, [blocks[0]])
+    assert not [layer.name for layer in shorter.layers if layer.name.startswith("block0_")]
+    assert shorter.get_layer("block1_attn_norm").input._keras_history.layer.name == "positions"
+    # the shorter model is the original with block 0's two residual branches zeroed
+    for name in blocks[0].branches:
+        layer = model.get_layer(name)
+        layer.set_weights([np.zeros_like(w) for w in layer.get_weights()])
+    np.testing.assert_allclose(shorter.predict(IMAGES, verbose=0), model.predict(IMAGES, verbose=0), atol=1e-5)
+    assert np.mean((shorter.predict(IMAGES, verbose=0) - reference) ** 2) == pytest.approx(bypassed, rel=1e-4)
+    assert len(find_blocks(prune_to(vit(), 1.0, 1.0, IMAGES, reference, block_fraction=0.5))) == 1

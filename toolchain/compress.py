@@ -1,6 +1,6 @@
 """The recipe's compression stages, in order, each fine-tuned by distillation from the float teacher.
 
-- `prune`: remove the least important attention heads and feed-forward neurons
+- `prune`: remove the least important encoder blocks, attention heads and feed-forward neurons
   (a physically smaller dense model), and for text the embedding rows of the
   rarest tokens, then distil.
 - `sparsify`: TF-MOT magnitude pruning of the Dense and Conv2D kernels to a
@@ -56,7 +56,8 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
             from edgecc.prune import prune_to, trim_vocabulary
 
             reference = teacher.predict(calibration, verbose=0)
-            student = prune_to(student, section.head_fraction, section.neuron_fraction, calibration, reference)
+            student = prune_to(student, section.head_fraction, section.neuron_fraction, calibration, reference,
+                               section.block_fraction)
             if section.vocabulary_fraction < 1.0:
                 student = trim_vocabulary(student, x, section.vocabulary_fraction, dataset.preprocessing.unknown_id)
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,

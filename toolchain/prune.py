@@ -145,6 +145,96 @@ def find_units(model: Any) -> tuple[list[AttentionUnit], list[FeedForwardUnit]]:
     return attention, feed_forward
 
 
+@dataclass(frozen=True)
+class Block:
+    """An encoder block: x + attention(...), then + feed-forward(...). Removing it passes x on unchanged."""
+
+    output: str  # the Add that ends the block
+    members: tuple[str, ...]
+    branches: tuple[str, str]  # the Dense layers whose outputs the block's two Adds add to the residual stream
+    source: tuple[str, int, int]  # layer, node and tensor index of the block's input
+
+
+def _residual_add(wiring: _Wiring, tensor: Any) -> tuple[Any, Any] | None:
+    """The Add that adds `tensor` (past dropout) to one other tensor, and that other tensor."""
+    node, branch = wiring.follow(tensor, lambda layer: isinstance(layer, layers.Dropout))
+    if node is None or not isinstance(node.layer, layers.Add) or len(node.keras_inputs) != 2:
+        return None
+    others = [t for t in node.keras_inputs if t is not branch]
+    return (node, others[0]) if len(others) == 1 else None
+
+
+def _between(wiring: _Wiring, start: Any, end: Any) -> list[Any] | None:
+    """Nodes that read `start` (directly or not) and feed `end`, `end` included; None if any is also read elsewhere."""
+    reached, after = {id(start)}, []
+    for node in wiring.nodes:
+        if any(id(t) in reached for t in node.keras_inputs):
+            reached.add(id(node.outputs))
+            after.append(node)
+    needed, members = {id(t) for t in end.keras_inputs}, [end]
+    for node in reversed(after[: after.index(end)] if end in after else []):
+        if id(node.outputs) in needed:
+            members.append(node)
+            needed |= {id(t) for t in node.keras_inputs}
+    inside = {id(node.outputs) for node in members}
+    for node in members[1:]:
+        if any(id(consumer.outputs) not in inside for consumer in wiring.consumers.get(id(node.outputs), [])):
+            return None
+    return members if end in after else None
+
+
+def find_blocks(model: Any) -> list[Block]:
+    """Every attention unit followed by a feed-forward unit, each on a residual Add, that can go as a whole."""
+    wiring = _Wiring(model)
+    by_name = {node.layer.name: node for node in wiring.nodes}
+    attention, feed_forward = find_units(model)
+    blocks = []
+    for unit in attention:
+        first = _residual_add(wiring, by_name[unit.output].outputs)
+        if first is None:
+            continue
+        middle, start = first
+        ends = [(ff, second[0]) for ff in feed_forward
+                if (second := _residual_add(wiring, by_name[ff.down].outputs)) and second[1] is middle.outputs]
+        if len(ends) != 1:
+            continue
+        ff, end = ends[0]
+        members = _between(wiring, start, end)
+        if members is None:
+            continue
+        layer, node_index, tensor_index = start._keras_history
+        blocks.append(Block(end.layer.name, tuple(node.layer.name for node in members), (unit.output, ff.down),
+                            (layer.name, node_index, tensor_index)))
+    return blocks
+
+
+def block_importance(model: Any, block: Block, x: np.ndarray, reference: np.ndarray) -> float:
+    """Mean squared difference from `reference` of the outputs with the block bypassed (its two branches zeroed)."""
+    saved = {name: model.get_layer(name).get_weights() for name in block.branches}
+    try:
+        for name, weights in saved.items():
+            model.get_layer(name).set_weights([np.zeros_like(w) for w in weights])
+        return float(np.mean((model.predict(x, batch_size=256, verbose=0) - reference) ** 2))
+    finally:
+        for name, weights in saved.items():
+            model.get_layer(name).set_weights(weights)
+
+
+def remove_blocks(model: Any, removed: list[Block]) -> Any:
+    """A new model without the `removed` blocks; what read a block's output reads its input instead."""
+    config = model.get_config()
+    gone = {name for block in removed for name in block.members}
+    config["layers"] = [layer for layer in config["layers"] if layer["name"] not in gone]
+    sources = {block.output: block.source for block in removed}
+    for _ in removed:  # a block's source may itself be a removed block's output
+        sources = {name: sources.get(source[0], source) for name, source in sources.items()}
+    references = [ref for layer in config["layers"] for node in layer["inbound_nodes"] for ref in node]
+    for ref in references + config["output_layers"]:
+        if ref[0] in sources:
+            ref[0], ref[1], ref[2] = sources[ref[0]]
+    return rebuilt(model, {}, {}, config)
+
+
 def _input_of(model: Any, name: str) -> Any:
     """The tensor that layer `name` reads in this model (the layer may also be used in other models)."""
     return next(node.keras_inputs[0] for node in _Wiring(model).nodes if node.layer.name == name)
@@ -238,10 +328,12 @@ def prune(model: Any, keep_heads: dict[str, list[int]], keep_neurons: dict[str, 
     return rebuilt(model, changes, weights)
 
 
-def rebuilt(model: Any, changes: dict[str, dict[str, Any]], weights: dict[str, list[np.ndarray]]) -> Any:
-    """The model rebuilt from its own config with `changes` to some layers' configs and their new `weights`;
-    every other layer keeps its weights. It stays a plain functional model that saves and loads in safe mode."""
-    config = model.get_config()
+def rebuilt(model: Any, changes: dict[str, dict[str, Any]], weights: dict[str, list[np.ndarray]],
+            config: dict[str, Any] | None = None) -> Any:
+    """The model rebuilt from its own config (or an edited `config`) with `changes` to some layers' configs and their
+    new `weights`; every other layer keeps its weights. It stays a plain functional model that saves and loads in
+    safe mode."""
+    config = config or model.get_config()
     for layer in config["layers"]:
         layer["config"].update(changes.get(layer["config"]["name"], {}))
     rebuilt = type(model).from_config(config)
@@ -290,16 +382,25 @@ def _most_important(importance: np.ndarray, count: int) -> list[int]:
     return sorted(np.argsort(-importance, kind="stable")[: max(1, count)].tolist())
 
 
-def prune_to(model: Any, head_fraction: float, neuron_fraction: float, x: np.ndarray, reference: np.ndarray) -> Any:
-    """Keep the most important round(heads * head_fraction) heads of every attention and
-    round(width * neuron_fraction) neurons of every feed-forward unit (at least one each).
+def prune_to(model: Any, head_fraction: float, neuron_fraction: float, x: np.ndarray, reference: np.ndarray,
+             block_fraction: float = 1.0) -> Any:
+    """Keep the most important round(blocks * block_fraction) encoder blocks, then the most important
+    round(heads * head_fraction) heads of every attention and round(width * neuron_fraction) neurons
+    of every feed-forward unit (at least one each).
 
-    Every unit is scored on the unpruned model, so one pass of scoring serves all
-    units; distillation fine-tuning afterwards recovers what their removals cost together.
+    Units are scored once, blocks on the whole model and heads and neurons on the
+    model left after removing blocks; distillation fine-tuning afterwards recovers
+    what their removals cost together.
     """
-    for what, fraction in (("head_fraction", head_fraction), ("neuron_fraction", neuron_fraction)):
+    for what, fraction in (("head_fraction", head_fraction), ("neuron_fraction", neuron_fraction),
+                           ("block_fraction", block_fraction)):
         if not 0.0 < fraction <= 1.0:
             raise EdgeccError(f"{what} must be in (0, 1], not {fraction}")
+    blocks = find_blocks(model) if block_fraction < 1.0 else []
+    if blocks:
+        scores = np.array([block_importance(model, block, x, reference) for block in blocks])
+        kept = set(_most_important(scores, round(len(blocks) * block_fraction)))
+        model = remove_blocks(model, [block for i, block in enumerate(blocks) if i not in kept])
     attention, feed_forward = find_units(model)
     keep_heads = {u.scores: _most_important(head_importance(model, u, x, reference), round(u.heads * head_fraction))
                   for u in attention}

@@ -116,6 +116,8 @@ class CompressSection:
     calibration_samples: int = spec(256, minimum=1, doc="training examples used to calibrate int8 ranges")
     per_channel: bool = spec(False, doc="per-channel int8 weights for fully connected layers")
     head_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of attention heads kept per block")
+    block_fraction: float = spec(1.0, minimum=0.01, maximum=1.0,
+                                 doc="prune: share of whole encoder blocks kept (the least important go first)")
     neuron_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of feed-forward neurons kept")
     vocabulary_fraction: float = spec(1.0, minimum=0.01, maximum=1.0,
                                       doc="prune: share of the token embedding rows kept, the tokens used most in "
