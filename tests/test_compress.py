@@ -61,3 +61,32 @@ def test_quantization_aware_distillation(teacher: keras.Model) -> None:
     int8_accuracy = np.mean([np.argmax(int8.invoke(example)) == label for example, label in zip(x, y)])
     float_accuracy = np.mean(np.argmax(teacher.predict(x, verbose=0), -1) == y)
     assert int8_accuracy > float_accuracy - 0.05, (int8_accuracy, float_accuracy)
+
+
+def test_progressive_qat_quantizes_block_by_block_then_the_whole_model(teacher: keras.Model) -> None:
+    """With two blocks: a hidden-state phase per block (1 epoch each), then the whole model (1 epoch)."""
+    section = CompressSection(stages=("qat",), distill_epochs=2, progressive=True, calibration_samples=64)
+    calibration = DIGITS.x[DIGITS.train_index[:64]]
+    (stage,) = run_stages(teacher, DIGITS, section, TrainSection(batch_size=64), 0, calibration, Reporter(quiet=True))
+    assert len(stage.distill_losses) == 1 + 1 + 2 and np.isfinite(stage.distill_losses).all()
+    assert {t.dtype for t in read_graph(stage.int8).activation_tensors()} == {"INT8"}
+    from edgecc.runtime import Model
+
+    int8 = Model(stage.int8)
+    x, y = DIGITS.x[DIGITS.test_index[:100]], DIGITS.y[DIGITS.test_index[:100]]
+    agree = np.mean([np.argmax(int8.invoke(e)) for e in x] == np.argmax(stage.student.predict(x, verbose=0), axis=1))
+    assert agree >= 0.9, agree
+
+
+def test_partial_qat_leaves_the_other_layers_float(teacher: keras.Model) -> None:
+    from edgecc.qat import float_weights_from, qat_model
+
+    calibration = DIGITS.x[DIGITS.train_index[:32]]
+    names = [layer.name for layer in teacher.layers]
+    partial = qat_model(teacher, calibration, only=set(names[: names.index("block0_mlp_residual") + 1]))
+    wrapped = {layer.layer.name for layer in partial.layers if hasattr(layer, "layer")}
+    assert "block0_query" in wrapped and "block1_query" not in wrapped and "logits" not in wrapped
+    copy = keras.models.clone_model(teacher)
+    float_weights_from(partial, copy)
+    for a, b in zip(copy.get_weights(), teacher.get_weights()):
+        np.testing.assert_array_equal(a, b)

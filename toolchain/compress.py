@@ -6,8 +6,9 @@
 - `sparsify`: TF-MOT magnitude pruning of the Dense and Conv2D kernels to a
   target share of zeros, or to 2:4 sparsity, then distil. The matrices keep
   their size: the zeros shrink the compressed file and suit sparse kernels.
-- `qat`: quantization-aware training of the current student, distilled; the
-  int8 model comes from the QAT graph. After `sparsify` it keeps the zeros.
+- `qat`: quantization-aware training of the current student, distilled (with
+  `progressive`, block by block from the input side first); the int8 model
+  comes from the QAT graph. After `sparsify` it keeps the zeros.
 - `ptq`: post-training quantization of the current student (the fast baseline).
 
 Every stage ends with an int8 TFLite model, so each can be measured the same way.
@@ -74,13 +75,40 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
             from edgecc.qat import qat_model
 
             sparse = any(stage.name == "sparsify" for stage in stages)
-            student = qat_model(fold_norms(student), calibration, preserve_sparsity=sparse)
-            losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
-                             section.distill_learning_rate, _weights(section, hidden=False), seed, reporter,
-                             "quantization-aware distillation")
+            student = fold_norms(student)
+            if section.progressive:
+                losses = _progressive(student, teacher, x, y, section, train, seed, calibration, sparse, reporter)
+            student = qat_model(student, calibration, preserve_sparsity=sparse)
+            losses += distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
+                              section.distill_learning_rate, _weights(section, hidden=False), seed, reporter,
+                              "quantization-aware distillation")
         int8 = _int8(student, name, calibration, section.per_channel)
         stages.append(Stage(name, student, int8, int(student.count_params()), tuple(losses)))
     return stages
+
+
+def _progressive(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, section: CompressSection,
+                 train: TrainSection, seed: int, calibration: np.ndarray, sparse: bool, reporter: Reporter) -> list[float]:
+    """Quantize the blocks one after another from the input side, each retrained against the teacher's hidden states.
+
+    Phase k quantizes everything up to the end of block k and distils only the
+    hidden states of blocks 0..k (no label or logit loss), for half the
+    distillation epochs; its float weights then carry into the next phase. The
+    caller ends with QAT of the whole model.
+    """
+    from edgecc.distill import block_outputs
+    from edgecc.qat import float_weights_from, qat_model
+
+    names = [layer.name for layer in student.layers]
+    losses: list[float] = []
+    hidden_only = DistillWeights(task=0.0, logits=0.0, hidden=1.0, temperature=section.temperature)
+    for k, end in enumerate(block_outputs(student)):
+        partial = qat_model(student, calibration, preserve_sparsity=sparse, only=set(names[: names.index(end) + 1]))
+        losses += distill(partial, teacher, x, y, max(1, section.distill_epochs // 2), train.batch_size,
+                          section.distill_learning_rate, hidden_only, seed, reporter,
+                          f"progressive QAT: blocks 0..{k}", hidden_blocks=k + 1)
+        float_weights_from(partial, student)
+    return losses
 
 
 def _int8(student: Any, stage: str, calibration: np.ndarray, per_channel: bool) -> bytes:

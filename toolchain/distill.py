@@ -54,11 +54,14 @@ def _with_hidden(model: Any, names: list[str]) -> Any:
 
 def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int,
             learning_rate: float, weights: DistillWeights, seed: int, reporter: Reporter,
-            description: str = "distilling") -> list[float]:
-    """Train `student` in place against `teacher`; returns the mean loss of each epoch."""
+            description: str = "distilling", hidden_blocks: int | None = None) -> list[float]:
+    """Train `student` in place against `teacher`; returns the mean loss of each epoch.
+
+    `hidden_blocks` limits the hidden-state loss to the first blocks (progressive QAT).
+    """
     tf = tensorflow()
     keras = _keras()
-    pairs = hidden_pairs(student, teacher) if weights.hidden else []
+    pairs = hidden_pairs(student, teacher)[:hidden_blocks] if weights.hidden else []
     student_view = _with_hidden(student, [s for s, _ in pairs])
     teacher_view = _with_hidden(teacher, [t for _, t in pairs])
     steps = max(1, epochs * int(np.ceil(len(x) / batch_size)))

@@ -248,12 +248,14 @@ def _refuse_unsupported(model: Any) -> None:
             )
 
 
-def qat_model(model: Any, calibration: np.ndarray, preserve_sparsity: bool = False) -> Any:
+def qat_model(model: Any, calibration: np.ndarray, preserve_sparsity: bool = False,
+              only: set[str] | None = None) -> Any:
     """A QAT copy of `model` with fake-quant nodes where the int8 TFLite graph rounds. `model` itself is left unchanged.
 
     `calibration` holds a few hundred training examples, never the test split. It starts every
     activation range at the float model's range. `preserve_sparsity` keeps the zeros of
     Dense/Conv2D kernels exactly zero through training (TF-MOT's prune-preserving scheme).
+    `only` names the layers to quantize (progressive QAT); the others stay float.
     Raises EdgeccError naming the first layer that cannot be quantized.
     """
     _refuse_unsupported(model)
@@ -263,6 +265,8 @@ def qat_model(model: Any, calibration: np.ndarray, preserve_sparsity: bool = Fal
     twinned.set_weights(model.get_weights())
 
     def annotate(layer: Any) -> Any:
+        if only is not None and layer.name not in only:
+            return layer
         config = CONFIGS.get(type(layer))
         return tfmot.quantization.keras.quantize_annotate_layer(layer, config() if config else None)
 
@@ -358,3 +362,11 @@ def to_int8_tflite_from_qat(qat: Any, calibration: np.ndarray) -> bytes:
     with native_output_silenced(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         return compact_names(converter.convert())
+
+
+def float_weights_from(qat: Any, model: Any) -> None:
+    """Copy the trained float weights of a QAT model back into the float `model` it was made from, layer by name."""
+    trained = {w.name: w for w in qat.weights}  # a wrapped layer's own variables keep their names ("stem0/kernel:0")
+    for layer in model.layers:
+        if layer.weights and all(w.name in trained for w in layer.weights):
+            layer.set_weights([trained[w.name].numpy() for w in layer.weights])

@@ -125,6 +125,8 @@ class CompressSection:
     sparsity: float = spec(0.5, minimum=0.0, maximum=0.95, doc="sparsify: share of zero weights in each pruned kernel")
     sparsity_pattern: str = spec("magnitude", choices=("magnitude", "2:4"),
                                  doc="sparsify: smallest weights anywhere, or 2 of every 4 along the input axis")
+    progressive: bool = spec(False, doc="qat: first quantize the blocks one by one from the input side, each "
+                             "distilled against the teacher's hidden states")
     distill_epochs: int = spec(10, minimum=0, doc="distillation epochs of each prune, sparsify or qat stage")
     distill_learning_rate: float = spec(1e-3, minimum=0.0, maximum=1.0)
     temperature: float = spec(2.0, minimum=0.1, maximum=20.0, doc="softening of the logits in the KL term")
