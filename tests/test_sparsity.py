@@ -18,7 +18,8 @@ from edgecc.errors import EdgeccError  # noqa: E402
 from edgecc.layers import keras  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
 from edgecc.recipe import CompressSection, DataSection, TrainSection, load_recipe  # noqa: E402
-from edgecc.sparsity import int8_weight_sparsity, kernel_sparsity, prunable_layers, sparsify  # noqa: E402
+from edgecc.reader import int8_weight_sparsity  # noqa: E402
+from edgecc.sparsity import kernel_sparsity, prunable_layers, sparsify  # noqa: E402
 from edgecc.teacher import inference_graph  # noqa: E402
 from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 from edgecc.bundle import write_board_files
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
 from edgecc.progress import Reporter
-from edgecc.reader import read_graph
+from edgecc.reader import int8_weight_sparsity
 from edgecc.recipe import LoadedRecipe, load_recipe, model_path
 from edgecc.runtime import Model
 from edgecc.targets import Target, load_target
@@ -100,14 +100,12 @@ def _stage_records(teacher: Any, float_bytes: bytes, float_acc: float, stages: l
                 "gzip_bytes": len(gzip.compress(float_bytes)), "parameters": int(teacher.count_params()),
                 "host_latency_ms": latency["float"].median_ms}]
     for stage, predicted in zip(stages, stage_predictions):
-        graph = read_graph(stage.int8)
-        weights = [t for t in graph.tensors if t.constant and t.dtype == "INT8" and len(t.shape) >= 2]
         records.append({
             "name": f"int8 after {stage.name}", "accuracy": float(np.mean(predicted == y_test)),
             "bytes": len(stage.int8), "gzip_bytes": len(gzip.compress(stage.int8)), "parameters": stage.parameters,
             "host_latency_ms": latency[stage.name].median_ms,
             "speedup_vs_float": round(latency["float"].median_ms / latency[stage.name].median_ms, 3),
-            "weight_sparsity": {t.name: round(t.zero_fraction, 4) for t in weights},
+            "weight_sparsity": {name: round(f, 4) for name, f in int8_weight_sparsity(stage.int8).items()},
             "distill_losses": list(stage.distill_losses),
         })
     return records

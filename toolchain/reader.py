@@ -113,3 +113,9 @@ def read_graph(content: bytes) -> Graph:
     except (IndexError, TypeError, AttributeError, ValueError, struct.error) as err:
         raise EdgeccError(f"not a readable TFLite model (truncated or corrupt: {err})") from None
     return Graph(operators, tuple(tensors), tuple(int(i) for i in subgraph.inputs), tuple(int(o) for o in subgraph.outputs))
+
+
+def int8_weight_sparsity(content: bytes) -> dict[str, float]:
+    """Share of zeros in each int8 weight matrix of a TFLite model (constant, two or more dimensions), by tensor name."""
+    return {t.name: t.zero_fraction for t in read_graph(content).tensors
+            if t.constant and t.dtype == "INT8" and len(t.shape) >= 2}

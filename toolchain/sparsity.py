@@ -28,7 +28,6 @@ from edgecc.distill import DistillWeights, distill
 from edgecc.errors import EdgeccError
 from edgecc.layers import keras
 from edgecc.progress import Reporter
-from edgecc.reader import read_graph
 
 import tensorflow_model_optimization as tfmot  # after edgecc.layers: TF must be imported with legacy Keras first
 
@@ -134,12 +133,3 @@ def kernel_sparsity(model: Any) -> dict[str, float]:
     """Share of exactly-zero weights in each Dense and Conv2D kernel of a Keras model, by layer name."""
     return {layer.name: float(np.mean(layer.kernel.numpy() == 0)) for layer in model.layers
             if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))}
-
-
-def int8_weight_sparsity(content: bytes) -> dict[str, float]:
-    """Share of zero bytes in each int8 weight matrix of a TFLite model (constant, two or more dimensions), by tensor name.
-
-    These are the tensors and the figures the build manifest records as `weight_sparsity`.
-    """
-    return {t.name: t.zero_fraction for t in read_graph(content).tensors
-            if t.constant and t.dtype == "INT8" and len(t.shape) >= 2}
