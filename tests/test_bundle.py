@@ -82,7 +82,7 @@ def test_html_report_renders_in_headless_chromium(default_build, tmp_path: Path)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize(("target", "resolver_call"), [("stm32h7", "AddBatchMatMul"), ("ethos-u55", "AddEthosU")])
+@pytest.mark.parametrize(("target", "resolver_call"), [("stm32h7", "AddUnpack"), ("ethos-u55", "AddEthosU")])
 def test_microcontroller_targets_get_firmware_sources(tiny_models, tmp_path: Path, target: str, resolver_call: str) -> None:
     content = tiny_models["vit_int8"].read_bytes()
     fit = assess(content, target)
