@@ -296,3 +296,37 @@ def test_real_sms_spam() -> None:
     data = load_dataset(section, 0, shared("sms_spam"))
     assert len(data.y) == 5574 and len(data.test_index) == 1114 and data.label_names == ("ham", "spam")
     assert np.bincount(data.y).tolist() == [4827, 747]
+
+
+def test_standardize_makes_each_example_zero_mean_unit_variance(tmp_path: Path) -> None:
+    folder = flat_images(tmp_path / "images")
+    for n in range(1, 13):  # give the images some texture, differently lit per class
+        from PIL import Image
+
+        pixels = (np.random.default_rng(n).random((12, 12)) * 60 + 20 * n).astype(np.uint8)
+        Image.fromarray(pixels, "L").save(folder / f"crazing_{n}.png")
+    section = DataSection(source="images", path=str(folder), image_size=12, test_every=4, standardize=True)
+    data = load_dataset(section, 0)
+    textured = data.x[data.y == data.label_names.index("crazing")]
+    np.testing.assert_allclose(textured.mean(axis=(1, 2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(textured.std(axis=(1, 2, 3)), 1, atol=0.03)  # std / (std + 1e-3)
+    assert "std(x)" in data.preprocessing.to_json()["standardize"]
+    with pytest.raises(EdgeccError, match="standardize"):
+        load_dataset(DataSection(source="text", path=str(tmp_path / "t.tsv"), format="tsv", standardize=True), 0)
+
+
+@pytest.mark.parametrize(("task", "train", "test"), [("neu_det", 1440, 360), ("trec", 5452, 500)])
+def test_reference_recipes_read_their_data_with_the_fixed_split(task: str, train: int, test: int) -> None:
+    shared(task)
+    loaded = load_recipe(Path(__file__).resolve().parents[1] / "models" / f"{task}.toml")
+    data = load_dataset(loaded.recipe.data, loaded.recipe.seed, loaded.path.parent)
+    assert (len(data.train_index), len(data.test_index)) == (train, test)
+
+
+def test_cwru_recipe_tests_on_the_last_fifth_of_each_recording() -> None:
+    shared("cwru_bearing")
+    loaded = load_recipe(Path(__file__).resolve().parents[1] / "models" / "cwru_bearing.toml")
+    data = load_dataset(loaded.recipe.data, loaded.recipe.seed, loaded.path.parent)
+    assert data.num_classes == 10 and data.preprocessing.sample_rate == 12000
+    share = len(data.test_index) / len(data.y)
+    assert 0.15 < share < 0.2  # windows straddling the 80% cut belong to neither split
