@@ -69,7 +69,8 @@ def build(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")] = False,
 ) -> None:
-    """Train (or load), quantize to full int8, evaluate, and write model.tflite, manifest.json, report.md.
+    """Train (or load), compress to full int8 by the recipe's stages, evaluate, and write model.tflite,
+    manifest.json, report.md.
 
     Exits 1 when a budget of the recipe does not hold (the artifacts are still written), 2 on bad input.
     """
