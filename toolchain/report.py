@@ -56,6 +56,10 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
                 [st["name"], f"{st['accuracy']:.4f}", _kib(st["bytes"]), _kib(st["gzip_bytes"]), f"{st['parameters']:,}",
                  f"{st['host_latency_ms']:.3f} ms" + (f" ({st['speedup_vs_float']:.2f}x float)" if "speedup_vs_float" in st else "")]
                 for st in metrics["stages"]])),
+            ("p", "Share of zeros in each int8 weight matrix of the final model.tflite (pruned weights are exact "
+                  "zeros; a dense matrix shows about 1%):"),
+            ("table", (["weight tensor", "zeros"], [
+                [name, f"{share:.1%}"] for name, share in metrics["stages"][-1].get("weight_sparsity", {}).items()])),
         ]),
         ("Budgets", [("table", (["budget", "measured", "limit", "verdict", "how it was found"], budget_rows))]),
         ("Where the time goes (estimate for the target)", [
