@@ -170,3 +170,16 @@ def test_compiled_model_and_log_give_the_placement(cnn: Graph) -> None:
         6: "SOFTMAX: More than one subgraph is not supported (edgetpu_compiler)",
     }
     assert (plan.cached_parameter_bytes, plan.streamed_parameter_bytes) == (1280, 512 * 1024)
+
+
+def test_fully_connected_maps_only_one_row_at_a_time() -> None:
+    """A LayerNorm mean over 16 tokens is FULLY_CONNECTED with output (1, 16, 1): 16 rows, so not mapped."""
+    from edgecc.edgetpu import _limitation
+    from edgecc.reader import Tensor
+
+    def tensor(shape: tuple[int, ...], constant: bool = False) -> Tensor:
+        return Tensor("t", "INT8", shape, constant, (0.1,), (0,))
+
+    rows = _limitation("FULLY_CONNECTED", [tensor((1, 16, 64)), tensor((1, 64), True)], [tensor((1, 16, 1))])
+    assert rows is not None and "not one-dimensional" in rows
+    assert _limitation("FULLY_CONNECTED", [tensor((1, 64)), tensor((10, 64), True)], [tensor((1, 10))]) is None
