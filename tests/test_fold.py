@@ -41,3 +41,13 @@ def test_a_norm_read_by_anything_but_dense_stays_as_it_is() -> None:
     outputs = keras.layers.Add()([norm, keras.layers.Dense(8)(norm)])
     model = keras.Model(inputs, outputs)
     assert fold_norms(model) is model
+
+
+def test_only_readers_in_this_model_count() -> None:
+    """A norm that another model also reads (as pruning wrappers do) still folds here."""
+    keras.utils.set_random_seed(0)
+    model = vision_transformer(SMALL, (8, 8, 1), 5)
+    elsewhere = model.get_layer("final_norm").output
+    keras.Model(model.inputs, keras.layers.Add()([elsewhere, elsewhere]))  # a second graph through final_norm
+    folded = fold_norms(model)
+    assert not folded.get_layer("final_norm").affine

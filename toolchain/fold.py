@@ -13,19 +13,20 @@ from typing import Any
 import numpy as np
 
 from edgecc.layers import LayerNorm, keras
-from edgecc.prune import rebuilt
+from edgecc.prune import Wiring, rebuilt
 
 
-def _dense_readers(layer: Any) -> list[Any] | None:
-    """The Dense layers that read `layer`'s output, directly or through a token mean; None if anything else does."""
+def _dense_readers(wiring: Wiring, node: Any) -> list[Any] | None:
+    """The Dense layers that read `node`'s output in this model, directly or through a token mean; None if anything
+    else does. (A layer's own outbound nodes would also list models it was once part of, such as pruning wrappers.)"""
     readers = []
-    for node in layer._outbound_nodes:
-        reader = node.outbound_layer
-        if isinstance(reader, keras.layers.GlobalAveragePooling1D):
-            readers += [n.outbound_layer for n in reader._outbound_nodes]
+    for consumer in wiring.consumers.get(id(node.outputs), []):
+        if isinstance(consumer.layer, keras.layers.GlobalAveragePooling1D):
+            readers += [c.layer for c in wiring.consumers.get(id(consumer.outputs), [])]
         else:
-            readers.append(reader)
-    if not readers or not all(type(r) is keras.layers.Dense for r in readers):
+            readers.append(consumer.layer)
+    if (not readers or id(node.outputs) in wiring.outputs
+            or not all(type(r) is keras.layers.Dense and wiring.calls[id(r)] == 1 for r in readers)):
         return None
     return readers
 
@@ -34,9 +35,11 @@ def fold_norms(model: Any) -> Any:
     """The same function with every foldable LayerNorm's gamma and beta moved into its Dense readers."""
     changes: dict[str, dict[str, Any]] = {}
     weights: dict[str, list[np.ndarray]] = {}
-    for layer in model.layers:
-        readers = _dense_readers(layer) if isinstance(layer, LayerNorm) and layer.affine else None
-        if readers is None:
+    wiring = Wiring(model)
+    for node in wiring.nodes:
+        layer = node.layer
+        readers = _dense_readers(wiring, node) if isinstance(layer, LayerNorm) and layer.affine else None
+        if readers is None or wiring.calls[id(layer)] != 1:
             continue
         gamma, beta = (w.numpy() for w in (layer.gamma, layer.beta))
         changes[layer.name] = {"affine": False}

@@ -46,7 +46,7 @@ class FeedForwardUnit:
     width: int
 
 
-class _Wiring:
+class Wiring:
     """The nodes of a functional model in execution order and who consumes each tensor."""
 
     def __init__(self, model: Any) -> None:
@@ -94,7 +94,7 @@ def _elementwise(layer: Any) -> bool:
     return isinstance(layer, layers.Activation) and layer.activation is not keras.activations.softmax
 
 
-def _attention_unit(node: Any, wiring: _Wiring) -> AttentionUnit | None:
+def _attention_unit(node: Any, wiring: Wiring) -> AttentionUnit | None:
     scores = node.layer
     query, key = node.call_args[0]
     q, k = wiring.sole_dense(query, node), wiring.sole_dense(key, node)
@@ -111,7 +111,7 @@ def _attention_unit(node: Any, wiring: _Wiring) -> AttentionUnit | None:
     return AttentionUnit(scores.name, context.layer.name, q.name, k.name, v.name, output.layer.name, scores.heads)
 
 
-def _feed_forward_unit(node: Any, wiring: _Wiring) -> FeedForwardUnit | None:
+def _feed_forward_unit(node: Any, wiring: Wiring) -> FeedForwardUnit | None:
     up = node.layer
     if wiring.calls[id(up)] != 1 or up.activation is keras.activations.softmax:
         return None
@@ -131,7 +131,7 @@ def find_units(model: Any) -> tuple[list[AttentionUnit], list[FeedForwardUnit]]:
     """
     if not getattr(model, "_is_graph_network", False):
         raise EdgeccError(f"cannot prune model '{model.name}': structured pruning needs a functional or Sequential model")
-    wiring = _Wiring(model)
+    wiring = Wiring(model)
     attention, feed_forward = [], []
     for node in wiring.nodes:
         if isinstance(node.layer, AttentionScores) and wiring.calls[id(node.layer)] == 1:
@@ -155,7 +155,7 @@ class Block:
     source: tuple[str, int, int]  # layer, node and tensor index of the block's input
 
 
-def _residual_add(wiring: _Wiring, tensor: Any) -> tuple[Any, Any] | None:
+def _residual_add(wiring: Wiring, tensor: Any) -> tuple[Any, Any] | None:
     """The Add that adds `tensor` (past dropout) to one other tensor, and that other tensor."""
     node, branch = wiring.follow(tensor, lambda layer: isinstance(layer, layers.Dropout))
     if node is None or not isinstance(node.layer, layers.Add) or len(node.keras_inputs) != 2:
@@ -164,7 +164,7 @@ def _residual_add(wiring: _Wiring, tensor: Any) -> tuple[Any, Any] | None:
     return (node, others[0]) if len(others) == 1 else None
 
 
-def _between(wiring: _Wiring, start: Any, end: Any) -> list[Any] | None:
+def _between(wiring: Wiring, start: Any, end: Any) -> list[Any] | None:
     """Nodes that read `start` (directly or not) and feed `end`, `end` included; None if any is also read elsewhere."""
     reached, after = {id(start)}, []
     for node in wiring.nodes:
@@ -185,7 +185,7 @@ def _between(wiring: _Wiring, start: Any, end: Any) -> list[Any] | None:
 
 def find_blocks(model: Any) -> list[Block]:
     """Every attention unit followed by a feed-forward unit, each on a residual Add, that can go as a whole."""
-    wiring = _Wiring(model)
+    wiring = Wiring(model)
     by_name = {node.layer.name: node for node in wiring.nodes}
     attention, feed_forward = find_units(model)
     blocks = []
@@ -237,7 +237,7 @@ def remove_blocks(model: Any, removed: list[Block]) -> Any:
 
 def _input_of(model: Any, name: str) -> Any:
     """The tensor that layer `name` reads in this model (the layer may also be used in other models)."""
-    return next(node.keras_inputs[0] for node in _Wiring(model).nodes if node.layer.name == name)
+    return next(node.keras_inputs[0] for node in Wiring(model).nodes if node.layer.name == name)
 
 
 def _head_indices(width: int, heads: int, kept: list[int]) -> np.ndarray:
