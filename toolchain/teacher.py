@@ -1,4 +1,5 @@
-"""The float teacher: a reference transformer trained from scratch, or the user's own model.
+"""The float teacher: a reference transformer trained from scratch, pretrained all-MiniLM-L6-v2 fine-tuned with
+a classification head, or the user's own model.
 
 The teacher is trained with a free batch size and then cloned into the static
 batch-1 graph that conversion needs (a `None` batch turns into SHAPE/FILL ops
@@ -18,6 +19,8 @@ from edgecc.progress import Reporter
 from edgecc.recipe import ModelSection, TrainSection
 from edgecc.tf import keras as _keras
 
+SPECIAL_TOKENS = frozenset({"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"})  # never dropped to [UNK]
+
 
 def reference_model(section: ModelSection, dataset: Dataset) -> Any:
     """The recipe's reference architecture, sized for the dataset."""
@@ -34,6 +37,8 @@ def reference_model(section: ModelSection, dataset: Dataset) -> Any:
         dropout=section.dropout,
     )
     shape = dataset.preprocessing.input_shape
+    if section.architecture == "minilm":
+        return minilm_classifier(section, dataset)
     if section.architecture == "text":
         if len(shape) != 1 or not dataset.preprocessing.vocabulary:
             raise EdgeccError("model.architecture 'text' needs token ids: set data.source = 'text'")
@@ -41,6 +46,29 @@ def reference_model(section: ModelSection, dataset: Dataset) -> Any:
     if len(shape) != 3:
         raise EdgeccError(f"model.architecture 'vit' needs images or signals (H, W, C), the data gives {shape}")
     return vision_transformer(config, shape, dataset.num_classes)
+
+
+def minilm_classifier(section: ModelSection, dataset: Dataset) -> Any:
+    """Pretrained all-MiniLM-L6-v2 with a Dense `logits` head on its mean-pooled embedding (`pool`).
+
+    The head reads the embedding before L2 normalisation, so `normalize` is not part of the classifier.
+    The data must be the package's WordPiece ids (data.tokenizer = 'minilm') at the model's sequence length.
+    """
+    from edgecc import minilm
+
+    keras = _keras()
+    pre = dataset.preprocessing
+    length = pre.sequence_length
+    if (len(pre.input_shape) != 1 or length is None or pre.vocabulary is None
+            or len(pre.vocabulary) != minilm.VOCABULARY or pre.tokenizer != minilm.tokenizer_description(length)):
+        raise EdgeccError("model.architecture 'minilm' needs all-MiniLM-L6-v2's own token ids: set "
+                          "data.source = 'text' and data.tokenizer = 'minilm'")
+    encoder = minilm.load_weights(minilm.minilm_model(length))
+    x = encoder.get_layer("pool").output
+    if section.dropout:
+        x = keras.layers.Dropout(section.dropout, name="head_dropout")(x)
+    logits = keras.layers.Dense(dataset.num_classes, name="logits")(x)
+    return keras.Model(encoder.input, logits, name="minilm_classifier")
 
 
 def load_user_model(path: Path, dataset: Dataset) -> Any:
@@ -87,6 +115,9 @@ def _shifted(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.nda
 def _augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.random.Generator) -> np.ndarray:
     """One epoch's training inputs: images shifted, flipped, brightened and contrasted, or words dropped to [UNK].
 
+    Token dropout leaves the special tokens ([PAD], [CLS], [SEP], ...) in place: only words and word pieces
+    become [UNK].
+
     Brightness and contrast jitter make the model rely on texture rather than
     on the lighting of the session that recorded the training images.
     """
@@ -94,7 +125,8 @@ def _augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.r
     if pre.unknown_id is not None:
         if not section.token_dropout:
             return x
-        dropped = (rng.random(x.shape) < section.token_dropout) & (x != pre.padding_id)
+        special = [i for i, token in enumerate(pre.vocabulary or ()) if token in SPECIAL_TOKENS]
+        dropped = (rng.random(x.shape) < section.token_dropout) & ~np.isin(x, [pre.padding_id, *special])
         return np.where(dropped, pre.unknown_id, x).astype(x.dtype)
     if x.ndim != 4 or x.shape[1] == 1:  # signals: their windows already overlap
         return x
