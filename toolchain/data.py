@@ -352,19 +352,23 @@ def _word_ids(texts: list[str], train: np.ndarray, section: DataSection) -> tupl
     for row, words_of in enumerate(tokens):
         encoded = [ids.get(word, 1) for word in words_of[:length]]
         x[row, : len(encoded)] = encoded
-    pre = Preprocessing(
+    return x, _token_preprocessing(TOKENIZER, vocabulary, length, padding_id=0, unknown_id=1)
+
+
+def _token_preprocessing(tokenizer: str, vocabulary: tuple[str, ...], length: int, padding_id: int,
+                         unknown_id: int) -> Preprocessing:
+    return Preprocessing(
         raw="token ids of each text, from the tokenizer and vocabulary below",
         layout="NL token ids",
         input_shape=(length,),
         scale=1.0,
         offset=0.0,
-        tokenizer=TOKENIZER,
+        tokenizer=tokenizer,
         vocabulary=vocabulary,
         sequence_length=length,
-        padding_id=0,
-        unknown_id=1,
+        padding_id=padding_id,
+        unknown_id=unknown_id,
     )
-    return x, pre
 
 
 def _minilm_ids(texts: list[str], length: int) -> tuple[np.ndarray, Preprocessing]:
@@ -373,19 +377,8 @@ def _minilm_ids(texts: list[str], length: int) -> tuple[np.ndarray, Preprocessin
 
     x = minilm.tokenizer(length)(texts)[0]
     vocabulary = minilm.vocabulary()
-    pre = Preprocessing(
-        raw="token ids of each text, from the tokenizer and vocabulary below",
-        layout="NL token ids",
-        input_shape=(length,),
-        scale=1.0,
-        offset=0.0,
-        tokenizer=minilm.tokenizer_description(length),
-        vocabulary=vocabulary,
-        sequence_length=length,
-        padding_id=minilm.PAD_ID,
-        unknown_id=vocabulary.index(UNK),
-    )
-    return x, pre
+    return x, _token_preprocessing(minilm.tokenizer_description(length), vocabulary, length,
+                                   padding_id=minilm.PAD_ID, unknown_id=vocabulary.index(UNK))
 
 
 def _text(section: DataSection, seed: int, base: Path | None) -> Dataset:
