@@ -82,7 +82,8 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
             losses += distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
                               section.distill_learning_rate, _weights(section, hidden=False), seed, reporter,
                               "quantization-aware distillation")
-        int8 = _int8(student, name, calibration, section.per_channel)
+        # a `ptq` stage after prune or sparsify quantizes the student that stage already quantized the same way
+        int8 = stages[-1].int8 if name == "ptq" and stages else _int8(student, name, calibration, section.per_channel)
         stages.append(Stage(name, student, int8, int(student.count_params()), tuple(losses)))
     return stages
 

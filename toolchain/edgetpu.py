@@ -24,14 +24,13 @@ and split axes) are not checked, so a prediction can be optimistic there.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from edgecc.errors import EdgeccError
 from edgecc.reader import Graph, Operator, Tensor, read_graph
@@ -136,7 +135,7 @@ def operator_problem(graph: Graph, op: Operator, legal_ops: tuple[str, ...]) -> 
 
 def _limitation(kind: str, inputs: list[Tensor], outputs: list[Tensor]) -> str | None:
     """The per-operator known limitations of the supported-operations table that shapes can show."""
-    if kind == "FULLY_CONNECTED" and int(np.prod(outputs[0].shape[:-1])) > 1:
+    if kind == "FULLY_CONNECTED" and math.prod(outputs[0].shape[:-1]) > 1:
         return (f"FULLY_CONNECTED: output {outputs[0].shape} is not one-dimensional; the Edge TPU maps a "
                 "fully-connected layer only with a 1-D output (one row of activations at a time)")
     if kind == "SOFTMAX" and (_wide_dims(inputs[0]) > 1 or inputs[0].elements > SOFTMAX_MAX_ELEMENTS):

@@ -208,13 +208,18 @@ def find_blocks(model: Any) -> list[Block]:
     return blocks
 
 
+def _deviation(model: Any, x: np.ndarray, reference: np.ndarray) -> float:
+    """Mean squared difference of the model's outputs on `x` from `reference` (the unablated outputs)."""
+    return float(np.mean((model.predict(x, batch_size=256, verbose=0) - reference) ** 2))
+
+
 def block_importance(model: Any, block: Block, x: np.ndarray, reference: np.ndarray) -> float:
     """Mean squared difference from `reference` of the outputs with the block bypassed (its two branches zeroed)."""
     saved = {name: model.get_layer(name).get_weights() for name in block.branches}
     try:
         for name, weights in saved.items():
             model.get_layer(name).set_weights([np.zeros_like(w) for w in weights])
-        return float(np.mean((model.predict(x, batch_size=256, verbose=0) - reference) ** 2))
+        return _deviation(model, x, reference)
     finally:
         for name, weights in saved.items():
             model.get_layer(name).set_weights(weights)
@@ -262,8 +267,7 @@ def head_importance(model: Any, unit: AttentionUnit, x: np.ndarray, reference: n
             ablated = original.copy()
             ablated[_head_indices(len(original), unit.heads, [head])] = 0.0
             kernel.assign(ablated)
-            outputs = model.predict(x, batch_size=256, verbose=0)
-            importance.append(float(np.mean((outputs - reference) ** 2)))
+            importance.append(_deviation(model, x, reference))
     finally:
         kernel.assign(original)
     return np.asarray(importance)
@@ -336,10 +340,10 @@ def rebuilt(model: Any, changes: dict[str, dict[str, Any]], weights: dict[str, l
     config = config or model.get_config()
     for layer in config["layers"]:
         layer["config"].update(changes.get(layer["config"]["name"], {}))
-    rebuilt = type(model).from_config(config)
-    for layer in rebuilt.layers:
+    new = type(model).from_config(config)
+    for layer in new.layers:
         layer.set_weights(weights[layer.name] if layer.name in weights else model.get_layer(layer.name).get_weights())
-    return rebuilt
+    return new
 
 
 def trim_vocabulary(model: Any, ids: np.ndarray, fraction: float, unknown_id: int | None) -> Any:

@@ -22,6 +22,7 @@ TOKENIZERS = ("words", "minilm")
 DATA_SOURCES = ("sklearn-digits", "images", "text", "signals")
 STAGES = ("prune", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
+SPARSITY_PATTERNS = ("magnitude", "2:4")
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class CompressSection:
                                       doc="prune: share of the token embedding rows kept, the tokens used most in "
                                           "training; the others share the [UNK] row")
     sparsity: float = spec(0.5, minimum=0.0, maximum=0.95, doc="sparsify: share of zero weights in each pruned kernel")
-    sparsity_pattern: str = spec("magnitude", choices=("magnitude", "2:4"),
+    sparsity_pattern: str = spec("magnitude", choices=SPARSITY_PATTERNS,
                                  doc="sparsify: smallest weights anywhere, or 2 of every 4 along the input axis")
     progressive: bool = spec(False, doc="qat: first quantize the blocks one by one from the input side, each "
                              "distilled against the teacher's hidden states")

@@ -28,10 +28,10 @@ from edgecc.distill import DistillWeights, distill
 from edgecc.errors import EdgeccError
 from edgecc.layers import keras
 from edgecc.progress import Reporter
+from edgecc.recipe import SPARSITY_PATTERNS
 
 import tensorflow_model_optimization as tfmot  # after edgecc.layers: TF must be imported with legacy Keras first
 
-PATTERNS = ("magnitude", "2:4")
 MASK_UPDATES = 20  # about this many magnitude-mask updates on the way to the target
 
 
@@ -70,8 +70,8 @@ def wrap(model: Any, target: float, pattern: str, epochs: int, steps_per_epoch: 
     teacher passed in as the first student keeps its weights, and each layer
     belongs to one model only (distill() reads the outputs of named layers).
     """
-    if pattern not in PATTERNS:
-        raise EdgeccError(f"unknown sparsity pattern {pattern!r}; patterns are {', '.join(PATTERNS)}")
+    if pattern not in SPARSITY_PATTERNS:
+        raise EdgeccError(f"unknown sparsity pattern {pattern!r}; patterns are {', '.join(SPARSITY_PATTERNS)}")
     if not 0.0 <= target <= 0.95:
         raise EdgeccError(f"sparsity must be in [0, 0.95], not {target}")
     if pattern == "2:4" and target != 0.5:

@@ -26,6 +26,8 @@ def reference_model(section: ModelSection, dataset: Dataset) -> Any:
     """The recipe's reference architecture, sized for the dataset."""
     from edgecc.transformer import VitConfig, text_transformer, vision_transformer
 
+    if section.architecture == "minilm":
+        return minilm_classifier(section, dataset)
     config = VitConfig(
         stem_filters=section.stem_filters,
         stem_strides=section.stem_strides,
@@ -37,8 +39,6 @@ def reference_model(section: ModelSection, dataset: Dataset) -> Any:
         dropout=section.dropout,
     )
     shape = dataset.preprocessing.input_shape
-    if section.architecture == "minilm":
-        return minilm_classifier(section, dataset)
     if section.architecture == "text":
         if len(shape) != 1 or not dataset.preprocessing.vocabulary:
             raise EdgeccError("model.architecture 'text' needs token ids: set data.source = 'text'")
