@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 from edgecc.convert import to_int8_tflite  # noqa: E402
-from edgecc.fold import fold_norms  # noqa: E402
+from edgecc.fold import fold_norms, freeze_norms  # noqa: E402
 from edgecc.layers import LayerNorm, keras  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
 from edgecc.teacher import inference_graph  # noqa: E402
@@ -51,3 +51,23 @@ def test_only_readers_in_this_model_count() -> None:
     keras.Model(model.inputs, keras.layers.Add()([elsewhere, elsewhere]))  # a second graph through final_norm
     folded = fold_norms(model)
     assert not folded.get_layer("final_norm").affine
+
+
+def test_frozen_norms_fold_away_entirely() -> None:
+    """Frozen norms are linear: after folding no norm layer, and no RSQRT, is left; the function is unchanged."""
+    keras.utils.set_random_seed(0)
+    model = vision_transformer(SMALL, (8, 8, 1), 5)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)
+    frozen = freeze_norms(model, x)
+    scales = [layer.frozen_scale for layer in frozen.layers if isinstance(layer, LayerNorm)]
+    assert len(scales) == 5 and all(scale > 0 for scale in scales)
+    assert not np.allclose(frozen(x).numpy(), model(x).numpy(), atol=1e-3)  # a different function until distilled
+    for layer in frozen.layers:
+        if isinstance(layer, LayerNorm):
+            layer.set_weights([rng.uniform(0.5, 1.5, layer.gamma.shape), rng.normal(0, 0.3, layer.beta.shape)])
+    folded = fold_norms(frozen)
+    assert not any(isinstance(layer, LayerNorm) for layer in folded.layers)
+    np.testing.assert_allclose(folded(x).numpy(), frozen(x).numpy(), atol=1e-5)
+    ops = read_graph(to_int8_tflite(inference_graph(frozen), x, per_channel=False)).op_counts()
+    assert "RSQRT" not in ops, ops

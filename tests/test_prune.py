@@ -220,7 +220,7 @@ def test_trimmed_vocabulary_keeps_frequent_tokens_and_folds_the_rest_into_unk(tm
     common = rng.integers(0, 20, size=(64, 8)).astype(np.int32)  # ids 0..19 only: the frequent ones
     trimmed = trim_vocabulary(model, common, 0.25, unknown_id=1)
     embedding = trimmed.get_layer("token_embedding")
-    assert embedding.table.shape == (25, 16) and embedding.input_vocabulary == 100
+    assert embedding.table.shape == (20, 16) and embedding.input_vocabulary == 100  # 25 asked, 20 used
     np.testing.assert_allclose(trimmed(common).numpy(), model(common).numpy(), atol=1e-5)
     rare = common.copy()
     rare[:, 3] = 77  # unseen in training: read as [UNK]
@@ -228,12 +228,32 @@ def test_trimmed_vocabulary_keeps_frequent_tokens_and_folds_the_rest_into_unk(tm
     as_unknown[:, 3] = 1
     np.testing.assert_allclose(trimmed(rare).numpy(), model(as_unknown).numpy(), atol=1e-5)
     sizes = [len(to_int8_tflite(inference_graph(m), common[:8], per_channel=False)) for m in (model, trimmed)]
-    saved_bytes = 75 * 16 - 100 * 4  # int8 rows dropped, less the int32 id map added
+    saved_bytes = 80 * 16 - 100 * 4  # int8 rows dropped, less the int32 id map added
     assert sizes[0] - sizes[1] >= 0.5 * saved_bytes, sizes
     path = tmp_path / "trimmed.keras"
     trimmed.save(path)
     loaded = keras.models.load_model(path, safe_mode=True, compile=False)
     np.testing.assert_allclose(loaded(rare).numpy(), trimmed(rare).numpy(), atol=1e-6)
+
+
+def test_a_dropped_token_that_training_uses_reads_its_nearest_kept_row() -> None:
+    from edgecc.prune import trim_vocabulary
+    from edgecc.transformer import text_transformer
+
+    keras.utils.set_random_seed(0)
+    config = VitConfig(stem_filters=(), stem_strides=(), dim=16, depth=1, heads=2, mlp_dim=16, dropout=0.0)
+    model = text_transformer(config, 8, 100, 3)
+    full = model.get_layer("token_embedding").table.numpy()
+    ids = np.repeat(np.arange(20, dtype=np.int32), np.arange(20, 0, -1))[np.newaxis]  # id 0 most used, 19 least
+    trimmed = trim_vocabulary(model, ids, 0.1, unknown_id=1).get_layer("token_embedding")
+    table, id_map = trimmed.table.numpy(), trimmed.id_map.numpy()
+    assert len(table) == 10
+    kept = [i for i in range(100) if np.array_equal(table[id_map[i]], full[i])]
+    assert kept == list(range(10))
+    for dropped in range(10, 20):
+        nearest = min(kept, key=lambda k: float(np.sum((full[k] - full[dropped]) ** 2)))
+        np.testing.assert_array_equal(table[id_map[dropped]], full[nearest])
+    assert all(id_map[i] == id_map[1] for i in range(20, 100))  # never used in training: [UNK]
 
 
 def test_removing_a_block_keeps_the_rest_of_the_model_exactly() -> None:

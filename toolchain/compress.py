@@ -2,7 +2,7 @@
 
 - `prune`: remove the least important encoder blocks, attention heads and feed-forward neurons
   (a physically smaller dense model), and for text the embedding rows of the
-  rarest tokens, then distil.
+  rarest tokens; optionally freeze the norms (they then fold away); then distil.
 - `sparsify`: TF-MOT magnitude pruning of the Dense and Conv2D kernels to a
   target share of zeros, or to 2:4 sparsity, then distil. The matrices keep
   their size: the zeros shrink the compressed file and suit sparse kernels.
@@ -61,6 +61,10 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
                                section.block_fraction)
             if section.vocabulary_fraction < 1.0:
                 student = trim_vocabulary(student, x, section.vocabulary_fraction, dataset.preprocessing.unknown_id)
+            if section.freeze_norms:
+                from edgecc.fold import freeze_norms
+
+                student = freeze_norms(student, x)
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
                              section.distill_learning_rate, _weights(section, hidden=True), seed, reporter,
                              "distilling the pruned student")

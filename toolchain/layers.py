@@ -181,12 +181,18 @@ class LayerNorm(keras.layers.Layer):
 
     Keras' LayerNormalization is not accepted by TF-MOT QAT; this one computes the
     same function with the ops the int8 TFLite graph will contain.
+
+    A frozen norm (`frozen_scale` > 0) multiplies by that constant instead of each
+    token's 1/sigma: a linear map, which `fold.fold_norms` moves whole into the
+    Dense layers that read it, so that no norm op (and no RSQRT, which runs
+    outside XNNPACK in int8) is left in the graph.
     """
 
-    def __init__(self, epsilon: float = 1e-5, affine: bool = True, **kwargs: Any) -> None:
+    def __init__(self, epsilon: float = 1e-5, affine: bool = True, frozen_scale: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.epsilon = epsilon
         self.affine = affine
+        self.frozen_scale = frozen_scale
 
     def build(self, input_shape: Any) -> None:
         if self.affine:  # a norm whose gamma and beta were folded into the next Dense has none
@@ -208,10 +214,16 @@ class LayerNorm(keras.layers.Layer):
         width = x.shape[-1]
         return tf.matmul(x, tf.constant(1.0 / width, shape=(width, 1)))
 
+    def inverse_deviation(self, centred: Any) -> Any:
+        """Each token's 1/sigma, the tensor that freezing replaces by a constant."""
+        return tf.math.rsqrt(self.average(centred * centred) + self.epsilon)
+
     def call(self, x: Any) -> Any:
         centred = x - self.average(x)
-        variance = self.average(centred * centred)
-        return self.scale_and_shift(centred * tf.math.rsqrt(variance + self.epsilon))
+        if self.frozen_scale:
+            return self.scale_and_shift(centred * self.frozen_scale)
+        return self.scale_and_shift(centred * self.inverse_deviation(centred))
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "epsilon": self.epsilon, "affine": self.affine}
+        return {**super().get_config(), "epsilon": self.epsilon, "affine": self.affine,
+                "frozen_scale": self.frozen_scale}

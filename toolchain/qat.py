@@ -106,15 +106,18 @@ class QatLayerNorm(LayerNorm):
     def call(self, x: Any, training: Any = None) -> Any:
         mean = _hook(self, "mean", self.average(x))
         centred = _hook(self, "centred", x - mean)
-        squares = _hook(self, "squares", centred * centred)
-        # the converter folds epsilon into the bias of the second averaging FULLY_CONNECTED
-        shifted = _hook(self, "shifted", self.average(squares) + self.epsilon)
-        if training is True:
-            # A row whose variance rounds to 0 would give rsqrt(0) = inf, and the moving-average range of
-            # `inverse` would take it in for good. TFLite saturates such a row, and so does rsqrt(epsilon).
-            shifted = tf.maximum(shifted, self.epsilon)
-        inverse = _hook(self, "inverse", tf.math.rsqrt(shifted))
-        normalised = _hook(self, "normalised", centred * inverse)
+        if self.frozen_scale:
+            normalised = _hook(self, "normalised", centred * self.frozen_scale)
+        else:
+            squares = _hook(self, "squares", centred * centred)
+            # the converter folds epsilon into the bias of the second averaging FULLY_CONNECTED
+            shifted = _hook(self, "shifted", self.average(squares) + self.epsilon)
+            if training is True:
+                # A row whose variance rounds to 0 would give rsqrt(0) = inf, and the moving-average range of
+                # `inverse` would take it in for good. TFLite saturates such a row, and so does rsqrt(epsilon).
+                shifted = tf.maximum(shifted, self.epsilon)
+            inverse = _hook(self, "inverse", tf.math.rsqrt(shifted))
+            normalised = _hook(self, "normalised", centred * inverse)
         if not self.affine:
             return normalised
         return _hook(self, "scaled", normalised * self.gamma) + self.beta

@@ -133,6 +133,8 @@ class CompressSection:
     vocabulary_fraction: float = spec(1.0, minimum=0.01, maximum=1.0,
                                       doc="prune: share of the token embedding rows kept, the tokens used most in "
                                           "training; the others share the [UNK] row")
+    freeze_norms: bool = spec(False, doc="prune: replace each LayerNorm's per-token 1/sigma by its training mean "
+                              "before distilling, so that the norms fold into the Dense layers after them")
     sparsity: float = spec(0.5, minimum=0.0, maximum=0.95, doc="sparsify: share of zero weights in each pruned kernel")
     sparsity_pattern: str = spec("magnitude", choices=SPARSITY_PATTERNS,
                                  doc="sparsify: smallest weights anywhere, or 2 of every 4 along the input axis")
