@@ -266,14 +266,30 @@ def test_removing_a_block_keeps_the_rest_of_the_model_exactly() -> None:
     assert blocks[1].source[0] == "block0_mlp_residual" and "block1_query" in blocks[1].members
     reference = model.predict(IMAGES, verbose=0)
     bypassed = block_importance(model, blocks[0], IMAGES, reference)
-    assert bypassed > 0 and np.allclose(model.predict(IMAGES, verbose=0), reference)  # weights restored
+    assert bypassed > 0
     shorter = remove_blocks(model, [blocks[0]])
     assert not [layer.name for layer in shorter.layers if layer.name.startswith("block0_")]
     assert shorter.get_layer("block1_attn_norm").input._keras_history.layer.name == "positions"
     # the shorter model is the original with block 0's two residual branches zeroed
-    for name in blocks[0].branches:
+    for name in ("block0_attn_output", "block0_mlp_down"):
         layer = model.get_layer(name)
         layer.set_weights([np.zeros_like(w) for w in layer.get_weights()])
     np.testing.assert_allclose(shorter.predict(IMAGES, verbose=0), model.predict(IMAGES, verbose=0), atol=1e-5)
     assert np.mean((shorter.predict(IMAGES, verbose=0) - reference) ** 2) == pytest.approx(bypassed, rel=1e-4)
     assert len(find_blocks(prune_to(vit(), 1.0, 1.0, IMAGES, reference, block_fraction=0.5))) == 1
+
+
+def test_post_norm_blocks_are_found_and_removed() -> None:
+    """MiniLM's BERT blocks (x = LN(x + attention), x = LN(x + FFN)): the norm after each sum belongs to the block."""
+    from edgecc.minilm import minilm_model
+    from edgecc.prune import find_blocks, remove_blocks
+
+    keras.utils.set_random_seed(0)
+    model = minilm_model(8)
+    blocks = find_blocks(model)
+    assert [b.output for b in blocks] == [f"block{i}_mlp_residual" for i in range(6)]
+    assert blocks[0].source[0] == "embedding_norm" and "block0_attn_residual" in blocks[0].members
+    shorter = remove_blocks(model, [blocks[1], blocks[2]])
+    assert shorter.get_layer("block3_query").input._keras_history.layer.name == "block0_mlp_residual"
+    ids = np.random.default_rng(0).integers(1, 1000, size=(2, 8)).astype(np.int32)
+    assert shorter(ids).shape == (2, 384) and len(find_blocks(shorter)) == 4

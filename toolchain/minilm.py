@@ -32,9 +32,8 @@ Choices, and why:
   before them are `block{i}_attn_add` and `block{i}_mlp_add`. Distillation's
   hidden states (layers ending `_mlp_residual`) are thus the block outputs that
   the next block reads. Head and neuron pruning find their units from the
-  wiring and work; whole-block removal (prune.find_blocks) looks for pre-norm
-  residual pairs and finds none here, since a post-norm block is not an
-  identity when its branches are zeroed.
+  wiring; whole-block removal (prune.find_blocks) finds post-norm blocks too,
+  and removing one passes its (already normalised) input on.
 - Pooling as sentence-transformers' modules.json says: mean over non-padding
   tokens (`pool`, the embedding before normalisation), then L2 normalisation
   (`normalize`, what `SentenceTransformer.encode` returns). `pooling=False`

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgecc.errors import EdgeccError
-from edgecc.layers import AttentionContext, AttentionScores, TokenEmbedding, keras
+from edgecc.layers import AttentionContext, AttentionScores, LayerNorm, TokenEmbedding, keras
 
 layers = keras.layers
 
@@ -147,11 +147,12 @@ def find_units(model: Any) -> tuple[list[AttentionUnit], list[FeedForwardUnit]]:
 
 @dataclass(frozen=True)
 class Block:
-    """An encoder block: x + attention(...), then + feed-forward(...). Removing it passes x on unchanged."""
+    """An encoder block: x + attention(...), then + feed-forward(...), each sum normalised after it in a post-norm
+    block. Removing it passes x on unchanged: exactly what zeroing a pre-norm block's two branches computes, and
+    for a post-norm block (BERT) an approximation that distillation then corrects."""
 
-    output: str  # the Add that ends the block
+    output: str  # the Add (pre-norm) or LayerNorm (post-norm) that ends the block
     members: tuple[str, ...]
-    branches: tuple[str, str]  # the Dense layers whose outputs the block's two Adds add to the residual stream
     source: tuple[str, int, int]  # layer, node and tensor index of the block's input
 
 
@@ -194,18 +195,27 @@ def find_blocks(model: Any) -> list[Block]:
         if first is None:
             continue
         middle, start = first
-        ends = [(ff, second[0]) for ff in feed_forward
-                if (second := _residual_add(wiring, by_name[ff.down].outputs)) and second[1] is middle.outputs]
+        post_norm = _sole_norm(wiring, middle)
+        stream = post_norm or middle
+        ends = [second[0] for ff in feed_forward
+                if (second := _residual_add(wiring, by_name[ff.down].outputs)) and second[1] is stream.outputs]
         if len(ends) != 1:
             continue
-        ff, end = ends[0]
-        members = _between(wiring, start, end)
+        end = _sole_norm(wiring, ends[0]) if post_norm else ends[0]
+        members = _between(wiring, start, end) if end else None
         if members is None:
             continue
         layer, node_index, tensor_index = start._keras_history
-        blocks.append(Block(end.layer.name, tuple(node.layer.name for node in members), (unit.output, ff.down),
+        blocks.append(Block(end.layer.name, tuple(node.layer.name for node in members),
                             (layer.name, node_index, tensor_index)))
     return blocks
+
+
+def _sole_norm(wiring: Wiring, node: Any) -> Any | None:
+    """The LayerNorm node that alone reads `node`'s output (a post-norm block's norm after its Add), else None.
+    A pre-norm block's first Add has two readers, the next norm and the second Add."""
+    readers = wiring.consumers.get(id(node.outputs), [])
+    return readers[0] if len(readers) == 1 and isinstance(readers[0].layer, LayerNorm) else None
 
 
 def _deviation(model: Any, x: np.ndarray, reference: np.ndarray) -> float:
@@ -214,15 +224,8 @@ def _deviation(model: Any, x: np.ndarray, reference: np.ndarray) -> float:
 
 
 def block_importance(model: Any, block: Block, x: np.ndarray, reference: np.ndarray) -> float:
-    """Mean squared difference from `reference` of the outputs with the block bypassed (its two branches zeroed)."""
-    saved = {name: model.get_layer(name).get_weights() for name in block.branches}
-    try:
-        for name, weights in saved.items():
-            model.get_layer(name).set_weights([np.zeros_like(w) for w in weights])
-        return _deviation(model, x, reference)
-    finally:
-        for name, weights in saved.items():
-            model.get_layer(name).set_weights(weights)
+    """Mean squared difference from `reference` of the outputs of the model without the block."""
+    return _deviation(remove_blocks(model, [block]), x, reference)
 
 
 def remove_blocks(model: Any, removed: list[Block]) -> Any:
