@@ -139,7 +139,7 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
     keras.Model(inputs, outputs).save(tmp_path / "mine.keras")
     (tmp_path / "recipe.toml").write_text(
         'name = "mine"\n[model]\npath = "mine.keras"\n[train]\nepochs = 2\n[compress]\ncalibration_samples = 32\n'
-        "[budgets]\nmin_accuracy = 1.0\n"
+        'stages = ["prune", "ptq"]\nhead_fraction = 1.0\ndistill_epochs = 1\n[budgets]\nmin_accuracy = 1.0\n'
     )
     result = edgecc("build", "--target", "rpi4", "--recipe", str(tmp_path / "recipe.toml"),
                     "--out", str(tmp_path / "out"), "--quiet")
@@ -156,6 +156,12 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
     assert graph.op_counts() == manifest["model"]["ops"]
     products = [op for op in graph.operators if op.kind == "FULLY_CONNECTED" and not graph.tensors[op.inputs[1]].constant]
     assert len(products) == 2 * 2  # 2 products x 2 heads, 1 block
+    # every stage's int8 model is kept and listed; the last stage's is model.tflite
+    files = [stage["file"] for stage in manifest["metrics"]["stages"]]
+    assert files == ["float.tflite", "stage0_ptq_of_the_teacher.tflite", "stage1_prune.tflite", "model.tflite"]
+    assert set(files) <= set(manifest["artifacts"]) and (tmp_path / "out" / files[1]).is_file()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Where the bytes go" in report and "| conv2d | 208 |" in report  # 3x3x1x16 int8 + 16 int32 bias
     first = manifest["budgets"][0]
     assert (first["name"], first["value"], first["limit"], first["status"]) == \
         ("int8 accuracy", manifest["metrics"]["int8_accuracy"], ">= 1.0", "fail")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import platform
+import re
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 from edgecc.bundle import write_board_files
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
 from edgecc.progress import Reporter
-from edgecc.reader import int8_weight_sparsity
+from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
 from edgecc.recipe import LoadedRecipe, load_recipe, model_path
 from edgecc.runtime import Model
 from edgecc.targets import Target, load_target
@@ -96,12 +97,12 @@ def _preprocessing(dataset: Dataset, int8: Model) -> dict[str, Any]:
 def _stage_records(teacher: Any, float_bytes: bytes, float_acc: float, stages: list[Stage],
                    stage_predictions: list[np.ndarray], y_test: np.ndarray, latency: dict[str, Latency]) -> list[dict[str, Any]]:
     """Per stage: accuracy, sizes, parameters, host latency against float, and weight sparsity in the int8 file."""
-    records = [{"name": "float teacher", "accuracy": float_acc, "bytes": len(float_bytes),
+    records = [{"name": "float teacher", "file": FLOAT_MODEL, "accuracy": float_acc, "bytes": len(float_bytes),
                 "gzip_bytes": len(gzip.compress(float_bytes)), "parameters": int(teacher.count_params()),
                 "host_latency_ms": latency["float"].median_ms}]
-    for stage, predicted in zip(stages, stage_predictions):
+    for stage, predicted, file in zip(stages, stage_predictions, stage_files(stages)):
         records.append({
-            "name": f"int8 after {stage.name}", "accuracy": float(np.mean(predicted == y_test)),
+            "name": f"int8 after {stage.name}", "file": file, "accuracy": float(np.mean(predicted == y_test)),
             "bytes": len(stage.int8), "gzip_bytes": len(gzip.compress(stage.int8)), "parameters": stage.parameters,
             "host_latency_ms": latency[stage.name].median_ms,
             "speedup_vs_float": round(latency["float"].median_ms / latency[stage.name].median_ms, 3),
@@ -109,6 +110,12 @@ def _stage_records(teacher: Any, float_bytes: bytes, float_acc: float, stages: l
             "distill_losses": list(stage.distill_losses),
         })
     return records
+
+
+def stage_files(stages: list[Stage]) -> list[str]:
+    """The file each stage's int8 model is kept in: the last stage's is the build's model.tflite."""
+    names = [f"stage{i}_{re.sub(r'[^a-z0-9]+', '_', stage.name)}.tflite" for i, stage in enumerate(stages[:-1])]
+    return [*names, INT8_MODEL]
 
 
 def _ptq_baseline(teacher: Any, calibration: np.ndarray, per_channel: bool) -> Stage:
@@ -203,6 +210,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
             "parameters": int(teacher.count_params()),
             "student_parameters": stages[-1].parameters,
             "ops": graph.op_counts(),
+            "constant_bytes": constant_bytes_by_part(int8_bytes),
             "activation_dtypes": sorted({t.dtype for t in graph.activation_tensors()}),
             "stages": list(recipe.compress.stages),
         },
@@ -224,11 +232,15 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     with emit.atomic_directory(out) as staging:
         (staging / INT8_MODEL).write_bytes(int8_bytes)
         (staging / FLOAT_MODEL).write_bytes(float_bytes)
+        kept_stages = list(zip(stage_files(stages), stages))[:-1]
+        for file, stage in kept_stages:
+            (staging / file).write_bytes(stage.int8)
         board_files = write_board_files(staging, int8_bytes, fit, list(dataset.label_names))
         (staging / "report.md").write_text(report.markdown(manifest), encoding="utf-8")
         (staging / "report.html").write_text(report.html(manifest, _plots(manifest, fit)), encoding="utf-8")
         manifest["artifacts"] = emit.artifact_entries(
-            staging, [INT8_MODEL, FLOAT_MODEL, *board_files, "report.md", "report.html"])
+            staging, [INT8_MODEL, FLOAT_MODEL, *(file for file, _ in kept_stages), *board_files, "report.md",
+                      "report.html"])
         emit.write_json(staging / "manifest.json", manifest)
     return BuildResult(out, manifest)
 

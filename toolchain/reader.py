@@ -7,6 +7,7 @@ a CI runner that has no TensorFlow.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -119,3 +120,23 @@ def int8_weight_sparsity(content: bytes) -> dict[str, float]:
     """Share of zeros in each int8 weight matrix of a TFLite model (constant, two or more dimensions), by tensor name."""
     return {t.name: t.zero_fraction for t in read_graph(content).tensors
             if t.constant and t.dtype == "INT8" and len(t.shape) >= 2}
+
+
+def constant_bytes_by_part(content: bytes) -> dict[str, int]:
+    """Bytes of the constant tensors (weights, embedding tables, id maps) of a TFLite model, largest part first.
+
+    A converted tensor is named `model/layer/...`; the layers of one encoder
+    block (`block<i>_...`) are summed as `block<i>`, because the converter names
+    a fused weight after any of the layers it came from. Unnamed constants
+    (shapes, axes) are `other`.
+    """
+    parts: dict[str, int] = {}
+    for tensor in read_graph(content).tensors:
+        if tensor.constant:
+            names = tensor.name.split("/")
+            part = names[1] if len(names) > 1 else "other"
+            block = re.match(r"(block\d+)_", part)
+            part = block.group(1) if block else part
+            parts[part] = parts.get(part, 0) + tensor.nbytes
+    return dict(sorted(parts.items(), key=lambda item: -item[1]))
+

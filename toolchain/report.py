@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html as html_lib
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,20 @@ def _limit(limit: str, unit: str) -> str:
     """'<= 1073741824' -> '<= 1024.00 MiB' for byte budgets; other limits as written."""
     relation, _, number = limit.partition(" ")
     return f"{relation} {_quantity(float(number), unit)}" if unit else limit
+
+
+def _edgetpu_section(plan: dict[str, Any] | None) -> list[tuple[str, list[Block]]]:
+    """Which operators leave the Edge TPU and why, for an Edge TPU target."""
+    if plan is None:
+        return []
+    reasons = Counter(plan["reasons"].values()).most_common()
+    on_tpu = sum(plan["on_tpu"])
+    return [("Operators that leave the Edge TPU", [
+        ("p", f"{on_tpu} of {len(plan['on_tpu'])} operators run on the Edge TPU in {plan['segments']} segment(s) "
+              f"({plan['method']}); {plan['cached_parameter_bytes']:,} parameter bytes are cached on the chip and "
+              f"{plan['streamed_parameter_bytes']:,} streamed from the host every inference."),
+        ("table", (["why an operator runs on the CPU", "operators"], [[why, str(n)] for why, n in reasons])),
+    ])]
 
 
 def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block]]]]:
@@ -77,6 +92,14 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
                   f"Activation tensor types in model.tflite: {', '.join(m['activation_dtypes'])}."),
             ("table", (["op", "count"], [[op, str(n)] for op, n in m["ops"].items()])),
         ]),
+        ("Where the bytes go", [
+            ("p", "Constant tensors of model.tflite (weights, embedding tables, id maps) by the layer they come "
+                  "from; an encoder block's layers are summed."),
+            ("table", (["part", "bytes", "share"], [
+                [part, f"{n:,}", f"{n / metrics['int8_tflite_bytes']:.1%}"]
+                for part, n in m.get("constant_bytes", {}).items()])),
+        ]),
+        *_edgetpu_section(manifest["target_check"].get("edgetpu")),
         ("Running model.tflite", [
             ("list", [
                 f"raw input: {pre['raw']}; layout {pre['layout']}, model input shape {pre['model_input_shape']}",
