@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_estimator import ROOT, write_section  # noqa: E402
@@ -32,16 +33,18 @@ TASKS = ("neu_det", "cwru_bearing", "trec")
 OUT = ROOT / "benchmarks"
 
 
-def run_task(task: str) -> dict[str, Any]:
-    """Build one task's recipe; returns its rows, or the reason it was skipped."""
-    recipe_path = ROOT / "models" / f"{task}.toml"
+def run_task(task: str, recipe_path: Path | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Build one task's recipe (default models/<task>.toml, kept in benchmarks/models/<task>); returns its rows,
+    or the reason it was skipped."""
+    recipe_path = recipe_path or ROOT / "models" / f"{task}.toml"
+    out = out or OUT / "models" / task
     data = load_recipe(recipe_path).recipe.data
     data_path = (recipe_path.parent / data.path).resolve()
     if not data_path.exists():
         return {"task": task, "skipped": f"data not found at {data_path}"}
     started = time.perf_counter()
     try:
-        result = build("rpi4", recipe_path, OUT / "models" / task, Reporter())
+        result = build("rpi4", recipe_path, out, Reporter())
     except EdgeccError as err:
         return {"task": task, "skipped": f"build failed: {err}"}
     metrics = result.manifest["metrics"]
@@ -50,7 +53,7 @@ def run_task(task: str) -> dict[str, Any]:
     rows = []
     for record in records:
         rows.append({
-            "task": task, "stage": record["name"], "accuracy": record["accuracy"],
+            "task": task, "stage": record["name"], "file": os.path.relpath(out / record["file"], ROOT), "accuracy": record["accuracy"],
             "drop_points": round((teacher["accuracy"] - record["accuracy"]) * 100, 2),
             "bytes": record["bytes"], "gzip_bytes": record["gzip_bytes"], "parameters": record["parameters"],
             "size_ratio": round(teacher["bytes"] / record["bytes"], 2),
@@ -93,36 +96,48 @@ def verdicts(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| task | stage | accuracy | drop (points) | file bytes | gzip bytes | params | smaller than float | "
-             "int8 speed-up vs float | int8 weight sparsity |", "|---|---|---|---|---|---|---|---|---|---|"]
+def table(results: list[dict[str, Any]], header: list[str], row: Callable[[dict[str, Any]], list[str]],
+          verdicts: Callable[[dict[str, Any]], list[str]]) -> str:
+    """A Markdown table with one row per task and model, then each task's verdicts (or why it was skipped)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
     for result in results:
         if "skipped" in result:
             notes.append(f"- {result['task']}: skipped, {result['skipped']}")
             continue
-        for r in result["rows"]:
-            sparsity = "" if r["int8_weight_sparsity"] is None else f"{r['int8_weight_sparsity']:.1%}"
-            lines.append(f"| {r['task']} | {r['stage']} | {r['accuracy']:.4f} | {r['drop_points']:+.2f} | "
-                         f"{r['bytes']:,} | {r['gzip_bytes']:,} | {r['parameters']:,} | {r['size_ratio']:.2f}x | "
-                         f"{r['speedup_vs_float']:.2f}x ({r['host_latency_ms']:.3f} ms) | {sparsity} |")
+        lines += ["| " + " | ".join(row(r)) + " |" for r in result["rows"]]
         notes.append(f"- **{result['task']}** ({result['recipe']}, {result['test_size']} test examples, "
                      f"built in {result['build_seconds']} s): " + "; ".join(verdicts(result)) + ".")
     return "\n".join(lines + [""] + notes)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tasks", nargs="*", metavar="TASK", help=f"tasks to run (default all: {', '.join(TASKS)})")
+def parse_tasks(description: str, tasks: tuple[str, ...]) -> argparse.Namespace:
+    """The command line of a per-task benchmark: the tasks to run (default all) and the BENCHMARKS.md to write."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("tasks", nargs="*", metavar="TASK", help=f"tasks to run (default all: {', '.join(tasks)})")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
-    unknown = sorted(set(args.tasks) - set(TASKS))
+    unknown = sorted(set(args.tasks) - set(tasks))
     if unknown:
-        parser.error(f"unknown task {', '.join(unknown)}; tasks are {', '.join(TASKS)}")
-    args.tasks = args.tasks or list(TASKS)
+        parser.error(f"unknown task {', '.join(unknown)}; tasks are {', '.join(tasks)}")
+    args.tasks = args.tasks or list(tasks)
+    return args
+
+
+def _row(r: dict[str, Any]) -> list[str]:
+    sparsity = "" if r["int8_weight_sparsity"] is None else f"{r['int8_weight_sparsity']:.1%}"
+    return [r["task"], r["stage"], f"{r['accuracy']:.4f}", f"{r['drop_points']:+.2f}", f"{r['bytes']:,}",
+            f"{r['gzip_bytes']:,}", f"{r['parameters']:,}", f"{r['size_ratio']:.2f}x",
+            f"{r['speedup_vs_float']:.2f}x ({r['host_latency_ms']:.3f} ms)", sparsity]
+
+
+def main() -> None:
+    args = parse_tasks(__doc__.splitlines()[0], TASKS)
     results = [run_task(task) for task in args.tasks]
     OUT.mkdir(exist_ok=True)
     (OUT / "compression.json").write_text(json.dumps(results, indent=2) + "\n")
+    header = ["task", "stage", "accuracy", "drop (points)", "file bytes", "gzip bytes", "params", "smaller than float",
+              "int8 speed-up vs float", "int8 weight sparsity"]
     body = "\n".join([
         "## Compression on real tasks",
         "",
@@ -135,7 +150,7 @@ def main() -> None:
         "latency by the row's. Sparsity is the mean share of zeros in the int8 weight matrices of the file. "
         "Models and manifests are kept under `benchmarks/models/<task>/`; rows in `benchmarks/compression.json`.",
         "",
-        table(results),
+        table(results, header, _row, verdicts),
     ])
     print(body)
     write_section(args.out, "bench_compression", body)
