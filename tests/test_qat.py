@@ -139,3 +139,21 @@ def test_text_transformer_quantizes_with_int32_token_ids() -> None:
     expected = np.argmax(qat.predict(ids, verbose=0), axis=1)
     got = np.array([np.argmax(model.invoke(example)) for example in ids])
     assert np.mean(got == expected) >= 0.9
+
+
+def test_a_tiny_variance_does_not_blow_up_the_norm_ranges_in_training() -> None:
+    """BERT's epsilon is 1e-12: a token whose variance rounds to 0 on the int8 grid must not give rsqrt(1e-12) = 1e6
+    in a training step (which would drag the moving-average range of 1/sigma up for good); TFLite saturates it at
+    the calibrated top of that range, and training now does the same."""
+    from edgecc.layers import LayerNorm
+
+    inputs = keras.Input((4, 8))
+    model = keras.Model(inputs, keras.layers.Dense(2)(LayerNorm(1e-12, name="norm")(inputs)))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4, 8)).astype(np.float32) * np.array([1e-2, 1e-2, 1.0, 100.0])[:, np.newaxis]
+    qat = qat_model(model, x)
+    (inverse_max,) = [w for w in qat.non_trainable_weights if "norm" in w.name and w.name.endswith("inverse_max:0")]
+    calibrated = float(inverse_max.numpy())  # 1/sigma of the quietest token, about 200
+    for _ in range(3):
+        qat(x, training=True)
+    assert float(inverse_max.numpy()) == pytest.approx(calibrated, rel=0.01)  # it was 3195 before the floor

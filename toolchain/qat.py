@@ -100,6 +100,7 @@ class QatLayerNorm(LayerNorm):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.variance_floor = 0.0
         for name in self.HOOKS:
             setattr(self, f"{name}_hook", keras.activations.linear)
 
@@ -114,8 +115,9 @@ class QatLayerNorm(LayerNorm):
             shifted = _hook(self, "shifted", self.average(squares) + self.epsilon)
             if training is True:
                 # A row whose variance rounds to 0 would give rsqrt(0) = inf, and the moving-average range of
-                # `inverse` would take it in for good. TFLite saturates such a row, and so does rsqrt(epsilon).
-                shifted = tf.maximum(shifted, self.epsilon)
+                # `inverse` would take it in for good. TFLite saturates such a row at the top of the calibrated
+                # `inverse` range; the floor (set by calibration, else epsilon) gives training the same value.
+                shifted = tf.maximum(shifted, self.variance_floor or self.epsilon)
             inverse = _hook(self, "inverse", tf.math.rsqrt(shifted))
             normalised = _hook(self, "normalised", centred * inverse)
         if not self.affine:
@@ -345,6 +347,12 @@ def _calibrate(qat: Any, twinned: Any, calibration: np.ndarray) -> None:
         key, _, end = weight.name.split(":")[0].rpartition("_")
         if key in ranges and end in ("min", "max"):
             weight.assign(ranges[key][end == "max"])
+    for wrapper in qat.layers:
+        norm = getattr(wrapper, "layer", None)
+        inverse = ranges.get(f"quant_{getattr(norm, 'name', '')}/inverse")
+        if isinstance(norm, QatLayerNorm) and inverse and inverse[1] > 0:
+            # with epsilon 1e-12 (BERT's), rsqrt(epsilon) = 1e6 would drag the `inverse` range up in one step
+            norm.variance_floor = inverse[1] ** -2
 
 
 def to_int8_tflite_from_qat(qat: Any, calibration: np.ndarray) -> bytes:
