@@ -293,3 +293,19 @@ def test_post_norm_blocks_are_found_and_removed() -> None:
     assert shorter.get_layer("block3_query").input._keras_history.layer.name == "block0_mlp_residual"
     ids = np.random.default_rng(0).integers(1, 1000, size=(2, 8)).astype(np.int32)
     assert shorter(ids).shape == (2, 384) and len(find_blocks(shorter)) == 4
+
+
+def test_a_pruned_minilm_classifier_is_integer_only_in_int8() -> None:
+    """MiniLM's padding mask and mean pooling come from GATHERs of quantized tables: no float tensor in the graph."""
+    from edgecc.minilm import minilm_model
+    from edgecc.prune import find_blocks, remove_blocks, trim_vocabulary
+
+    keras.utils.set_random_seed(0)
+    encoder = minilm_model(8)
+    model = keras.Model(encoder.inputs, keras.layers.Dense(3, name="logits")(encoder.get_layer("pool").output))
+    ids = np.random.default_rng(0).integers(1000, 1100, size=(16, 8)).astype(np.int32)
+    ids[:, 5:] = 0  # padding
+    model = trim_vocabulary(remove_blocks(model, find_blocks(model)[1:]), ids, 0.01, unknown_id=100)
+    graph = read_graph(to_int8_tflite(inference_graph(model), ids, per_channel=False))
+    assert {t.dtype for t in graph.activation_tensors()} <= {"INT8", "INT32", "BOOL"}
+    assert graph.op_counts()["GATHER"] == 4  # id map, embedding rows and the two mask tables

@@ -146,6 +146,16 @@ def _check_length(sequence_length: int) -> None:
         raise EdgeccError(f"MiniLM sequence length must be 2..{MAX_POSITIONS} tokens, got {sequence_length}")
 
 
+def _lookup(ids: Any, pad_id: int, values: tuple[float, float]) -> Any:
+    """values[0] where ids are not `pad_id`, values[1] where they are, as a GATHER from a two-entry table.
+
+    Casting the comparison to float instead would leave a float tensor (and a
+    QUANTIZE) in the int8 graph; the table is quantized like any constant.
+    """
+    is_pad = tf.cast(tf.equal(tf.cast(ids, tf.int32), pad_id), tf.int32)
+    return tf.gather(tf.constant(values, tf.float32), is_pad)
+
+
 @keras.utils.register_keras_serializable(package=PACKAGE)
 class PaddingBias(keras.layers.Layer):
     """Token ids -> the attention bias (batch, 1, 1, tokens): 0 for real tokens, `value` for padding."""
@@ -156,8 +166,7 @@ class PaddingBias(keras.layers.Layer):
         self.value = value
 
     def call(self, ids: Any) -> Any:
-        padding = tf.cast(tf.equal(tf.cast(ids, tf.int32), self.pad_id), tf.float32)
-        return tf.reshape(padding * self.value, (-1, 1, 1, ids.shape[1]))
+        return tf.reshape(_lookup(ids, self.pad_id, (0.0, self.value)), (-1, 1, 1, ids.shape[1]))
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "pad_id": self.pad_id, "value": self.value}
@@ -182,7 +191,7 @@ class TokenMean(keras.layers.Layer):
 
     def call(self, inputs: list[Any]) -> Any:
         states, ids = inputs
-        real = tf.cast(tf.not_equal(tf.cast(ids, tf.int32), self.pad_id), states.dtype)
+        real = _lookup(ids, self.pad_id, (1.0, 0.0))
         weights = real / tf.reduce_sum(real, axis=1, keepdims=True)  # [CLS] and [SEP] are never padding
         return tf.reduce_sum(states * tf.reshape(weights, (-1, ids.shape[1], 1)), axis=1)
 
