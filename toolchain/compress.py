@@ -83,8 +83,9 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
             if section.progressive:
                 losses = _progressive(student, teacher, x, y, section, train, seed, calibration, sparse, reporter)
             student = qat_model(student, calibration, preserve_sparsity=sparse)
-            losses += distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
-                              section.distill_learning_rate, _weights(section, hidden=False), seed, reporter,
+            losses += distill(student, teacher, x, y, section.qat_epochs or section.distill_epochs, train.batch_size,
+                              section.qat_learning_rate or section.distill_learning_rate,
+                              _weights(section, hidden=False), seed, reporter,
                               "quantization-aware distillation")
         # a `ptq` stage after prune or sparsify quantizes the student that stage already quantized the same way
         int8 = stages[-1].int8 if name == "ptq" and stages else _int8(student, name, calibration, section.per_channel)
@@ -109,8 +110,9 @@ def _progressive(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, secti
     hidden_only = DistillWeights(task=0.0, logits=0.0, hidden=1.0, temperature=section.temperature)
     for k, end in enumerate(block_outputs(student)):
         partial = qat_model(student, calibration, preserve_sparsity=sparse, only=set(names[: names.index(end) + 1]))
-        losses += distill(partial, teacher, x, y, max(1, section.distill_epochs // 2), train.batch_size,
-                          section.distill_learning_rate, hidden_only, seed, reporter,
+        losses += distill(partial, teacher, x, y, max(1, (section.qat_epochs or section.distill_epochs) // 2),
+                          train.batch_size, section.qat_learning_rate or section.distill_learning_rate, hidden_only,
+                          seed, reporter,
                           f"progressive QAT: blocks 0..{k}", hidden_blocks=k + 1)
         float_weights_from(partial, student)
     return losses

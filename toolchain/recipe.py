@@ -142,6 +142,9 @@ class CompressSection:
                              "distilled against the teacher's hidden states")
     distill_epochs: int = spec(10, minimum=0, doc="distillation epochs of each prune, sparsify or qat stage")
     distill_learning_rate: float = spec(1e-3, minimum=0.0, maximum=1.0)
+    qat_epochs: int = spec(0, minimum=0, doc="epochs of the qat stage's distillation (0: distill_epochs)")
+    qat_learning_rate: float = spec(0.0, minimum=0.0, maximum=1.0,
+                                    doc="learning rate of the qat stage (0: distill_learning_rate)")
     temperature: float = spec(2.0, minimum=0.1, maximum=20.0, doc="softening of the logits in the KL term")
     task_weight: float = spec(1.0, minimum=0.0, doc="weight of the cross-entropy on the labels")
     logits_weight: float = spec(1.0, minimum=0.0, doc="weight of the KL divergence to the teacher's logits")
