@@ -254,6 +254,10 @@ def test_a_dropped_token_that_training_uses_reads_its_nearest_kept_row() -> None
         nearest = min(kept, key=lambda k: float(np.sum((full[k] - full[dropped]) ** 2)))
         np.testing.assert_array_equal(table[id_map[dropped]], full[nearest])
     assert all(id_map[i] == id_map[1] for i in range(20, 100))  # never used in training: [UNK]
+    # room for every used token: all 20 kept, and an [UNK] that training never used is added, not swapped in
+    roomy = trim_vocabulary(model, ids, 0.5, unknown_id=50).get_layer("token_embedding")
+    table, id_map = roomy.table.numpy(), roomy.id_map.numpy()
+    assert len(table) == 21 and all(np.array_equal(table[id_map[i]], full[i]) for i in [*range(20), 50])
 
 
 def test_removing_a_block_keeps_the_rest_of_the_model_exactly() -> None:
