@@ -281,6 +281,8 @@ def test_removing_a_block_keeps_the_rest_of_the_model_exactly() -> None:
     np.testing.assert_allclose(shorter.predict(IMAGES, verbose=0), model.predict(IMAGES, verbose=0), atol=1e-5)
     assert np.mean((shorter.predict(IMAGES, verbose=0) - reference) ** 2) == pytest.approx(bypassed, rel=1e-4)
     assert len(find_blocks(prune_to(vit(), 1.0, 1.0, IMAGES, reference, block_fraction=0.5))) == 1
+    (first,) = find_blocks(prune_to(model, 1.0, 1.0, IMAGES, reference, block_fraction=0.5, first_blocks=True))
+    assert first.output == "block0_mlp_residual"
 
 
 def test_post_norm_blocks_are_found_and_removed() -> None:

@@ -58,7 +58,7 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
 
             reference = teacher.predict(calibration, verbose=0)
             student = prune_to(student, section.head_fraction, section.neuron_fraction, calibration, reference,
-                               section.block_fraction)
+                               section.block_fraction, section.first_blocks)
             if section.vocabulary_fraction < 1.0:
                 student = trim_vocabulary(student, x, section.vocabulary_fraction, dataset.preprocessing.unknown_id)
             if section.freeze_norms:

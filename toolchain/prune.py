@@ -402,8 +402,9 @@ def _most_important(importance: np.ndarray, count: int) -> list[int]:
 
 
 def prune_to(model: Any, head_fraction: float, neuron_fraction: float, x: np.ndarray, reference: np.ndarray,
-             block_fraction: float = 1.0) -> Any:
-    """Keep the most important round(blocks * block_fraction) encoder blocks, then the most important
+             block_fraction: float = 1.0, first_blocks: bool = False) -> Any:
+    """Keep the most important (or, with `first_blocks`, the first) round(blocks * block_fraction) encoder blocks,
+    then the most important
     round(heads * head_fraction) heads of every attention and round(width * neuron_fraction) neurons
     of every feed-forward unit (at least one each).
 
@@ -417,7 +418,8 @@ def prune_to(model: Any, head_fraction: float, neuron_fraction: float, x: np.nda
             raise EdgeccError(f"{what} must be in (0, 1], not {fraction}")
     blocks = find_blocks(model) if block_fraction < 1.0 else []
     if blocks:
-        scores = np.array([block_importance(model, block, x, reference) for block in blocks])
+        scores = (np.arange(len(blocks), 0, -1) if first_blocks
+                  else np.array([block_importance(model, block, x, reference) for block in blocks]))
         kept = set(_most_important(scores, round(len(blocks) * block_fraction)))
         model = remove_blocks(model, [block for i, block in enumerate(blocks) if i not in kept])
     attention, feed_forward = find_units(model)

@@ -129,6 +129,9 @@ class CompressSection:
     head_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of attention heads kept per block")
     block_fraction: float = spec(1.0, minimum=0.01, maximum=1.0,
                                  doc="prune: share of whole encoder blocks kept (the least important go first)")
+    first_blocks: bool = spec(False, doc="prune: keep the first blocks instead of the most important; for a "
+                              "pretrained post-norm encoder (BERT, MiniLM) dropping the top blocks keeps more of a "
+                              "fine-tuned task's accuracy")
     neuron_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of feed-forward neurons kept")
     vocabulary_fraction: float = spec(1.0, minimum=0.01, maximum=1.0,
                                       doc="prune: share of the token embedding rows kept, the tokens used most in "
