@@ -162,6 +162,9 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
     assert set(files) <= set(manifest["artifacts"]) and (tmp_path / "out" / files[1]).is_file()
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Where the bytes go" in report and "| conv2d | 208 |" in report  # 3x3x1x16 int8 + 16 int32 bias
+    partition = manifest["edgetpu_partition"]  # an rpi4 build still says what would leave a Coral's Edge TPU
+    assert partition["target"] == "coral-usb" and len(partition["on_tpu"]) == len(graph.operators)
+    assert "## Operators that leave the Edge TPU (coral-usb)" in report
     first = manifest["budgets"][0]
     assert (first["name"], first["value"], first["limit"], first["status"]) == \
         ("int8 accuracy", manifest["metrics"]["int8_accuracy"], ">= 1.0", "fail")

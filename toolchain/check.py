@@ -72,12 +72,12 @@ class Assessment:
             "arena": asdict(self.arena) if self.arena else None,
             "latency": {"estimate_ms": lat.total_ms, "low_ms": lat.low_ms, "high_ms": lat.high_ms,
                         "method": lat.method},
-            "edgetpu": _edgetpu_json(self.edgetpu),
+            "edgetpu": edgetpu_json(self.edgetpu),
             "vela": {k: v for k, v in asdict(self.vela).items() if k != "model"} if self.vela else None,
         }
 
 
-def _edgetpu_json(plan: Any | None) -> dict[str, Any] | None:
+def edgetpu_json(plan: Any | None) -> dict[str, Any] | None:
     if plan is None:
         return None
     data = asdict(plan)

@@ -29,13 +29,11 @@ def _limit(limit: str, unit: str) -> str:
     return f"{relation} {_quantity(float(number), unit)}" if unit else limit
 
 
-def _edgetpu_section(plan: dict[str, Any] | None) -> list[tuple[str, list[Block]]]:
-    """Which operators leave the Edge TPU and why, for an Edge TPU target."""
-    if plan is None:
-        return []
+def _edgetpu_section(plan: dict[str, Any]) -> list[tuple[str, list[Block]]]:
+    """Which operators leave the Edge TPU and why (on the build's target, or on coral-usb for other targets)."""
     reasons = Counter(plan["reasons"].values()).most_common()
     on_tpu = sum(plan["on_tpu"])
-    return [("Operators that leave the Edge TPU", [
+    return [(f"Operators that leave the Edge TPU ({plan['target']})", [
         ("p", f"{on_tpu} of {len(plan['on_tpu'])} operators run on the Edge TPU in {plan['segments']} segment(s) "
               f"({plan['method']}); {plan['cached_parameter_bytes']:,} parameter bytes are cached on the chip and "
               f"{plan['streamed_parameter_bytes']:,} streamed from the host every inference."),
@@ -99,7 +97,7 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
                 [part, f"{n:,}", f"{n / metrics['int8_tflite_bytes']:.1%}"]
                 for part, n in m.get("constant_bytes", {}).items()])),
         ]),
-        *_edgetpu_section(manifest["target_check"].get("edgetpu")),
+        *_edgetpu_section(manifest["edgetpu_partition"]),
         ("Running model.tflite", [
             ("list", [
                 f"raw input: {pre['raw']}; layout {pre['layout']}, model input shape {pre['model_input_shape']}",
