@@ -26,6 +26,7 @@ from edgecc.data import Dataset, load_dataset
 if TYPE_CHECKING:
     from edgecc.compress import Stage
 from edgecc.bundle import write_board_files
+from edgecc.edgetpu import plan_edgetpu
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
 from edgecc.progress import Reporter
 from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
@@ -191,9 +192,10 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     reporter.info(f"checking the int8 model against {target.name}'s budgets")
     latency_budget = recipe.budgets.max_latency_ms or None
     fit = assess(int8_bytes, target, latency_ms=latency_budget)
-    # which operators would leave an Edge TPU, for every build: the first question about moving to a Coral
-    edgetpu = fit if fit.edgetpu else assess(int8_bytes, EDGETPU_REFERENCE, measure_arena=False)
     graph = fit.graph
+    # which operators would leave an Edge TPU, for every build: the first question about moving to a Coral
+    edgetpu_target = target if fit.edgetpu else load_target(EDGETPU_REFERENCE)
+    edgetpu = fit.edgetpu or plan_edgetpu(graph, edgetpu_target.edgetpu, edgetpu_target.legal_ops, int8_bytes)
     reporter.info("comparing every int8 operator output with the float model")
     quantization_error = layer_errors(float_bytes, int8_bytes, x_test[:ERROR_EXAMPLES])
 
@@ -213,7 +215,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
             "parameters": int(teacher.count_params()),
             "student_parameters": stages[-1].parameters,
             "ops": graph.op_counts(),
-            "constant_bytes": constant_bytes_by_part(int8_bytes),
+            "constant_bytes": constant_bytes_by_part(graph),
             "activation_dtypes": sorted({t.dtype for t in graph.activation_tensors()}),
             "stages": list(recipe.compress.stages),
         },
@@ -231,7 +233,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "target_check": fit.to_json(),
         "budgets": _budgets(loaded, float_acc, int8_acc, fit),
         "quantization_error": quantization_error,
-        "edgetpu_partition": {"target": edgetpu.target.name, **edgetpu_json(edgetpu.edgetpu)},
+        "edgetpu_partition": {"target": edgetpu_target.name, **edgetpu_json(edgetpu)},
     }
     with emit.atomic_directory(out) as staging:
         (staging / INT8_MODEL).write_bytes(int8_bytes)

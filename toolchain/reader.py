@@ -122,8 +122,8 @@ def int8_weight_sparsity(content: bytes) -> dict[str, float]:
             if t.constant and t.dtype == "INT8" and len(t.shape) >= 2}
 
 
-def constant_bytes_by_part(content: bytes) -> dict[str, int]:
-    """Bytes of the constant tensors (weights, embedding tables, id maps) of a TFLite model, largest part first.
+def constant_bytes_by_part(graph: Graph) -> dict[str, int]:
+    """Bytes of the constant tensors (weights, embedding tables, id maps) of a TFLite graph, largest part first.
 
     A converted tensor is named `model/layer/...`; the layers of one encoder
     block (`block<i>_...`) are summed as `block<i>`, because the converter names
@@ -131,7 +131,7 @@ def constant_bytes_by_part(content: bytes) -> dict[str, int]:
     (shapes, axes) are `other`.
     """
     parts: dict[str, int] = {}
-    for tensor in read_graph(content).tensors:
+    for tensor in graph.tensors:
         if tensor.constant:
             names = tensor.name.split("/")
             part = names[1].removeprefix("quant_") if len(names) > 1 else "other"  # QAT wraps layers as quant_<name>
@@ -139,4 +139,3 @@ def constant_bytes_by_part(content: bytes) -> dict[str, int]:
             part = block.group(1) if block else part
             parts[part] = parts.get(part, 0) + tensor.nbytes
     return dict(sorted(parts.items(), key=lambda item: -item[1]))
-
