@@ -30,8 +30,8 @@ def five_mb_model() -> Path:
     """An int8 multilayer perceptron of about 5 M parameters (random weights), built once."""
     if MODEL.exists():
         return MODEL
-    from edgecc.convert import to_int8_tflite
-    from edgecc.tf import keras as load_keras
+    from edgecc.train.convert import to_int8_tflite
+    from edgecc.train.tf import keras as load_keras
 
     keras = load_keras()
     keras.utils.set_random_seed(0)

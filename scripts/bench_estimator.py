@@ -86,9 +86,9 @@ def model_file(name: str, precision: str) -> Path:
     path = CACHE / f"{name}_{precision}.tflite"
     if path.exists():
         return path
-    from edgecc.convert import to_float_tflite, to_int8_tflite
-    from edgecc.teacher import inference_graph
-    from edgecc.tf import keras as load_keras
+    from edgecc.train.convert import to_float_tflite, to_int8_tflite
+    from edgecc.train.teacher import inference_graph
+    from edgecc.train.tf import keras as load_keras
 
     keras = load_keras()
     keras.utils.set_random_seed(0)

@@ -38,10 +38,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small TFLite models made here: edgecc's transformer in int8 and float, and an int8 model with GELU."""
     import numpy as np
 
-    from edgecc.convert import to_float_tflite, to_int8_tflite
-    from edgecc.layers import keras
-    from edgecc.teacher import inference_graph
-    from edgecc.transformer import VitConfig, vision_transformer
+    from edgecc.train.convert import to_float_tflite, to_int8_tflite
+    from edgecc.train.layers import keras
+    from edgecc.train.teacher import inference_graph
+    from edgecc.train.transformer import VitConfig, vision_transformer
 
     keras.utils.set_random_seed(0)
     folder = tmp_path_factory.mktemp("tiny-models")

@@ -126,7 +126,7 @@ def test_interrupted_build_keeps_the_previous_result(default_build, tmp_path: Pa
 
 def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -> None:
     """A user's model of standard Keras layers is rewritten and built; a budget it misses exits 1, artifacts kept."""
-    from edgecc.tf import keras as load_keras
+    from edgecc.train.tf import keras as load_keras
 
     keras = load_keras()
     layers = keras.layers

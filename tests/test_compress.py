@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tf_keras")
-from edgecc.compress import run_stages  # noqa: E402
+from edgecc.train.compress import run_stages  # noqa: E402
 from edgecc.data import load_dataset  # noqa: E402
-from edgecc.layers import AttentionScores, keras  # noqa: E402
+from edgecc.train.layers import AttentionScores, keras  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
 from edgecc.recipe import CompressSection, DataSection, TrainSection  # noqa: E402
-from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+from edgecc.train.transformer import VitConfig, vision_transformer  # noqa: E402
 
 DIGITS = load_dataset(DataSection(), seed=0)
 
@@ -79,7 +79,7 @@ def test_progressive_qat_quantizes_block_by_block_then_the_whole_model(teacher: 
 
 
 def test_partial_qat_leaves_the_other_layers_float(teacher: keras.Model) -> None:
-    from edgecc.qat import float_weights_from, qat_model
+    from edgecc.train.qat import float_weights_from, qat_model
 
     calibration = DIGITS.x[DIGITS.train_index[:32]]
     names = [layer.name for layer in teacher.layers]

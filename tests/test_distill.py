@@ -7,12 +7,12 @@ import pytest
 
 pytest.importorskip("tf_keras")
 from edgecc.data import load_dataset  # noqa: E402
-from edgecc.distill import DistillWeights, distill, hidden_pairs  # noqa: E402
+from edgecc.train.distill import DistillWeights, distill, hidden_pairs  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
-from edgecc.layers import keras  # noqa: E402
+from edgecc.train.layers import keras  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
 from edgecc.recipe import DataSection  # noqa: E402
-from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+from edgecc.train.transformer import VitConfig, vision_transformer  # noqa: E402
 
 DIGITS = load_dataset(DataSection(), seed=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgecc.convert import to_int8_tflite
+from edgecc.train.convert import to_int8_tflite
 from edgecc.edgetpu import (EDGETPU_OPS, PREDICTION, operator_problem, parse_compiler_log, plan_edgetpu,
                             plan_from_compiler)
 from edgecc.reader import Graph, Operator, read_graph
@@ -26,7 +26,7 @@ def calibration(shape: tuple[int, ...]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cnn() -> Graph:
     """Conv2D + ReLU + pooling + Dense + softmax on a 1-D output: all in the supported-operations table."""
-    from edgecc.tf import keras, tensorflow
+    from edgecc.train.tf import keras, tensorflow
 
     tensorflow()
     keras = keras()
@@ -45,8 +45,8 @@ def cnn() -> Graph:
 @pytest.fixture(scope="module")
 def vit() -> Graph:
     """edgecc's own transformer, tiny, batch 1, per-tensor int8."""
-    from edgecc.teacher import inference_graph
-    from edgecc.transformer import VitConfig, vision_transformer
+    from edgecc.train.teacher import inference_graph
+    from edgecc.train.transformer import VitConfig, vision_transformer
 
     config = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=16, depth=1, heads=2, mlp_dim=32, dropout=0.0)
     model = inference_graph(vision_transformer(config, (8, 8, 1), num_classes=3))

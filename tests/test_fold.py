@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow")
-from edgecc.convert import to_int8_tflite  # noqa: E402
-from edgecc.fold import fold_norms, freeze_norms  # noqa: E402
-from edgecc.layers import LayerNorm, keras  # noqa: E402
+from edgecc.train.convert import to_int8_tflite  # noqa: E402
+from edgecc.train.fold import fold_norms, freeze_norms  # noqa: E402
+from edgecc.train.layers import LayerNorm, keras  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
-from edgecc.teacher import inference_graph  # noqa: E402
-from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+from edgecc.train.teacher import inference_graph  # noqa: E402
+from edgecc.train.transformer import VitConfig, vision_transformer  # noqa: E402
 
 SMALL = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=16, depth=2, heads=2, mlp_dim=32, dropout=0.0)
 

@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-layers_mod = pytest.importorskip("edgecc.layers")
-from edgecc.convert import to_int8_tflite  # noqa: E402
-from edgecc.layers import AttentionContext, AttentionScores, LayerNorm, keras, tf  # noqa: E402
+layers_mod = pytest.importorskip("edgecc.train.layers")
+from edgecc.train.convert import to_int8_tflite  # noqa: E402
+from edgecc.train.layers import AttentionContext, AttentionScores, LayerNorm, keras, tf  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
-from edgecc.teacher import inference_graph  # noqa: E402
-from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+from edgecc.train.teacher import inference_graph  # noqa: E402
+from edgecc.train.transformer import VitConfig, vision_transformer  # noqa: E402
 
 SMALL = VitConfig(stem_filters=(4,), stem_strides=(2,), dim=16, depth=1, heads=2, mlp_dim=24, dropout=0.0)
 

@@ -21,16 +21,16 @@ pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 
 from edgecc import minilm  # noqa: E402
-from edgecc.convert import to_float_tflite, to_int8_tflite  # noqa: E402
+from edgecc.train.convert import to_float_tflite, to_int8_tflite  # noqa: E402
 from edgecc.data import load_dataset  # noqa: E402
-from edgecc.distill import block_outputs  # noqa: E402
+from edgecc.train.distill import block_outputs  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
-from edgecc.layers import LayerNorm  # noqa: E402
+from edgecc.train.layers import LayerNorm  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
-from edgecc.prune import find_units, prune  # noqa: E402
+from edgecc.train.prune import find_units, prune  # noqa: E402
 from edgecc.recipe import DataSection, ModelSection, TrainSection  # noqa: E402
 from edgecc.runtime import Model  # noqa: E402
-from edgecc.teacher import _augmented, inference_graph, starting_model, train  # noqa: E402
+from edgecc.train.teacher import _augmented, inference_graph, starting_model, train  # noqa: E402
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "minilm_reference.npz")
 LENGTH = int(FIXTURE["sequence_length"])
@@ -192,7 +192,7 @@ def test_classifier_converts_to_float_and_int8_tflite(classifier: Any, questions
 
 def test_qat_model_accepts_the_classifier(classifier: Any, questions: Any) -> None:
     pytest.importorskip("tensorflow_model_optimization")
-    from edgecc.qat import OutputQuantizeConfig, SoftmaxQuantizeConfig, qat_model
+    from edgecc.train.qat import OutputQuantizeConfig, SoftmaxQuantizeConfig, qat_model
 
     qat = qat_model(classifier, questions.x[questions.train_index[:4]])
     configs = {layer.name: type(layer.quantize_config) for layer in qat.layers if hasattr(layer, "quantize_config")}

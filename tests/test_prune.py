@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tf_keras")
-from edgecc.tf import keras as load_keras  # noqa: E402
+from edgecc.train.tf import keras as load_keras  # noqa: E402
 
 keras = load_keras()
-from edgecc.convert import to_int8_tflite  # noqa: E402
+from edgecc.train.convert import to_int8_tflite  # noqa: E402
 from edgecc.cost import op_costs  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
-from edgecc.prune import (  # noqa: E402
+from edgecc.train.prune import (  # noqa: E402
     AttentionUnit, FeedForwardUnit, find_units, head_importance, neuron_importance, prune, prune_to,
 )
 from edgecc.reader import read_graph  # noqa: E402
-from edgecc.rewrite import rewrite_model  # noqa: E402
-from edgecc.teacher import inference_graph  # noqa: E402
-from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+from edgecc.train.rewrite import rewrite_model  # noqa: E402
+from edgecc.train.teacher import inference_graph  # noqa: E402
+from edgecc.train.transformer import VitConfig, vision_transformer  # noqa: E402
 
 layers = keras.layers
 SMALL = VitConfig(stem_filters=(4,), stem_strides=(2,), dim=16, depth=2, heads=4, mlp_dim=32, dropout=0.0)
@@ -88,7 +88,7 @@ def test_finds_every_block_in_a_rewritten_standard_model() -> None:
 
 def test_a_query_read_elsewhere_is_not_a_unit() -> None:
     """Slicing heads out of a projection that another layer also reads would change that layer."""
-    from edgecc.layers import AttentionContext, AttentionScores
+    from edgecc.train.layers import AttentionContext, AttentionScores
 
     inputs = keras.Input((TOKENS, DIM))
     query = layers.Dense(DIM)(inputs)
@@ -210,8 +210,8 @@ def test_prune_refuses_what_it_cannot_do() -> None:
 
 
 def test_trimmed_vocabulary_keeps_frequent_tokens_and_folds_the_rest_into_unk(tmp_path: Path) -> None:
-    from edgecc.prune import trim_vocabulary
-    from edgecc.transformer import text_transformer
+    from edgecc.train.prune import trim_vocabulary
+    from edgecc.train.transformer import text_transformer
 
     keras.utils.set_random_seed(0)
     config = VitConfig(stem_filters=(), stem_strides=(), dim=16, depth=1, heads=2, mlp_dim=16, dropout=0.0)
@@ -237,8 +237,8 @@ def test_trimmed_vocabulary_keeps_frequent_tokens_and_folds_the_rest_into_unk(tm
 
 
 def test_a_dropped_token_that_training_uses_reads_its_nearest_kept_row() -> None:
-    from edgecc.prune import trim_vocabulary
-    from edgecc.transformer import text_transformer
+    from edgecc.train.prune import trim_vocabulary
+    from edgecc.train.transformer import text_transformer
 
     keras.utils.set_random_seed(0)
     config = VitConfig(stem_filters=(), stem_strides=(), dim=16, depth=1, heads=2, mlp_dim=16, dropout=0.0)
@@ -261,7 +261,7 @@ def test_a_dropped_token_that_training_uses_reads_its_nearest_kept_row() -> None
 
 
 def test_removing_a_block_keeps_the_rest_of_the_model_exactly() -> None:
-    from edgecc.prune import block_importance, find_blocks, remove_blocks
+    from edgecc.train.prune import block_importance, find_blocks, remove_blocks
 
     keras.utils.set_random_seed(0)
     model = vit()
@@ -287,8 +287,8 @@ def test_removing_a_block_keeps_the_rest_of_the_model_exactly() -> None:
 
 def test_post_norm_blocks_are_found_and_removed() -> None:
     """MiniLM's BERT blocks (x = LN(x + attention), x = LN(x + FFN)): the norm after each sum belongs to the block."""
-    from edgecc.minilm import minilm_model
-    from edgecc.prune import find_blocks, remove_blocks
+    from edgecc.train.minilm import minilm_model
+    from edgecc.train.prune import find_blocks, remove_blocks
 
     keras.utils.set_random_seed(0)
     model = minilm_model(8)
@@ -303,8 +303,8 @@ def test_post_norm_blocks_are_found_and_removed() -> None:
 
 def test_a_pruned_minilm_classifier_is_integer_only_in_int8() -> None:
     """MiniLM's padding mask and mean pooling come from GATHERs of quantized tables: no float tensor in the graph."""
-    from edgecc.minilm import minilm_model
-    from edgecc.prune import find_blocks, remove_blocks, trim_vocabulary
+    from edgecc.train.minilm import minilm_model
+    from edgecc.train.prune import find_blocks, remove_blocks, trim_vocabulary
 
     keras.utils.set_random_seed(0)
     encoder = minilm_model(8)

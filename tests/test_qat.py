@@ -9,12 +9,12 @@ import pytest
 
 pytest.importorskip("tensorflow_model_optimization")
 from edgecc.errors import EdgeccError  # noqa: E402
-from edgecc.layers import keras  # noqa: E402
-from edgecc.qat import qat_model, quantize_scope, to_int8_tflite_from_qat  # noqa: E402
+from edgecc.train.layers import keras  # noqa: E402
+from edgecc.train.qat import qat_model, quantize_scope, to_int8_tflite_from_qat  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
 from edgecc.runtime import Model, interpreter_class  # noqa: E402
-from edgecc.teacher import inference_graph  # noqa: E402
-from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+from edgecc.train.teacher import inference_graph  # noqa: E402
+from edgecc.train.transformer import VitConfig, vision_transformer  # noqa: E402
 
 TINY = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=16, depth=1, heads=2, mlp_dim=32, dropout=0.0)
 
@@ -122,7 +122,7 @@ def test_sparsity_preserving_qat_keeps_pruned_zeros_in_int8(digits: tuple[np.nda
 
 def test_text_transformer_quantizes_with_int32_token_ids() -> None:
     """Token ids stay int32 through QAT and TFLite; the embedding table becomes an int8 GATHER."""
-    from edgecc.transformer import text_transformer
+    from edgecc.train.transformer import text_transformer
 
     keras.utils.set_random_seed(0)
     ids = np.random.default_rng(0).integers(0, 50, size=(40, 12)).astype(np.int32)
@@ -145,7 +145,7 @@ def test_a_tiny_variance_does_not_blow_up_the_norm_ranges_in_training() -> None:
     """BERT's epsilon is 1e-12: a token whose variance rounds to 0 on the int8 grid must not give rsqrt(1e-12) = 1e6
     in a training step (which would drag the moving-average range of 1/sigma up for good); TFLite saturates it at
     the calibrated top of that range, and training now does the same."""
-    from edgecc.layers import LayerNorm
+    from edgecc.train.layers import LayerNorm
 
     inputs = keras.Input((4, 8))
     model = keras.Model(inputs, keras.layers.Dense(2)(LayerNorm(1e-12, name="norm")(inputs)))

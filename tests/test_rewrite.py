@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tf_keras")
-from edgecc.tf import keras as load_keras, tensorflow as load_tensorflow  # noqa: E402
+from edgecc.train.tf import keras as load_keras, tensorflow as load_tensorflow  # noqa: E402
 
 keras = load_keras()
 tf = load_tensorflow()
-import edgecc.layers  # noqa: E402,F401  (registers edgecc's layers for loading)
-from edgecc.convert import to_int8_tflite  # noqa: E402
+import edgecc.train.layers  # noqa: E402,F401  (registers edgecc's layers for loading)
+from edgecc.train.convert import to_int8_tflite  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
-from edgecc.rewrite import rewrite_model  # noqa: E402
-from edgecc.teacher import inference_graph  # noqa: E402
+from edgecc.train.rewrite import rewrite_model  # noqa: E402
+from edgecc.train.teacher import inference_graph  # noqa: E402
 
 layers = keras.layers
 TOKENS, DIM, CLASSES = 6, 32, 5

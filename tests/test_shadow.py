@@ -149,8 +149,8 @@ def test_a_torn_last_line_is_kept_and_new_records_start_on_a_new_line(default_bu
 
 def keras_digits_model(tmp_path: Path, lambda_layer: bool = False) -> tuple[Path, bytes]:
     """A small tf_keras classifier for 8x8x1 inputs saved as .keras, and its float TFLite conversion."""
-    from edgecc.convert import to_float_tflite
-    from edgecc.tf import keras
+    from edgecc.train.convert import to_float_tflite
+    from edgecc.train.tf import keras
 
     tf_keras = keras()
     tf_keras.utils.set_random_seed(0)

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow_model_optimization")
-from edgecc.compress import run_stages  # noqa: E402
-from edgecc.convert import to_int8_tflite  # noqa: E402
+from edgecc.train.compress import run_stages  # noqa: E402
+from edgecc.train.convert import to_int8_tflite  # noqa: E402
 from edgecc.data import load_dataset  # noqa: E402
-from edgecc.distill import DistillWeights  # noqa: E402
+from edgecc.train.distill import DistillWeights  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
-from edgecc.layers import keras  # noqa: E402
+from edgecc.train.layers import keras  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
 from edgecc.recipe import CompressSection, DataSection, TrainSection, load_recipe  # noqa: E402
 from edgecc.reader import int8_weight_sparsity  # noqa: E402
-from edgecc.sparsity import kernel_sparsity, prunable_layers, sparsify  # noqa: E402
-from edgecc.teacher import inference_graph  # noqa: E402
-from edgecc.transformer import VitConfig, vision_transformer  # noqa: E402
+from edgecc.train.sparsity import kernel_sparsity, prunable_layers, sparsify  # noqa: E402
+from edgecc.train.teacher import inference_graph  # noqa: E402
+from edgecc.train.transformer import VitConfig, vision_transformer  # noqa: E402
 
 DIGITS = load_dataset(DataSection(), seed=0)
 X, Y = DIGITS.x[DIGITS.train_index], DIGITS.y[DIGITS.train_index]

@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("tf_keras")
 from edgecc.data import load_dataset  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
-from edgecc.layers import keras  # noqa: E402
+from edgecc.train.layers import keras  # noqa: E402
 from edgecc.recipe import DataSection  # noqa: E402
-from edgecc.teacher import load_user_model  # noqa: E402
+from edgecc.train.teacher import load_user_model  # noqa: E402
 
 DIGITS = load_dataset(DataSection(), seed=0)
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgecc.convert import to_float_tflite, to_int8_tflite
+from edgecc.train.convert import to_float_tflite, to_int8_tflite
 from edgecc.errors import EdgeccError
 from edgecc.reader import read_graph
 from edgecc.targets import EthosU, Figure
@@ -27,7 +27,7 @@ def int8_tflite(model: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def conv_dense() -> Any:
-    from edgecc.tf import keras
+    from edgecc.train.tf import keras
 
     k = keras()
     inputs = k.Input((16, 16, 3), batch_size=1)
@@ -62,7 +62,7 @@ def test_latency_follows_the_profiles_npu_clock(conv_dense_int8: bytes) -> None:
 
 
 def test_op_the_npu_lacks_falls_back_to_the_cpu() -> None:
-    from edgecc.tf import keras, tensorflow
+    from edgecc.train.tf import keras, tensorflow
 
     k, tf = keras(), tensorflow()
     inputs = k.Input((8, 16), batch_size=1)

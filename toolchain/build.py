@@ -24,7 +24,7 @@ from edgecc.check import Assessment, assess, edgetpu_json
 from edgecc.data import Dataset, load_dataset
 
 if TYPE_CHECKING:
-    from edgecc.compress import Stage
+    from edgecc.train.compress import Stage
 from edgecc.bundle import write_board_files
 from edgecc.edgetpu import plan_edgetpu
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
@@ -122,9 +122,9 @@ def stage_files(stages: list[Stage]) -> list[str]:
 
 def _ptq_baseline(teacher: Any, calibration: np.ndarray, per_channel: bool) -> Stage:
     """Post-training quantization of the teacher itself, measured beside the stages as the fast baseline."""
-    from edgecc.compress import Stage
-    from edgecc.convert import to_int8_tflite
-    from edgecc.teacher import inference_graph
+    from edgecc.train.compress import Stage
+    from edgecc.train.convert import to_int8_tflite
+    from edgecc.train.teacher import inference_graph
 
     content = to_int8_tflite(inference_graph(teacher), calibration, per_channel)
     return Stage("ptq of the teacher", teacher, content, int(teacher.count_params()), ())
@@ -158,9 +158,9 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
 
     dataset = load_dataset(recipe.data, recipe.seed, loaded.path.parent)
 
-    from edgecc.compress import run_stages
-    from edgecc.convert import to_float_tflite
-    from edgecc.teacher import inference_graph, starting_model, train
+    from edgecc.train.compress import run_stages
+    from edgecc.train.convert import to_float_tflite
+    from edgecc.train.teacher import inference_graph, starting_model, train
 
     model = starting_model(recipe.model, user_model, dataset, recipe.seed)
     reporter.info(f"[bold]edgecc build[/bold] {recipe.name} for {target.name}: {dataset.name}, "

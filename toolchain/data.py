@@ -373,7 +373,7 @@ def _token_preprocessing(tokenizer: str, vocabulary: tuple[str, ...], length: in
 
 def _minilm_ids(texts: list[str], length: int) -> tuple[np.ndarray, Preprocessing]:
     """Ids of all-MiniLM-L6-v2's own WordPiece tokenizer, [CLS] ... [SEP] then [PAD] (0), in its vocabulary."""
-    from edgecc import minilm
+    from edgecc.train import minilm
 
     x = minilm.tokenizer(length)(texts)[0]
     vocabulary = minilm.vocabulary()

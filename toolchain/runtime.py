@@ -23,7 +23,7 @@ def interpreter_class() -> Any:
             from tflite_runtime.interpreter import Interpreter
         except ImportError:
             try:
-                from edgecc.tf import tensorflow
+                from edgecc.train.tf import tensorflow
 
                 Interpreter = tensorflow().lite.Interpreter
             except EdgeccError:

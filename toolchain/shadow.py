@@ -56,13 +56,13 @@ def _tflite(path: Path) -> Classifier:
 
 def _keras(path: Path) -> Classifier:
     """A tf_keras `.keras` file in safe mode: nothing in the file can run code."""
-    from edgecc.tf import keras
+    from edgecc.train.tf import keras
 
     try:
         tf_keras = keras()
     except EdgeccError:
         raise EdgeccError(f"{path}: running a .keras model needs TensorFlow: pip install 'edgecc[train]'") from None
-    import edgecc.layers  # noqa: F401  (registers edgecc's layers for deserialisation)
+    import edgecc.train.layers  # noqa: F401  (registers edgecc's layers for deserialisation)
 
     try:
         model = tf_keras.models.load_model(path, compile=False, safe_mode=True)

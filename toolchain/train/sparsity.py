@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.distill import DistillWeights, distill
+from edgecc.train.distill import DistillWeights, distill
 from edgecc.errors import EdgeccError
-from edgecc.layers import keras
+from edgecc.train.layers import keras
 from edgecc.progress import Reporter
 from edgecc.recipe import SPARSITY_PATTERNS
 
-import tensorflow_model_optimization as tfmot  # after edgecc.layers: TF must be imported with legacy Keras first
+import tensorflow_model_optimization as tfmot  # after edgecc.train.layers: TF must be imported with legacy Keras first
 
 MASK_UPDATES = 20  # about this many magnitude-mask updates on the way to the target
 

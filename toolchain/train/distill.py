@@ -15,7 +15,7 @@ import numpy as np
 
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
-from edgecc.tf import keras as _keras, tensorflow
+from edgecc.train.tf import keras as _keras, tensorflow
 
 BLOCK_OUTPUT_SUFFIX = "_mlp_residual"  # the last layer of each edgecc encoder block
 

@@ -27,7 +27,7 @@ Choices, and why:
 - Post-norm BERT blocks: x = LN(x + attention(x)); x = LN(x + FFN(x)), exact
   (erf) GELU. Names follow `block{i}_{part}`; `block{i}_attn_residual` and
   `block{i}_mlp_residual` name the residual stream after each sub-layer, as in
-  the pre-norm blocks of edgecc.transformer. In a post-norm block that stream is
+  the pre-norm blocks of edgecc.train.transformer. In a post-norm block that stream is
   a LayerNorm's output, so those two names sit on the LayerNorms and the Adds
   before them are `block{i}_attn_add` and `block{i}_mlp_add`. Distillation's
   hidden states (layers ending `_mlp_residual`) are thus the block outputs that
@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.errors import EdgeccError
-from edgecc.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, keras, tf
+from edgecc.train.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, keras, tf
 
 layers = keras.layers
 

@@ -17,7 +17,7 @@ import contextvars
 from collections.abc import Iterator
 from typing import Any
 
-from edgecc.tf import keras as _keras, tensorflow as _tensorflow
+from edgecc.train.tf import keras as _keras, tensorflow as _tensorflow
 
 tf = _tensorflow()
 keras = _keras()

@@ -17,14 +17,14 @@ from edgecc.data import Dataset
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.recipe import ModelSection, TrainSection
-from edgecc.tf import keras as _keras
+from edgecc.train.tf import keras as _keras
 
 SPECIAL_TOKENS = frozenset({"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"})  # never dropped to [UNK]
 
 
 def reference_model(section: ModelSection, dataset: Dataset) -> Any:
     """The recipe's reference architecture, sized for the dataset."""
-    from edgecc.transformer import VitConfig, text_transformer, vision_transformer
+    from edgecc.train.transformer import VitConfig, text_transformer, vision_transformer
 
     if section.architecture == "minilm":
         return minilm_classifier(section, dataset)
@@ -54,7 +54,7 @@ def minilm_classifier(section: ModelSection, dataset: Dataset) -> Any:
     The head reads the embedding before L2 normalisation, so `normalize` is not part of the classifier.
     The data must be the package's WordPiece ids (data.tokenizer = 'minilm') at the model's sequence length.
     """
-    from edgecc import minilm
+    from edgecc.train import minilm
 
     keras = _keras()
     pre = dataset.preprocessing
@@ -79,8 +79,8 @@ def load_user_model(path: Path, dataset: Dataset) -> Any:
     mode scope is set explicitly; either way no code from the file runs.
     """
     keras = _keras()
-    import edgecc.layers  # noqa: F401  (registers edgecc's layers for deserialisation)
-    from edgecc.rewrite import rewrite_model
+    import edgecc.train.layers  # noqa: F401  (registers edgecc's layers for deserialisation)
+    from edgecc.train.rewrite import rewrite_model
     from tf_keras.src.saving.serialization_lib import SafeModeScope
 
     if not path.exists():
@@ -179,7 +179,7 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
 
 def inference_graph(model: Any) -> Any:
     """The same function with a static batch of 1 and the trained weights, norms folded into their readers."""
-    from edgecc.fold import fold_norms
+    from edgecc.train.fold import fold_norms
 
     keras = _keras()
     batch_one = keras.Input(batch_shape=(1, *model.input_shape[1:]), dtype=model.inputs[0].dtype,

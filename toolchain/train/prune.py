@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgecc.errors import EdgeccError
-from edgecc.layers import AttentionContext, AttentionScores, LayerNorm, TokenEmbedding, keras
+from edgecc.train.layers import AttentionContext, AttentionScores, LayerNorm, TokenEmbedding, keras
 
 layers = keras.layers
 

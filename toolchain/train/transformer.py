@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edgecc.layers import AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, keras
+from edgecc.train.layers import AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, keras
 
 layers = keras.layers
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.layers import LayerNorm, keras
-from edgecc.prune import Wiring, bypassed, rebuilt
+from edgecc.train.layers import LayerNorm, keras
+from edgecc.train.prune import Wiring, bypassed, rebuilt
 
 
 def _dense_readers(wiring: Wiring, node: Any) -> list[Any] | None:

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.convert import to_int8_tflite
+from edgecc.train.convert import to_int8_tflite
 from edgecc.data import Dataset
-from edgecc.distill import DistillWeights, distill
+from edgecc.train.distill import DistillWeights, distill
 from edgecc.progress import Reporter
 from edgecc.recipe import CompressSection, TrainSection
-from edgecc.teacher import inference_graph
+from edgecc.train.teacher import inference_graph
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
     for name in section.stages:
         losses: list[float] = []
         if name == "prune":
-            from edgecc.prune import prune_to, trim_vocabulary
+            from edgecc.train.prune import prune_to, trim_vocabulary
 
             reference = teacher.predict(calibration, verbose=0)
             student = prune_to(student, section.head_fraction, section.neuron_fraction, calibration, reference,
@@ -62,21 +62,21 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
             if section.vocabulary_fraction < 1.0:
                 student = trim_vocabulary(student, x, section.vocabulary_fraction, dataset.preprocessing.unknown_id)
             if section.freeze_norms:
-                from edgecc.fold import freeze_norms
+                from edgecc.train.fold import freeze_norms
 
                 student = freeze_norms(student, x)
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
                              section.distill_learning_rate, _weights(section, hidden=True), seed, reporter,
                              "distilling the pruned student")
         elif name == "sparsify":
-            from edgecc.sparsity import sparsify
+            from edgecc.train.sparsity import sparsify
 
             student, losses = sparsify(student, teacher, x, y, section.sparsity, section.sparsity_pattern,
                                        section.distill_epochs, train.batch_size, section.distill_learning_rate,
                                        _weights(section, hidden=True), seed, reporter)
         elif name == "qat":
-            from edgecc.fold import fold_norms
-            from edgecc.qat import qat_model
+            from edgecc.train.fold import fold_norms
+            from edgecc.train.qat import qat_model
 
             sparse = any(stage.name == "sparsify" for stage in stages)
             student = fold_norms(student)
@@ -102,8 +102,8 @@ def _progressive(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, secti
     distillation epochs; its float weights then carry into the next phase. The
     caller ends with QAT of the whole model.
     """
-    from edgecc.distill import block_outputs
-    from edgecc.qat import float_weights_from, qat_model
+    from edgecc.train.distill import block_outputs
+    from edgecc.train.qat import float_weights_from, qat_model
 
     names = [layer.name for layer in student.layers]
     losses: list[float] = []
@@ -121,7 +121,7 @@ def _progressive(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, secti
 def _int8(student: Any, stage: str, calibration: np.ndarray, per_channel: bool) -> bytes:
     """The int8 TFLite model of a stage: from the QAT graph after `qat`, by post-training quantization otherwise."""
     if stage == "qat":
-        from edgecc.qat import to_int8_tflite_from_qat
+        from edgecc.train.qat import to_int8_tflite_from_qat
 
         return to_int8_tflite_from_qat(student, calibration)
     return to_int8_tflite(inference_graph(student), calibration, per_channel)

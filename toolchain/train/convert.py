@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.progress import native_output_silenced
-from edgecc.tf import tensorflow
+from edgecc.train.tf import tensorflow
 
 
 def compact_names(content: bytes) -> bytes:
@@ -48,7 +48,7 @@ def to_int8_tflite(model: Any, calibration: np.ndarray, per_channel: bool) -> by
     transformers the per-channel scales and 64-bit zero points cost about 12
     bytes per output channel, a large share of the int8 file.
     """
-    from edgecc.layers import int8_graph
+    from edgecc.train.layers import int8_graph
 
     tf = tensorflow()
 

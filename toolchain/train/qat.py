@@ -19,7 +19,7 @@ grids, as the int8 TFLite graph. What TF-MOT 0.8.1 does and what edgecc adds:
   those tensors through a hook. Their QuantizeConfigs fake-quantize every hook.
   Without this the ranges of those tensors come only from converter
   calibration and QAT never sees the rounding they add.
-- all-MiniLM-L6-v2's layers (edgecc.minilm): MaskedSoftmax is rounded like
+- all-MiniLM-L6-v2's layers (edgecc.train.minilm): MaskedSoftmax is rounded like
   Softmax, to the fixed 1/256 grid; PaddingBias (0 or the mask value) and
   TokenMean (the mean-pooled embedding) get an output quantizer only. The ADD of
   the bias to the scores inside MaskedSoftmax has no hook yet. UnitNormalization
@@ -40,7 +40,7 @@ grids, as the int8 TFLite graph. What TF-MOT 0.8.1 does and what edgecc adds:
   explicit config, which are the Dense and Conv2D kernels it masks.
 - Keras' LayerNormalization, MultiHeadAttention, EinsumDense, Lambda and
   activations TF-MOT cannot quantize (elu, for example) are refused with the
-  layer's name. edgecc.rewrite turns the standard layers into edgecc's layers.
+  layer's name. edgecc.train.rewrite turns the standard layers into edgecc's layers.
 """
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.convert import compact_names
+from edgecc.train.convert import compact_names
 from edgecc.errors import EdgeccError
-from edgecc.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, int8_graph, keras, scores, tf
-from edgecc.minilm import MaskedSoftmax, PaddingBias, TokenMean
+from edgecc.train.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, int8_graph, keras, scores, tf
+from edgecc.train.minilm import MaskedSoftmax, PaddingBias, TokenMean
 from edgecc.progress import native_output_silenced
 
-import tensorflow_model_optimization as tfmot  # after edgecc.layers: TF must be imported with legacy Keras first
+import tensorflow_model_optimization as tfmot  # after edgecc.train.layers: TF must be imported with legacy Keras first
 from tensorflow_model_optimization.python.core.quantization.keras.quantize_aware_activation import (
     QuantizeAwareActivation,
 )

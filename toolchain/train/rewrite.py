@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgecc.errors import EdgeccError
-from edgecc.layers import AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, keras, tf
+from edgecc.train.layers import AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, keras, tf
 
 layers = keras.layers
 
