@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgecc.errors import EdgeccError
+from edgecc.modelcheck import check_model_file
 
 ALIGNMENT = 16
 PROBE_ARENA = 256 * 1024 * 1024
@@ -106,6 +107,7 @@ def _align(n: int) -> int:
 
 def smallest_arena(content: bytes) -> ArenaMeasurement:
     """Bisect for the smallest working arena, starting from the recorded total."""
+    check_model_file(content)  # TFLite Micro trusts the file: a corrupt one can crash it or give a false arena
     total = _recorded_total(content)
     tries = 0
     high = _align(total)

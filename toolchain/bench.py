@@ -77,7 +77,7 @@ def bench(path: Path, threads: int = 1, runs: int = 200, warmup: int = 20,
     with reporter.task(f"timing {path.name}", runs) as advance:
         for _ in range(runs):
             start = time.perf_counter()
-            model.interpreter.invoke()
+            model.run()
             times.append((time.perf_counter() - start) * 1000)
             advance()
     after = resident_bytes()

@@ -117,6 +117,21 @@ def _float_tensors(graph: Graph) -> tuple[str, ...]:
     return tuple(t.name for t in graph.activation_tensors() if t.dtype not in INT_TYPES)
 
 
+def _missing_ops(graph: Graph, target: Target) -> tuple[str, ...]:
+    """Operators the target's runtime lacks; an empty `legal_ops` means every builtin, never a custom op.
+
+    A CUSTOM operator needs a kernel linked into the application, which no stock
+    LiteRT or TFLite Micro build has for an arbitrary name, so it is reported as
+    missing. The Edge TPU's partition (edgecc.edgetpu) judges its operators itself.
+    """
+    if target.runtime == "edgetpu":
+        return ()
+    kinds = {op.kind for op in graph.operators}
+    if target.legal_ops:
+        return tuple(sorted(kinds - set(target.legal_ops)))
+    return ("CUSTOM",) if "CUSTOM" in kinds else ()
+
+
 def _budget(name: str, value: float, limit: float, unit: str, detail: str) -> Budget:
     return Budget(name, value, limit, unit, value <= limit, detail)
 
@@ -135,8 +150,13 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
         raise EdgeccError(f"a float model given to an int8-only target: {target.name} ({target.runtime}) runs "
                           f"only fully-int8 models, and {len(float_tensors)} activation tensors are float "
                           f"(first: {float_tensors[0]})")
-    legal = set(target.legal_ops)
-    missing = tuple(sorted({op.kind for op in graph.operators} - legal)) if legal and target.runtime != "edgetpu" else ()
+    missing = _missing_ops(graph, target)
+    if target.runtime != "edgetpu" and not missing:
+        # LiteRT, the reference runtime, resolves every operator, version and tensor type or says which not; what it
+        # refuses is invalid for TFLite Micro too, which does not check operator versions itself
+        from edgecc.runtime import load_interpreter
+
+        load_interpreter(content)
     # TFLite Micro cannot allocate a model with an operator it lacks: then the arena is estimated, not measured
     arena_worker = _ArenaWorker(content) if measure_arena and target.is_micro and not missing else None
     costs = op_costs(graph)

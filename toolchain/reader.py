@@ -8,12 +8,11 @@ a CI runner that has no TensorFlow.
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgecc.errors import EdgeccError
+from edgecc.modelcheck import check_model_file
 
 
 ITEMSIZE = {"INT8": 1, "UINT8": 1, "BOOL": 1, "INT16": 2, "FLOAT16": 2, "INT32": 4, "FLOAT32": 4,
@@ -80,40 +79,41 @@ def _enum_names(enum: type) -> dict[int, str]:
     return {value: key for key, value in vars(enum).items() if not key.startswith("_")}
 
 
+def _ints(values: object) -> tuple[int, ...]:
+    """An index vector of the object API (None when the file leaves it out)."""
+    return tuple(int(v) for v in values) if values is not None else ()  # type: ignore[attr-defined]
+
+
 def read_graph(content: bytes) -> Graph:
-    """Parse the main subgraph; raises EdgeccError for bytes that are not a TFLite model."""
+    """Parse the main subgraph; raises EdgeccError for bytes that are not a well-formed TFLite model."""
     from ai_edge_litert import schema_py_generated as schema
 
-    if len(content) < 8 or content[4:8] != b"TFL3":
-        raise EdgeccError("not a TFLite model (the file lacks the TFL3 identifier)")
-    try:
-        model = schema.ModelT.InitFromPackedBuf(content, 0)
-        subgraph = model.subgraphs[0]
-        op_names = _enum_names(schema.BuiltinOperator)
-        type_names = _enum_names(schema.TensorType)
-        codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
-        tensors = []
-        for t in subgraph.tensors:
-            q = t.quantization
-            data = model.buffers[t.buffer].data if t.buffer < len(model.buffers) else None
-            tensors.append(Tensor(
-                name=t.name.decode() if isinstance(t.name, bytes) else str(t.name),
-                dtype=type_names.get(t.type, str(t.type)),
-                shape=tuple(int(d) for d in (t.shape if t.shape is not None else ())),
-                constant=data is not None and len(data) > 0,
-                scale=tuple(float(s) for s in (q.scale if q is not None and q.scale is not None else ())),
-                zero_point=tuple(int(z) for z in (q.zeroPoint if q is not None and q.zeroPoint is not None else ())),
-                data_bytes=len(data) if data is not None else 0,
-                zero_fraction=float(np.mean(np.asarray(data) == 0)) if data is not None and len(data) else 0.0,
-            ))
-        operators = tuple(
-            Operator(op_names.get(codes[op.opcodeIndex], "CUSTOM"),
-                     tuple(int(i) for i in op.inputs), tuple(int(o) for o in op.outputs))
-            for op in subgraph.operators
-        )
-    except (IndexError, TypeError, AttributeError, ValueError, struct.error) as err:
-        raise EdgeccError(f"not a readable TFLite model (truncated or corrupt: {err})") from None
-    return Graph(operators, tuple(tensors), tuple(int(i) for i in subgraph.inputs), tuple(int(o) for o in subgraph.outputs))
+    check_model_file(content)  # every index and offset read below is in range
+    model = schema.ModelT.InitFromPackedBuf(content, 0)
+    subgraph = model.subgraphs[0]
+    op_names = _enum_names(schema.BuiltinOperator)
+    type_names = _enum_names(schema.TensorType)
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    tensors = []
+    for t in subgraph.tensors or []:
+        q = t.quantization
+        data = model.buffers[t.buffer].data
+        tensors.append(Tensor(
+            name=t.name.decode() if isinstance(t.name, bytes) else str(t.name),
+            dtype=type_names.get(t.type, str(t.type)),
+            shape=tuple(int(d) for d in (t.shape if t.shape is not None else ())),
+            constant=data is not None and len(data) > 0,
+            scale=tuple(float(s) for s in (q.scale if q is not None and q.scale is not None else ())),
+            zero_point=tuple(int(z) for z in (q.zeroPoint if q is not None and q.zeroPoint is not None else ())),
+            data_bytes=len(data) if data is not None else 0,
+            zero_fraction=float(np.mean(np.asarray(data) == 0)) if data is not None and len(data) else 0.0,
+        ))
+    operators = tuple(
+        Operator(op_names.get(codes[op.opcodeIndex], "CUSTOM"),
+                 _ints(op.inputs), _ints(op.outputs))
+        for op in subgraph.operators or []
+    )
+    return Graph(operators, tuple(tensors), _ints(subgraph.inputs), _ints(subgraph.outputs))
 
 
 def int8_weight_sparsity(content: bytes) -> dict[str, float]:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.errors import EdgeccError
+from edgecc.modelcheck import check_model_file
 from edgecc.progress import native_output_silenced
 
 
@@ -29,6 +30,19 @@ def interpreter_class() -> Any:
             except EdgeccError:
                 raise EdgeccError("no TFLite interpreter found: pip install ai-edge-litert") from None
     return Interpreter
+
+
+def load_interpreter(content: bytes, threads: int = 1) -> Any:
+    """The real interpreter with the model's tensors allocated; EdgeccError (one line) when it refuses the model."""
+    check_model_file(content)  # LiteRT's native loader must never see a corrupt file
+    try:
+        with native_output_silenced():
+            interpreter = interpreter_class()(model_content=content, num_threads=threads)
+            interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as err:
+        message = " ".join(str(err).split())
+        raise EdgeccError(f"the TFLite interpreter cannot load this model: {message}") from None
+    return interpreter
 
 
 @dataclass(frozen=True)
@@ -55,20 +69,23 @@ class Model:
 
     def __init__(self, content: bytes, threads: int = 1) -> None:
         self.threads = threads
-        try:
-            with native_output_silenced():
-                self.interpreter = interpreter_class()(model_content=content, num_threads=threads)
-                self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as err:
-            raise EdgeccError(f"the TFLite interpreter cannot load this model: {err}") from None
+        self.interpreter = load_interpreter(content, threads)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.input_quantization = Quantization(*self.input["quantization"])
         self.output_quantization = Quantization(*self.output["quantization"])
 
+    def run(self) -> None:
+        """One inference on the input already set; a kernel that refuses its tensors is the model's fault (exit 2)."""
+        try:
+            self.interpreter.invoke()
+        except RuntimeError as err:
+            message = " ".join(str(err).split())
+            raise EdgeccError(f"the TFLite interpreter cannot run this model: {message}") from None
+
     def invoke(self, x: np.ndarray) -> np.ndarray:
         """Run one float example (no batch axis); returns the float output of the model."""
         q = self.input_quantization.quantize(x[np.newaxis], self.input["dtype"])
         self.interpreter.set_tensor(self.input["index"], q)
-        self.interpreter.invoke()
+        self.run()
         return self.output_quantization.dequantize(self.interpreter.get_tensor(self.output["index"]))[0]

@@ -1,0 +1,54 @@
+"""Write the small real TFLite models that TensorFlow-free tests read, into tests/fixtures/.
+
+Made with edgecc's own converter (edgecc.train, so this script needs `edgecc[train]`), exactly as
+tests/conftest.py's `tiny_models` makes them, seeded so that a rerun gives the same models:
+
+- `vit_int8.tflite`: edgecc's vision transformer (one conv stem layer, 1 block, dim 32, 2 heads,
+  MLP 64) on 8x8x1 inputs, 10 classes, full int8 (per-tensor), calibrated on 16 seeded random inputs.
+- `vit_float.tflite`: the same network in float32.
+- `gelu_int8.tflite`: Flatten -> Dense(16, GELU) -> Dense(10), full int8 (GELU is a builtin that
+  TFLite Micro lacks).
+
+    python scripts/make_fixtures.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+
+
+def models() -> dict[str, bytes]:
+    """The fixture models by name, built from seed 0."""
+    from edgecc.train.convert import to_float_tflite, to_int8_tflite
+    from edgecc.train.layers import keras
+    from edgecc.train.teacher import inference_graph
+    from edgecc.train.transformer import VitConfig, vision_transformer
+
+    keras.utils.set_random_seed(0)
+    calibration = np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32)
+    config = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=32, depth=1, heads=2, mlp_dim=64, dropout=0.0)
+    vit = inference_graph(vision_transformer(config, (8, 8, 1), 10))
+    inputs = keras.Input(batch_shape=(1, 8, 8, 1))
+    x = keras.layers.Dense(16, activation="gelu")(keras.layers.Flatten()(inputs))
+    gelu = keras.Model(inputs, keras.layers.Dense(10)(x))
+    return {
+        "vit_int8": to_int8_tflite(vit, calibration, per_channel=False),
+        "vit_float": to_float_tflite(vit),
+        "gelu_int8": to_int8_tflite(gelu, calibration, per_channel=False),
+    }
+
+
+def main() -> None:
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    for name, content in models().items():
+        path = FIXTURES / f"{name}.tflite"
+        path.write_bytes(content)
+        print(f"wrote {path} ({len(content):,} bytes)")
+
+
+if __name__ == "__main__":
+    main()

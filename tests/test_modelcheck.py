@@ -1,0 +1,94 @@
+"""The model verifier: each kind of corruption is refused with exit code 2 and one line naming it (no TensorFlow)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import flatbuffers
+import pytest
+from ai_edge_litert import schema_py_generated as schema
+
+from conftest import edgecc
+from edgecc.errors import EdgeccError
+from edgecc.modelcheck import check_model_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+VIT = (FIXTURES / "vit_int8.tflite").read_bytes()
+
+
+def repacked(change: Callable[[schema.ModelT], None], content: bytes = VIT) -> bytes:
+    model = schema.ModelT.InitFromPackedBuf(content, 0)
+    change(model)
+    builder = flatbuffers.Builder(len(content) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    setattr(obj, name, value)
+
+
+def _constant(model: schema.ModelT) -> schema.TensorT:
+    return next(t for t in model.subgraphs[0].tensors if model.buffers[t.buffer].data is not None)
+
+
+def _move_buffer_past_end(model: schema.ModelT) -> None:
+    buffer = model.buffers[_constant(model).buffer]
+    buffer.offset, buffer.size, buffer.data = 10**9, len(buffer.data), None
+
+
+@pytest.mark.parametrize("name", ["vit_int8", "vit_float", "gelu_int8"])
+def test_valid_fixtures_pass(name: str) -> None:
+    check_model_file((FIXTURES / f"{name}.tflite").read_bytes())
+    check_model_file(repacked(lambda model: None, (FIXTURES / f"{name}.tflite").read_bytes()))
+
+
+CORRUPTIONS = {
+    "tensor buffer index": (lambda m: _set(m.subgraphs[0].tensors[3], "buffer", 4000), r"tensor 3 of subgraph 0 reads buffer 4000, but the model has \d+ buffers"),
+    "operator input": (lambda m: _set(m.subgraphs[0].operators[1], "inputs", [999]), r"operator 1 of subgraph 0's inputs names tensor 999"),
+    "operator output": (lambda m: _set(m.subgraphs[0].operators[0], "outputs", [-5]), r"operator 0 of subgraph 0's outputs names tensor -5"),
+    "opcode index": (lambda m: _set(m.subgraphs[0].operators[2], "opcodeIndex", 77), r"operator 2 of subgraph 0 uses operator code 77"),
+    "subgraph input": (lambda m: _set(m.subgraphs[0], "inputs", [-1]), r"subgraph 0's inputs names tensor -1"),
+    "unknown builtin": (lambda m: _set(m.operatorCodes[0], "builtinCode", 9999), r"operator code 0 has unknown builtin code 9999"),
+    "opcode version": (lambda m: _set(m.operatorCodes[0], "version", 0), r"operator code 0 \(\w+\) has version 0"),
+    "negative dimension": (lambda m: _set(m.subgraphs[0].tensors[0], "shape", [1, -8, 8, 1]), r"tensor 0 of subgraph 0 has a negative dimension"),
+    "huge dimension": (lambda m: _set(m.subgraphs[0].tensors[0], "shape", [2**30, 2**30, 8, 1]), r"tensor 0 of subgraph 0 has an impossible shape"),
+    "shape signature": (lambda m: _set(m.subgraphs[0].tensors[0], "shapeSignature", [1, 7, 8, 1]), r"tensor 0 of subgraph 0's shape_signature \[1, 7, 8, 1\] does not match"),
+    "constant size": (lambda m: _set(_constant(m), "shape", [3, 5, 7]), r"needs \d+ bytes of constant data, but buffer \d+ holds"),
+    "buffer past the end": (_move_buffer_past_end, r"buffer \d+ lies past the end of the file"),
+    "tensor type": (lambda m: _set(m.subgraphs[0].tensors[0], "type", 99), r"tensor 0 of subgraph 0 has unknown type 99"),
+    "no subgraphs": (lambda m: _set(m, "subgraphs", []), r"the model has no subgraphs"),
+}
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_each_corruption_is_named(kind: str) -> None:
+    change, message = CORRUPTIONS[kind]
+    with pytest.raises(EdgeccError, match=r"^model: .*" + message) as error:
+        check_model_file(repacked(change))
+    assert error.value.exit_code == 2 and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("where, value, message", [
+    (0, 0xFFFF0000, r"the root offset points outside the file"),  # the root table
+    (None, None, r"points outside the file|lies outside|vtable is corrupt|misaligned|more than the file holds"),
+])
+def test_raw_corruption_is_refused(where: int | None, value: int | None, message: str) -> None:
+    data = bytearray(VIT)
+    if where is None:
+        data = data[: len(data) // 3]  # truncated
+    else:
+        data[where:where + 4] = value.to_bytes(4, "little")
+    with pytest.raises(EdgeccError, match=message):
+        check_model_file(bytes(data))
+
+
+def test_check_exits_2_with_one_line(tmp_path: Path) -> None:
+    """Through the command a user runs: the buffer-past-the-end model that once 'fit' stm32h7."""
+    model = tmp_path / "bad.tflite"
+    model.write_bytes(repacked(_move_buffer_past_end))
+    for target in ("rpi4", "stm32h7"):
+        result = edgecc("check", str(model), "--target", target)
+        assert result.returncode == 2, result.stdout
+        assert result.stderr.count("\n") == 1 and "lies past the end of the file" in result.stderr

@@ -1,0 +1,300 @@
+"""Is a .tflite file a well-formed model? Checked before anything reads it.
+
+The flatbuffers Python package reads fields lazily and trusts every offset, so
+a corrupt file can make it read garbage, loop over a billion-element vector or
+raise IndexError deep in the reader. This module first walks the flatbuffer with
+bounds, like flatbuffers' C++ `Verifier` that LiteRT runs (every offset, vtable,
+vector and string inside the file and aligned; a bounded number of tables),
+then checks what LiteRT's InterpreterBuilder checks when it builds the graph:
+indices in range (-1 is the optional input), known builtin codes and tensor
+types, non-negative dimensions, constant buffers inside the file and as large as
+the tensor's shape and type say. Each problem is one line naming where it is.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from edgecc.errors import EdgeccError
+
+MAX_TABLES = 1_000_000  # flatbuffers' Verifier default
+MAX_TENSOR_BYTES = 2**31  # LiteRT sizes tensors in int and size_t; a larger one is corrupt, not real
+VARIABLE_SIZE_TYPES = {"STRING", "RESOURCE", "VARIANT"}
+BITS = {"INT2": 2, "INT4": 4, "UINT4": 4, "BOOL": 8, "INT8": 8, "UINT8": 8, "FLOAT8_E4M3FN": 8, "FLOAT8_E5M2": 8,
+        "INT16": 16, "UINT16": 16, "FLOAT16": 16, "BFLOAT16": 16, "INT32": 32, "UINT32": 32, "FLOAT32": 32,
+        "INT64": 64, "UINT64": 64, "FLOAT64": 64, "COMPLEX64": 64, "COMPLEX128": 128}
+
+
+def _fail(message: str) -> None:
+    raise EdgeccError(f"model: {message}")
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A verified table: its position, its vtable and the size of its inline data."""
+
+    walk: _Walk
+    pos: int
+    vtable: int
+    vtable_size: int
+    size: int
+    where: str
+
+    def field(self, slot: int, size: int, name: str) -> int | None:
+        """Position of field `slot` (a scalar or offset of `size` bytes), or None when absent."""
+        entry = 4 + 2 * slot
+        if entry + 2 > self.vtable_size:
+            return None
+        offset = self.walk.unpack("<H", self.vtable + entry)
+        if offset == 0:
+            return None
+        if offset + size > self.size:
+            _fail(f"{self.where} {name} lies outside its table")
+        self.walk.need(self.pos + offset, size, f"{self.where} {name}")
+        return self.pos + offset
+
+    def table(self, slot: int, name: str) -> _Table | None:
+        pos = self.field(slot, 4, name)
+        return None if pos is None else self.walk.table(self.walk.offset(pos, f"{self.where} {name}"), f"{self.where} {name}")
+
+    def vector(self, slot: int, item: int, name: str) -> tuple[int, int]:
+        """(start, length) of a vector field; (0, 0) when absent."""
+        pos = self.field(slot, 4, name)
+        return (0, 0) if pos is None else self.walk.vector(self.walk.offset(pos, f"{self.where} {name}"), item,
+                                                             f"{self.where} {name}")
+
+    def string(self, slot: int, name: str) -> None:
+        start, length = self.vector(slot, 1, name)
+        if start and self.walk.content[start + length:start + length + 1] != b"\0":
+            _fail(f"{self.where} {name} is a string without its terminating zero")
+
+    def tables(self, slot: int, name: str) -> list[_Table]:
+        start, length = self.vector(slot, 4, name)
+        return [self.walk.table(self.walk.offset(start + 4 * i, f"{self.where} {name}[{i}]"), f"{self.where} {name}[{i}]")
+                for i in range(length)]
+
+
+class _Walk:
+    """Bounded reads of a flatbuffer: every position is checked before it is read."""
+
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+        self.tables = 0
+
+    def need(self, pos: int, size: int, where: str, align: int = 0) -> None:
+        """`size` bytes at `pos` lie inside the file, aligned as flatbuffers aligns them (`align`, else `size`)."""
+        if pos < 0 or pos + size > len(self.content):
+            _fail(f"{where} points outside the file (byte {pos} of {len(self.content)})")
+        if pos % (align or min(size, 8)):
+            _fail(f"{where} is misaligned (byte {pos})")
+
+    def unpack(self, fmt: str, pos: int) -> int:
+        return struct.unpack_from(fmt, self.content, pos)[0]
+
+    def offset(self, pos: int, where: str) -> int:
+        """Follow the unsigned offset stored at `pos`."""
+        self.need(pos, 4, where)
+        value = self.unpack("<I", pos)
+        if value == 0 or value >= 2**31 or pos + value >= len(self.content):
+            _fail(f"{where} points outside the file (offset {value} at byte {pos} of {len(self.content)})")
+        return pos + value
+
+    def vector(self, pos: int, item: int, where: str) -> tuple[int, int]:
+        self.need(pos, 4, where)
+        length = self.unpack("<I", pos)
+        if pos + 4 + length * item > len(self.content):
+            _fail(f"{where} has {length:,} elements, more than the file holds")
+        return pos + 4, length
+
+    def table(self, pos: int, where: str) -> _Table:
+        self.tables += 1
+        if self.tables > MAX_TABLES:
+            _fail(f"more than {MAX_TABLES:,} tables (a corrupt file that repeats them)")
+        self.need(pos, 4, where)
+        vtable = pos - self.unpack("<i", pos)
+        self.need(vtable, 4, f"{where}'s vtable", align=2)
+        vtable_size, size = self.unpack("<H", vtable), self.unpack("<H", vtable + 2)
+        if vtable_size < 4 or vtable_size % 2 or vtable + vtable_size > len(self.content):
+            _fail(f"{where}'s vtable is corrupt (size {vtable_size})")
+        if size < 4 or pos + size > len(self.content):
+            _fail(f"{where} lies outside the file (size {size} at byte {pos})")
+        return _Table(self, pos, vtable, vtable_size, size, where)
+
+
+def _union(table: _Table, slot: int, name: str) -> None:
+    """A union: its type byte, then the table it points at (verified as a table; LiteRT reads its fields)."""
+    table.field(slot, 1, f"{name} type")
+    table.table(slot + 1, name)
+
+
+def _walk_structure(content: bytes) -> None:
+    """Every table, vector and string edgecc and LiteRT read lies inside the file."""
+    walk = _Walk(content)
+    model = walk.table(walk.offset(0, "the root offset"), "the model")
+    model.field(0, 4, "version")
+    for i, code in enumerate(model.tables(1, "operator_codes")):
+        code.field(0, 1, "deprecated_builtin_code")
+        code.string(1, "custom_code")
+        code.field(2, 4, "version")
+        code.field(3, 4, "builtin_code")
+    for s, subgraph in enumerate(model.tables(2, "subgraphs")):
+        for tensor in subgraph.tables(0, "tensors"):
+            tensor.vector(0, 4, "shape")
+            tensor.field(1, 1, "type")
+            tensor.field(2, 4, "buffer")
+            tensor.string(3, "name")
+            quantization = tensor.table(4, "quantization")
+            if quantization is not None:
+                for slot, (item, name) in enumerate([(4, "min"), (4, "max"), (4, "scale"), (8, "zero_point")]):
+                    quantization.vector(slot, item, name)
+                _union(quantization, 4, "details")
+                quantization.field(6, 4, "quantized_dimension")
+            tensor.field(5, 1, "is_variable")
+            tensor.table(6, "sparsity")
+            tensor.vector(7, 4, "shape_signature")
+            tensor.field(8, 1, "has_rank")
+            tensor.tables(9, "variant_tensors")
+        subgraph.vector(1, 4, "inputs")
+        subgraph.vector(2, 4, "outputs")
+        for op in subgraph.tables(3, "operators"):
+            op.field(0, 4, "opcode_index")
+            for slot, name in ((1, "inputs"), (2, "outputs"), (8, "intermediates")):
+                op.vector(slot, 4, name)
+            _union(op, 3, "builtin_options")
+            op.vector(5, 1, "custom_options")
+            op.field(6, 1, "custom_options_format")
+            op.vector(7, 1, "mutating_variable_inputs")
+            op.field(9, 8, "large_custom_options_offset")
+            op.field(10, 8, "large_custom_options_size")
+            _union(op, 11, "builtin_options_2")
+            op.field(13, 4, "debug_metadata_index")
+        subgraph.string(4, "name")
+    model.string(3, "description")
+    for buffer in model.tables(4, "buffers"):
+        buffer.vector(0, 1, "data")
+        buffer.field(1, 8, "offset")
+        buffer.field(2, 8, "size")
+    model.vector(5, 4, "metadata_buffer")
+    for metadata in model.tables(6, "metadata"):
+        metadata.string(0, "name")
+        metadata.field(1, 4, "buffer")
+    for signature in model.tables(7, "signature_defs"):
+        for slot, name in ((0, "inputs"), (1, "outputs")):
+            for tensor_map in signature.tables(slot, name):
+                tensor_map.string(0, "name")
+                tensor_map.field(1, 4, "tensor_index")
+        signature.string(2, "signature_key")
+        signature.field(4, 4, "subgraph_index")
+
+
+def _names(enum: type) -> dict[int, str]:
+    return {value: key for key, value in vars(enum).items() if not key.startswith("_")}
+
+
+def _indices(values: Any, count: int, where: str, optional: bool) -> None:
+    for index in (values if values is not None else ()):
+        if not (0 <= index < count or (optional and index == -1)):
+            _fail(f"{where} names tensor {index}, but the subgraph has {count} tensors")
+
+
+def _check_tensor(model: Any, content: bytes, s: int, i: int, tensor: Any, types: dict[int, str]) -> None:
+    where = f"tensor {i} of subgraph {s}"
+    if tensor.type not in types:
+        _fail(f"{where} has unknown type {tensor.type}")
+    dtype = types[tensor.type]
+    if not 0 <= tensor.buffer < len(model.buffers):
+        _fail(f"{where} reads buffer {tensor.buffer}, but the model has {len(model.buffers)} buffers")
+    shape = [int(d) for d in (tensor.shape if tensor.shape is not None else ())]
+    if any(d < 0 for d in shape):
+        _fail(f"{where} has a negative dimension in its shape {shape}")
+    signature = [int(d) for d in (tensor.shapeSignature if tensor.shapeSignature is not None else ())]
+    if signature and (len(signature) != len(shape) or any(g != d and g != -1 for g, d in zip(signature, shape))):
+        _fail(f"{where}'s shape_signature {signature} does not match its shape {shape} (only -1 may differ)")
+    elements = 1
+    for d in shape:
+        elements *= d
+        if elements * BITS.get(dtype, 8) > 8 * MAX_TENSOR_BYTES:
+            _fail(f"{where} has an impossible shape {shape} (over {MAX_TENSOR_BYTES:,} bytes)")
+    quantization = tensor.quantization
+    if quantization is not None and quantization.scale is not None and quantization.zeroPoint is not None:
+        scales, zero_points = len(quantization.scale), len(quantization.zeroPoint)
+        if scales != zero_points:
+            _fail(f"{where} has {scales} quantization scales but {zero_points} zero points")
+        if scales > 1 and not (0 <= quantization.quantizedDimension < len(shape)
+                               and shape[quantization.quantizedDimension] == scales):
+            _fail(f"{where} has {scales} per-channel scales that do not match dimension "
+                  f"{quantization.quantizedDimension} of its shape {shape}")
+    buffer = model.buffers[tensor.buffer]
+    stored = len(buffer.data) if buffer.data is not None else (buffer.size if buffer.offset > 1 else 0)
+    if stored and dtype not in VARIABLE_SIZE_TYPES and tensor.sparsity is None:
+        expected = -(-elements * BITS[dtype] // 8)
+        if stored != expected:
+            _fail(f"{where} ({dtype} {shape}) needs {expected:,} bytes of constant data, but buffer {tensor.buffer} "
+                  f"holds {stored:,}")
+
+
+def _check_graph(model: Any, content: bytes) -> None:
+    """What LiteRT's InterpreterBuilder refuses: indices, types, shapes, buffers and operator codes."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    builtins, types = _names(schema.BuiltinOperator), _names(schema.TensorType)
+    subgraphs, buffers = model.subgraphs or [], model.buffers or []
+    if not subgraphs:
+        _fail("the model has no subgraphs")
+    if not buffers:
+        _fail("the model has no buffers (buffer 0, the empty one, is required)")
+    for b, buffer in enumerate(buffers):
+        if buffer.offset > 1 and buffer.offset + buffer.size > len(content):
+            _fail(f"buffer {b} lies past the end of the file (bytes {buffer.offset:,}+{buffer.size:,} "
+                  f"of {len(content):,})")
+    for c, code in enumerate(model.operatorCodes or []):
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        if builtin not in builtins:
+            _fail(f"operator code {c} has unknown builtin code {builtin}")
+        if builtins[builtin] == "CUSTOM" and not code.customCode:
+            _fail(f"operator code {c} is a custom operator without a name")
+        if code.version < 1:
+            _fail(f"operator code {c} ({builtins[builtin]}) has version {code.version}")
+    for s, subgraph in enumerate(subgraphs):
+        tensors = subgraph.tensors or []
+        for i, tensor in enumerate(tensors):
+            _check_tensor(model, content, s, i, tensor, types)
+        _indices(subgraph.inputs, len(tensors), f"subgraph {s}'s inputs", optional=False)
+        _indices(subgraph.outputs, len(tensors), f"subgraph {s}'s outputs", optional=False)
+        for o, op in enumerate(subgraph.operators or []):
+            where = f"operator {o} of subgraph {s}"
+            if not 0 <= op.opcodeIndex < len(model.operatorCodes or []):
+                _fail(f"{where} uses operator code {op.opcodeIndex}, but the model has "
+                      f"{len(model.operatorCodes or [])} operator codes")
+            _indices(op.inputs, len(tensors), f"{where}'s inputs", optional=True)
+            _indices(op.outputs, len(tensors), f"{where}'s outputs", optional=True)
+            _indices(op.intermediates, len(tensors), f"{where}'s intermediates", optional=False)
+            for options in (op.builtinOptions, op.builtinOptions2):
+                for name, value in vars(options).items() if options is not None else ():
+                    if name.endswith("SubgraphIndex") and not 0 <= value < len(subgraphs):
+                        _fail(f"{where} calls subgraph {value}, but the model has {len(subgraphs)} subgraphs")
+    for m, metadata in enumerate(model.metadata or []):
+        if not 0 <= metadata.buffer < len(buffers):
+            _fail(f"metadata {m} reads buffer {metadata.buffer}, but the model has {len(buffers)} buffers")
+    for g, signature in enumerate(model.signatureDefs or []):
+        if not 0 <= signature.subgraphIndex < len(subgraphs):
+            _fail(f"signature {g} names subgraph {signature.subgraphIndex}, but the model has {len(subgraphs)}")
+        count = len(subgraphs[signature.subgraphIndex].tensors or [])
+        for tensor_map in (signature.inputs or []) + (signature.outputs or []):
+            _indices([tensor_map.tensorIndex], count, f"signature {g}", optional=False)
+
+
+def check_model_file(content: bytes) -> None:
+    """Raise EdgeccError (one line naming the problem) unless `content` is a well-formed TFLite model."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    if len(content) < 8 or content[4:8] != b"TFL3":
+        raise EdgeccError("not a TFLite model (the file lacks the TFL3 identifier)")
+    _walk_structure(content)
+    try:  # the structure is sound; a field inside an options table can still point astray
+        model = schema.ModelT.InitFromPackedBuf(content, 0)
+    except (IndexError, TypeError, AttributeError, ValueError, struct.error) as err:
+        raise EdgeccError(f"model: an operator's options are corrupt ({type(err).__name__}: {err})") from None
+    _check_graph(model, content)
