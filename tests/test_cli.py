@@ -1,14 +1,19 @@
-"""Bad input gets one clear line and exit code 2, and nothing is written."""
+"""Exit codes CI can trust: bad input is one clear line and exit 2 with nothing written, an internal error exit 3
+with its traceback in a log; every JSON edgecc prints is strict."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import edgecc
+from conftest import edgecc, edgecc_command
+from edgecc.emit import dumps, write_json
 
 RPI4 = Path(__file__).parents[1] / "targets" / "rpi4.toml"
 
@@ -74,3 +79,68 @@ def test_targets_lists_profiles_without_tensorflow() -> None:
             "edgecc.report, edgecc.emit; edgecc.targets.all_targets(); "
             "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def strict_json(text: str) -> object:
+    """Parse as a strict JSON reader would: NaN, Infinity and -Infinity are errors."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_internal_errors_exit_3_with_one_line_and_the_traceback_in_a_log(tmp_path: Path) -> None:
+    """A real failure edgecc does not foresee (stdout on a full disk) is exit 3, never 1, the budget verdict."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    env = {**os.environ, "TMPDIR": str(tmp_path), "COLUMNS": "200"}
+    for args in (["targets", "--json"], ["--debug", "targets"]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run([edgecc_command(), *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                                    env=env, timeout=120)
+        assert result.returncode == 3, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("edgecc: internal error: OSError: [Errno 28] No space left on device; "
+                               f"the traceback is in {tmp_path}/edgecc-internal-error-") and \
+            last.endswith("; please report it"), result.stderr
+        log = Path(last.split("the traceback is in ")[1].split(";")[0])
+        assert "Traceback (most recent call last)" in log.read_text() and "No space left" in log.read_text()
+        debug = "--debug" in args
+        assert ("Traceback (most recent call last)" in result.stderr) == debug, result.stderr
+        assert debug or len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_closed_output_pipe_is_not_a_budget_verdict() -> None:
+    process = subprocess.Popen([edgecc_command(), "targets", "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader goes away before edgecc writes (`edgecc ... | head -c0`)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 3, stderr
+    assert stderr.strip() == "edgecc: error: standard output was closed before edgecc finished writing"
+
+
+def test_usage_errors_still_exit_2_and_help_documents_the_exit_codes() -> None:
+    assert edgecc("check").returncode == 2
+    assert edgecc("--debug", "nosuch").returncode == 2
+    assert "3 internal error" in edgecc("--help").stdout
+
+
+def test_strict_json_replaces_non_finite_numbers_and_says_which(tmp_path: Path) -> None:
+    data = {"limit": math.inf, "low": -math.inf, "rate": math.nan, "ok": 1.5,
+            "rows": [{"value": math.nan}, [math.inf, 2.0]], "pair": (math.inf, 1)}
+    expected = {"limit": None, "limit_nonfinite": "inf", "low": None, "low_nonfinite": "-inf", "rate": None,
+                "rate_nonfinite": "nan", "ok": 1.5, "rows": [{"value": None, "value_nonfinite": "nan"}, [None, 2.0]],
+                "pair": [None, 1]}
+    assert strict_json(dumps(data)) == expected
+    write_json(tmp_path / "m.json", data)
+    assert strict_json((tmp_path / "m.json").read_text()) == expected
+
+
+def test_check_json_is_strict_with_an_infinite_latency_limit() -> None:
+    model = str(Path(__file__).parent / "fixtures" / "vit_float.tflite")
+    result = edgecc("check", model, "--target", "rpi4", "--latency-ms", "inf", "--json")
+    assert result.returncode == 0, result.stderr
+    latency = next(b for b in strict_json(result.stdout)["budgets"] if b["name"] == "latency")
+    assert latency["limit"] is None and latency["limit_nonfinite"] == "inf" and latency["ok"] is True
+    assert latency["value"] > 0
+    assert edgecc("check", model, "--target", "rpi4", "--latency-ms", "nan").returncode == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from conftest import edgecc, edgecc_command
 from edgecc.errors import EdgeccError
-from edgecc.shadow import shadow
+from edgecc.shadow import AuditLog, load_inputs, shadow
 
 RECORD_KEYS = {"index", "input_sha256", "label", "baseline", "candidate", "agree", "time"}
 MODEL_KEYS = {"model_sha256", "output", "class", "latency_ms"}
@@ -192,14 +193,27 @@ def test_a_keras_model_with_code_in_it_is_refused(tmp_path: Path) -> None:
         (lambda d, m: {"--candidate": d / "absent.tflite"}, "absent.tflite does not exist"),
         (lambda d, m: {"--data": save(d / "small.npy", np.zeros((3, 4, 4, 1), np.float32))},
          "takes inputs of shape (8, 8, 1); the data's are (4, 4, 1)"),
-        (lambda d, m: {"--candidate": write(d / "notes.tflite", b"not a model at all")}, "cannot load this model"),
+        (lambda d, m: {"--candidate": write(d / "notes.tflite", b"not a model at all")}, "not a TFLite model"),
         (lambda d, m: {"--data": write(d / "x.npy", b"not numpy")}, "is not a .npy or .npz file"),
         (lambda d, m: {"--data": savez(d / "d.npz", images=np.zeros((3, 8, 8, 1)))}, "has no array 'x' (found: images)"),
         (lambda d, m: {"--data": savez(d / "d.npz", x=np.zeros((3, 8, 8, 1)), y=np.zeros(2, int))},
          "labels 'y' must be 3 integers"),
+        (lambda d, m: {"--data": savez(d / "d.npz", x=np.zeros((3, 8, 8, 1)), y=np.zeros(3))},
+         "labels 'y' must be 3 integers, got float64 (3,)"),
+        (lambda d, m: {"--data": savez(d / "d.npz", x=np.zeros((3, 8, 8, 1)), y=np.array([0, 9, 10]))},
+         "d.npz: labels 'y' must be class indices 0..9; y[2] is 10"),
+        (lambda d, m: {"--data": save(d / "x.npy", with_value(2, np.nan))},
+         "x.npy: x[2] holds NaN; shadow compares finite real inputs only"),
+        (lambda d, m: {"--data": save(d / "x.npy", with_value(1, 1j).astype(np.complex64))},
+         "x.npy: x[1] holds a complex number; shadow compares finite real inputs only"),
+        (lambda d, m: {"--data": save(d / "x.npy", np.full((3, 8, 8, 1), "a"))},
+         "expected a numeric array of shape (N, *input_shape), got <U1 (3, 8, 8, 1)"),
+        (lambda d, m: {"--data": save(d / "x.npy", np.empty((3, 8, 8, 1), dtype=object))},
+         "Object arrays cannot be loaded when allow_pickle=False"),
     ],
     ids=["missing-data", "missing-model", "wrong-input-shape", "not-a-model", "not-numpy", "npz-without-x",
-         "wrong-labels"],
+         "wrong-labels", "float-labels", "label-out-of-range", "nan-input", "complex-input", "text-input",
+         "object-input"],
 )
 def test_bad_input_exits_2_and_logs_nothing(default_build, tmp_path: Path, setup, fragment: str) -> None:
     out, _, _ = default_build
@@ -211,6 +225,46 @@ def test_bad_input_exits_2_and_logs_nothing(default_build, tmp_path: Path, setup
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edgecc: error: ") and fragment in lines[0], result.stderr
     assert not (tmp_path / "audit.jsonl").exists()
+
+
+def with_value(index: int, value: complex) -> np.ndarray:
+    """Three zero 8x8x1 inputs, one element of example `index` set to `value`."""
+    x = np.zeros((3, 8, 8, 1), dtype=complex if isinstance(value, complex) else np.float64)
+    x[index, 4, 5, 0] = value
+    return x
+
+
+@pytest.mark.parametrize(
+    ("x", "fragment"),
+    [
+        (with_value(2, np.inf), "x[2] holds an infinity"),
+        (with_value(0, -np.inf), "x[0] holds an infinity"),
+        (with_value(1, 1e300), "x[1] holds a value beyond float32's range"),
+        (np.zeros((3, 8, 8, 1), np.complex128), "x is complex (complex128)"),
+        (np.zeros((3, 8, 8, 1), bool), "expected a numeric array"),
+        (np.zeros((3, 8, 8, 1), "m8[s]"), "expected a numeric array"),
+    ],
+    ids=["inf", "minus-inf", "beyond-float32", "complex-without-imaginary-part", "bool", "timedelta"],
+)
+def test_inputs_must_be_finite_real_numbers(tmp_path: Path, x: np.ndarray, fragment: str) -> None:
+    with pytest.raises(EdgeccError, match=r"^" + re.escape(f"{tmp_path / 'x.npy'}: ")) as err:
+        load_inputs(save(tmp_path / "x.npy", x))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_finite_integer_inputs_and_labels_are_taken(tmp_path: Path) -> None:
+    x, y = load_inputs(savez(tmp_path / "d.npz", x=np.arange(128, dtype=np.int16).reshape(2, 8, 8, 1),
+                             y=np.array([3, 4], np.uint8)))
+    assert x.dtype == np.float32 and x[1, 7, 7, 0] == 127 and y.tolist() == [3, 4]
+
+
+def test_audit_log_lines_are_strict_json_even_for_a_non_finite_output(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append({"index": 0, "baseline": {"output": [0.5, float("nan"), float("inf")], "latency_ms": float("inf")}})
+    log.close()
+    (line,) = (tmp_path / "audit.jsonl").read_text().splitlines()
+    record = json.loads(line, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert record["baseline"] == {"output": [0.5, None, None], "latency_ms": None, "latency_ms_nonfinite": "inf"}
 
 
 def save(path: Path, array: np.ndarray) -> Path:

@@ -1,39 +1,74 @@
 """The `edgecc` command line: parses arguments and calls the library, nothing more.
 
-Exit codes: 0 success, 1 a budget does not hold, 2 bad input, 130 interrupted.
+Exit codes, so that CI can tell a verdict from a crash: 0 success (every budget holds),
+1 a budget does not hold, 2 bad input (one line naming the field or file), 3 internal error
+(one line; the traceback goes to a log file in the temp directory, and to stderr with
+`edgecc --debug`), 130 interrupted (Ctrl-C or SIGTERM). `main` guarantees them: nothing
+leaves as a Python traceback with exit status 1.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
+import typer.rich_utils
 from rich.console import Console
 from rich.table import Table
 
 import edgecc
+from edgecc.emit import dumps, write_json
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 
+if TYPE_CHECKING:
+    from edgecc.verify import Verification
+
 T = TypeVar("T")
-EXIT_BUDGET, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_BUDGET, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
+HELP = ("edgecc: compress Keras transformers into fully-int8 TFLite models that fit edge devices.\n\n"
+        "Exit codes: 0 done (every budget holds), 1 a budget is exceeded, 2 bad input, 3 internal error "
+        "(a bug: the traceback is saved to the file named on stderr, --debug also prints it), 130 interrupted.")
+debug = False  # set by the global --debug option; read by main() after the command has ended
 
 app = typer.Typer(
-    help="edgecc: compress Keras transformers into fully-int8 TFLite models that fit edge devices.",
+    help=HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-stdout = Console(highlight=False)
+
+
+def _say(line: str) -> None:
+    """One line on stderr, never wrapped, so CI logs and tests see the whole message on one line."""
+    Console(stderr=True, highlight=False).print(line, markup=False, soft_wrap=True)
+
+
+class _Stdout(Console):
+    """The console for results on stdout."""
+
+    def on_broken_pipe(self) -> None:
+        """The reader went away (`edgecc check --json | head -1`): exit 3, not rich's exit 1, a budget verdict."""
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _say("edgecc: error: standard output was closed before edgecc finished writing")
+        raise typer.Exit(EXIT_INTERNAL)
+
+
+stdout = _Stdout(highlight=False)
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    Console(stderr=True, highlight=False).print(f"edgecc: error: {message}", markup=False, soft_wrap=True)
+    _say(f"edgecc: error: {message}")
     raise typer.Exit(code)
 
 
@@ -57,8 +92,12 @@ def _version(value: bool) -> None:
 def main_options(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    debug_option: Annotated[bool, typer.Option("--debug", help=(
+        "On an internal error (exit 3), also print the full traceback (it is always saved to a file)."))] = False,
 ) -> None:
-    """edgecc: compress Keras transformers into fully-int8 TFLite models that fit edge devices."""
+    """Options for every command (the app's help text is HELP)."""
+    global debug
+    debug = debug_option
 
 
 @app.command()
@@ -68,24 +107,27 @@ def build(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory [default: build/<target>].")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")] = False,
+    sign_key: Annotated[Path | None, typer.Option("--sign-key", help="Sign the build with this Ed25519 private key (edgecc keygen): writes manifest.sig.", show_default=False)] = None,
 ) -> None:
     """Train (or load), compress to full int8 by the recipe's stages, evaluate, and write model.tflite,
     manifest.json, report.md.
 
-    Exits 1 when a budget of the recipe does not hold (the artifacts are still written), 2 on bad input.
+    Exits 1 when a budget of the recipe does not hold (the artifacts are still written), 2 on bad input,
+    3 on an internal error, 130 when interrupted (the previous output is kept).
     """
     from edgecc.build import build as run_build
 
-    result = _run(lambda: run_build(target, recipe, out, Reporter(quiet=quiet or as_json)))
+    result = _run(lambda: run_build(target, recipe, out, Reporter(quiet=quiet or as_json), sign_key=sign_key))
     if as_json:
-        stdout.print_json(json.dumps(result.manifest))
+        stdout.print_json(dumps(result.manifest))
     elif not quiet:
         metrics = result.manifest["metrics"]
         stdout.print(
             f"accuracy float {metrics['float_accuracy']:.4f}, int8 {metrics['int8_accuracy']:.4f}; "
             f"int8 file {metrics['int8_tflite_bytes']:,} bytes ({metrics['size_ratio']:.2f}x smaller than float)"
         )
-        stdout.print(f"wrote {result.out}/model.tflite, manifest.json, report.md")
+        stdout.print(f"wrote {result.out}/model.tflite, manifest.json, report.md"
+                     + (", manifest.sig" if sign_key else ""))
     for budget in result.failed_budgets:
         Console(stderr=True, highlight=False).print(
             f"edgecc: budget not met: {budget['name']} is {budget['value']} {budget['unit']}".rstrip()
@@ -113,7 +155,7 @@ def targets(
 
     profiles = _run(all_targets)
     if as_json:
-        stdout.print_json(json.dumps([asdict(p) for p in profiles]))
+        stdout.print_json(dumps([asdict(p) for p in profiles]))
         return
     table = Table("target", "runtime", "processor", "RAM", "flash", "latency budget",
                   caption="`edgecc targets --json` gives every figure with its source.")
@@ -171,14 +213,14 @@ def bench(
         result = run_bench(model, threads, runs, warmup, Reporter(quiet=quiet or as_json))
         if record is not None:
             try:
-                record.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+                write_json(record, result.to_json())
             except OSError as err:
                 raise EdgeccError(f"cannot write {record}: {err.strerror}") from None
         return result
 
     result = _run(work)
     if as_json:
-        stdout.print_json(json.dumps(result.to_json()))
+        stdout.print_json(dumps(result.to_json()))
         return
     if quiet:
         return
@@ -215,13 +257,13 @@ def _figure(value: float, unit: str) -> str:
 def check(
     model: ModelArg,
     target: TargetOpt,
-    latency_ms: Annotated[float | None, typer.Option("--latency-ms", min=0.0, help="Latency budget in ms [default: the build's recipe, else the target's].")] = None,
+    latency_ms: Annotated[float | None, typer.Option("--latency-ms", min=0.0, help="Latency budget in ms, `inf` for none [default: the build's recipe, else the target's].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON.")] = False,
     junit: Annotated[Path | None, typer.Option("--junit", help="Also write the verdicts as a JUnit XML file for CI.")] = None,
 ) -> None:
     """Check that a model fits a target: operators, RAM (tensor arena), flash, latency.
 
-    Exit 0 when every budget holds, 1 when any is exceeded, 2 on bad input.
+    Exit 0 when every budget holds, 1 when any is exceeded, 2 on bad input, 3 on an internal error.
     """
     result = _assess(model, target, latency_ms)
     if junit is not None:
@@ -229,7 +271,7 @@ def check(
 
         _run(lambda: junit_xml(result, junit))
     if as_json:
-        stdout.print_json(json.dumps(result.to_json()))
+        stdout.print_json(dumps(result.to_json()))
     else:
         table = Table("budget", "figure", "limit", "verdict", "how it was found", title=f"{model} on {result.target.name}")
         for b in result.budgets:
@@ -254,7 +296,7 @@ def profile(
              "live_activation_bytes": live, "runs_on": where}
             for o, live, where in zip(result.latency.ops, result.memory.live_bytes, result.placement)]
     if as_json:
-        stdout.print_json(json.dumps({**result.to_json(), "operators": rows}))
+        stdout.print_json(dumps({**result.to_json(), "operators": rows}))
         return
     table = Table("#", "op", "MACs", "bytes moved", "est. ms", "live KiB", "runs on",
                   title=f"{model} on {result.target.name} ({result.target.runtime})")
@@ -289,7 +331,8 @@ def shadow(
     data: Annotated[Path, typer.Option("--data", show_default=False, help=(
         "Float model inputs, as the float model takes them (a build's manifest.json gives the preprocessing; "
         "int8 models are quantized for you): a .npy of shape (N, *input_shape), or a .npz with that array as `x` "
-        "and optional integer labels `y` (then each model's accuracy is reported too)."))],
+        "and optional integer labels `y` (then each model's accuracy is reported too). Finite real numbers only: "
+        "NaN, infinities and complex numbers are refused (exit 2)."))],
     log: Annotated[Path, typer.Option("--log", help="Append-only audit log (JSON Lines, one record per input).")] = Path("shadow-audit.jsonl"),
     max_disagreement: Annotated[float, typer.Option("--max-disagreement", min=0.0, max=1.0, help="Exit 1 when the share of inputs whose predicted classes differ is above this.")] = 0.01,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -297,7 +340,8 @@ def shadow(
 ) -> None:
     """Shadow mode (the pilot): run a candidate beside the baseline on every input and log where they disagree.
 
-    Exit 0 when the disagreement rate is at most --max-disagreement, 1 when above, 2 on bad input.
+    Exit 0 when the disagreement rate is at most --max-disagreement, 1 when above, 2 on bad input,
+    3 on an internal error, 130 when interrupted (the audit log keeps every input compared so far).
     """
     from edgecc.shadow import Interrupted
     from edgecc.shadow import shadow as run_shadow
@@ -310,7 +354,7 @@ def shadow(
 
     summary = _run(work)
     if as_json:
-        stdout.print_json(json.dumps(summary.to_json()))
+        stdout.print_json(dumps(summary.to_json()))
     else:
         per_class = Table("baseline class", "inputs", "disagreements", "rate", title="disagreement by class")
         for cls, row in summary.per_class().items():
@@ -338,32 +382,123 @@ def shadow(
 @app.command()
 def verify(
     build_dir: Annotated[Path, typer.Argument(help="An edgecc build directory (with its manifest.json).", show_default=False)],
+    public_key: Annotated[Path | None, typer.Option("--public-key", help="Check manifest.sig against this Ed25519 public key (edgecc-signing.pub) first.", show_default=False)] = None,
 ) -> None:
-    """Check every artifact of a build against the sha256 its manifest.json recorded.
+    """Check every artifact of a build against the sha256 its manifest.json recorded, reading nothing outside it.
 
-    Exit 0 when all match, 1 when any changed or is missing, 2 when there is no readable manifest.json.
+    Exit 0 when all match, 1 when the signature is bad or missing (with --public-key), or any file changed, is
+    missing, lies outside the build or is not in the manifest; 2 when there is no readable manifest.json or key.
     """
     from edgecc.verify import verify as run_verify
 
-    result = _run(lambda: run_verify(build_dir))
-    for name in result.changed:
-        stdout.print(f"changed: {name} (its sha256 is not the one in manifest.json)", markup=False)
-    for name in result.missing:
-        stdout.print(f"missing: {name}", markup=False)
+    result = _run(lambda: run_verify(build_dir, public_key=public_key))
+    _print_findings(result)
+    if result.ok:
+        stdout.print(f"all {len(result.matched)} artifacts match {build_dir / 'manifest.json'}", markup=False)
+    if result.authenticated:
+        stdout.print(f"manifest.json is signed by {public_key}", markup=False)
+    else:
+        stdout.print("manifest.json's authenticity was not checked (no --public-key); it is "
+                     + ("signed (manifest.sig)" if result.signed else "not signed"), markup=False)
     if not result.ok:
         raise typer.Exit(EXIT_BUDGET)
-    stdout.print(f"all {len(result.matched)} artifacts match {build_dir / 'manifest.json'}", markup=False)
+
+
+def _print_findings(result: Verification) -> None:
+    """One line per artifact of a `Verification` that is not as the manifest says, and per unlisted file."""
+    lines = [(result.tampered, "tampered: {} (outside the build folder; not opened)"),
+             (result.changed, "changed: {} (its sha256 is not the one in manifest.json)"),
+             (result.missing, "missing: {}"),
+             (result.unlisted, "unlisted: {} (in the build folder, not in manifest.json)")]
+    for names, line in lines:
+        for name in names:
+            stdout.print(line.format(name if name and name.isprintable() else json.dumps(name)), markup=False)
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for edgecc-signing.key (private, mode 0600) and edgecc-signing.pub.")],
+) -> None:
+    """Make an Ed25519 key pair for signing builds (never overwrites a key)."""
+    from edgecc.sign import generate_keys
+
+    private, public = _run(lambda: generate_keys(out))
+    stdout.print(f"wrote {private} (keep it secret: edgecc sign BUILD --key {private}) and {public} "
+                 f"(give it out: edgecc verify BUILD --public-key {public})", markup=False)
+
+
+@app.command()
+def sign(
+    build_dir: Annotated[Path, typer.Argument(help="An edgecc build directory.", show_default=False)],
+    key: Annotated[Path, typer.Option("--key", help="Ed25519 private key (edgecc-signing.key from edgecc keygen).", show_default=False)],
+) -> None:
+    """Sign an existing build: writes manifest.sig, after checking that every artifact matches its manifest.
+
+    Exit 0 when signed, 1 when the build does not verify (nothing written), 2 on a bad key or build directory.
+    """
+    from edgecc.sign import load_private_key, sign_manifest
+    from edgecc.verify import verify as run_verify
+
+    signing_key = _run(lambda: load_private_key(key))
+    result = _run(lambda: run_verify(build_dir))
+    _print_findings(result)
+    if not result.ok:
+        stdout.print(f"not signed: {build_dir} does not match its manifest.json", markup=False)
+        raise typer.Exit(EXIT_BUDGET)
+    signature = _run(lambda: sign_manifest(build_dir, signing_key))
+    stdout.print(f"wrote {signature}: manifest.json and its {len(result.matched)} artifacts signed", markup=False)
 
 
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _internal_error(err: BaseException) -> int:
+    """A bug (or a failure edgecc did not foresee): one line for the user, the traceback in a file for the report."""
+    text = "".join(traceback.format_exception(err))
+    if debug:
+        sys.stderr.write(text)
+    log = Path(tempfile.gettempdir()) / f"edgecc-internal-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.write_text(f"edgecc {edgecc.__version__}\nargs: {sys.argv[1:]}\n\n{text}", encoding="utf-8")
+        where = f"the traceback is in {log}"
+    except OSError as write_err:
+        where = f"the traceback could not be saved ({write_err.strerror}; run again with --debug to see it)"
+    message = " ".join(str(err).split()) or "(no message)"
+    _say(f"edgecc: internal error: {type(err).__name__}: {message}; {where}; please report it")
+    return EXIT_INTERNAL
+
+
+def _exit_code() -> int:
+    """Run the app and map every way it can end to a documented exit code."""
+    try:
+        code = app(prog_name="edgecc", standalone_mode=False)  # typer.Exit comes back as its code
+        sys.stdout.flush()  # a write that fails here (disk full) is an error, not Python's exit status 120
+        return code if isinstance(code, int) else 0
+    except typer.TyperException as err:  # click's usage errors, shown as typer shows them (exit 2)
+        typer.rich_utils.rich_format_error(err)
+        return err.exit_code
+    except typer.Abort as err:  # typer turns an EOFError into Abort; edgecc never prompts, so that is a bug
+        return _internal_error(err.__cause__) if isinstance(err.__cause__, EOFError) else EXIT_INTERRUPTED
+    except EdgeccError as err:  # raised outside _run
+        _say(f"edgecc: error: {err}")
+        return err.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        return _internal_error(err)
+
+
 def main() -> None:
     """Console-script entry point; SIGTERM unwinds like Ctrl-C so partial output is removed."""
     signal.signal(signal.SIGTERM, _terminate)
-    app(prog_name="edgecc")
+    code = _exit_code()
+    try:
+        sys.stdout.flush()
+    except OSError:  # stdout is gone or full: drop what is left, or Python's exit would turn `code` into 120
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

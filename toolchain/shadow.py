@@ -9,7 +9,6 @@ records and a restart only ever adds to the log.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 import zipfile
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.emit import sha256_file
+from edgecc.emit import dumps, sha256_file
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.runtime import Model
@@ -99,11 +98,43 @@ def load_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         reason = str(err).split(". ")[0]  # numpy's advice to unpickle the file is not for edgecc users
         raise EdgeccError(f"{path} is not a .npy or .npz file numpy can read safely: {reason}") from None
-    if x.ndim < 2 or len(x) == 0 or not np.issubdtype(x.dtype, np.number):
+    if x.ndim < 2 or len(x) == 0 or x.dtype.kind not in "iufc":
         raise EdgeccError(f"{path}: expected a numeric array of shape (N, *input_shape), got {x.dtype} {x.shape}")
-    if y is not None and (y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer)):
+    if y is not None and (y.shape != (len(x),) or y.dtype.kind not in "iu"):
         raise EdgeccError(f"{path}: labels 'y' must be {len(x)} integers, got {y.dtype} {y.shape}")
+    _check_real_and_finite(path, x)
     return x.astype(np.float32), y
+
+
+def _first(bad: np.ndarray) -> int | None:
+    """Index of the first example with any element flagged in `bad` (shape (N, ...)), or None."""
+    rows = bad.reshape(len(bad), -1).any(axis=1)
+    return int(np.argmax(rows)) if rows.any() else None
+
+
+def _check_real_and_finite(path: Path, x: np.ndarray) -> None:
+    """Refuse inputs the models would be fed silently wrong: NaN or infinity (quantized to arbitrary
+    int8 values), complex numbers (numpy would drop the imaginary part), values float32 cannot hold."""
+    rule = "shadow compares finite real inputs only"
+    if x.dtype.kind == "c":
+        index = _first(x.imag != 0)
+        where = f"x[{index}] holds a complex number" if index is not None else f"x is complex ({x.dtype})"
+        raise EdgeccError(f"{path}: {where}; {rule}")
+    for name, test in (("NaN", np.isnan), ("an infinity", np.isinf)):
+        index = _first(test(x))
+        if index is not None:
+            raise EdgeccError(f"{path}: x[{index}] holds {name}; {rule}")
+    index = _first(np.abs(x) > np.finfo(np.float32).max)
+    if index is not None:
+        raise EdgeccError(f"{path}: x[{index}] holds a value beyond float32's range (the models take float32); {rule}")
+
+
+def _check_labels(path: Path, y: np.ndarray, classes: int) -> None:
+    """A label no output can predict would silently count as a miss in both accuracies."""
+    outside = np.flatnonzero((y < 0) | (y >= classes))
+    if len(outside):
+        raise EdgeccError(f"{path}: labels 'y' must be class indices 0..{classes - 1}; "
+                          f"y[{outside[0]}] is {y[outside[0]]}")
 
 
 def _check_fits(model: Classifier, role: str, x: np.ndarray) -> None:
@@ -201,7 +232,7 @@ class AuditLog:
             raise EdgeccError(f"audit log {path} cannot be opened for appending: {err.strerror}") from None
 
     def append(self, record: dict[str, Any]) -> None:
-        line = self.prefix + json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        line = self.prefix + dumps(record, separators=(",", ":")).encode() + b"\n"
         if os.write(self.fd, line) != len(line):
             raise EdgeccError(f"audit log {self.path}: short write (disk full?)")
         os.fsync(self.fd)
@@ -233,6 +264,8 @@ def shadow(baseline_path: Path, candidate_path: Path, data: Path, log: Path = DE
     if baseline.classes != candidate.classes:
         raise EdgeccError(f"the baseline has {baseline.classes} outputs and the candidate {candidate.classes}: "
                           "their classes cannot be compared")
+    if y is not None:
+        _check_labels(data, y, baseline.classes)
 
     confusion = np.zeros((baseline.classes, baseline.classes), dtype=np.int64)
     latency: dict[str, list[float]] = {"baseline": [], "candidate": []}
