@@ -43,3 +43,15 @@ def test_calibrate_refuses_a_record_of_another_model(tiny_models, tmp_path: Path
                     "--out", str(tmp_path / "x.toml"))
     assert result.returncode == 2 and "sha256 differs" in result.stderr
     assert not (tmp_path / "x.toml").exists()
+
+
+@pytest.mark.parametrize("p50", [0, -1.0, "NaN"])
+def test_calibrate_refuses_a_latency_that_is_not_a_positive_number(tiny_models, tmp_path: Path, p50) -> None:
+    model = tiny_models["vit_int8"]
+    record = tmp_path / "record.json"
+    assert edgecc("bench", str(model), "--runs", "3", "--record", str(record), "--quiet").returncode == 0
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps({**data, "p50_ms": float(p50)}))
+    result = edgecc("targets", "calibrate", str(record), str(model), "--target", "rpi4", "--out", str(tmp_path / "x.toml"))
+    assert result.returncode == 2 and "p50_ms" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.toml").exists()

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import edgecc
 from edgecc.data import decimate, load_dataset, tokenize
 from edgecc.errors import EdgeccError
 from edgecc.recipe import DataSection, load_recipe
+from test_cli import assert_clean_failure
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -74,7 +76,8 @@ def test_image_errors_name_the_field(tmp_path: Path) -> None:
     flat_images(tmp_path / "ok")
     (tmp_path / "empty").mkdir()
     write_image(tmp_path / "noname" / "picture.png", 0)
-    write_image(tmp_path / "broken" / "a_1.png", 0)
+    for name in ("a_1.png", "b_1.png", "b_2.png"):
+        write_image(tmp_path / "broken" / name, 0)
     (tmp_path / "broken" / "a_2.png").write_bytes(b"not a png")
     write_image(tmp_path / "mixed" / "a" / "x.png", 0)
     write_image(tmp_path / "mixed" / "a_1.png", 0)
@@ -95,6 +98,36 @@ def test_image_errors_name_the_field(tmp_path: Path) -> None:
     for fields, message in cases:
         with pytest.raises(EdgeccError, match=message):
             load_dataset(DataSection(source="images", image_size=4, **fields), 0, tmp_path)
+
+
+def test_one_class_or_a_class_missing_from_a_split_is_refused_with_the_counts(tmp_path: Path) -> None:
+    for n in range(1, 7):
+        write_image(tmp_path / "one" / f"cat_{n}.png", 0)
+    with pytest.raises(EdgeccError, match=r"data\.path: \S*one has 1 class \('cat' 5 training / 1 test\); "
+                                          r"a classifier needs at least two"):
+        load_dataset(DataSection(source="images", path="one", image_size=4, test_every=6), 0, tmp_path)
+    (tmp_path / "one.tsv").write_text("spam\tbuy now\n" * 8)
+    with pytest.raises(EdgeccError, match=r"data\.path: \S*one\.tsv has 1 class \('spam' 6 training / 2 test\)"):
+        load_dataset(DataSection(source="text", format="tsv", path="one.tsv"), 0, tmp_path)
+    flat_images(tmp_path / "three")
+    with pytest.raises(EdgeccError, match=r"data\.test_pattern: class 'crazing' has no training examples in \S*three "
+                                          r"\('crazing' 0 training / 12 test, 'pits' 12 training / 0 test, "
+                                          r"'rolled-in_scale' 12 training / 0 test\)"):
+        load_dataset(DataSection(source="images", path="three", image_size=4, test_pattern="crazing"), 0, tmp_path)
+
+
+def test_the_build_refuses_one_class_before_training_and_keeps_the_previous_output(tmp_path: Path) -> None:
+    for n in range(1, 9):
+        write_image(tmp_path / "one" / f"cat_{n}.png", 0)
+    (tmp_path / "recipe.toml").write_text('[data]\nsource = "images"\npath = "one"\nimage_size = 8\n')
+    previous = tmp_path / "out" / "model.tflite"
+    previous.parent.mkdir()
+    previous.write_bytes(b"the previous build")
+    before = set(tmp_path.rglob("*"))
+    result = edgecc("build", "--target", "rpi4", "--recipe", "recipe.toml", "--out", "out", cwd=tmp_path, timeout=120)
+    assert_clean_failure(result, "one has 1 class ('cat' 6 training / 2 test); a classifier needs at least two",
+                         tmp_path, before)
+    assert previous.read_bytes() == b"the previous build"
 
 
 def test_tokenizer_rule() -> None:

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from conftest import edgecc
+from edgecc import schema
 from edgecc.errors import EdgeccError
-from edgecc.recipe import Recipe, default_recipe_path, load_recipe
+from edgecc.recipe import default_recipe_path, load_recipe
+from edgecc.schema import spec
+from test_cli import assert_clean_failure
+
+ROOT = Path(__file__).parents[1]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -21,8 +28,15 @@ def test_default_recipe_is_valid_and_hashed() -> None:
     assert len(loaded.sha256) == 64
 
 
-def test_empty_recipe_takes_every_default(tmp_path: Path) -> None:
-    assert load_recipe(write(tmp_path, "")).recipe == Recipe()
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", 'name = "mine"\nseed = 3\n', "[train]\n"])
+def test_empty_recipe_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(EdgeccError, match=r"recipe .*recipe\.toml is empty: .*to build the default recipe omit --recipe"):
+        load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("recipe", sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("models/**/*.toml")))
+def test_every_shipped_recipe_loads(recipe: str) -> None:
+    assert load_recipe(ROOT / recipe).recipe.train.epochs >= 1
 
 
 def test_missing_recipe(tmp_path: Path) -> None:
@@ -52,7 +66,7 @@ stages = ["magic"]
     assert "\n" not in message
     for expected in ("seed: -1 is below the minimum 0", "train.epochs: expected an integer, got 'ten'",
                      "train.batch_sise: unknown field", "model.stem_filters[1]: expected an integer",
-                     "compress.stages: 'magic' is not one of 'prune', 'qat', 'ptq'"):
+                     "compress.stages[0]: 'magic' is not one of 'prune', 'qat', 'ptq'"):
         assert expected in message
 
 
@@ -63,13 +77,14 @@ def test_bool_is_not_an_integer_and_int_is_a_number(tmp_path: Path) -> None:
 
 
 def test_cross_field_checks(tmp_path: Path) -> None:
-    text = "[model]\ndim = 30\nheads = 4\nstem_filters = [8]\nstem_strides = [1, 2]\npath = 'missing.keras'"
+    text = "[model]\ndim = 30\nheads = 4\nstem_filters = [8]\nstem_strides = [1, 2]"
     with pytest.raises(EdgeccError) as err:
         load_recipe(write(tmp_path, text))
     message = str(err.value)
     assert "model.heads: 4 does not divide model.dim 30" in message
     assert "same length" in message
-    assert "model.path:" in message and "missing.keras does not exist" in message
+    with pytest.raises(EdgeccError, match=r"model\.path: .*missing\.keras does not exist"):
+        load_recipe(write(tmp_path, "[model]\npath = 'missing.keras'"))
 
 
 def test_stages_must_end_with_one_quantization(tmp_path: Path) -> None:
@@ -79,3 +94,111 @@ def test_stages_must_end_with_one_quantization(tmp_path: Path) -> None:
         with pytest.raises(EdgeccError, match=problem):
             load_recipe(write(tmp_path, f"[compress]\nstages = {stages}"))
     assert load_recipe(write(tmp_path, "[compress]\nstages = ['prune', 'qat']")).recipe.compress.stages == ("prune", "qat")
+
+
+def test_nan_and_infinity_are_refused_by_field(tmp_path: Path) -> None:
+    text = "[train]\nlearning_rate = nan\nweight_decay = -inf\n[budgets]\nmax_latency_ms = inf\n"
+    with pytest.raises(EdgeccError) as err:
+        load_recipe(write(tmp_path, text))
+    message = str(err.value)
+    for expected in ("train.learning_rate: nan is not a finite number", "train.weight_decay: -inf is not a finite number",
+                     "budgets.max_latency_ms: inf is not a finite number"):
+        assert expected in message
+
+
+@dataclass(frozen=True)
+class Gains:
+    gains: tuple[float, ...] = spec((1.0,), positive=True)
+
+
+def test_every_item_of_a_list_is_checked_and_named_by_its_index() -> None:
+    with pytest.raises(EdgeccError) as err:
+        schema.parse(Gains, {"gains": [1.0, float("nan"), 0, float("inf")]}, "gains.toml")
+    assert str(err.value) == ("gains.toml: gains[1]: nan is not a finite number; gains[2]: 0.0 must be above 0; "
+                              "gains[3]: inf is not a finite number")
+    assert schema.parse(Gains, {"gains": [0.5, 2]}, "gains.toml").gains == (0.5, 2.0)
+
+
+def test_positive_figures_refuse_zero(tmp_path: Path) -> None:
+    text = "[train]\nlearning_rate = 0\n[compress]\nstages = ['qat']\ndistill_learning_rate = 0.0\nqat_learning_rate = 0\n"
+    with pytest.raises(EdgeccError) as err:
+        load_recipe(write(tmp_path, text))
+    message = str(err.value)
+    assert "train.learning_rate: 0.0 must be above 0" in message
+    assert "compress.distill_learning_rate: 0.0 must be above 0" in message
+    assert "qat_learning_rate" not in message          # 0 means: the distillation's rate
+
+
+def test_zero_epochs_only_for_a_users_model(tmp_path: Path) -> None:
+    with pytest.raises(EdgeccError, match=r"train\.epochs: 0 would leave the reference architecture untrained"):
+        load_recipe(write(tmp_path, "[train]\nepochs = 0"))
+    (tmp_path / "mine.keras").write_bytes(b"")
+    assert load_recipe(write(tmp_path, "[model]\npath = 'mine.keras'\n[train]\nepochs = 0")).recipe.train.epochs == 0
+
+
+def test_fields_that_do_not_apply_are_refused_all_at_once(tmp_path: Path) -> None:
+    text = """
+[model]
+architecture = "minilm"
+stem_filters = [8]
+dim = 32
+[data]
+source = "text"
+path = "d.txt"
+tokenizer = "minilm"
+format = "label-text"
+label_column = "1"
+min_count = 3
+window = 64
+[train]
+augment_flip = true
+[compress]
+stages = ["prune", "ptq"]
+sparsity = 0.8
+progressive = true
+vocabulary_fraction = 0.5
+"""
+    with pytest.raises(EdgeccError) as err:
+        load_recipe(write(tmp_path, text))
+    message = str(err.value)
+    for expected in ("model.stem_filters: [8] applies to model.architecture 'vit', not 'minilm'",
+                     "model.dim: 32 applies to model.architecture 'vit' or 'text', not 'minilm'",
+                     "data.label_column: '1' applies to data.format 'csv' or 'tsv', not 'label-text'",
+                     "data.min_count: 3 applies to data.tokenizer 'words', not 'minilm'",
+                     "data.window: 64 applies to data.source 'signals', not 'text'",
+                     "train.augment_flip: True applies to data.source 'sklearn-digits' or 'images', not 'text'",
+                     "compress.sparsity: 0.8 applies to compress.stages with 'sparsify', not ['prune', 'ptq']",
+                     "compress.progressive: True applies to compress.stages with 'qat', not ['prune', 'ptq']"):
+        assert expected in message
+    assert "vocabulary_fraction" not in message and message.count("applies to") == 8
+
+
+def test_applicability_follows_the_recipe_and_ignores_defaults(tmp_path: Path) -> None:
+    with pytest.raises(EdgeccError, match=r"compress\.head_fraction: 0\.5 applies to compress\.stages with 'prune'"):
+        load_recipe(write(tmp_path, "[compress]\nhead_fraction = 0.5"))
+    with pytest.raises(EdgeccError, match=r"model\.depth: 3 applies to an empty model\.path, not 'mine\.keras'"):
+        load_recipe(write(tmp_path, "[model]\npath = 'mine.keras'\ndepth = 3"))
+    with pytest.raises(EdgeccError, match=r"data\.path: 'x' applies to data\.source 'images' or 'text' or 'signals'"):
+        load_recipe(write(tmp_path, "[data]\npath = 'x'"))
+    signals = "[data]\nsource = 'signals'\npath = 'x'\nwindow = 64\n[compress]\nstages = ['sparsify', 'qat']\nsparsity = 0.7"
+    recipe = load_recipe(write(tmp_path, signals)).recipe
+    assert recipe.data.window == 64 and recipe.data.image_size == 64 and recipe.compress.sparsity == 0.7
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("", "is empty: no table sets a field"),
+    ("[train]\nepochs = 0", "train.epochs: 0 would leave the reference architecture untrained"),
+    ("[train]\nlearning_rate = nan", "train.learning_rate: nan is not a finite number"),
+    ("[data]\nsource = 'images'\npath = 'imgs'\nwindow = 512", "data.window: 512 applies to data.source 'signals', not 'images'"),
+    ("[compress]\nsparsity = 0.7", "compress.sparsity: 0.7 applies to compress.stages with 'sparsify', not ['ptq']"),
+], ids=["empty", "zero-epochs", "nan-rate", "window-on-images", "sparsity-without-sparsify"])
+def test_the_build_refuses_a_bad_recipe_and_keeps_the_previous_output(tmp_path: Path, text: str,
+                                                                      fragment: str) -> None:
+    previous = tmp_path / "out" / "model.tflite"
+    previous.parent.mkdir()
+    previous.write_bytes(b"the previous build")
+    before = set(tmp_path.rglob("*"))
+    result = edgecc("build", "--target", "rpi4", "--recipe", str(write(tmp_path, text)), "--out", str(previous.parent),
+                    cwd=tmp_path)
+    assert_clean_failure(result, fragment, tmp_path, before | {tmp_path / "recipe.toml"})
+    assert previous.read_bytes() == b"the previous build"

@@ -1,12 +1,31 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from pathlib import Path
 
 import pytest
 
+from conftest import edgecc
+from edgecc.check import assess
 from edgecc.errors import EdgeccError
 from edgecc.targets import Figure, all_targets, builtin_names, load_target
+from test_cli import assert_clean_failure
+
+TARGETS = Path(__file__).parents[1] / "targets"
+MODEL = Path(__file__).parent / "fixtures" / "vit_int8.tflite"
+
+
+def profile(tmp_path: Path, base: str, **values: str) -> Path:
+    """A copy of built-in profile `base` with each named figure's value (every occurrence) replaced."""
+    text = (TARGETS / f"{base}.toml").read_text()
+    for name, value in values.items():
+        text, count = re.subn(rf"^{name} = {{ value = [^,]+,", f"{name} = {{ value = {value},", text, flags=re.M)
+        assert count, name
+    path = tmp_path / f"my-{base}.toml"
+    path.write_text(text)
+    return path
 
 
 def figures(obj: object) -> list[Figure]:
@@ -44,7 +63,7 @@ def test_user_profile_file_and_its_errors(tmp_path: Path) -> None:
     mine.write_text(text.replace('name = "rpi4"', 'name = "mine"'))
     assert load_target(str(mine)).name == "mine"
     mine.write_text(text.replace("value = 4,", "value = 'four',"))
-    with pytest.raises(EdgeccError, match=r"cpu.cores.value: expected a number, got 'four'"):
+    with pytest.raises(EdgeccError, match=r"cpu.cores.value: expected an integer, got 'four'"):
         load_target(str(mine))
     mine.write_text(text.replace('runtime = "litert-xnnpack"', 'runtime = "pytorch"'))
     with pytest.raises(EdgeccError, match="runtime: 'pytorch' is not one of"):
@@ -53,3 +72,63 @@ def test_user_profile_file_and_its_errors(tmp_path: Path) -> None:
 
 def test_all_targets_load() -> None:
     assert [t.name for t in all_targets()] == builtin_names()
+
+
+def test_figures_that_divide_or_count_refuse_zero_nan_and_infinity(tmp_path: Path) -> None:
+    path = profile(tmp_path, "rpi4", bandwidth_gbps="0", ram_bytes="inf", clock_mhz="nan", cores="0",
+                   int8_gmacs="-1", flash_bytes="-inf", latency_budget_ms="0.0", op_overhead_us="nan")
+    with pytest.raises(EdgeccError) as err:
+        load_target(str(path))
+    message = str(err.value)
+    for expected in ("memory.bandwidth_gbps.value: 0.0 must be above 0", "memory.ram_bytes.value: inf is not a finite",
+                     "cpu.clock_mhz.value: nan is not a finite", "cpu.cores.value: 0 is below the minimum 1",
+                     "cpu.int8_gmacs.value: -1.0 must be above 0", "memory.flash_bytes.value: -inf is not a finite",
+                     "latency_budget_ms.value: 0.0 must be above 0", "cpu.op_overhead_us.value: nan is not a finite"):
+        assert expected in message
+    with pytest.raises(EdgeccError, match=r"cpu\.cores\.value: expected an integer, got 2\.5"):
+        load_target(str(profile(tmp_path, "rpi4", cores="2.5")))
+
+
+def test_edge_tpu_figures(tmp_path: Path) -> None:
+    with pytest.raises(EdgeccError) as err:
+        load_target(str(profile(tmp_path, "coral-usb", tops="0", link_gbps="0", mac_efficiency="1.5")))
+    message = str(err.value)
+    for expected in ("edgetpu.tops.value: 0.0 must be above 0", "edgetpu.link_gbps.value: 0.0 must be above 0",
+                     "edgetpu.mac_efficiency.value: 1.5 is above the maximum 1.0"):
+        assert expected in message
+
+
+def test_float_rate_zero_means_int8_only(tmp_path: Path) -> None:
+    with pytest.raises(EdgeccError, match=r"cpu\.fp32_gmacs: 0 means float is not run, so int8_only must be true"):
+        load_target(str(profile(tmp_path, "rpi4", fp32_gmacs="0")))
+
+
+@pytest.mark.parametrize(("base", "zeros"), [
+    ("rpi4", ("fp32_gmacs", "op_overhead_us", "runtime_ram_bytes", "runtime_flash_bytes")),
+    ("coral-usb", ("fp32_gmacs", "op_overhead_us", "runtime_ram_bytes", "runtime_flash_bytes", "onchip_bytes",
+                   "invoke_overhead_ms")),
+])
+def test_every_figure_that_may_be_zero_gives_a_finite_estimate(tmp_path: Path, base: str,
+                                                               zeros: tuple[str, ...]) -> None:
+    path = profile(tmp_path, base, **dict.fromkeys(zeros, "0"))
+    path.write_text(path.read_text().replace("int8_only = false", "int8_only = true"))
+    fit = assess(MODEL.read_bytes(), load_target(str(path)))
+    assert math.isfinite(fit.latency.total_ms) and fit.latency.total_ms > 0
+
+
+@pytest.mark.parametrize(("figures", "fragment"), [
+    ({"bandwidth_gbps": "0"}, "memory.bandwidth_gbps.value: 0.0 must be above 0"),
+    ({"ram_bytes": "inf"}, "memory.ram_bytes.value: inf is not a finite number"),
+    ({"int8_gmacs": "nan"}, "cpu.int8_gmacs.value: nan is not a finite number"),
+], ids=["bandwidth-0", "ram-inf", "rate-nan"])
+def test_check_refuses_a_bad_profile(tmp_path: Path, figures: dict[str, str], fragment: str) -> None:
+    path = profile(tmp_path, "rpi4", **figures)
+    before = set(tmp_path.rglob("*"))
+    assert_clean_failure(edgecc("check", str(MODEL), "--target", str(path), cwd=tmp_path), fragment, tmp_path, before)
+
+
+def test_build_refuses_a_bad_profile_and_writes_nothing(tmp_path: Path) -> None:
+    path = profile(tmp_path, "rpi4", bandwidth_gbps="0")
+    before = set(tmp_path.rglob("*"))
+    result = edgecc("build", "--target", str(path), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert_clean_failure(result, "memory.bandwidth_gbps.value: 0.0 must be above 0", tmp_path, before)

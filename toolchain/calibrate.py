@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ def calibrate(record: dict[str, Any], model: bytes, target: Target, name: str | 
         measured = float(record["p50_ms"])
     except (KeyError, TypeError, ValueError):
         raise EdgeccError("the bench record has no p50_ms figure") from None
+    if not math.isfinite(measured) or measured <= 0:
+        raise EdgeccError(f"the bench record's p50_ms is {measured}; a measured latency is a finite number above 0")
     estimate = assess(model, target, measure_arena=False).latency.total_ms
     factor = measured / estimate
     note = (f"calibrated with edgecc bench on {record.get('machine', 'an unnamed machine')} at "

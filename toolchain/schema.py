@@ -1,13 +1,15 @@
 """Typed, validated TOML for recipes and target profiles.
 
-A schema is a frozen dataclass: field types come from its type hints, limits and
-allowed values from `field(metadata=...)`. Every problem in a file is collected
-and reported with the dotted name of its field, so a user fixes them all at once.
+A schema is a frozen dataclass: field types come from its type hints, limits,
+allowed values and when a field applies from `field(metadata=...)`. Every problem
+in a file is collected and reported with the dotted name of its field, so a user
+fixes them all at once. Numbers must be finite (TOML allows nan and inf).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -20,9 +22,19 @@ T = TypeVar("T")
 
 
 def spec(default: Any = dataclasses.MISSING, *, doc: str = "", minimum: float | None = None,
-         maximum: float | None = None, choices: tuple[Any, ...] = ()) -> Any:
-    """A dataclass field with the limits that validation enforces."""
-    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices}
+         maximum: float | None = None, positive: bool = False, choices: tuple[Any, ...] = (),
+         applies: dict[str, tuple[Any, ...]] | None = None) -> Any:
+    """A dataclass field with the limits that validation enforces.
+
+    `positive`: the number must be above 0 (it divides or counts), a stricter `minimum=0`.
+    `applies`: the field may be written only when each dotted field named as a key (from the top of
+    the file, defaults included) has one of the listed values, or, for a list, contains one of them;
+    a field written where it does not apply would be silently ignored, so it is refused.
+    """
+    if positive and minimum is not None:
+        raise TypeError("positive already sets the lower limit; give minimum or positive, not both")
+    meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "positive": positive, "choices": choices,
+            "applies": applies or {}}
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple or a default_factory for mutable defaults")
     return dataclasses.field(default=default, metadata=meta)
@@ -44,6 +56,9 @@ def _convert(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
     """Check `value` against `hint`, returning the converted value (or None after a problem)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
+        written = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(written) == 1:  # TOML has no null: an optional field is either absent or its one type
+            return _convert(value, written[0], where, problems)
         for arg in typing.get_args(hint):
             trial: list[str] = []
             converted = _convert(value, arg, where, trial)
@@ -71,16 +86,22 @@ def _convert(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
 
 
 def _check_limits(value: Any, meta: typing.Mapping[str, Any], where: str, problems: list[str]) -> None:
-    values = value if isinstance(value, tuple) else (value,)
-    for v in values:
+    """Choices, finiteness and limits of a value, or of each item of a list (named by its index)."""
+    items = [(f"{where}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, tuple) else [(where, value)]
+    for name, v in items:
         if meta.get("choices") and v not in meta["choices"]:
             allowed = ", ".join(repr(c) for c in meta["choices"])
-            problems.append(f"{where}: {v!r} is not one of {allowed}")
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if meta.get("minimum") is not None and v < meta["minimum"]:
-                problems.append(f"{where}: {v} is below the minimum {meta['minimum']}")
-            if meta.get("maximum") is not None and v > meta["maximum"]:
-                problems.append(f"{where}: {v} is above the maximum {meta['maximum']}")
+            problems.append(f"{name}: {v!r} is not one of {allowed}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if not math.isfinite(v):
+            problems.append(f"{name}: {v} is not a finite number")
+        elif meta.get("positive") and v <= 0:
+            problems.append(f"{name}: {v} must be above 0")
+        elif meta.get("minimum") is not None and v < meta["minimum"]:
+            problems.append(f"{name}: {v} is below the minimum {meta['minimum']}")
+        elif meta.get("maximum") is not None and v > meta["maximum"]:
+            problems.append(f"{name}: {v} is above the maximum {meta['maximum']}")
 
 
 def _build(cls: type[T], data: dict[str, Any], where: str, problems: list[str]) -> T | None:
@@ -107,17 +128,48 @@ def _build(cls: type[T], data: dict[str, Any], where: str, problems: list[str]) 
     return cls(**values)
 
 
+def _shown(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def _check_applies(obj: Any, data: dict[str, Any], where: str, root: Any, problems: list[str]) -> None:
+    """Refuse each field written in `data` whose `applies` conditions do not hold in `root`."""
+    prefix = f"{where}." if where else ""
+    for f in dataclasses.fields(obj):
+        if f.name not in data:
+            continue
+        path, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_applies(value, data[f.name], path, root, problems)
+        for condition, allowed in f.metadata.get("applies", {}).items():
+            actual = root
+            for part in condition.split("."):
+                actual = getattr(actual, part)
+            listed = isinstance(actual, tuple)
+            if (set(actual) & set(allowed)) if listed else actual in allowed:
+                continue
+            wanted = " or ".join(repr(a) for a in allowed)
+            if listed:
+                wanted = f"{condition} with {wanted}"
+            else:
+                wanted = f"an empty {condition}" if allowed == ("",) else f"{condition} {wanted}"
+            problems.append(f"{path}: {_shown(value)} applies to {wanted}, not {_shown(actual)}")
+            break
+
+
 def parse(cls: type[T], data: dict[str, Any], source: str) -> T:
     """Build a `cls` from TOML data, raising one EdgeccError that lists every problem."""
     problems: list[str] = []
     result = _build(cls, data, "", problems)
+    if result is not None:
+        _check_applies(result, data, "", result, problems)
     if problems or result is None:
         raise EdgeccError(f"{source}: " + "; ".join(problems))
     return result
 
 
-def load(cls: type[T], path: Path, what: str) -> T:
-    """Read and validate a TOML file; `what` names the kind of file in error messages."""
+def read(path: Path, what: str) -> dict[str, Any]:
+    """The TOML data of a file, before validation; `what` names the kind of file in error messages."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -128,7 +180,12 @@ def load(cls: type[T], path: Path, what: str) -> T:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise EdgeccError(f"{what} {path} is not valid TOML: {err}") from None
-    return parse(cls, data, str(path))
+    return data
+
+
+def load(cls: type[T], path: Path, what: str) -> T:
+    """Read and validate a TOML file; `what` names the kind of file in error messages."""
+    return parse(cls, read(path, what), str(path))
 
 
 def _toml_value(value: Any) -> str:

@@ -20,10 +20,31 @@ RUNTIMES = ("litert-xnnpack", "tflite-micro", "edgetpu", "ethos-u")
 
 @dataclass(frozen=True)
 class Figure:
-    """A number and the public source it was taken from (or how it was derived)."""
+    """A number and the public source it was taken from (or how it was derived); 0 is meaningful."""
 
     value: float = spec(minimum=0.0)
     source: str = spec()
+
+
+@dataclass(frozen=True)
+class Rate(Figure):
+    """A figure above 0: estimates divide by it, or a budget of 0 would refuse every model."""
+
+    value: float = spec(positive=True)
+
+
+@dataclass(frozen=True)
+class Count(Figure):
+    """A whole number of things, at least one."""
+
+    value: int = spec(minimum=1)
+
+
+@dataclass(frozen=True)
+class Share(Figure):
+    """A fraction of a whole: above 0, at most 1."""
+
+    value: float = spec(positive=True, maximum=1.0)
 
 
 @dataclass(frozen=True)
@@ -31,20 +52,20 @@ class Cpu:
     """The processor that runs the model (or the part of it an accelerator does not take)."""
 
     core: str = spec(doc="processor core, e.g. Cortex-A72")
-    cores: Figure = spec(doc="cores the runtime uses")
-    clock_mhz: Figure = spec()
-    int8_gmacs: Figure = spec(doc="effective int8 multiply-accumulates per second, in billions, for this runtime's kernels")
+    cores: Count = spec(doc="cores the runtime uses")
+    clock_mhz: Rate = spec()
+    int8_gmacs: Rate = spec(doc="effective int8 multiply-accumulates per second, in billions, for this runtime's kernels")
     fp32_gmacs: Figure = spec(doc="effective fp32 multiply-accumulates per second, in billions; 0 when float is not run")
     op_overhead_us: Figure = spec(doc="fixed cost of running one operator, in microseconds")
 
 
 @dataclass(frozen=True)
 class Memory:
-    ram_bytes: Figure = spec(doc="RAM of the board (smallest variant)")
+    ram_bytes: Rate = spec(doc="RAM of the board (smallest variant)")
     runtime_ram_bytes: Figure = spec(doc="RAM the OS and the inference runtime take before any model")
-    flash_bytes: Figure = spec(doc="storage for the model: flash, or the SD card / eMMC")
+    flash_bytes: Rate = spec(doc="storage for the model: flash, or the SD card / eMMC")
     runtime_flash_bytes: Figure = spec(doc="code size of the inference runtime on this target")
-    bandwidth_gbps: Figure = spec(doc="effective main-memory bandwidth in GB/s")
+    bandwidth_gbps: Rate = spec(doc="effective main-memory bandwidth in GB/s")
 
 
 @dataclass(frozen=True)
@@ -61,12 +82,12 @@ class Arena:
 
 @dataclass(frozen=True)
 class EdgeTpu:
-    tops: Figure = spec(doc="peak int8 tera-operations per second (1 MAC = 2 operations)")
+    tops: Rate = spec(doc="peak int8 tera-operations per second (1 MAC = 2 operations)")
     onchip_bytes: Figure = spec(doc="on-chip memory that caches parameters")
-    link_gbps: Figure = spec(doc="effective host link bandwidth in GB/s (USB, PCIe); parameters that do not fit on chip stream over it")
+    link_gbps: Rate = spec(doc="effective host link bandwidth in GB/s (USB, PCIe); parameters that do not fit on chip stream over it")
     invoke_overhead_ms: Figure = spec(doc="fixed cost of one inference on the accelerator, transfers of the input and output included")
     op_overhead_us: Figure = spec(doc="fixed cost per operator on the Edge TPU")
-    mac_efficiency: Figure = spec(doc="fraction of peak MAC throughput reached on typical layers")
+    mac_efficiency: Share = spec(doc="fraction of peak MAC throughput reached on typical layers")
 
 
 @dataclass(frozen=True)
@@ -76,8 +97,8 @@ class EthosU:
     accelerator_config: str = spec(doc="Vela --accelerator-config, e.g. ethos-u55-128")
     system_config: str = spec(doc="Vela --system-config from Vela's vela.ini")
     memory_mode: str = spec(doc="Vela --memory-mode from Vela's vela.ini")
-    npu_clock_mhz: Figure = spec()
-    sram_bytes: Figure = spec(doc="SRAM available to Vela's tensor arena")
+    npu_clock_mhz: Rate = spec()
+    sram_bytes: Rate = spec(doc="SRAM available to Vela's tensor arena")
 
 
 @dataclass(frozen=True)
@@ -86,7 +107,7 @@ class Target:
     description: str = spec()
     runtime: str = spec(choices=RUNTIMES)
     int8_only: bool = spec(doc="the runtime runs only fully-int8 models")
-    latency_budget_ms: Figure = spec(doc="default latency ceiling when neither the recipe nor --latency-ms gives one")
+    latency_budget_ms: Rate = spec(doc="default latency ceiling when neither the recipe nor --latency-ms gives one")
     cpu: Cpu = spec()
     memory: Memory = spec()
     legal_ops: tuple[str, ...] = spec((), doc="TFLite builtin ops the runtime has; empty means every builtin")
@@ -125,6 +146,8 @@ def load_target(name_or_path: str) -> Target:
         problems.append("ethosu: an ethos-u runtime needs an [ethosu] table")
     if target.runtime in ("tflite-micro", "ethos-u") and target.arena is None:
         problems.append("arena: a TFLite Micro target needs an [arena] table")
+    if target.cpu.fp32_gmacs.value == 0 and not target.int8_only:
+        problems.append("cpu.fp32_gmacs: 0 means float is not run, so int8_only must be true")
     if problems:
         raise EdgeccError(f"{path}: " + "; ".join(problems))
     return target
