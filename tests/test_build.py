@@ -82,6 +82,10 @@ def test_manifest_records_provenance(default_build) -> None:
     assert manifest["seed"] == 0 and manifest["target"]["name"] == "rpi4"
     for library in ("tensorflow", "tf-keras", "ai-edge-litert", "numpy", "python"):
         assert manifest["versions"][library][0].isdigit()
+    reproducibility = manifest["reproducibility"]
+    assert reproducibility["seed"] == 0 and reproducibility["deterministic"] is True  # built on this CPU
+    assert reproducibility["versions"]["edgecc"] == manifest["edgecc_version"]
+    assert reproducibility["versions"]["tensorflow"] == manifest["versions"]["tensorflow"]
     latency = manifest["metrics"]["host_latency"]
     assert latency["float"]["threads"] == latency["int8"]["threads"] == 1
     assert latency["int8"]["median_ms"] > 0 and latency["float"]["median_ms"] > 0
@@ -168,3 +172,30 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
     first = manifest["budgets"][0]
     assert (first["name"], first["value"], first["limit"], first["status"]) == \
         ("int8 accuracy", manifest["metrics"]["int8_accuracy"], ">= 1.0", "fail")
+
+
+def test_the_same_seed_gives_the_same_bytes_twice_in_one_process() -> None:
+    """Training and QAT of a tiny recipe run twice in this process, as scripts/bench_compression.py runs
+    its builds one after another; other models built in between must not change the second run's bytes."""
+    from dataclasses import replace
+
+    from edgecc.data import load_dataset
+    from edgecc.progress import Reporter
+    from edgecc.recipe import CompressSection, DataSection, ModelSection, TrainSection
+    from edgecc.train.compress import run_stages
+    from edgecc.train.teacher import starting_model, train
+
+    full = load_dataset(DataSection(), seed=0)
+    data = replace(full, train_index=full.train_index[:64], test_index=full.test_index[:64])
+    model = ModelSection(stem_filters=(8,), stem_strides=(2,), dim=16, depth=1, heads=2, mlp_dim=32, dropout=0.1)
+    training = TrainSection(epochs=1, batch_size=32)
+    stages = CompressSection(stages=("qat",), distill_epochs=1, calibration_samples=16)
+    calibration = data.x[data.train_index[:16]]
+
+    def built(seed: int) -> list[bytes]:
+        teacher = train(starting_model(model, None, data, seed), data, training, seed, Reporter(quiet=True))
+        return [stage.int8 for stage in run_stages(teacher, data, stages, training, seed, calibration,
+                                                   Reporter(quiet=True))]
+
+    first = built(seed=3)
+    assert len(first) == 1 and built(seed=3) == first

@@ -7,6 +7,7 @@ output directory fails in a second with nothing written.
 from __future__ import annotations
 
 import gzip
+import os
 import platform
 import re
 import sys
@@ -32,6 +33,7 @@ from edgecc.progress import Reporter
 from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
 from edgecc.recipe import LoadedRecipe, load_recipe, model_path
 from edgecc.runtime import Model
+from edgecc.sign import load_private_key, sign_manifest
 from edgecc.targets import Target, load_target
 
 LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert",
@@ -60,6 +62,33 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "not installed"
     return found
+
+
+BYTES_DEPEND_ON = ("python", "numpy", "tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert")
+NOT_DETERMINISTIC = (
+    "model.tflite's bytes are the same for the same recipe, data, seed and versions on the same kind of machine. "
+    "On another CPU model or core count they may differ: TensorFlow's CPU kernels choose their vector instructions "
+    "by CPU and split sums across its threads, so float rounding during training can differ, and with it the "
+    "trained weights.",
+    "created and the host latency figures are measured at build time and differ on every build.",
+)
+ON_GPU = ("trained on a GPU: its kernels add in the order their threads finish (atomics), so two builds' "
+          "weights, and model.tflite, differ")
+
+
+def _reproducibility(seed: int) -> dict[str, Any]:
+    """What decides model.tflite's bytes, for a third party who wants to rebuild them, and what does not repeat."""
+    from edgecc.train.tf import tensorflow
+
+    versions = library_versions()
+    gpus = tensorflow().config.list_physical_devices("GPU")
+    return {
+        "seed": seed,
+        "versions": {"edgecc": edgecc.__version__, **{name: versions[name] for name in BYTES_DEPEND_ON}},
+        "deterministic": not gpus,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "gpus": len(gpus)},
+        "not_deterministic": [*NOT_DETERMINISTIC, *([ON_GPU] if gpus else [])],
+    }
 
 
 def _budgets(loaded: LoadedRecipe, float_acc: float, int8_acc: float, fit: Assessment) -> list[dict[str, Any]]:
@@ -146,9 +175,10 @@ def _plots(manifest: dict[str, Any], fit: Assessment) -> dict[str, bytes]:
 
 
 def build(target_name: str, recipe_path: Path | None = None, out: Path | None = None,
-          reporter: Reporter | None = None) -> BuildResult:
-    """Run the whole pipeline and write artifacts under `out` (default `build/<target>`)."""
+          reporter: Reporter | None = None, *, sign_key: Path | None = None) -> BuildResult:
+    """Run the whole pipeline and write artifacts under `out` (default `build/<target>`), signed with `sign_key`."""
     reporter = reporter or Reporter(quiet=True)
+    signing_key = load_private_key(sign_key) if sign_key is not None else None
     target: Target = load_target(target_name)
     loaded = load_recipe(recipe_path)
     recipe = loaded.recipe
@@ -207,6 +237,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "recipe": {"name": recipe.name, "path": str(loaded.path), "sha256": loaded.sha256},
         "seed": recipe.seed,
         "versions": library_versions(),
+        "reproducibility": _reproducibility(recipe.seed),
         "data": {**dataset.split_json(), "test_size": len(dataset.test_index),
                  "int8_test_predictions": int8_predictions.tolist()},
         "preprocessing": _preprocessing(dataset, int8_model),
@@ -248,5 +279,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
             staging, [INT8_MODEL, FLOAT_MODEL, *(file for file, _ in kept_stages), *board_files, "report.md",
                       "report.html"])
         emit.write_json(staging / "manifest.json", manifest)
+        if signing_key is not None:  # inside the staging directory: a signed build appears whole or not at all
+            sign_manifest(staging, signing_key)
     return BuildResult(out, manifest)
 

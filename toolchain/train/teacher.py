@@ -189,8 +189,21 @@ def inference_graph(model: Any) -> Any:
     return fold_norms(clone)
 
 
-def starting_model(section: ModelSection, user_model: Path | None, dataset: Dataset, seed: int) -> Any:
-    """The untrained reference model, or the user's model (validated against the data)."""
+def make_reproducible(seed: int) -> None:
+    """Start a build from the same state every time, so the same recipe, seed and versions give the same bytes.
+
+    Clearing the Keras session restarts Keras' global counters (automatic layer names such as `dense_3`,
+    which would reach the TFLite tensor names), so an earlier build in the same process
+    (scripts/bench_compression.py builds three recipes in one) cannot leak into this one. Python, NumPy
+    and TensorFlow are seeded. TensorFlow's CPU kernels are deterministic already; enable_op_determinism is left off,
+    since it only matters on GPUs and makes every tf.data pipeline of `fit` log errors to stderr.
+    """
     keras = _keras()
+    keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
+
+
+def starting_model(section: ModelSection, user_model: Path | None, dataset: Dataset, seed: int) -> Any:
+    """The untrained reference model, or the user's model (validated against the data), from a reproducible start."""
+    make_reproducible(seed)
     return load_user_model(user_model, dataset) if user_model else reference_model(section, dataset)
