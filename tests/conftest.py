@@ -12,6 +12,20 @@ from pathlib import Path
 import pytest
 
 
+def needs_tensorflow() -> None:
+    """Skip the calling test or fixture on the base install (no TensorFlow), as CI's first job runs."""
+    pytest.importorskip("tf_keras", reason="needs TensorFlow: pip install 'edgecc[train]'")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """CI's base-install job sets EDGECC_BASE_INSTALL: prove TensorFlow really is absent there."""
+    if os.environ.get("EDGECC_BASE_INSTALL"):
+        import importlib.util
+
+        present = [name for name in ("tensorflow", "tf_keras") if importlib.util.find_spec(name)]
+        assert not present, f"EDGECC_BASE_INSTALL is set but {present} can be imported"
+
+
 def edgecc_command() -> str:
     """The installed `edgecc` console script (beside this Python when its venv is not on PATH)."""
     return shutil.which("edgecc") or str(Path(sys.executable).with_name("edgecc"))
@@ -26,6 +40,7 @@ def edgecc(*args: str, cwd: Path | None = None, timeout: float = 600) -> subproc
 @pytest.fixture(scope="session")
 def default_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, subprocess.CompletedProcess[str]]:
     """`edgecc build --target rpi4` on the built-in default recipe, exactly as the README runs it."""
+    needs_tensorflow()
     work = tmp_path_factory.mktemp("default-build")
     result = edgecc("build", "--target", "rpi4", "--json", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -33,31 +48,11 @@ def default_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict,
     return out, json.loads((out / "manifest.json").read_text()), result
 
 
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Small TFLite models made here: edgecc's transformer in int8 and float, and an int8 model with GELU."""
-    import numpy as np
-
-    from edgecc.train.convert import to_float_tflite, to_int8_tflite
-    from edgecc.train.layers import keras
-    from edgecc.train.teacher import inference_graph
-    from edgecc.train.transformer import VitConfig, vision_transformer
-
-    keras.utils.set_random_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-models")
-    calibration = np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32)
-    config = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=32, depth=1, heads=2, mlp_dim=64, dropout=0.0)
-    vit = inference_graph(vision_transformer(config, (8, 8, 1), 10))
-    inputs = keras.Input(batch_shape=(1, 8, 8, 1))
-    x = keras.layers.Dense(16, activation="gelu")(keras.layers.Flatten()(inputs))
-    gelu = keras.Model(inputs, keras.layers.Dense(10)(x))
-    contents = {
-        "vit_int8": to_int8_tflite(vit, calibration, per_channel=False),
-        "vit_float": to_float_tflite(vit),
-        "gelu_int8": to_int8_tflite(gelu, calibration, per_channel=False),
-    }
-    paths = {}
-    for name, content in contents.items():
-        paths[name] = folder / f"{name}.tflite"
-        paths[name].write_bytes(content)
-    return paths
+def tiny_models() -> dict[str, Path]:
+    """Small real TFLite models committed under tests/fixtures (scripts/make_fixtures.py made them):
+    edgecc's transformer in int8 and float, and an int8 model with GELU. No TensorFlow needed."""
+    return {name: FIXTURES / f"{name}.tflite" for name in ("vit_int8", "vit_float", "gelu_int8")}

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-layers_mod = pytest.importorskip("edgecc.train.layers")
+pytest.importorskip("tf_keras")
+import edgecc.train.layers as layers_mod  # noqa: E402
 from edgecc.train.convert import to_int8_tflite  # noqa: E402
 from edgecc.train.layers import AttentionContext, AttentionScores, LayerNorm, keras, tf  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
