@@ -21,6 +21,7 @@ import argparse
 import faulthandler
 import hashlib
 import json
+import math
 import os
 import platform
 import signal
@@ -392,18 +393,24 @@ class Tally:
 
 
 def campaign(mutants: int, seed: int, models: list[Path], commands: tuple[str, ...] = COMMANDS,
-             workers: int = 2, log: Callable[[str], None] = print) -> Tally:
-    """Run `mutants` mutants over `workers` processes; every row is logged as it arrives."""
+             workers: int = 2, log: Callable[[str], None] = print, minutes: float = math.inf) -> Tally:
+    """Run `mutants` mutants over `workers` processes; every row is logged as it arrives.
+
+    After `minutes` no further mutant is counted (the table says how many ran), so a campaign fits a time budget.
+    """
     tally = Tally()
     jobs = [(seed, i, [str(m) for m in models], commands) for i in range(mutants)]
+    deadline = time.monotonic() + minutes * 60
     with get_context("fork").Pool(workers, initializer=warm_imports, maxtasksperchild=500) as pool:
         for row in pool.imap_unordered(run_mutant, jobs, chunksize=4):
             tally.add(row)
             log(json.dumps(row))
+            if time.monotonic() > deadline:
+                break
     return tally
 
 
-def table(tally: Tally, argv: list[str], seconds: float) -> str:
+def table(tally: Tally, argv: list[str], seconds: float, asked: int) -> str:
     columns = ["exit 0", "exit 1", "exit 2", "exit 0, runtime refuses", "exit 0, LiteRT refuses", "traceback", "signal", "hang",
                "other exit code"]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -414,7 +421,8 @@ def table(tally: Tally, argv: list[str], seconds: float) -> str:
         "## Fuzzing the TensorFlow-free commands with malformed models",
         "",
         f"`python scripts/fuzz_models.py {' '.join(argv)}`, {date.today().isoformat()}, on {cpu} "
-        f"({os.cpu_count()} cores, 2 workers), {seconds / 60:.0f} min. {tally.mutants:,} mutants of "
+        f"({os.cpu_count()} cores, 2 workers), {seconds / 60:.0f} min. {tally.mutants:,} mutants"
+        f"{f' (of {asked:,} asked: the --minutes budget ran out)' if tally.mutants < asked else ''} of "
         f"{', '.join(SEEDS)} ({len(MUTATIONS)} kinds, {tally.mutants // len(MUTATIONS):,}+ each); LiteRT "
         f"refuses {tally.refused_by_litert:,}, TFLite Micro {tally.refused_by_tflm:,}. Each command ran in a forked "
         f"child with a {TIMEOUT_S} s limit. \"Runtime\" is the target's: LiteRT, or TFLite Micro for stm32h7 (it "
@@ -433,14 +441,19 @@ def main() -> None:
     parser.add_argument("--mutants", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log", type=Path, default=Path("fuzz-log.jsonl"), help="one JSON row per mutant")
+    parser.add_argument("--commands", default=",".join(COMMANDS), help="comma-separated, from: " + ", ".join(COMMANDS))
+    parser.add_argument("--minutes", type=float, default=math.inf, help="stop counting after this long")
     args = parser.parse_args()
+    commands = tuple(args.commands.split(","))
+    if set(commands) - set(COMMANDS):
+        parser.error(f"--commands: unknown {', '.join(sorted(set(commands) - set(COMMANDS)))}")
     start = time.perf_counter()
     with args.log.open("w") as log:
-        tally = campaign(args.mutants, args.seed, [FIXTURES / s for s in SEEDS] + args.models,
-                         log=lambda line: (log.write(line + "\n"), log.flush()))
+        tally = campaign(args.mutants, args.seed, [FIXTURES / s for s in SEEDS] + args.models, commands,
+                         log=lambda line: (log.write(line + "\n"), log.flush()), minutes=args.minutes)
     for failure in tally.failures:
         print(failure)
-    body = table(tally, sys.argv[1:], time.perf_counter() - start)
+    body = table(tally, sys.argv[1:], time.perf_counter() - start, args.mutants)
     print(body)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_estimator import write_section
