@@ -140,3 +140,15 @@ def test_edgetpu_check_splits_the_transformer_and_charges_the_link(tiny_models) 
     tpu = result.target.edgetpu
     assert result.latency.fixed_ms > tpu.invoke_overhead_ms.value  # the stem's output crosses to the CPU
     assert [o.unit for o in result.latency.ops] == list(result.placement)
+
+
+@pytest.mark.parametrize("budget", ["NaN", "-Infinity", '"fast"', "-5"])
+def test_a_build_folder_whose_manifest_budget_is_not_a_number_is_bad_input(tiny_models, tmp_path: Path,
+                                                                            budget: str) -> None:
+    folder = tmp_path / "build"
+    folder.mkdir()
+    (folder / "model.tflite").write_bytes(tiny_models["vit_int8"].read_bytes())
+    (folder / "manifest.json").write_text('{"latency_budget_ms": ' + budget + "}")
+    result = edgecc("check", str(folder), "--target", "rpi4")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "manifest.json" in result.stderr

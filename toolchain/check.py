@@ -6,7 +6,6 @@ it runs on a CI runner or on the board itself.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from edgecc.arena import ArenaMeasurement, measure_arena
 from edgecc.cost import op_costs
+from edgecc.emit import loads
 from edgecc.errors import EdgeccError
 from edgecc.latency import ERROR_BAND, LatencyEstimate, estimate_latency
 from edgecc.liveness import MemoryPlan, plan_memory
@@ -96,9 +96,11 @@ def read_model(path: Path) -> tuple[bytes, float | None]:
         manifest = path / "manifest.json"
         if manifest.is_file():
             try:
-                budget = json.loads(manifest.read_text()).get("latency_budget_ms")
-            except (json.JSONDecodeError, AttributeError):
+                budget = loads(manifest.read_text(encoding="utf-8")).get("latency_budget_ms")
+            except (ValueError, AttributeError):  # JSONDecodeError, NaN, bad UTF-8; a manifest that is no object
                 raise EdgeccError(f"{manifest} is not valid JSON") from None
+            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget < 0):
+                raise EdgeccError(f"{manifest}: latency_budget_ms is {budget!r}, not a number of milliseconds")
         return model.read_bytes(), budget or None
     if not path.is_file():
         raise EdgeccError(f"{path} does not exist")

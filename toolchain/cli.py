@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 import edgecc
-from edgecc.emit import dumps, write_json
+from edgecc.emit import dumps, loads, write_json
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 
@@ -181,8 +181,8 @@ def targets_calibrate(
 
     def work() -> tuple[Any, float]:
         try:
-            data = json.loads(record.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            data = loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # ValueError: not JSON, NaN or Infinity, not UTF-8
             raise EdgeccError(f"{record} is not a readable bench record: {err}") from None
         if not model.is_file():
             raise EdgeccError(f"{model} does not exist")

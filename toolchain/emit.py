@@ -190,5 +190,14 @@ def dumps(data: Any, **options: Any) -> str:
     return json.dumps(finite(data), allow_nan=False, **options)
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON (strict JSON has no NaN or Infinity)")
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse strict JSON: NaN and Infinity, which Python's json accepts, are refused (ValueError) as in dumps."""
+    return json.loads(text, parse_constant=_not_json)
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(dumps(data, indent=2) + "\n", encoding="utf-8")

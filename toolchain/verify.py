@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from edgecc.emit import sha256_file
+from edgecc.emit import loads, sha256_file
 from edgecc.errors import EdgeccError
 from edgecc.sign import MANIFEST, SIGNATURE, is_signed_by, load_public_key
 
@@ -103,8 +103,8 @@ def _inside(root: Path, name: str) -> Path | None:
 def _expected_hashes(content: bytes, where: Path) -> dict[str, str]:
     """The artifacts' sha256 from the manifest, every malformed entry named at once."""
     try:
-        data = json.loads(content)
-    except ValueError:  # JSONDecodeError or UnicodeDecodeError
+        data = loads(content)
+    except ValueError:  # JSONDecodeError, NaN or Infinity, or UnicodeDecodeError  # JSONDecodeError or UnicodeDecodeError
         raise EdgeccError(f"{where} is not valid JSON") from None
     if not isinstance(data, dict):
         raise EdgeccError(f"{where} is not a JSON object")
