@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import edgecc, edgecc_command
+from conftest import edgecc, edgecc_command, needs_train_extra
 from edgecc.reader import read_graph
 
 ROOT = Path(__file__).parents[1]
@@ -130,6 +130,7 @@ def test_interrupted_build_keeps_the_previous_result(default_build, tmp_path: Pa
 
 def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -> None:
     """A user's model of standard Keras layers is rewritten and built; a budget it misses exits 1, artifacts kept."""
+    needs_train_extra()
     from edgecc.train.tf import keras as load_keras
 
     keras = load_keras()
@@ -177,6 +178,7 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
 def test_the_same_seed_gives_the_same_bytes_twice_in_one_process() -> None:
     """Training and QAT of a tiny recipe run twice in this process, as scripts/bench_compression.py runs
     its builds one after another; other models built in between must not change the second run's bytes."""
+    needs_train_extra()
     from dataclasses import replace
 
     from edgecc.data import load_dataset

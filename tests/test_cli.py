@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import edgecc, edgecc_command
+from conftest import edgecc, edgecc_command, needs_train_extra
 from edgecc.emit import dumps, write_json
 
 RPI4 = Path(__file__).parents[1] / "targets" / "rpi4.toml"
@@ -59,6 +59,7 @@ def test_bad_input_fails_fast_and_writes_nothing(tmp_path: Path, make_args, frag
 
 
 def test_a_file_that_is_not_a_keras_model(tmp_path: Path) -> None:
+    needs_train_extra()
     (tmp_path / "model.keras").write_text("this is not a model")
     path = recipe(tmp_path, "[model]\npath = 'model.keras'")
     before = set(tmp_path.rglob("*"))

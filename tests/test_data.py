@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import edgecc
+from conftest import edgecc, needs_train_extra
 from edgecc.data import decimate, load_dataset, tokenize
 from edgecc.errors import EdgeccError
 from edgecc.recipe import DataSection, load_recipe
@@ -34,6 +34,7 @@ def flat_images(folder: Path) -> Path:
 
 
 def test_images_class_from_the_name_before_the_last_underscore(tmp_path: Path) -> None:
+    needs_train_extra()
     section = DataSection(source="images", path="imgs", image_size=8, test_pattern=r"_(1[01])\.png$")
     flat_images(tmp_path / "imgs")
     data = load_dataset(section, 0, tmp_path)
@@ -49,6 +50,7 @@ def test_images_class_from_the_name_before_the_last_underscore(tmp_path: Path) -
 
 
 def test_images_one_folder_per_class_in_rgb(tmp_path: Path) -> None:
+    needs_train_extra()
     for label, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
         for n in range(1, 7):
             write_image(tmp_path / "data" / label / (f"img{n}.jpg" if n % 2 else f"{n}.bmp"), colour)
@@ -61,6 +63,7 @@ def test_images_one_folder_per_class_in_rgb(tmp_path: Path) -> None:
 
 
 def test_images_test_path_and_seeded_fraction(tmp_path: Path) -> None:
+    needs_train_extra()
     flat_images(tmp_path / "train")
     for label in ("crazing", "pits", "rolled-in_scale"):
         write_image(tmp_path / "test" / f"{label}_1.png", 0)
@@ -73,6 +76,7 @@ def test_images_test_path_and_seeded_fraction(tmp_path: Path) -> None:
 
 
 def test_image_errors_name_the_field(tmp_path: Path) -> None:
+    needs_train_extra()
     flat_images(tmp_path / "ok")
     (tmp_path / "empty").mkdir()
     write_image(tmp_path / "noname" / "picture.png", 0)
@@ -101,6 +105,7 @@ def test_image_errors_name_the_field(tmp_path: Path) -> None:
 
 
 def test_one_class_or_a_class_missing_from_a_split_is_refused_with_the_counts(tmp_path: Path) -> None:
+    needs_train_extra()
     for n in range(1, 7):
         write_image(tmp_path / "one" / f"cat_{n}.png", 0)
     with pytest.raises(EdgeccError, match=r"data\.path: \S*one has 1 class \('cat' 5 training / 1 test\); "
@@ -117,6 +122,7 @@ def test_one_class_or_a_class_missing_from_a_split_is_refused_with_the_counts(tm
 
 
 def test_the_build_refuses_one_class_before_training_and_keeps_the_previous_output(tmp_path: Path) -> None:
+    needs_train_extra()
     for n in range(1, 9):
         write_image(tmp_path / "one" / f"cat_{n}.png", 0)
     (tmp_path / "recipe.toml").write_text('[data]\nsource = "images"\npath = "one"\nimage_size = 8\n')
@@ -297,6 +303,7 @@ def shared(name: str) -> Path:
 
 
 def test_real_neu_det() -> None:
+    needs_train_extra()
     section = DataSection(source="images", path="neu_det/images", image_size=16,
                           test_pattern=r"_(24[1-9]|2[5-9][0-9]|300)\.[a-z]+$")
     data = load_dataset(section, 0, shared("neu_det"))
@@ -332,6 +339,7 @@ def test_real_sms_spam() -> None:
 
 
 def test_standardize_makes_each_example_zero_mean_unit_variance(tmp_path: Path) -> None:
+    needs_train_extra()
     folder = flat_images(tmp_path / "images")
     for n in range(1, 13):  # give the images some texture, differently lit per class
         from PIL import Image
@@ -351,6 +359,8 @@ def test_standardize_makes_each_example_zero_mean_unit_variance(tmp_path: Path) 
 @pytest.mark.parametrize(("task", "train", "test"), [("neu_det", 1440, 360), ("trec", 5452, 500)])
 def test_reference_recipes_read_their_data_with_the_fixed_split(task: str, train: int, test: int) -> None:
     shared(task)
+    if task == "neu_det":  # images need Pillow
+        needs_train_extra()
     loaded = load_recipe(Path(__file__).resolve().parents[1] / "models" / f"{task}.toml")
     data = load_dataset(loaded.recipe.data, loaded.recipe.seed, loaded.path.parent)
     assert (len(data.train_index), len(data.test_index)) == (train, test)

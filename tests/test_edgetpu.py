@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import needs_tensorflow
+from conftest import needs_train_extra
 
 from edgecc.train.convert import to_int8_tflite
 from edgecc.edgetpu import (EDGETPU_OPS, PREDICTION, operator_problem, parse_compiler_log, plan_edgetpu,
@@ -28,7 +28,7 @@ def calibration(shape: tuple[int, ...]) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cnn() -> Graph:
     """Conv2D + ReLU + pooling + Dense + softmax on a 1-D output: all in the supported-operations table."""
-    needs_tensorflow()
+    needs_train_extra()
     from edgecc.train.tf import keras, tensorflow
 
     tensorflow()
@@ -48,7 +48,7 @@ def cnn() -> Graph:
 @pytest.fixture(scope="module")
 def vit() -> Graph:
     """edgecc's own transformer, tiny, batch 1, per-tensor int8."""
-    needs_tensorflow()
+    needs_train_extra()
     from edgecc.train.teacher import inference_graph
     from edgecc.train.transformer import VitConfig, vision_transformer
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from conftest import FIXTURES, needs_tensorflow
+from conftest import FIXTURES, needs_train_extra
 from edgecc.reader import read_graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def test_fixtures_match_what_the_script_makes_now() -> None:
-    needs_tensorflow()
+    needs_train_extra()
     from make_fixtures import models
 
     for name, content in models().items():

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import edgecc, edgecc_command
+from conftest import edgecc, edgecc_command, needs_train_extra
 from edgecc.errors import EdgeccError
 from edgecc.shadow import AuditLog, load_inputs, shadow
 
@@ -178,6 +178,7 @@ def test_a_keras_baseline_agrees_with_its_own_tflite_conversion(default_build, t
 
 
 def test_a_keras_model_with_code_in_it_is_refused(tmp_path: Path) -> None:
+    needs_train_extra()
     path, tflite = keras_digits_model(tmp_path, lambda_layer=True)
     (tmp_path / "model.tflite").write_bytes(tflite)
     np.save(tmp_path / "x.npy", np.zeros((2, 8, 8, 1), np.float32))

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import needs_tensorflow
+from conftest import needs_train_extra
 
 from edgecc.train.convert import to_float_tflite, to_int8_tflite
 from edgecc.errors import EdgeccError
@@ -29,7 +29,7 @@ def int8_tflite(model: Any) -> bytes:
 
 @pytest.fixture(scope="module")
 def conv_dense() -> Any:
-    needs_tensorflow()
+    needs_train_extra()
     from edgecc.train.tf import keras
 
     k = keras()
@@ -65,7 +65,7 @@ def test_latency_follows_the_profiles_npu_clock(conv_dense_int8: bytes) -> None:
 
 
 def test_op_the_npu_lacks_falls_back_to_the_cpu() -> None:
-    needs_tensorflow()
+    needs_train_extra()
     from edgecc.train.tf import keras, tensorflow
 
     k, tf = keras(), tensorflow()

@@ -160,7 +160,7 @@ def _ptq_baseline(teacher: Any, calibration: np.ndarray, per_channel: bool) -> S
 
 
 def _plots(manifest: dict[str, Any], fit: Assessment) -> dict[str, bytes]:
-    from edgecc import plots
+    from edgecc.train import plots
 
     ops = fit.latency.ops
     errors = manifest["quantization_error"]
