@@ -136,6 +136,111 @@ def test_the_build_refuses_one_class_before_training_and_keeps_the_previous_outp
     assert previous.read_bytes() == b"the previous build"
 
 
+def defect_set(root: Path) -> Path:
+    """A factory defect set: class folders each holding Imgs/ with a same-named .png mask beside every .jpg."""
+    for label, value, count in (("crack", 40, 4), ("ok", 200, 8)):
+        for n in range(1, count + 1):
+            write_image(root / label / "Imgs" / f"{n}.jpg", value)
+            write_image(root / label / "Imgs" / f"{n}.png", 255 - value)      # the mask
+    (root / "README.txt").write_text("masks are the .png files")
+    return root
+
+
+def test_images_with_masks_read_through_include(tmp_path: Path) -> None:
+    needs_train_extra()
+    defect_set(tmp_path / "defects")
+    for patterns in (dict(include="*/Imgs/*.jpg"), dict(exclude=["*.png", "nothing*"])):
+        data = load_dataset(DataSection(source="images", path="defects", image_size=4, test_every=4, **patterns),
+                            0, tmp_path)
+        assert data.label_names == ("crack", "ok") and data.x.shape == (12, 4, 4, 1)
+        assert data.example_ids[:2] == ("crack/Imgs/1.jpg", "crack/Imgs/2.jpg")
+        assert data.x[data.y == 0].max() == pytest.approx(40 / 255, abs=0.02)      # images, not masks
+        split = json.loads(json.dumps(data.split_json()))
+        assert split["examples_per_class"] == {"train": {"crack": 3, "ok": 6}, "test": {"crack": 1, "ok": 2}}
+        name = "include" if "include" in patterns else "exclude"
+        assert split["notes"] == ["data.path: ignored 1 files that are not images (e.g. README.txt)",
+                                  f"data.path: data.{name} left out 12 images (e.g. crack/Imgs/1.png)"]
+    with pytest.raises(EdgeccError, match=r"data\.include: '\*/imgs/\*\.jpg' leaves none of the 24 images in "
+                                          r"\S*defects \(e\.g\. crack/Imgs/1\.jpg\); patterns match the whole path "
+                                          r"relative to data\.path, case-sensitive"):
+        load_dataset(DataSection(source="images", path="defects", include="*/imgs/*.jpg"), 0, tmp_path)
+
+
+def test_an_image_and_its_mask_are_refused_with_the_field_that_picks_one(tmp_path: Path) -> None:
+    needs_train_extra()
+    defect_set(tmp_path / "defects")
+    pair = (r"12 examples have files that differ only by extension \(an image and its mask\?\), e\.g\. "
+            r"crack/Imgs/1\.jpg and crack/Imgs/1\.png in \S*defects; read one per example with "
+            r'data\.include = "\*\.jpg" or data\.exclude = "\*\.png"')
+    with pytest.raises(EdgeccError, match=r"data\.path: " + pair):
+        load_dataset(DataSection(source="images", path="defects", test_every=4), 0, tmp_path)
+    with pytest.raises(EdgeccError, match=r"data\.include: 4 examples have .* e\.g\. crack/Imgs/1\.jpg and "):
+        load_dataset(DataSection(source="images", path="defects", test_every=4, include="crack/*"), 0, tmp_path)
+    (tmp_path / "recipe.toml").write_text('[data]\nsource = "images"\npath = "defects"\nimage_size = 8\n')
+    before = set(tmp_path.rglob("*"))
+    result = edgecc("build", "--target", "rpi4", "--recipe", "recipe.toml", "--out", "out", cwd=tmp_path, timeout=120)
+    assert_clean_failure(result, "data.path: 12 examples have files that differ only by extension", tmp_path, before)
+
+
+def test_a_stray_root_file_is_named_with_the_field_that_leaves_it_out(tmp_path: Path) -> None:
+    needs_train_extra()
+    for label in ("blue", "red"):
+        for n in range(1, 5):
+            write_image(tmp_path / "data" / label / "2024" / f"{n}.png", 0)    # deeper than the class folder
+    write_image(tmp_path / "data" / "preview.jpg", 0)
+    (tmp_path / "data" / "labels.csv").write_text("not an image")
+    write_image(tmp_path / "data" / ".thumbs" / "x.png", 0)                     # hidden: never read
+    section = DataSection(source="images", path="data", image_size=4, test_every=2)
+    stray = (r'data\.path: \S*data holds both images and sub-folders: 1 image\(s\) at its root \(e\.g\. '
+             r'preview\.jpg\) beside class folders \(e\.g\. blue/\); use one class layout: leave the root images '
+             r'out with data\.exclude = "preview\.jpg" or read only the class folders with data\.include = "\*/\*"')
+    with pytest.raises(EdgeccError, match=stray):
+        load_dataset(section, 0, tmp_path)
+    for fix in (dict(exclude="preview.jpg"), dict(include="*/*")):
+        data = load_dataset(replace(section, **fix), 0, tmp_path)
+        assert data.label_names == ("blue", "red") and data.example_ids[0] == "blue/2024/1.png"
+        counts = data.split_json()["examples_per_class"]
+        assert counts == {"train": {"blue": 2, "red": 2}, "test": {"blue": 2, "red": 2}}
+        assert data.notes[0] == "data.path: ignored 1 files that are not images (e.g. labels.csv)"
+    write_image(tmp_path / "flat" / "a_1.png", 0)
+    write_image(tmp_path / "flat" / "scan.png", 0)
+    with pytest.raises(EdgeccError, match=r'data\.path: scan\.png is not named <class>_<n>\.png; rename it, put '
+                                          r'each class in a folder of its own, or leave it out with '
+                                          r'data\.exclude = "scan\.png"'):
+        load_dataset(DataSection(source="images", path="flat", image_size=4), 0, tmp_path)
+
+
+def test_summary_gives_examples_per_class_and_split(tmp_path: Path) -> None:
+    needs_train_extra()
+    flat_images(tmp_path / "imgs")
+    (tmp_path / "imgs" / "notes.txt").write_text("x")
+    data = load_dataset(DataSection(source="images", path="imgs", image_size=4, test_pattern=r"_1[0-2]\.png$"),
+                        0, tmp_path)
+    assert data.class_counts() == {"train": {"crazing": 9, "pits": 9, "rolled-in_scale": 9},
+                                   "test": {"crazing": 3, "pits": 3, "rolled-in_scale": 3}}
+    assert data.summary() == [
+        "examples per class (test_pattern '_1[0-2]\\\\.png$'):",
+        "  crazing               9 training       3 test",
+        "  pits                  9 training       3 test",
+        "  rolled-in_scale       9 training       3 test",
+        "  data.path: ignored 1 files that are not images (e.g. notes.txt)"]
+    digits = load_dataset(DataSection(), 0).split_json()       # every source gets the counts
+    assert sum(digits["examples_per_class"]["test"].values()) == len(digits["test_indices"]) and "notes" not in digits
+
+
+def test_include_and_exclude_apply_only_to_images(tmp_path: Path) -> None:
+    (tmp_path / "r.toml").write_text('[data]\nsource = "images"\npath = "x"\ninclude = "*/Imgs/*.jpg"\n'
+                                     'exclude = ["*_mask.png", "*.bmp"]\n')
+    data = load_recipe(tmp_path / "r.toml").recipe.data
+    assert data.include == "*/Imgs/*.jpg" and data.exclude == ("*_mask.png", "*.bmp")
+    (tmp_path / "t.toml").write_text('[data]\nsource = "text"\npath = "x"\nexclude = ["*.png"]\ninclude = 3\n')
+    with pytest.raises(EdgeccError, match=r"data\.include: expected a string or a list of .*, got 3"):
+        load_recipe(tmp_path / "t.toml")
+    (tmp_path / "t.toml").write_text('[data]\nsource = "text"\npath = "x"\nexclude = ["*.png"]\n')
+    with pytest.raises(EdgeccError, match=r"data\.exclude: \['\*\.png'\] applies to data\.source 'images', not 'text'"):
+        load_recipe(tmp_path / "t.toml")
+
+
 def test_tokenizer_rule() -> None:
     assert tokenize("How did SERFDOM develop, in 1861? Don't") == [
         "how", "did", "serfdom", "develop", ",", "in", "1861", "?", "don't"]

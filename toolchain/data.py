@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -66,6 +68,7 @@ class Dataset:
 
     `x` is float32 for images and signals, int32 token ids for text.
     `example_ids` names each example (file, file:line or file@sample) so the split can be checked from outside.
+    `notes` say what reading left out (files that are not images, patterns' exclusions), so nothing is dropped unseen.
     """
 
     name: str
@@ -77,20 +80,37 @@ class Dataset:
     preprocessing: Preprocessing
     split_rule: str = ""
     example_ids: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """Examples of each class (label order) per split: a rare class or a doubled data set shows before training."""
+        return {split: dict(zip(self.label_names, np.bincount(self.y[index], minlength=self.num_classes).tolist()))
+                for split, index in (("train", self.train_index), ("test", self.test_index))}
+
     def split_json(self) -> dict[str, Any]:
-        """The test split as positions in the source dataset's own order, and by example name."""
+        """The test split as positions in the source dataset's own order, and by example name, with class counts."""
         split: dict[str, Any] = {"dataset": self.name, "test_indices": self.test_index.tolist(),
-                                 "train_size": len(self.train_index)}
+                                 "train_size": len(self.train_index), "examples_per_class": self.class_counts()}
         if self.split_rule:
             split["split_rule"] = self.split_rule
         if self.example_ids:
             split["test_examples"] = [self.example_ids[i] for i in self.test_index]
+        if self.notes:
+            split["notes"] = list(self.notes)
         return split
+
+    def summary(self) -> list[str]:
+        """Plain lines for people: examples per class and split, then what reading left out."""
+        counts = self.class_counts()
+        width = max(len(name) for name in self.label_names)
+        lines = [f"examples per class ({self.split_rule or 'fixed split'}):"]
+        lines += [f"  {name:<{width}}  {counts['train'][name]:>6} training  {counts['test'][name]:>6} test"
+                  for name in self.label_names]
+        return lines + [f"  {note}" for note in self.notes]
 
 
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,43 +236,122 @@ def _split_rule(section: DataSection, option: str, seed: int) -> str:
     return f"{option} {getattr(section, option)!r}"
 
 
-def _image_files(folder: Path, field: str) -> list[tuple[str, Path]]:
-    """(class, file) pairs from one sub-folder per class or from '<class>_<n>.<ext>' names, in natural order."""
+def _patterns(section: DataSection, name: str) -> tuple[str, ...]:
+    """data.include or data.exclude as a tuple (the recipe may give one pattern as a string)."""
+    value = getattr(section, name)
+    return (value,) if isinstance(value, str) else value
+
+
+def _shown(patterns: tuple[str, ...]) -> str:
+    return repr(patterns[0]) if len(patterns) == 1 else repr(list(patterns))
+
+
+def _walk(root: Path) -> list[str]:
+    """Every file under `root` as a relative posix path; hidden names are skipped and linked folders read once."""
+    found, seen = [], set()
+    for here, folders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        inside = Path(here).relative_to(root)
+        found += [(inside / name).as_posix() for name in names if not name.startswith(".")]
+    return found
+
+
+def _selected(folder: Path, field: str, section: DataSection) -> tuple[list[str], list[str]]:
+    """The image files data.include and data.exclude select under `folder` (relative paths), and notes on the rest.
+
+    Patterns are matched with fnmatch against the whole relative path, so '*' also matches '/'.
+    """
     if not folder.is_dir():
-        raise EdgeccError(f"data.{field}: {folder} is not a folder")
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    folders = [p for p in entries if p.is_dir()]
-    if files and folders:
-        raise EdgeccError(f"data.{field}: {folder} holds both images and sub-folders; use one class layout")
-    if folders:
-        found = [(d.name, f) for d in folders for f in d.iterdir()
-                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        raise EdgeccError(f"data.{field}: {folder} is not a folder; set data.{field} to the folder that holds "
+                          "one folder per class or the <class>_<n> images")
+    files = sorted(_walk(folder), key=_natural)
+    images = [name for name in files if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES]
+    others = [name for name in files if PurePosixPath(name).suffix.lower() not in IMAGE_SUFFIXES]
+    if not images:
+        seen = f" ({len(others)} other files, e.g. {others[0]})" if others else ""
+        raise EdgeccError(f"data.{field}: no {'/'.join(IMAGE_SUFFIXES)} images in {folder} or below it{seen}; "
+                          f"set data.{field} to the folder that holds one folder per class or the <class>_<n> images")
+    notes = [f"data.{field}: ignored {len(others)} files that are not images (e.g. {others[0]})"] if others else []
+    chosen = images
+    for name, keep in (("include", True), ("exclude", False)):
+        patterns = _patterns(section, name)
+        if not patterns:
+            continue
+        matched = [any(fnmatchcase(image, p) for p in patterns) for image in chosen]
+        kept = [image for image, hit in zip(chosen, matched) if hit == keep]
+        if not kept:
+            raise EdgeccError(f"data.{name}: {_shown(patterns)} leaves none of the {len(chosen)} images in {folder} "
+                              f"(e.g. {chosen[0]}); patterns match the whole path relative to data.{field}, "
+                              "case-sensitive, '*' also matching '/'")
+        if len(kept) < len(chosen):
+            left = [image for image, hit in zip(chosen, matched) if hit != keep]
+            notes.append(f"data.{field}: data.{name} left out {len(left)} images (e.g. {left[0]})")
+        chosen = kept
+    return chosen, notes
+
+
+def _one_file_per_example(chosen: list[str], folder: Path, field: str, section: DataSection) -> None:
+    """Refuse files that differ only by extension (an image and its mask): they would be two examples of one."""
+    stems: dict[str, list[str]] = {}
+    for name in chosen:
+        stems.setdefault(PurePosixPath(name).with_suffix("").as_posix(), []).append(name)
+    doubled = [names for names in stems.values() if len(names) > 1]
+    if doubled:
+        first = sorted(doubled[0], key=lambda name: IMAGE_SUFFIXES.index(PurePosixPath(name).suffix.lower()))
+        keep, drop = PurePosixPath(first[0]).suffix, PurePosixPath(first[1]).suffix
+        where = "include" if section.include else field
+        raise EdgeccError(f"data.{where}: {len(doubled)} examples have files that differ only by extension "
+                          f"(an image and its mask?), e.g. {first[0]} and {first[1]} in {folder}; read one per "
+                          f"example with data.include = \"*{keep}\" or data.exclude = \"*{drop}\"")
+
+
+def _image_files(folder: Path, field: str, section: DataSection) -> tuple[list[tuple[str, str]], list[str]]:
+    """(class, relative path) of each selected image, in natural order, and notes on what was left out.
+
+    The class is the top-level folder under `folder` or, for images directly in it, the '<class>' of '<class>_<n>'.
+    """
+    chosen, notes = _selected(folder, field, section)
+    _one_file_per_example(chosen, folder, field, section)
+    loose = [name for name in chosen if "/" not in name]
+    nested = [name for name in chosen if "/" in name]
+    if loose and nested:
+        raise EdgeccError(f"data.{field}: {folder} holds both images and sub-folders: {len(loose)} image(s) at its "
+                          f"root (e.g. {loose[0]}) beside class folders (e.g. {nested[0].split('/')[0]}/); use one "
+                          f"class layout: leave the root images out with data.exclude = \"{loose[0]}\" or read "
+                          "only the class folders with data.include = \"*/*\"")
+    if nested:
+        found = [(name.split("/")[0], name) for name in nested]
     else:
         found = []
-        for f in files:
-            if "_" not in f.stem:
-                raise EdgeccError(f"data.{field}: {f.name} is not named <class>_<n>{f.suffix}")
-            found.append((f.stem.rsplit("_", 1)[0], f))
-    if not found:
-        raise EdgeccError(f"data.{field}: no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
-    return sorted(found, key=lambda pair: (_natural(pair[0]), _natural(pair[1].name)))
+        for name in loose:
+            stem, suffix = os.path.splitext(name)
+            if "_" not in stem:
+                raise EdgeccError(f"data.{field}: {name} is not named <class>_<n>{suffix}; rename it, put each "
+                                  f"class in a folder of its own, or leave it out with data.exclude = \"{name}\"")
+            found.append((stem.rsplit("_", 1)[0], name))
+    return sorted(found, key=lambda pair: (_natural(pair[0]), _natural(pair[1]))), notes
 
 
-def _read_images(files: list[tuple[str, Path]], section: DataSection) -> np.ndarray:
-    """0..255 float32 pixels, (N, size, size, channels), from (field, file) pairs."""
+def _read_images(files: list[tuple[str, Path, str]], section: DataSection) -> np.ndarray:
+    """0..255 float32 pixels, (N, size, size, channels), from (field, file, path relative to the field) triples."""
     try:
         from PIL import Image
     except ImportError as err:
         raise EdgeccError("data.source 'images' needs Pillow: pip install 'edgecc[train]'") from err
     size, mode = section.image_size, "L" if section.channels == 1 else "RGB"
     x = np.empty((len(files), size, size, section.channels), dtype=np.float32)
-    for i, (field, path) in enumerate(files):
+    for i, (field, path, name) in enumerate(files):
         try:
             with Image.open(path) as image:
                 pixels = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
         except (OSError, ValueError) as err:
-            raise EdgeccError(f"data.{field}: cannot read image {path}: {err}") from None
+            raise EdgeccError(f"data.{field}: cannot read image {path}: {err}; replace it or leave it out with "
+                              f"data.exclude = \"{name}\"") from None
         x[i] = np.asarray(pixels, dtype=np.float32).reshape(size, size, section.channels)
     return x
 
@@ -263,8 +362,11 @@ def _images(section: DataSection, seed: int, base: Path | None) -> Dataset:
     roots = [("path", folder)]
     if option == "test_path":
         roots.append(("test_path", _resolve(section, "test_path", base)))
-    files = [(field, label, path, path.relative_to(root).as_posix())
-             for field, root in roots for label, path in _image_files(root, field)]
+    files, notes = [], []
+    for field, root in roots:
+        found, noted = _image_files(root, field, section)
+        files += [(field, label, root / name, name) for label, name in found]
+        notes += noted
     is_test = None
     if option == "test_path":
         is_test = np.array([field == "test_path" for field, _, _, _ in files])
@@ -283,9 +385,9 @@ def _images(section: DataSection, seed: int, base: Path | None) -> Dataset:
         scale=1.0 / 255.0,
         offset=0.0,
     )
-    x = _read_images([(field, path) for field, _, path, _ in files], section) * np.float32(pre.scale)
+    x = _read_images([(field, path, name) for field, _, path, name in files], section) * np.float32(pre.scale)
     return Dataset(section.path, x, y, names, train, test, pre, _split_rule(section, option, seed),
-                   tuple(name for _, _, _, name in files))
+                   tuple(name for _, _, _, name in files), tuple(notes))
 
 
 def _column(value: str, header: list[str] | None, field: str) -> int:

@@ -67,7 +67,9 @@ class DataSection:
 
     `images` and `text` take one of test_pattern, test_path or test_every, else a seeded stratified
     test_fraction; `signals` cut each recording at test_tail so overlapping windows never straddle
-    the split. Relative paths are relative to the recipe's folder.
+    the split. Relative paths are relative to the recipe's folder. `images` reads every image file below
+    path (hidden names skipped) that include selects and exclude does not; the class is the top-level folder,
+    or `<class>` of `<class>_<n>` for images directly in path.
     """
 
     source: str = spec("sklearn-digits", choices=DATA_SOURCES, doc="where the examples come from")
@@ -84,6 +86,11 @@ class DataSection:
                              "(lighting and gain no longer tell classes apart)")
     image_size: int = spec(64, minimum=4, maximum=1024, applies=IMAGES, doc="images: resized to image_size x image_size pixels")
     channels: int = spec(1, choices=(1, 3), applies=IMAGES, doc="images: 1 for grayscale, 3 for RGB")
+    include: str | tuple[str, ...] = spec((), applies=IMAGES, doc="images: glob pattern(s) of the files to read, "
+                                          "relative to path (and test_path), e.g. '*/Imgs/*.jpg'; '*' also matches "
+                                          "'/'; empty: every image file at any depth")
+    exclude: str | tuple[str, ...] = spec((), applies=IMAGES, doc="images: glob pattern(s) of files to leave out, "
+                                          "e.g. ['*_mask.png']; same rules as include")
     format: str = spec("csv", choices=("csv", "tsv", "label-text"), applies=TEXT, doc="text: csv or tsv columns, or "
                        "label-text lines '<label> <text>'")
     label_column: str = spec("0", applies=COLUMNS, doc="csv/tsv: the label's column, an index (digits) or a header name")
