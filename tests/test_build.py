@@ -16,6 +16,7 @@ import pytest
 
 from conftest import edgecc, edgecc_command, needs_train_extra
 from edgecc.reader import read_graph
+from edgecc.report import markdown
 
 ROOT = Path(__file__).parents[1]
 
@@ -112,6 +113,48 @@ def test_report_shows_the_measured_figures(default_build) -> None:
     assert "rpi4" in report
 
 
+def test_per_class_figures_agree_with_the_predictions(default_build) -> None:
+    """The final model's per-class figures, recomputed from the manifest's predictions and the public labels."""
+    from sklearn.datasets import load_digits
+
+    out, manifest, result = default_build
+    names = manifest["preprocessing"]["label_names"]
+    target = load_digits().target
+    labels = [names.index(str(target[i])) for i in manifest["data"]["test_indices"]]
+    predicted = manifest["data"]["int8_test_predictions"]
+    records = manifest["metrics"]["stages"]
+    final = records[-1]["classes"]
+    assert records[-1]["file"] == "model.tflite"
+    for c, figures in enumerate(final["per_class"]):
+        pairs = list(zip(labels, predicted))
+        hits = sum(t == p == c for t, p in pairs)
+        assert figures["name"] == names[c] and figures["support"] == labels.count(c)
+        assert figures["predicted"] == predicted.count(c)
+        assert figures["recall"] == pytest.approx(hits / labels.count(c))
+        assert figures["precision"] == pytest.approx(hits / predicted.count(c))
+        assert final["confusion"][c] == [sum(t == c and p == q for t, p in pairs) for q in range(len(names))]
+    recalls = [sum(t == p == c for t, p in zip(labels, predicted)) / labels.count(c) for c in range(len(names))]
+    assert final["balanced_accuracy"] == pytest.approx(sum(recalls) / len(recalls))
+    assert final["accuracy"] == pytest.approx(manifest["metrics"]["int8_accuracy"])
+    assert final["majority_baseline"] == max(labels.count(c) for c in range(len(names))) / len(labels)
+    assert [r["classes"]["accuracy"] for r in records] == pytest.approx([r["accuracy"] for r in records])
+    # a good model on balanced data: no warning in the manifest, the report or on stderr
+    assert manifest["warnings"] == [] and all(r["classes"]["warnings"] == [] for r in records)
+    assert "edgecc: warning" not in result.stderr
+    report = (out / "report.md").read_text()
+    assert "## Warnings" not in report
+    assert f"## Per class ({records[-1]['name']}, model.tflite)" in report
+    assert f"balanced accuracy (mean recall over classes) {final['balanced_accuracy']:.4f}" in report
+    first = final["per_class"][0]
+    assert (f"| {first['name']} | {first['support']} | {first['predicted']} | {first['precision']:.3f} | "
+            f"{first['recall']:.3f} |") in report
+    assert "| true class | " + " | ".join(names) + " |" in report
+    assert "<th>true class</th>" in (out / "report.html").read_text()
+    warned = markdown({**manifest, "warnings": ["float teacher (float.tflite): a class is never predicted"]})
+    assert warned.index("## Warnings\n\n- float teacher (float.tflite): a class is never predicted") < \
+        warned.index("## Result")
+
+
 def test_interrupted_build_keeps_the_previous_result(default_build, tmp_path: Path) -> None:
     out, _, _ = default_build
     target = tmp_path / "rpi4"
@@ -152,6 +195,9 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
     assert result.stdout == ""
     assert result.stderr.startswith("edgecc: budget not met: int8 accuracy is ")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    # the warnings follow the verdict, one line each, without changing the exit code
+    warned = [line for line in result.stderr.splitlines() if line.startswith("edgecc: warning: ")]
+    assert warned == [f"edgecc: warning: {w}" for w in manifest["warnings"]]
     assert manifest["model"]["source"].endswith("mine.keras")
     assert manifest["model"]["activation_dtypes"] == ["INT8"]
     # the rewritten attention in the int8 graph: Q·Kᵀ and the context as one FULLY_CONNECTED per head,

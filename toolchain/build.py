@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from rich.markup import escape
 
 import edgecc
 from edgecc import emit, report
 from edgecc.check import Assessment, assess, edgetpu_json
+from edgecc.classmetrics import class_metrics, student_warning
 from edgecc.data import Dataset, load_dataset
 
 if TYPE_CHECKING:
@@ -143,6 +145,27 @@ def _stage_records(teacher: Any, float_bytes: bytes, float_acc: float, stages: l
     return records
 
 
+def _add_class_metrics(records: list[dict[str, Any]], model_predictions: list[np.ndarray], y_test: np.ndarray,
+                       names: list[str]) -> list[str]:
+    """Give each stage record (the float teacher first, the final model last) its per-class figures.
+
+    Returns the warnings a person must see: the float teacher's and the final model's (an intermediate
+    stage's stay in its record), and every student that beats its teacher by more than a few points.
+    """
+    teacher, final = records[0], records[-1]
+    shown, students = [], []
+    for record, predicted in zip(records, model_predictions, strict=True):
+        metrics = class_metrics(y_test, predicted, names)
+        record["classes"] = metrics.to_json()
+        if record is teacher or record is final:
+            shown += [f"{record['name']} ({record['file']}): {w}" for w in metrics.warnings]
+        beats = None if record is teacher else student_warning(record["name"], record["accuracy"], teacher["accuracy"])
+        if beats:
+            record["classes"]["warnings"].append(beats)
+            students.append(beats)
+    return shown + students
+
+
 def stage_files(stages: list[Stage]) -> list[str]:
     """The file each stage's int8 model is kept in: the last stage's is the build's model.tflite."""
     names = [f"stage{i}_{re.sub(r'[^a-z0-9]+', '_', stage.name)}.tflite" for i, stage in enumerate(stages[:-1])]
@@ -195,6 +218,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     model = starting_model(recipe.model, user_model, dataset, recipe.seed)
     reporter.info(f"[bold]edgecc build[/bold] {recipe.name} for {target.name}: {dataset.name}, "
                   f"{len(dataset.train_index)} training / {len(dataset.test_index)} test examples")
+    for line in dataset.summary():
+        reporter.info(escape(line))
     teacher = train(model, dataset, recipe.train, recipe.seed, reporter)
     rng = np.random.default_rng(recipe.seed)
     count = min(recipe.compress.calibration_samples, len(dataset.train_index))
@@ -210,7 +235,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     stage_models = [Model(stage.int8) for stage in stages]
     int8_model = stage_models[-1]
     x_test, y_test = dataset.x[dataset.test_index], dataset.y[dataset.test_index]
-    float_acc = float(np.mean(predictions(float_model, x_test, reporter, "evaluating float TFLite") == y_test))
+    float_predictions = predictions(float_model, x_test, reporter, "evaluating float TFLite")
+    float_acc = float(np.mean(float_predictions == y_test))
     stage_predictions = [predictions(m, x_test, reporter, f"evaluating int8 after {stage.name}")
                          for m, stage in zip(stage_models, stages)]
     int8_predictions = stage_predictions[-1]
@@ -219,6 +245,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     latency = host_latency({"float": float_model, **{stage.name: m for stage, m in zip(stages, stage_models)}}, x_test[0])
     latency["int8"] = latency[stages[-1].name]
     stage_records = _stage_records(teacher, float_bytes, float_acc, stages, stage_predictions, y_test, latency)
+    warnings = _add_class_metrics(stage_records, [float_predictions, *stage_predictions], y_test,
+                                  list(dataset.label_names))
     reporter.info(f"checking the int8 model against {target.name}'s budgets")
     latency_budget = recipe.budgets.max_latency_ms or None
     fit = assess(int8_bytes, target, latency_ms=latency_budget)
@@ -235,6 +263,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "command": " ".join(["edgecc", *sys.argv[1:]]) if Path(sys.argv[0]).name == "edgecc" else None,
         "target": {"name": target.name, "description": target.description, "runtime": target.runtime},
         "recipe": {"name": recipe.name, "path": str(loaded.path), "sha256": loaded.sha256},
+        "warnings": warnings,
         "seed": recipe.seed,
         "versions": library_versions(),
         "reproducibility": _reproducibility(recipe.seed),

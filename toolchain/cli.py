@@ -132,6 +132,8 @@ def build(
         Console(stderr=True, highlight=False).print(
             f"edgecc: budget not met: {budget['name']} is {budget['value']} {budget['unit']}".rstrip()
             + f", limit {budget['limit']}", markup=False)
+    for warning in result.manifest["warnings"]:  # after the verdict lines, which scripts read first
+        _say(f"edgecc: warning: {warning}")
     if result.failed_budgets:
         raise typer.Exit(EXIT_BUDGET)
 

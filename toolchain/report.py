@@ -41,6 +41,42 @@ def _edgetpu_section(plan: dict[str, Any]) -> list[tuple[str, list[Block]]]:
     ])]
 
 
+def _figure(value: float | None, digits: int = 3) -> str:
+    """A share rounded for people; 'n/a' where it is undefined (a class with no examples or no predictions)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _warnings_section(warnings: list[str]) -> list[tuple[str, list[Block]]]:
+    """First in the report: what a person must see before trusting the accuracy figure."""
+    return [("Warnings", [("list", warnings)])] if warnings else []
+
+
+def _classes_section(records: list[dict[str, Any]]) -> list[tuple[str, list[Block]]]:
+    """Per-class figures and confusion matrix of the final model, and the class-balanced figures of every model."""
+    final = records[-1]
+    classes = final["classes"]
+    names = [c["name"] for c in classes["per_class"]]
+    return [(f"Per class ({final['name']}, {final['file']})", [
+        ("p", f"Accuracy {_figure(classes['accuracy'], 4)}, balanced accuracy (mean recall over classes) "
+              f"{_figure(classes['balanced_accuracy'], 4)}, macro-F1 {_figure(classes['macro_f1'], 4)}; always "
+              f"predicting the most frequent test class, '{classes['majority_class']}', would score "
+              f"{_figure(classes['majority_baseline'], 4)}."),
+        ("table", (["class", "test examples", "predicted", "precision", "recall", "F1"], [
+            [c["name"], str(c["support"]), str(c["predicted"]), _figure(c["precision"]), _figure(c["recall"]),
+             _figure(c["f1"])] for c in classes["per_class"]])),
+        ("p", "Confusion matrix: each row is a true class, each column the class the model predicted."),
+        ("table", (["true class", *names],
+                   [[name, *(str(n) for n in row)] for name, row in zip(names, classes["confusion"])])),
+        ("p", "Every model of the build on the same test split; the warnings of a stage between the teacher and "
+              "the final model are listed in its manifest entry (metrics.stages[].classes.warnings)."),
+        ("table", (["model", "accuracy", "balanced accuracy", "macro-F1", "worst class recall", "warnings"], [
+            [r["name"], _figure(r["classes"]["accuracy"], 4), _figure(r["classes"]["balanced_accuracy"], 4),
+             _figure(r["classes"]["macro_f1"], 4),
+             _figure(min((c["recall"] for c in r["classes"]["per_class"] if c["recall"] is not None), default=None)),
+             str(len(r["classes"]["warnings"]))] for r in records])),
+    ])]
+
+
 def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block]]]]:
     """The report's content once, as sections of blocks, for both the Markdown and the HTML rendering."""
     m, metrics, pre = manifest["model"], manifest["metrics"], manifest["preprocessing"]
@@ -51,6 +87,7 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
     sections: list[tuple[str, list[Block]]] = [
         ("", [("p", f"{manifest['target']['description']}. Built {manifest['created']} by edgecc "
                     f"{manifest['edgecc_version']}, seed {manifest['seed']}.")]),
+        *_warnings_section(manifest["warnings"]),
         ("Result", [
             ("table", (["", "float TFLite", "int8 TFLite"], [
                 [f"accuracy on the test split ({manifest['data']['test_size']} examples)",
@@ -74,6 +111,7 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
             ("table", (["weight tensor", "zeros"], [
                 [name, f"{share:.1%}"] for name, share in metrics["stages"][-1].get("weight_sparsity", {}).items()])),
         ]),
+        *_classes_section(metrics["stages"]),
         ("Budgets", [("table", (["budget", "measured", "limit", "verdict", "how it was found"], budget_rows))]),
         ("Where the time goes (estimate for the target)", [
             ("image", ("op_latency", "Estimated time per operator on the target")),
