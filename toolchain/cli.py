@@ -27,7 +27,7 @@ from rich.table import Table
 
 import edgecc
 from edgecc.emit import dumps, loads, write_json
-from edgecc.errors import EdgeccError
+from edgecc.errors import EdgeccError, one_line
 from edgecc.progress import Reporter
 
 if TYPE_CHECKING:
@@ -129,9 +129,8 @@ def build(
         stdout.print(f"wrote {result.out}/model.tflite, manifest.json, report.md"
                      + (", manifest.sig" if sign_key else ""))
     for budget in result.failed_budgets:
-        Console(stderr=True, highlight=False).print(
-            f"edgecc: budget not met: {budget['name']} is {budget['value']} {budget['unit']}".rstrip()
-            + f", limit {budget['limit']}", markup=False)
+        _say(f"edgecc: budget not met: {budget['name']} is {budget['value']} {budget['unit']}".rstrip()
+             + f", limit {budget['limit']}")
     for warning in result.manifest["warnings"]:  # after the verdict lines, which scripts read first
         _say(f"edgecc: warning: {warning}")
     if result.failed_budgets:
@@ -466,7 +465,7 @@ def _internal_error(err: BaseException) -> int:
         where = f"the traceback is in {log}"
     except OSError as write_err:
         where = f"the traceback could not be saved ({write_err.strerror}; run again with --debug to see it)"
-    message = " ".join(str(err).split()) or "(no message)"
+    message = one_line(err) or "(no message)"
     _say(f"edgecc: internal error: {type(err).__name__}: {message}; {where}; please report it")
     return EXIT_INTERNAL
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.errors import EdgeccError
+from edgecc.errors import EdgeccError, one_line
 from edgecc.modelcheck import check_model_file
 from edgecc.progress import native_output_silenced
 
@@ -40,8 +40,7 @@ def load_interpreter(content: bytes, threads: int = 1) -> Any:
             interpreter = interpreter_class()(model_content=content, num_threads=threads)
             interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as err:
-        message = " ".join(str(err).split())
-        raise EdgeccError(f"the TFLite interpreter cannot load this model: {message}") from None
+        raise EdgeccError(f"the TFLite interpreter cannot load this model: {one_line(err)}") from None
     return interpreter
 
 
@@ -80,8 +79,7 @@ class Model:
         try:
             self.interpreter.invoke()
         except RuntimeError as err:
-            message = " ".join(str(err).split())
-            raise EdgeccError(f"the TFLite interpreter cannot run this model: {message}") from None
+            raise EdgeccError(f"the TFLite interpreter cannot run this model: {one_line(err)}") from None
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
         """Run one float example (no batch axis); returns the float output of the model."""
