@@ -69,6 +69,10 @@ class _Table:
         start, length = self.vector(slot, 1, name)
         if start and self.walk.content[start + length:start + length + 1] != b"\0":
             _fail(f"{self.where} {name} is a string without its terminating zero")
+        try:  # flatbuffers strings are UTF-8; LiteRT's Python API fails on any other bytes
+            self.walk.content[start:start + length].decode("utf-8")
+        except UnicodeDecodeError:
+            _fail(f"{self.where} {name} is not UTF-8 text")
 
     def tables(self, slot: int, name: str) -> list[_Table]:
         start, length = self.vector(slot, 4, name)
@@ -271,6 +275,8 @@ def _check_graph(model: Any, content: bytes) -> None:
             _indices(op.inputs, len(tensors), f"{where}'s inputs", optional=True)
             _indices(op.outputs, len(tensors), f"{where}'s outputs", optional=True)
             _indices(op.intermediates, len(tensors), f"{where}'s intermediates", optional=False)
+            code = model.operatorCodes[op.opcodeIndex]
+            _same_type(builtins[max(code.builtinCode, code.deprecatedBuiltinCode)], op, tensors, types, where)
             for options in (op.builtinOptions, op.builtinOptions2):
                 for name, value in vars(options).items() if options is not None else ():
                     if name.endswith("SubgraphIndex") and not 0 <= value < len(subgraphs):
@@ -284,6 +290,21 @@ def _check_graph(model: Any, content: bytes) -> None:
         count = len(subgraphs[signature.subgraphIndex].tensors or [])
         for tensor_map in (signature.inputs or []) + (signature.outputs or []):
             _indices([tensor_map.tensorIndex], count, f"signature {g}", optional=False)
+
+
+# Operators that only move or select data: their first input and first output have one type. LiteRT's kernels
+# for some of them copy bytes without checking, so a mismatch corrupts memory instead of failing to load.
+DATA_MOVES = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "PAD", "PADV2", "SLICE", "STRIDED_SLICE",
+              "CONCATENATION", "PACK", "UNPACK", "SPLIT", "GATHER", "MAX_POOL_2D", "SPACE_TO_DEPTH",
+              "DEPTH_TO_SPACE", "BROADCAST_TO", "TILE", "REVERSE_V2"}
+
+
+def _same_type(kind: str, op: Any, tensors: list[Any], types: dict[int, str], where: str) -> None:
+    inputs = [i for i in (op.inputs if op.inputs is not None else ()) if i >= 0]
+    outputs = [o for o in (op.outputs if op.outputs is not None else ()) if o >= 0]
+    if kind in DATA_MOVES and inputs and outputs and tensors[inputs[0]].type != tensors[outputs[0]].type:
+        _fail(f"{where} ({kind}) turns a {types.get(tensors[inputs[0]].type)} tensor into a "
+              f"{types.get(tensors[outputs[0]].type)} one; it only moves data, so both must have one type")
 
 
 def check_model_file(content: bytes) -> None:

@@ -83,7 +83,11 @@ class Model:
 
     def invoke(self, x: np.ndarray) -> np.ndarray:
         """Run one float example (no batch axis); returns the float output of the model."""
-        q = self.input_quantization.quantize(x[np.newaxis], self.input["dtype"])
-        self.interpreter.set_tensor(self.input["index"], q)
+        try:  # LiteRT checks the input's shape and type only here (a batch other than 1, a bool input, ...)
+            q = self.input_quantization.quantize(x[np.newaxis], self.input["dtype"])
+            self.interpreter.set_tensor(self.input["index"], q)
+        except ValueError as err:
+            raise EdgeccError(f"the model's input {[int(d) for d in self.input['shape']]} {np.dtype(self.input['dtype']).name} "
+                              f"cannot take an example of shape {x.shape}: {one_line(err)}") from None
         self.run()
         return self.output_quantization.dequantize(self.interpreter.get_tensor(self.output["index"]))[0]
