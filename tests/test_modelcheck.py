@@ -126,3 +126,16 @@ def test_shadow_on_a_model_whose_batch_is_not_one_is_bad_input(tmp_path: Path) -
                     "--data", str(tmp_path / "x.npy"), "--log", str(tmp_path / "a.jsonl"), "--quiet")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "cannot take an example of shape (8, 8, 1)" in result.stderr
+
+
+def test_bench_on_a_model_without_inputs_is_bad_input(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from fuzz_models import FIXTURES, SEEDS, mutant
+
+    _, _, content = mutant([(FIXTURES / s).read_bytes() for s in SEEDS], 1, 412)  # found by the seed-1 campaign
+    (tmp_path / "m.tflite").write_bytes(content)
+    result = edgecc("bench", str(tmp_path / "m.tflite"), "--runs", "2", "--warmup", "0", "--quiet")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "inputs and" in result.stderr

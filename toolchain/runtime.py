@@ -69,8 +69,11 @@ class Model:
     def __init__(self, content: bytes, threads: int = 1) -> None:
         self.threads = threads
         self.interpreter = load_interpreter(content, threads)
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
+        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        if not inputs or not outputs:
+            raise EdgeccError(f"the model has {len(inputs)} inputs and {len(outputs)} outputs; edgecc runs models "
+                              "with one input and one output")
+        self.input, self.output = inputs[0], outputs[0]
         self.input_quantization = Quantization(*self.input["quantization"])
         self.output_quantization = Quantization(*self.output["quantization"])
 
