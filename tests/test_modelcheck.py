@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,6 +95,14 @@ def test_check_exits_2_with_one_line(tmp_path: Path) -> None:
         assert result.stderr.count("\n") == 1 and "lies past the end of the file" in result.stderr
 
 
+def campaign_mutant(seed: int, index: int) -> bytes:
+    """Mutant `index` of scripts/fuzz_models.py's campaign `seed`: the same bytes every time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from fuzz_models import FIXTURES, SEEDS, mutant
+
+    return mutant([(FIXTURES / s).read_bytes() for s in SEEDS], seed, index)[2]
+
+
 # Mutants the 70-minute campaign (BENCHMARKS.md) found slipping through: each now exits 2 with one line.
 FOUND_BY_FUZZING = {389: "turns a BOOL tensor into a INT8 one", 1739: "turns a INT32 tensor into a INT8 one",
                     3688: "name is not UTF-8 text", 4372: "name is not UTF-8 text"}
@@ -101,25 +110,15 @@ FOUND_BY_FUZZING = {389: "turns a BOOL tensor into a INT8 one", 1739: "turns a I
 
 @pytest.mark.parametrize("index", sorted(FOUND_BY_FUZZING))
 def test_mutants_found_by_the_campaign_are_refused(index: int) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from fuzz_models import FIXTURES, SEEDS, mutant
-
-    _, _, content = mutant([(FIXTURES / s).read_bytes() for s in SEEDS], 0, index)
+    content = campaign_mutant(0, index)
     with pytest.raises(EdgeccError, match=FOUND_BY_FUZZING[index]):
         check_model_file(content)
 
 
 def test_shadow_on_a_model_whose_batch_is_not_one_is_bad_input(tmp_path: Path) -> None:
-    import sys
-
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from fuzz_models import FIXTURES, SEEDS, mutant
-
-    _, _, content = mutant([(FIXTURES / s).read_bytes() for s in SEEDS], 0, 239)  # input batch 1048576
+    content = campaign_mutant(0, 239)  # input batch 1048576
     (tmp_path / "m.tflite").write_bytes(content)
     np.save(tmp_path / "x.npy", np.zeros((2, 8, 8, 1), np.float32))
     result = edgecc("shadow", "--baseline", str(tmp_path / "m.tflite"), "--candidate", str(tmp_path / "m.tflite"),
@@ -129,12 +128,7 @@ def test_shadow_on_a_model_whose_batch_is_not_one_is_bad_input(tmp_path: Path) -
 
 
 def test_bench_on_a_model_without_inputs_is_bad_input(tmp_path: Path) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from fuzz_models import FIXTURES, SEEDS, mutant
-
-    _, _, content = mutant([(FIXTURES / s).read_bytes() for s in SEEDS], 1, 412)  # found by the seed-1 campaign
+    content = campaign_mutant(1, 412)  # found by the seed-1 campaign
     (tmp_path / "m.tflite").write_bytes(content)
     result = edgecc("bench", str(tmp_path / "m.tflite"), "--runs", "2", "--warmup", "0", "--quiet")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
