@@ -138,6 +138,22 @@ def _warnings(m: ClassMetrics) -> list[str]:
     return found
 
 
+def score(metric: str, classes: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray,
+          names: Sequence[str]) -> float:
+    """The recipe's metric (recipe.TaskSection): accuracy, balanced_accuracy, macro_f1, or recall, the lowest
+    recall among `classes` (every class when empty). A figure with nothing to count (no test examples) is 0."""
+    m = class_metrics(y_true, y_pred, names)
+    if metric == "recall":
+        wanted = set(classes) or {str(n) for n in names}
+        unknown = wanted - {str(n) for n in names}
+        if unknown:
+            raise ValueError(f"task.classes names {sorted(unknown)}, which the data does not have")
+        recalls = [c.recall for c in m.classes if c.name in wanted and c.recall is not None]
+        return min(recalls) if recalls else 0.0
+    value = {"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1}[metric]
+    return value if value is not None else 0.0
+
+
 def student_warning(student: str, student_accuracy: float, teacher_accuracy: float,
                     margin_points: float = STUDENT_MARGIN_POINTS) -> str | None:
     """(d) A distilled student well above its float teacher: the teacher, and so the distillation, is weak."""

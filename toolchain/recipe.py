@@ -20,6 +20,7 @@ from edgecc.schema import spec
 ARCHITECTURES = ("vit", "text", "minilm")
 TOKENIZERS = ("words", "minilm")
 DATA_SOURCES = ("sklearn-digits", "images", "text", "signals")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "recall")
 STAGES = ("prune", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
 SPARSITY_PATTERNS = ("magnitude", "2:4")
@@ -120,7 +121,14 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TaskSection:
-    metric: str = spec("accuracy", choices=("accuracy",), doc="the field metric the budgets refer to")
+    """What counts on the line: the figure that early stopping, the choice of the final stage and
+    `budgets.max_metric_drop` use."""
+
+    metric: str = spec("accuracy", choices=METRICS,
+                       doc="'accuracy', 'balanced_accuracy' (mean recall over classes), 'macro_f1', or 'recall': "
+                           "the lowest recall among task.classes (a missed defect is what a plant counts)")
+    classes: tuple[str, ...] = spec((), applies={"task.metric": ("recall",)},
+                                    doc="recall: the class names whose lowest recall is the metric (empty: every class)")
 
 
 @dataclass(frozen=True)
