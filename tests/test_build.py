@@ -160,7 +160,7 @@ def test_interrupted_build_keeps_the_previous_result(default_build, tmp_path: Pa
     target = tmp_path / "rpi4"
     shutil.copytree(out, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    process = subprocess.Popen([edgecc_command(), "build", "--target", "rpi4", "--out", str(target)],
+    process = subprocess.Popen([edgecc_command(), "build", "--target", "rpi4", "--out", str(target), "--no-cache"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     time.sleep(12)
     process.send_signal(signal.SIGTERM)
@@ -207,10 +207,15 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
     assert graph.op_counts() == manifest["model"]["ops"]
     products = [op for op in graph.operators if op.kind == "FULLY_CONNECTED" and not graph.tensors[op.inputs[1]].constant]
     assert len(products) == 2 * 2  # 2 products x 2 heads, 1 block
-    # every stage's int8 model is kept and listed; the last stage's is model.tflite
-    files = [stage["file"] for stage in manifest["metrics"]["stages"]]
-    assert files == ["float.tflite", "stage0_ptq_of_the_teacher.tflite", "stage1_prune.tflite", "model.tflite"]
-    assert set(files) <= set(manifest["artifacts"]) and (tmp_path / "out" / files[1]).is_file()
+    # every distinct int8 model is kept and listed once (ptq after prune quantizes the same student: one row);
+    # no model meets every budget, so the last stage's is model.tflite
+    records = manifest["metrics"]["stages"]
+    assert [(r["name"], r["file"]) for r in records] == [
+        ("float teacher", "float.tflite"), ("int8 after ptq of the teacher", "stage0_ptq_of_the_teacher.tflite"),
+        ("int8 after prune = ptq", "model.tflite")]
+    assert {r["file"] for r in records} <= set(manifest["artifacts"]) and (tmp_path / "out" / records[1]["file"]).is_file()
+    assert not any(r["meets_budgets"] for r in records[1:]) and records[2]["budgets"] == manifest["budgets"]
+    assert manifest["selection"]["chosen"] == "int8 after prune = ptq" and manifest["selection"]["meeting_every_budget"] == []
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Where the bytes go" in report and "| conv2d | 208 |" in report  # 3x3x1x16 int8 + 16 int32 bias
     partition = manifest["edgetpu_partition"]  # an rpi4 build still says what would leave a Coral's Edge TPU
@@ -229,7 +234,7 @@ def test_the_same_seed_gives_the_same_bytes_twice_in_one_process() -> None:
 
     from edgecc.data import load_dataset
     from edgecc.progress import Reporter
-    from edgecc.recipe import CompressSection, DataSection, ModelSection, TrainSection
+    from edgecc.recipe import CompressSection, DataSection, ModelSection, TaskSection, TrainSection
     from edgecc.train.compress import run_stages
     from edgecc.train.teacher import starting_model, train
 
@@ -241,7 +246,8 @@ def test_the_same_seed_gives_the_same_bytes_twice_in_one_process() -> None:
     calibration = data.x[data.train_index[:16]]
 
     def built(seed: int) -> list[bytes]:
-        teacher = train(starting_model(model, None, data, seed), data, training, seed, Reporter(quiet=True))
+        teacher = train(starting_model(model, None, data, seed), data, training, seed, Reporter(quiet=True),
+                        task=TaskSection())
         return [stage.int8 for stage in run_stages(teacher, data, stages, training, seed, calibration,
                                                    Reporter(quiet=True))]
 

@@ -28,7 +28,7 @@ from edgecc.errors import EdgeccError  # noqa: E402
 from edgecc.train.layers import LayerNorm  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
 from edgecc.train.prune import find_units, prune  # noqa: E402
-from edgecc.recipe import DataSection, ModelSection, TrainSection  # noqa: E402
+from edgecc.recipe import DataSection, ModelSection, TaskSection, TrainSection  # noqa: E402
 from edgecc.runtime import Model  # noqa: E402
 from edgecc.train.teacher import _augmented, inference_graph, starting_model, train  # noqa: E402
 
@@ -163,7 +163,7 @@ def classifier(questions: Any) -> Any:
     """The pretrained encoder with its head, fine-tuned one epoch on 30 questions at sequence length 16."""
     model = starting_model(ModelSection(architecture="minilm", dropout=0.1), None, questions, 0)
     train(model, questions, TrainSection(epochs=1, batch_size=16, learning_rate=5e-5, weight_decay=0.01,
-                                         token_dropout=0.1), 0, Reporter(quiet=True))
+                                         token_dropout=0.1), 0, Reporter(quiet=True), task=TaskSection())
     return model
 
 

@@ -119,6 +119,73 @@ def test_every_item_of_a_list_is_checked_and_named_by_its_index() -> None:
     assert schema.parse(Gains, {"gains": [0.5, 2]}, "gains.toml").gains == (0.5, 2.0)
 
 
+@dataclass(frozen=True)
+class Floors:
+    floors: dict[str, float] = spec(dict, minimum=0.0, maximum=1.0)
+    drop: float | None = spec(None, minimum=0.0)
+
+
+def test_every_value_of_a_table_is_checked_and_named_by_its_key() -> None:
+    with pytest.raises(EdgeccError) as err:
+        schema.parse(Floors, {"floors": {"crack": 1.5, "dent": "high", "scratch": float("nan"), "pit": 0.9}}, "f.toml")
+    # limits are checked once every value has its type, as for a list
+    assert str(err.value) == "f.toml: floors.dent: expected a number, got 'high'"
+    with pytest.raises(EdgeccError) as err:
+        schema.parse(Floors, {"floors": {"crack": 1.5, "scratch": float("nan"), "pit": 0.9}}, "f.toml")
+    assert str(err.value) == ("f.toml: floors.crack: 1.5 is above the maximum 1.0; "
+                              "floors.scratch: nan is not a finite number")
+    with pytest.raises(EdgeccError, match=r"f\.toml: floors: expected a table of numbers, got 0\.9$"):
+        schema.parse(Floors, {"floors": 0.9}, "f.toml")
+    parsed = schema.parse(Floors, {"floors": {"crack": 1, "pit": 0.5}}, "f.toml")
+    assert parsed.floors == {"crack": 1.0, "pit": 0.5} and isinstance(parsed.floors["crack"], float)
+    assert parsed.drop is None and Floors().floors == {} and Floors().floors is not Floors().floors
+
+
+def test_a_table_and_an_absent_optional_field_round_trip_through_toml() -> None:
+    import tomllib
+
+    written = Floors(floors={"crack": 0.95, "rolled-in scale": 0.9})
+    text = schema.dump(written, ())
+    assert text == 'floors = { crack = 0.95, "rolled-in scale" = 0.9 }\n'  # drop is absent: TOML has no null
+    assert schema.parse(Floors, tomllib.loads(text), "f.toml") == written
+
+
+def test_budgets_on_class_figures(tmp_path: Path) -> None:
+    text = ("[task]\nmetric = 'balanced_accuracy'\n[compress]\nselect = 'smallest'\n[budgets]\n"
+            "min_recall = { 3 = 0.95, 8 = 0.9 }\nmin_balanced_accuracy = 0.9\nmin_macro_f1 = 0.85\nmax_metric_drop = 1.5\n")
+    recipe = load_recipe(write(tmp_path, text)).recipe
+    assert recipe.budgets.min_recall == {"3": 0.95, "8": 0.9}
+    assert (recipe.budgets.min_balanced_accuracy, recipe.budgets.min_macro_f1, recipe.budgets.max_metric_drop) == \
+        (0.9, 0.85, 1.5)
+    assert recipe.compress.select == "smallest" and load_recipe().recipe.compress.select == "fastest"
+    assert load_recipe().recipe.budgets.max_metric_drop is None
+    bad = "[compress]\nselect = 'cheapest'\n[budgets]\nmin_recall = { 3 = 1.2 }\nmax_metric_drop = -1\n"
+    with pytest.raises(EdgeccError) as err:
+        load_recipe(write(tmp_path, bad))
+    message = str(err.value)
+    for expected in ("compress.select: 'cheapest' is not one of 'fastest', 'best', 'smallest', 'last'",
+                     "budgets.min_recall.3: 1.2 is above the maximum 1.0",
+                     "budgets.max_metric_drop: -1.0 is below the minimum 0.0"):
+        assert expected in message
+
+
+def test_class_names_are_checked_against_the_data() -> None:
+    from dataclasses import replace
+
+    from edgecc.recipe import BudgetsSection, Recipe, TaskSection, check_class_names
+
+    names = ("crack", "dent", "ok")
+    check_class_names(Recipe(task=TaskSection(metric="recall", classes=("crack",)),
+                             budgets=BudgetsSection(min_recall={"dent": 0.9})), names)
+    recipe = Recipe(budgets=BudgetsSection(min_recall={"crack": 0.9, "Crack": 0.9, "pit": 0.5}))
+    with pytest.raises(EdgeccError) as err:
+        check_class_names(recipe, names)
+    assert str(err.value) == ("budgets.min_recall: no class 'Crack', 'pit' in the data "
+                              "(the data's classes: crack, dent, ok)")
+    with pytest.raises(EdgeccError, match=r"^task\.classes: no class 'pit' in the data \(the data's classes"):
+        check_class_names(replace(Recipe(), task=TaskSection(metric="recall", classes=("pit",))), names)
+
+
 def test_positive_figures_refuse_zero(tmp_path: Path) -> None:
     text = "[train]\nlearning_rate = 0\n[compress]\nstages = ['qat']\ndistill_learning_rate = 0.0\nqat_learning_rate = 0\n"
     with pytest.raises(EdgeccError) as err:
@@ -191,7 +258,10 @@ def test_applicability_follows_the_recipe_and_ignores_defaults(tmp_path: Path) -
     ("[train]\nlearning_rate = nan", "train.learning_rate: nan is not a finite number"),
     ("[data]\nsource = 'images'\npath = 'imgs'\nwindow = 512", "data.window: 512 applies to data.source 'signals', not 'images'"),
     ("[compress]\nsparsity = 0.7", "compress.sparsity: 0.7 applies to compress.stages with 'sparsify', not ['ptq']"),
-], ids=["empty", "zero-epochs", "nan-rate", "window-on-images", "sparsity-without-sparsify"])
+    ("[task]\nmetric = 'recall'\nclasses = ['ten']\n[budgets]\nmin_recall = { nine = 0.9, 3 = 0.95 }",
+     "task.classes: no class 'ten' in the data; budgets.min_recall: no class 'nine' in the data (the data's classes: "
+     "0, 1, 2, 3, 4, 5, 6, 7, 8, 9)"),
+], ids=["empty", "zero-epochs", "nan-rate", "window-on-images", "sparsity-without-sparsify", "unknown-classes"])
 def test_the_build_refuses_a_bad_recipe_and_keeps_the_previous_output(tmp_path: Path, text: str,
                                                                       fragment: str) -> None:
     previous = tmp_path / "out" / "model.tflite"

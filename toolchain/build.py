@@ -11,7 +11,9 @@ import os
 import platform
 import re
 import sys
+import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,17 +25,19 @@ from rich.markup import escape
 import edgecc
 from edgecc import emit, report
 from edgecc.check import Assessment, assess, edgetpu_json
-from edgecc.classmetrics import class_metrics, student_warning
+from edgecc.classmetrics import ClassMetrics, class_metrics, student_warning
 from edgecc.data import Dataset, load_dataset
 
 if TYPE_CHECKING:
     from edgecc.train.compress import Stage
 from edgecc.bundle import write_board_files
+from edgecc.cache import DamagedEntry, TeacherCache, check_cache_folder, key_parts, teacher_key
 from edgecc.edgetpu import plan_edgetpu
+from edgecc.errors import EdgeccError, one_line
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
 from edgecc.progress import Reporter
 from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
-from edgecc.recipe import LoadedRecipe, load_recipe, model_path
+from edgecc.recipe import LoadedRecipe, Recipe, TaskSection, check_class_names, load_recipe, model_path
 from edgecc.runtime import Model
 from edgecc.sign import load_private_key, sign_manifest
 from edgecc.targets import Target, load_target
@@ -93,21 +97,103 @@ def _reproducibility(seed: int) -> dict[str, Any]:
     }
 
 
-def _budgets(loaded: LoadedRecipe, float_acc: float, int8_acc: float, fit: Assessment) -> list[dict[str, Any]]:
-    """The recipe's accuracy budgets and the target check's budgets, each with its figure and verdict."""
-    b = loaded.recipe.budgets
-    drop = (float_acc - int8_acc) * 100
-    budgets = [
-        {"name": "int8 accuracy", "value": int8_acc, "unit": "", "limit": f">= {b.min_accuracy}",
-         "status": "pass" if int8_acc >= b.min_accuracy else "fail", "detail": "test split, TFLite interpreter"},
-        {"name": "accuracy drop", "value": round(drop, 3), "unit": "points", "limit": f"<= {b.max_accuracy_drop}",
-         "status": "pass" if drop <= b.max_accuracy_drop + 1e-9 else "fail", "detail": "float minus int8 TFLite"},
-    ]
+def _floor(name: str, value: float | None, limit: float, detail: str) -> dict[str, Any]:
+    """A figure that must reach `limit`; one that cannot be measured (None) fails."""
+    ok = value is not None and value >= limit
+    return {"name": name, "value": value, "unit": "", "limit": f">= {limit}", "status": "pass" if ok else "fail",
+            "detail": detail}
+
+
+def _drop(name: str, teacher: float, student: float, limit: float, detail: str) -> dict[str, Any]:
+    """Points the int8 model loses against the float teacher, at most `limit`."""
+    drop = (teacher - student) * 100
+    return {"name": name, "value": round(drop, 3), "unit": "points", "limit": f"<= {limit}",
+            "status": "pass" if drop <= limit + 1e-9 else "fail", "detail": detail}
+
+
+def _budgets(recipe: Recipe, teacher: ClassMetrics, student: ClassMetrics, fit: Assessment) -> list[dict[str, Any]]:
+    """The recipe's budgets on one int8 model and the target check's, each with its figure and verdict.
+
+    The accuracy floor and drop are always listed; the other budgets of the recipe when it sets them.
+    """
+    b, task = recipe.budgets, recipe.task
+    split = "test split, TFLite interpreter"
+    budgets = [_floor("int8 accuracy", student.score("accuracy"), b.min_accuracy, split),
+               _drop("accuracy drop", teacher.score("accuracy"), student.score("accuracy"), b.max_accuracy_drop,
+                     "float minus int8 TFLite")]
+    if b.min_balanced_accuracy:
+        budgets.append(_floor("int8 balanced accuracy", student.score("balanced_accuracy"), b.min_balanced_accuracy,
+                              f"mean recall over the classes, {split}"))
+    if b.min_macro_f1:
+        budgets.append(_floor("int8 macro-F1", student.score("macro_f1"), b.min_macro_f1,
+                              f"mean F1 over the classes, {split}"))
+    recalls = {c.name: c.recall for c in student.classes}
+    for name, limit in b.min_recall.items():
+        budgets.append(_floor(f"int8 recall of '{name}'", recalls[name], limit,
+                              split if recalls[name] is not None else "no test example of this class to measure it"))
+    if b.max_metric_drop is not None:
+        budgets.append(_drop(f"{task.metric} drop", teacher.score(task.metric, task.classes),
+                             student.score(task.metric, task.classes), b.max_metric_drop,
+                             "task.metric, float minus int8 TFLite"))
     for budget in fit.budgets:
         budgets.append({"name": f"{budget.name} on {fit.target.name}", "value": round(budget.value, 3),
                         "unit": budget.unit, "limit": f"<= {budget.limit:g}",
                         "status": "pass" if budget.ok else "fail", "detail": budget.detail})
     return budgets
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One distinct int8 model of the build, as the choice of the final model sees it."""
+
+    name: str
+    meets_budgets: bool
+    latency_ms: float  # estimated on the target
+    metric: float  # task.metric on the test split
+    bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """Which candidate becomes model.tflite, by which rule, and why."""
+
+    index: int
+    rule: str
+    met: tuple[str, ...]  # the candidates that meet every budget
+    reason: str
+
+    def to_json(self, chosen: str) -> dict[str, Any]:
+        return {"rule": self.rule, "chosen": chosen, "file": INT8_MODEL, "meeting_every_budget": list(self.met),
+                "reason": self.reason}
+
+
+# Per rule (recipe.SELECT_RULES), the order that puts the chosen candidate first; a later candidate wins a tie.
+RULES: dict[str, Callable[[Candidate], tuple[float, ...]]] = {
+    "fastest": lambda c: (c.latency_ms, -c.metric),
+    "best": lambda c: (-c.metric, c.latency_ms),
+    "smallest": lambda c: (c.bytes, -c.metric),
+    "last": lambda c: (),
+}
+
+
+def select(candidates: list[Candidate], rule: str) -> Selection:
+    """The final model by the recipe's rule among the candidates (in stage order) that meet every budget.
+
+    When none does, the last candidate (the recipe's last stage), and the build fails on its budgets.
+    """
+    met = [i for i, c in enumerate(candidates) if c.meets_budgets]
+    names = tuple(candidates[i].name for i in met)
+    if not met:
+        return Selection(index=len(candidates) - 1, rule=rule, met=(),
+                         reason="no model meets every budget: the recipe's last stage is kept")
+    index = min(met, key=lambda i: (*RULES[rule](candidates[i]), -i))
+    c = candidates[index]
+    why = {"fastest": f"the smallest estimated latency on the target ({c.latency_ms:.4g} ms)",
+           "best": f"the highest task.metric ({c.metric:.4g})",
+           "smallest": f"the fewest bytes ({c.bytes:,})",
+           "last": "the latest stage"}[rule]
+    return Selection(index=index, rule=rule, met=names,
+                     reason=f"{why} of the {len(met)} model(s) that meet every budget")
 
 
 def _preprocessing(dataset: Dataset, int8: Model) -> dict[str, Any]:
@@ -127,49 +213,65 @@ def _preprocessing(dataset: Dataset, int8: Model) -> dict[str, Any]:
     }
 
 
-def _stage_records(teacher: Any, float_bytes: bytes, float_acc: float, stages: list[Stage],
-                   stage_predictions: list[np.ndarray], y_test: np.ndarray, latency: dict[str, Latency]) -> list[dict[str, Any]]:
-    """Per stage: accuracy, sizes, parameters, host latency against float, and weight sparsity in the int8 file."""
-    records = [{"name": "float teacher", "file": FLOAT_MODEL, "accuracy": float_acc, "bytes": len(float_bytes),
+def distinct_models(stages: list[Stage]) -> list[tuple[Stage, ...]]:
+    """The stages grouped by identical int8 bytes (a `ptq` after `prune` quantizes the same student: one model),
+    in the order of each group's last stage, so that the last group holds the recipe's last stage."""
+    groups: dict[bytes, list[int]] = {}
+    for i, stage in enumerate(stages):
+        groups.setdefault(stage.int8, []).append(i)
+    return [tuple(stages[i] for i in group) for group in sorted(groups.values(), key=lambda group: group[-1])]
+
+
+def model_name(group: tuple[Stage, ...]) -> str:
+    """'int8 after prune = ptq': every stage that produced this model."""
+    return "int8 after " + " = ".join(stage.name for stage in group)
+
+
+def stage_files(models: list[tuple[Stage, ...]], chosen: int) -> list[str]:
+    """The file each distinct int8 model is kept in: the chosen one is the build's model.tflite."""
+    return [INT8_MODEL if i == chosen else
+            f"stage{i}_{re.sub(r'[^a-z0-9]+', '_', '_'.join(stage.name for stage in group))}.tflite"
+            for i, group in enumerate(models)]
+
+
+def _stage_records(teacher: Any, float_bytes: bytes, models: list[tuple[Stage, ...]], files: list[str],
+                   latency: dict[str, Latency]) -> list[dict[str, Any]]:
+    """Per model: sizes, parameters, host latency against float, and weight sparsity in the int8 file."""
+    records = [{"name": "float teacher", "file": FLOAT_MODEL, "bytes": len(float_bytes),
                 "gzip_bytes": len(gzip.compress(float_bytes)), "parameters": int(teacher.count_params()),
                 "host_latency_ms": latency["float"].median_ms}]
-    for stage, predicted, file in zip(stages, stage_predictions, stage_files(stages)):
+    for group, file in zip(models, files, strict=True):
+        name, int8 = model_name(group), group[0].int8
         records.append({
-            "name": f"int8 after {stage.name}", "file": file, "accuracy": float(np.mean(predicted == y_test)),
-            "bytes": len(stage.int8), "gzip_bytes": len(gzip.compress(stage.int8)), "parameters": stage.parameters,
-            "host_latency_ms": latency[stage.name].median_ms,
-            "speedup_vs_float": round(latency["float"].median_ms / latency[stage.name].median_ms, 3),
-            "weight_sparsity": {name: round(f, 4) for name, f in int8_weight_sparsity(stage.int8).items()},
-            "distill_losses": list(stage.distill_losses),
+            "name": name, "file": file, "stages": [stage.name for stage in group],
+            "bytes": len(int8), "gzip_bytes": len(gzip.compress(int8)), "parameters": group[-1].parameters,
+            "host_latency_ms": latency[name].median_ms,
+            "speedup_vs_float": round(latency["float"].median_ms / latency[name].median_ms, 3),
+            "weight_sparsity": {tensor: round(f, 4) for tensor, f in int8_weight_sparsity(int8).items()},
+            "distill_losses": [loss for stage in group for loss in stage.distill_losses],
         })
     return records
 
 
-def _add_class_metrics(records: list[dict[str, Any]], model_predictions: list[np.ndarray], y_test: np.ndarray,
-                       names: list[str]) -> list[str]:
-    """Give each stage record (the float teacher first, the final model last) its per-class figures.
+def _add_class_metrics(records: list[dict[str, Any]], figures: list[ClassMetrics], task: TaskSection,
+                       final: int) -> list[str]:
+    """Give each record (the float teacher first) its accuracy, task.metric and per-class figures.
 
-    Returns the warnings a person must see: the float teacher's and the final model's (an intermediate
+    Returns the warnings a person must see: the float teacher's and the final model's (records[final]; another
     stage's stay in its record), and every student that beats its teacher by more than a few points.
     """
-    teacher, final = records[0], records[-1]
     shown, students = [], []
-    for record, predicted in zip(records, model_predictions, strict=True):
-        metrics = class_metrics(y_test, predicted, names)
+    for i, (record, metrics) in enumerate(zip(records, figures, strict=True)):
+        record["accuracy"] = metrics.score("accuracy")
+        record["task_metric"] = metrics.score(task.metric, task.classes)
         record["classes"] = metrics.to_json()
-        if record is teacher or record is final:
+        if i in (0, final):
             shown += [f"{record['name']} ({record['file']}): {w}" for w in metrics.warnings]
-        beats = None if record is teacher else student_warning(record["name"], record["accuracy"], teacher["accuracy"])
+        beats = student_warning(record["name"], record["accuracy"], records[0]["accuracy"]) if i else None
         if beats:
             record["classes"]["warnings"].append(beats)
             students.append(beats)
     return shown + students
-
-
-def stage_files(stages: list[Stage]) -> list[str]:
-    """The file each stage's int8 model is kept in: the last stage's is the build's model.tflite."""
-    names = [f"stage{i}_{re.sub(r'[^a-z0-9]+', '_', stage.name)}.tflite" for i, stage in enumerate(stages[:-1])]
-    return [*names, INT8_MODEL]
 
 
 def _ptq_baseline(teacher: Any, calibration: np.ndarray, per_channel: bool) -> Stage:
@@ -183,23 +285,95 @@ def _ptq_baseline(teacher: Any, calibration: np.ndarray, per_channel: bool) -> S
 
 
 def _plots(manifest: dict[str, Any], fit: Assessment) -> dict[str, bytes]:
+    """The report's plots; the per-operator error plot only when it has a bar to show (report.py says why not)."""
     from edgecc.train import plots
 
     ops = fit.latency.ops
     errors = manifest["quantization_error"]
-    return {
+    final = report.final_record(manifest["metrics"]["stages"])
+    images = {
         "accuracy_vs_size": plots.accuracy_vs_size(manifest["metrics"]["stages"]),
+        "confusion": plots.confusion_matrix(final["classes"]["confusion"],
+                                            [c["name"] for c in final["classes"]["per_class"]],
+                                            f"Confusion matrix of {final['name']} ({final['file']})"),
         "op_latency": plots.per_op_bars([o.ms for o in ops], [o.kind for o in ops], "estimated ms",
                                         f"Estimated time per operator on {fit.target.name}"),
         "live_memory": plots.live_memory(list(fit.memory.live_bytes), fit.arena.bytes if fit.arena else None),
-        "layer_error": plots.per_op_bars([e["relative_rms_error"] for e in errors], [e["op"] for e in errors],
-                                         "relative RMS error", "int8 against float, per operator output"),
     }
+    if not report.errors_all_zero(errors):
+        images["layer_error"] = plots.per_op_bars([e["relative_rms_error"] for e in errors], [e["op"] for e in errors],
+                                                  "relative RMS error", "int8 against float, per operator output")
+    return images
+
+
+def starting_teacher(loaded: LoadedRecipe, dataset: Dataset, given: Path | None) -> Any:
+    """The user's `given` teacher, else the recipe's untrained model: either validated against the data (bad input)
+    from a reproducible start, before the build prints a line."""
+    from edgecc.train.teacher import load_user_model, make_reproducible, starting_model
+
+    recipe = loaded.recipe
+    if given is None:
+        return starting_model(recipe.model, model_path(loaded), dataset, recipe.seed)
+    make_reproducible(recipe.seed)
+    try:
+        return load_user_model(given, dataset)
+    except EdgeccError as err:
+        raise EdgeccError(f"--teacher: {err}") from None
+
+
+def float_teacher(model: Any, loaded: LoadedRecipe, dataset: Dataset, reporter: Reporter, *, given: Path | None,
+                  cache: Path | None) -> tuple[Any, dict[str, Any]]:
+    """The float teacher from `model` (starting_teacher's) and the manifest's account of it: the user's `given` file
+    as it is, else the cache's weights, else trained (resumable from the cache's checkpoint, then stored there).
+
+    Whichever it is, the seeds are set again afterwards, so that the compression stages start from the same
+    state and a rebuild from the cache writes the same model.tflite as the build that trained the teacher.
+    """
+    from edgecc.train.tf import keras
+    from edgecc.train.teacher import load_safely, train
+
+    recipe = loaded.recipe
+    started = time.perf_counter()
+    record: dict[str, Any] = {"source": "given", "path": str(given)}
+    if given is not None:
+        reporter.info(f"teacher: {escape(str(given))}, as given (not trained)")
+    elif cache is None:
+        model = train(model, dataset, recipe.train, recipe.seed, reporter, task=recipe.task)
+        record = {"source": "trained", "cache_key": None}
+    else:
+        parts = key_parts(recipe, dataset, model_path(loaded), library_versions())
+        entry = TeacherCache(cache, teacher_key(parts))
+        try:
+            found = entry.lookup()
+            if found is not None:
+                model.set_weights(load_safely(found).get_weights())  # checks every shape before it sets one
+        except (DamagedEntry, EdgeccError, ValueError) as err:
+            reporter.warning(f"the cached teacher cannot be used ({one_line(err)}); training it again")
+            entry.discard()
+            found = None
+        if found is not None:
+            reporter.info(f"teacher: from the cache ({entry.key[:12]})")
+            record = {"source": "cache", "cache_key": entry.key}
+        else:
+            model = train(model, dataset, recipe.train, recipe.seed, reporter, task=recipe.task,
+                          checkpoint=entry.checkpoint)
+            record = {"source": "trained", "cache_key": entry.key}
+            try:
+                entry.store(model.save, parts, time.perf_counter() - started)
+            except OSError as err:
+                reporter.warning(f"the teacher could not be stored in the cache {cache}: {one_line(err)}")
+    keras().utils.set_random_seed(recipe.seed)
+    return model, {**record, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def build(target_name: str, recipe_path: Path | None = None, out: Path | None = None,
-          reporter: Reporter | None = None, *, sign_key: Path | None = None) -> BuildResult:
-    """Run the whole pipeline and write artifacts under `out` (default `build/<target>`), signed with `sign_key`."""
+          reporter: Reporter | None = None, *, sign_key: Path | None = None,
+          teacher_file: Path | None = None, cache: Path | None = None) -> BuildResult:
+    """Run the whole pipeline and write artifacts under `out` (default `build/<target>`), signed with `sign_key`.
+
+    The float teacher is `teacher_file` when given, else the one in the `cache` folder trained with the same
+    recipe sections, data and versions, else trained here (and stored in `cache`; None: no cache).
+    """
     reporter = reporter or Reporter(quiet=True)
     signing_key = load_private_key(sign_key) if sign_key is not None else None
     target: Target = load_target(target_name)
@@ -207,55 +381,72 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     recipe = loaded.recipe
     out = out or Path("build") / target.name
     emit.ensure_writable(out)
+    if cache is not None:
+        check_cache_folder(cache)
+    if teacher_file is not None and not teacher_file.exists():
+        raise EdgeccError(f"--teacher: {teacher_file} does not exist")
     user_model = model_path(loaded)
 
     dataset = load_dataset(recipe.data, recipe.seed, loaded.path.parent)
+    check_class_names(recipe, dataset.label_names)
 
     from edgecc.train.compress import run_stages
     from edgecc.train.convert import to_float_tflite
-    from edgecc.train.teacher import inference_graph, starting_model, train
+    from edgecc.train.teacher import inference_graph
 
-    model = starting_model(recipe.model, user_model, dataset, recipe.seed)
+    model = starting_teacher(loaded, dataset, teacher_file)
     reporter.info(f"[bold]edgecc build[/bold] {recipe.name} for {target.name}: {dataset.name}, "
                   f"{len(dataset.train_index)} training / {len(dataset.test_index)} test examples")
     for line in dataset.summary():
         reporter.info(escape(line))
-    teacher = train(model, dataset, recipe.train, recipe.seed, reporter)
+    teacher, teacher_record = float_teacher(model, loaded, dataset, reporter, given=teacher_file, cache=cache)
     rng = np.random.default_rng(recipe.seed)
     count = min(recipe.compress.calibration_samples, len(dataset.train_index))
     calibration = dataset.x[rng.choice(dataset.train_index, size=count, replace=False)]
     reporter.info(f"compressing: {' -> '.join(recipe.compress.stages)} (int8 calibrated on {count} training examples)")
     float_bytes = to_float_tflite(inference_graph(teacher))
     stages = run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter)
-    int8_bytes = stages[-1].int8
     if recipe.compress.stages != ("ptq",):
         stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
+    models = distinct_models(stages)
+    names = [model_name(group) for group in models]
 
     float_model = Model(float_bytes)
-    stage_models = [Model(stage.int8) for stage in stages]
-    int8_model = stage_models[-1]
+    int8_models = [Model(group[0].int8) for group in models]
     x_test, y_test = dataset.x[dataset.test_index], dataset.y[dataset.test_index]
     float_predictions = predictions(float_model, x_test, reporter, "evaluating float TFLite")
-    float_acc = float(np.mean(float_predictions == y_test))
-    stage_predictions = [predictions(m, x_test, reporter, f"evaluating int8 after {stage.name}")
-                         for m, stage in zip(stage_models, stages)]
-    int8_predictions = stage_predictions[-1]
-    int8_acc = float(np.mean(int8_predictions == y_test))
+    model_predictions = [predictions(m, x_test, reporter, f"evaluating {name}") for m, name in zip(int8_models, names)]
     reporter.info("measuring host latency (1 thread, float and int8 models interleaved)")
-    latency = host_latency({"float": float_model, **{stage.name: m for stage, m in zip(stages, stage_models)}}, x_test[0])
-    latency["int8"] = latency[stages[-1].name]
-    stage_records = _stage_records(teacher, float_bytes, float_acc, stages, stage_predictions, y_test, latency)
-    warnings = _add_class_metrics(stage_records, [float_predictions, *stage_predictions], y_test,
-                                  list(dataset.label_names))
-    reporter.info(f"checking the int8 model against {target.name}'s budgets")
+    latency = host_latency({"float": float_model, **dict(zip(names, int8_models))}, x_test[0])
+    figures = [class_metrics(y_test, p, dataset.label_names) for p in [float_predictions, *model_predictions]]
+    reporter.info(f"checking every int8 model against {target.name}'s budgets")
     latency_budget = recipe.budgets.max_latency_ms or None
-    fit = assess(int8_bytes, target, latency_ms=latency_budget)
+    fits = [assess(group[0].int8, target, latency_ms=latency_budget) for group in models]
+    budgets = [_budgets(recipe, figures[0], student, fit) for student, fit in zip(figures[1:], fits)]
+    meets = [all(b["status"] == "pass" for b in model_budgets) for model_budgets in budgets]
+    candidates = [Candidate(name=name, meets_budgets=ok, latency_ms=fit.latency.total_ms, bytes=len(group[0].int8),
+                            metric=student.score(recipe.task.metric, recipe.task.classes))
+                  for name, ok, fit, group, student in zip(names, meets, fits, models, figures[1:])]
+    selection = select(candidates, recipe.compress.select)
+    chosen = selection.index
+    reporter.info(escape(f"model.tflite is {names[chosen]} (compress.select = '{selection.rule}'): {selection.reason}"))
+    int8_bytes, int8_model, fit = models[chosen][0].int8, int8_models[chosen], fits[chosen]
+    float_acc, int8_acc = figures[0].score("accuracy"), figures[chosen + 1].score("accuracy")
+    latency["int8"] = latency[names[chosen]]
+    files = stage_files(models, chosen)
+    stage_records = _stage_records(teacher, float_bytes, models, files, latency)
+    warnings = _add_class_metrics(stage_records, figures, recipe.task, chosen + 1)
+    for record, candidate, model_budgets in zip(stage_records[1:], candidates, budgets):
+        record.update(target_latency_ms=candidate.latency_ms, meets_budgets=candidate.meets_budgets,
+                      budgets=model_budgets)
     graph = fit.graph
     # which operators would leave an Edge TPU, for every build: the first question about moving to a Coral
     edgetpu_target = target if fit.edgetpu else load_target(EDGETPU_REFERENCE)
     edgetpu = fit.edgetpu or plan_edgetpu(graph, edgetpu_target.edgetpu, edgetpu_target.legal_ops, int8_bytes)
     reporter.info("comparing every int8 operator output with the float model")
     quantization_error = layer_errors(float_bytes, int8_bytes, x_test[:ERROR_EXAMPLES])
+    if report.errors_all_zero(quantization_error):
+        warnings.append(report.EMPTY_ERROR_PLOT)
 
     manifest: dict[str, Any] = {
         "edgecc_version": edgecc.__version__,
@@ -268,12 +459,13 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "versions": library_versions(),
         "reproducibility": _reproducibility(recipe.seed),
         "data": {**dataset.split_json(), "test_size": len(dataset.test_index),
-                 "int8_test_predictions": int8_predictions.tolist()},
+                 "int8_test_predictions": model_predictions[chosen].tolist()},
         "preprocessing": _preprocessing(dataset, int8_model),
+        "teacher": teacher_record,
         "model": {
             "source": str(user_model) if user_model else f"reference architecture {recipe.model.architecture}",
             "parameters": int(teacher.count_params()),
-            "student_parameters": stages[-1].parameters,
+            "student_parameters": models[chosen][-1].parameters,
             "ops": graph.op_counts(),
             "constant_bytes": constant_bytes_by_part(graph),
             "activation_dtypes": sorted({t.dtype for t in graph.activation_tensors()}),
@@ -282,6 +474,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "metrics": {
             "float_accuracy": float_acc,
             "int8_accuracy": int8_acc,
+            "task_metric": {"name": recipe.task.metric, "classes": list(recipe.task.classes),
+                            "float": stage_records[0]["task_metric"], "int8": stage_records[chosen + 1]["task_metric"]},
             "float_tflite_bytes": len(float_bytes),
             "int8_tflite_bytes": len(int8_bytes),
             "size_ratio": round(len(float_bytes) / len(int8_bytes), 3),
@@ -291,22 +485,21 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         },
         "latency_budget_ms": latency_budget,
         "target_check": fit.to_json(),
-        "budgets": _budgets(loaded, float_acc, int8_acc, fit),
+        "selection": selection.to_json(names[chosen]),
+        "budgets": budgets[chosen],
         "quantization_error": quantization_error,
         "edgetpu_partition": {"target": edgetpu_target.name, **edgetpu_json(edgetpu)},
     }
     with emit.atomic_directory(out) as staging:
-        (staging / INT8_MODEL).write_bytes(int8_bytes)
         (staging / FLOAT_MODEL).write_bytes(float_bytes)
-        kept_stages = list(zip(stage_files(stages), stages))[:-1]
-        for file, stage in kept_stages:
-            (staging / file).write_bytes(stage.int8)
+        for file, group in zip(files, models):
+            (staging / file).write_bytes(group[0].int8)
         board_files = write_board_files(staging, int8_bytes, fit, list(dataset.label_names))
         (staging / "report.md").write_text(report.markdown(manifest), encoding="utf-8")
         (staging / "report.html").write_text(report.html(manifest, _plots(manifest, fit)), encoding="utf-8")
         manifest["artifacts"] = emit.artifact_entries(
-            staging, [INT8_MODEL, FLOAT_MODEL, *(file for file, _ in kept_stages), *board_files, "report.md",
-                      "report.html"])
+            staging, [INT8_MODEL, FLOAT_MODEL, *(file for file in files if file != INT8_MODEL), *board_files,
+                      "report.md", "report.html"])
         emit.write_json(staging / "manifest.json", manifest)
         if signing_key is not None:  # inside the staging directory: a signed build appears whole or not at all
             sign_manifest(staging, signing_key)

@@ -64,6 +64,22 @@ class ClassMetrics:
         }
 
 
+    def score(self, metric: str, classes: Sequence[str] = ()) -> float:
+        """The recipe's metric (recipe.TaskSection): accuracy, balanced_accuracy, macro_f1, or recall, the lowest
+        recall among `classes` (every class when empty). A figure with nothing to count (no test examples) is 0."""
+        if metric == "recall":
+            names = {c.name for c in self.classes}
+            wanted = set(classes) or names
+            unknown = wanted - names
+            if unknown:
+                raise ValueError(f"task.classes names {sorted(unknown)}, which the data does not have")
+            recalls = [c.recall for c in self.classes if c.name in wanted and c.recall is not None]
+            return min(recalls) if recalls else 0.0
+        value = {"accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy,
+                 "macro_f1": self.macro_f1}[metric]
+        return value if value is not None else 0.0
+
+
 def _ratio(numerator: float, denominator: float) -> float | None:
     return float(numerator / denominator) if denominator else None
 
@@ -140,18 +156,8 @@ def _warnings(m: ClassMetrics) -> list[str]:
 
 def score(metric: str, classes: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray,
           names: Sequence[str]) -> float:
-    """The recipe's metric (recipe.TaskSection): accuracy, balanced_accuracy, macro_f1, or recall, the lowest
-    recall among `classes` (every class when empty). A figure with nothing to count (no test examples) is 0."""
-    m = class_metrics(y_true, y_pred, names)
-    if metric == "recall":
-        wanted = set(classes) or {str(n) for n in names}
-        unknown = wanted - {str(n) for n in names}
-        if unknown:
-            raise ValueError(f"task.classes names {sorted(unknown)}, which the data does not have")
-        recalls = [c.recall for c in m.classes if c.name in wanted and c.recall is not None]
-        return min(recalls) if recalls else 0.0
-    value = {"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1}[metric]
-    return value if value is not None else 0.0
+    """ClassMetrics.score of these predictions."""
+    return class_metrics(y_true, y_pred, names).score(metric, classes)
 
 
 def student_warning(student: str, student_accuracy: float, teacher_accuracy: float,

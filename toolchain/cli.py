@@ -38,6 +38,7 @@ EXIT_BUDGET, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 130
 HELP = ("edgecc: compress Keras transformers into fully-int8 TFLite models that fit edge devices.\n\n"
         "Exit codes: 0 done (every budget holds), 1 a budget is exceeded, 2 bad input, 3 internal error "
         "(a bug: the traceback is saved to the file named on stderr, --debug also prints it), 130 interrupted.")
+DEFAULT_CACHE = Path("build") / "cache"  # beside the default output, build/<target>
 debug = False  # set by the global --debug option; read by main() after the command has ended
 
 app = typer.Typer(
@@ -108,6 +109,9 @@ def build(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout.")] = False,
     sign_key: Annotated[Path | None, typer.Option("--sign-key", help="Sign the build with this Ed25519 private key (edgecc keygen): writes manifest.sig.", show_default=False)] = None,
+    teacher: Annotated[Path | None, typer.Option("--teacher", help="A trained float teacher you already have (.keras file or SavedModel folder, loaded in safe mode): no training.", show_default=False)] = None,
+    cache: Annotated[Path, typer.Option("--cache", help="Folder that keeps trained teachers, keyed by the recipe's model/data/task/train sections, seed, data and versions: a rebuild reuses them, an interrupted training resumes.")] = DEFAULT_CACHE,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the teacher cache.")] = False,
 ) -> None:
     """Train (or load), compress to full int8 by the recipe's stages, evaluate, and write model.tflite,
     manifest.json, report.md.
@@ -116,8 +120,10 @@ def build(
     3 on an internal error, 130 when interrupted (the previous output is kept).
     """
     from edgecc.build import build as run_build
+    from edgecc.report import budget_line
 
-    result = _run(lambda: run_build(target, recipe, out, Reporter(quiet=quiet or as_json), sign_key=sign_key))
+    result = _run(lambda: run_build(target, recipe, out, Reporter(quiet=quiet or as_json), sign_key=sign_key,
+                                    teacher_file=teacher, cache=None if no_cache else cache))
     if as_json:
         stdout.print_json(dumps(result.manifest))
     elif not quiet:
@@ -129,8 +135,7 @@ def build(
         stdout.print(f"wrote {result.out}/model.tflite, manifest.json, report.md"
                      + (", manifest.sig" if sign_key else ""))
     for budget in result.failed_budgets:
-        _say(f"edgecc: budget not met: {budget['name']} is {budget['value']} {budget['unit']}".rstrip()
-             + f", limit {budget['limit']}")
+        _say(f"edgecc: budget not met: {budget_line(budget)}")
     for warning in result.manifest["warnings"]:  # after the verdict lines, which scripts read first
         _say(f"edgecc: warning: {warning}")
     if result.failed_budgets:

@@ -125,6 +125,56 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def class_weights(labels: np.ndarray, num_classes: int, rule: str = "balanced") -> np.ndarray:
+    """Each class's loss weight for recipe.TrainSection.class_weight, from the training labels' counts.
+
+    'balanced': class c weighs n / (k * count_c), scaled so that the mean weight over the examples is 1
+    (the loss keeps its size; on a balanced set every weight is 1; an absent class gets 0). The weights
+    are not capped: a cap is a number tuned to some data set, and it would hand the rarest classes, the
+    ones weighting is for, back to the majority. 'none': every weight is 1.
+    """
+    if rule == "none":
+        return np.ones(num_classes, dtype=np.float32)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return (weights / weights[labels].mean()).astype(np.float32)
+
+
+WINDOW_ID = re.compile(r"(.+\.np[yz])@(\d+)")  # a signals example: `<recording>@<first sample>` (see _signals)
+
+
+def validation_split(dataset: Dataset, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training split less a validation share, and that share (positions in dataset.x, sorted).
+
+    Stratified and seeded. Signals' windows overlap, so a random share would judge the model on samples it
+    trained on: there the share is the last windows of each recording's training part, and the training
+    windows that overlap them are left out of both. A recording too short to give both keeps all for training.
+    """
+    train = dataset.train_index
+    if not fraction:
+        return train, train[:0]
+    windows = [WINDOW_ID.fullmatch(dataset.example_ids[i]) for i in train] if dataset.example_ids else []
+    if not windows or not all(windows):
+        fit, held = stratified_split(dataset.y[train], fraction, seed)
+        return train[fit], train[held]
+    length = dataset.x.shape[2]  # signals are (N, 1, window, 1)
+    recordings: dict[str, list[tuple[int, int]]] = {}
+    for position, match in zip(train, windows):
+        recordings.setdefault(match.group(1), []).append((int(match.group(2)), int(position)))
+    fit, held = [], []
+    for starts in recordings.values():
+        starts.sort()
+        count = int(round(len(starts) * fraction))
+        first = starts[-count][0] if count else 0
+        kept = [position for start, position in starts if start + length <= first]
+        if not count or not kept:
+            fit += [position for _, position in starts]
+            continue
+        fit += kept
+        held += [position for _, position in starts[-count:]]
+    return np.array(sorted(fit), dtype=np.int64), np.array(sorted(held), dtype=np.int64)
+
+
 def tokenize(text: str) -> list[str]:
     """The words of `text` as the vocabulary knows them (the rule `TOKENIZER` states)."""
     return TOKEN.findall(text.lower())

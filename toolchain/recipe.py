@@ -24,6 +24,8 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "recall")
 STAGES = ("prune", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
 SPARSITY_PATTERNS = ("magnitude", "2:4")
+CLASS_WEIGHTS = ("balanced", "none")
+SELECT_RULES = ("fastest", "best", "smallest", "last")
 
 # When a field applies (schema.spec's `applies`); the doc of each field says the same in words.
 REFERENCE = {"model.path": ("",)}
@@ -148,6 +150,17 @@ class TrainSection:
                                    doc="images: random contrast factor in [1 - c, 1 + c] about each image's mean")
     token_dropout: float = spec(0.0, minimum=0.0, maximum=0.9, applies=TEXT,
                                 doc="text: share of words replaced by [UNK] in each training epoch")
+    class_weight: str = spec("balanced", choices=CLASS_WEIGHTS,
+                             doc="'balanced': each example's loss (teacher, distillation, QAT) is weighted by "
+                                 "n / (k * count of its class) in the training split, so every class weighs "
+                                 "as much in total (1 for all on a balanced set; not capped: a class 50 times "
+                                 "rarer weighs 50 times more per example); 'none': every example weighs 1")
+    validation_fraction: float = spec(0.1, minimum=0.0, maximum=0.5,
+                                      doc="share of the training split held out to judge the teacher by task.metric "
+                                          "after each epoch (stratified, seeded; signals: the end of each "
+                                          "recording's training part); the best epoch's weights are kept; 0: off")
+    patience: int = spec(10, minimum=0, doc="stop the teacher after this many epochs without a better "
+                                            "validation figure; 0: run every epoch")
 
 
 @dataclass(frozen=True)
@@ -184,14 +197,29 @@ class CompressSection:
     task_weight: float = spec(1.0, minimum=0.0, applies=DISTILLED, doc="weight of the cross-entropy on the labels")
     logits_weight: float = spec(1.0, minimum=0.0, applies=DISTILLED, doc="weight of the KL divergence to the teacher's logits")
     hidden_weight: float = spec(0.0, minimum=0.0, applies={"compress.stages": ("prune", "sparsify")}, doc="weight of the per-block hidden-state loss (prune, sparsify)")
+    select: str = spec("fastest", choices=SELECT_RULES,
+                       doc="which int8 model becomes model.tflite, among every stage's (ptq of the teacher included) "
+                           "that meets every budget: 'fastest' (smallest estimated latency on the target; ties: higher "
+                           "task.metric, then the later stage), 'best' (highest task.metric), 'smallest' (fewest bytes) "
+                           "or 'last' (the latest stage); when none meets every budget, the last stage, and the build "
+                           "fails")
 
 
 @dataclass(frozen=True)
 class BudgetsSection:
-    """The user's acceptance criteria; `edgecc build` fails (exit 1) when one does not hold."""
+    """The user's acceptance criteria on the final int8 model, measured on the test split; `edgecc build` fails
+    (exit 1) when one does not hold. A floor of 0 (the default) is no budget and is not listed."""
 
     min_accuracy: float = spec(0.0, minimum=0.0, maximum=1.0, doc="int8 accuracy floor on the test split")
     max_accuracy_drop: float = spec(1.0, minimum=0.0, maximum=100.0, doc="points of accuracy int8 may lose")
+    min_balanced_accuracy: float = spec(0.0, minimum=0.0, maximum=1.0,
+                                        doc="int8 balanced accuracy floor (mean recall over the classes)")
+    min_macro_f1: float = spec(0.0, minimum=0.0, maximum=1.0, doc="int8 macro-F1 floor (mean F1 over the classes)")
+    min_recall: dict[str, float] = spec(dict, minimum=0.0, maximum=1.0,
+                                        doc="int8 recall floor per class name, e.g. { crack = 0.95 }")
+    max_metric_drop: float | None = spec(None, minimum=0.0, maximum=100.0,
+                                         doc="points of task.metric the int8 model may lose against the float "
+                                             "teacher (absent: no limit)")
     max_latency_ms: float = spec(0.0, minimum=0.0, doc="latency ceiling on the target; 0 means none")
 
 
@@ -269,3 +297,13 @@ def model_path(loaded: LoadedRecipe) -> Path | None:
     if not loaded.recipe.model.path:
         return None
     return loaded.path.parent / Path(loaded.recipe.model.path).expanduser()
+
+
+def check_class_names(recipe: Recipe, names: tuple[str, ...]) -> None:
+    """Refuse class names in task.classes and budgets.min_recall that the data does not have: a misspelt class
+    would otherwise be found only after training, or never (an empty recall budget)."""
+    fields = [("task.classes", recipe.task.classes), ("budgets.min_recall", tuple(recipe.budgets.min_recall))]
+    problems = [f"{field}: no class {', '.join(repr(c) for c in unknown)} in the data"
+                for field, written in fields if (unknown := [c for c in written if c not in names])]
+    if problems:
+        raise EdgeccError("; ".join(problems) + f" (the data's classes: {', '.join(names)})")

@@ -11,13 +11,35 @@ from typing import Any
 
 
 Block = tuple[str, Any]  # ("p", text) | ("table", (header, rows)) | ("list", items) | ("image", (key, caption))
+EMPTY_ERROR_PLOT = ("the per-operator error plot is empty: every int8 operator output's error against the float "
+                    "model is 0 (no operator output could be matched by tensor name, or every output agrees exactly), "
+                    "so the report cannot show where int8 loses precision")
+
+
+def final_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stage record of model.tflite, the model the build chose (recipe compress.select)."""
+    return next(r for r in records if r["file"] == "model.tflite")
+
+
+def errors_all_zero(errors: list[dict[str, Any]]) -> bool:
+    """True when the per-operator error plot would have no bar to show."""
+    return not any(e["relative_rms_error"] for e in errors)
+
+
+def budget_line(budget: dict[str, Any]) -> str:
+    """'int8 accuracy is 0.9167, limit >= 0.95': one budget's figure rounded for people."""
+    unit = budget["unit"]
+    return f"{budget['name']} is {_quantity(budget['value'], unit)}, limit {_limit(budget['limit'], unit)}"
 
 
 def _kib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
-def _quantity(value: float, unit: str) -> str:
+def _quantity(value: float | None, unit: str) -> str:
+    """A figure with its unit, 4 significant digits; 'not measured' for None."""
+    if value is None:
+        return "not measured"
     if unit == "bytes":
         return _kib(int(value)) if value < 2**20 else f"{value / 2**20:.2f} MiB"
     return f"{value:.4g} {unit}".strip()
@@ -53,7 +75,7 @@ def _warnings_section(warnings: list[str]) -> list[tuple[str, list[Block]]]:
 
 def _classes_section(records: list[dict[str, Any]]) -> list[tuple[str, list[Block]]]:
     """Per-class figures and confusion matrix of the final model, and the class-balanced figures of every model."""
-    final = records[-1]
+    final = final_record(records)
     classes = final["classes"]
     names = [c["name"] for c in classes["per_class"]]
     return [(f"Per class ({final['name']}, {final['file']})", [
@@ -67,6 +89,7 @@ def _classes_section(records: list[dict[str, Any]]) -> list[tuple[str, list[Bloc
         ("p", "Confusion matrix: each row is a true class, each column the class the model predicted."),
         ("table", (["true class", *names],
                    [[name, *(str(n) for n in row)] for name, row in zip(names, classes["confusion"])])),
+        ("image", ("confusion", "Confusion matrix of the final model, each cell coloured by its share of the row")),
         ("p", "Every model of the build on the same test split; the warnings of a stage between the teacher and "
               "the final model are listed in its manifest entry (metrics.stages[].classes.warnings)."),
         ("table", (["model", "accuracy", "balanced accuracy", "macro-F1", "worst class recall", "warnings"], [
@@ -75,6 +98,53 @@ def _classes_section(records: list[dict[str, Any]]) -> list[tuple[str, list[Bloc
              _figure(min((c["recall"] for c in r["classes"]["per_class"] if c["recall"] is not None), default=None)),
              str(len(r["classes"]["warnings"]))] for r in records])),
     ])]
+
+
+def _error_blocks(errors: list[dict[str, Any]]) -> list[Block]:
+    """The per-operator error plot, or why there is none."""
+    if errors_all_zero(errors):
+        return [("p", f"No plot: {EMPTY_ERROR_PLOT}.")]
+    return [("image", ("layer_error", "Relative RMS error of each int8 operator output against the float model")),
+            ("p", "Each bar compares one operator's int8 output with the same tensor of the float model on test "
+                  "examples; a step up shows where rounding to 8 bits costs precision.")]
+
+
+def _stages_section(manifest: dict[str, Any]) -> list[tuple[str, list[Block]]]:
+    """Every distinct model of the build once, which one became model.tflite and why."""
+    records, selection = manifest["metrics"]["stages"], manifest["selection"]
+    metric = manifest["metrics"]["task_metric"]["name"]
+    extra = [metric.replace("_", " ")] if metric != "accuracy" else []
+    target = manifest["target"]["name"]
+    rows = []
+    for st in records:
+        on_target = "-" if "target_latency_ms" not in st else f"{st['target_latency_ms']:.4g} ms"
+        verdict = "-" if "meets_budgets" not in st else ("yes" if st["meets_budgets"] else "no")
+        host = f"{st['host_latency_ms']:.3f} ms"
+        if "speedup_vs_float" in st:
+            host += f" ({st['speedup_vs_float']:.2f}x float)"
+        rows.append([st["name"], st["file"], f"{st['accuracy']:.4f}", *([_figure(st["task_metric"], 4)] if extra else []),
+                     on_target, verdict, _kib(st["bytes"]), _kib(st["gzip_bytes"]), f"{st['parameters']:,}", host])
+    met = ", ".join(selection["meeting_every_budget"]) or "none"
+    return [("Stages", [
+        ("p", f"model.tflite is {selection['chosen']} (compress.select = '{selection['rule']}'): "
+              f"{selection['reason']}. Models that meet every budget: {met}. A model that several stages produced "
+              "byte for byte is one row naming them all."),
+        ("table", (["model", "file", "test accuracy", *extra, f"estimated latency on {target}", "every budget", "size",
+                    "gzip", "parameters", "host latency (1 thread)"], rows)),
+        ("p", "Share of zeros in each int8 weight matrix of model.tflite (pruned weights are exact zeros; a dense "
+              "matrix shows about 1%):"),
+        ("table", (["weight tensor", "zeros"], [
+            [name, f"{share:.1%}"] for name, share in final_record(records).get("weight_sparsity", {}).items()])),
+    ])]
+
+
+def _teacher_source(teacher: dict[str, Any] | None) -> str:
+    """Where the float teacher came from (edgecc build's teacher cache), so that a reused teacher is never a surprise."""
+    if teacher is None:
+        return ""
+    where = {"trained": "trained in this build", "cache": f"from the teacher cache ({str(teacher.get('cache_key'))[:12]})",
+             "given": f"given with --teacher ({teacher.get('path')})"}[teacher["source"]]
+    return f"Float teacher: {where}, {teacher['seconds']:.0f} s."
 
 
 def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block]]]]:
@@ -101,16 +171,7 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
                   "in one process; it is not a prediction for the target."),
             ("image", ("accuracy_vs_size", "Accuracy against size, per stage")),
         ]),
-        ("Stages", [
-            ("table", (["stage", "test accuracy", "file", "gzip", "parameters", "host latency (1 thread)"], [
-                [st["name"], f"{st['accuracy']:.4f}", _kib(st["bytes"]), _kib(st["gzip_bytes"]), f"{st['parameters']:,}",
-                 f"{st['host_latency_ms']:.3f} ms" + (f" ({st['speedup_vs_float']:.2f}x float)" if "speedup_vs_float" in st else "")]
-                for st in metrics["stages"]])),
-            ("p", "Share of zeros in each int8 weight matrix of the final model.tflite (pruned weights are exact "
-                  "zeros; a dense matrix shows about 1%):"),
-            ("table", (["weight tensor", "zeros"], [
-                [name, f"{share:.1%}"] for name, share in metrics["stages"][-1].get("weight_sparsity", {}).items()])),
-        ]),
+        *_stages_section(manifest),
         *_classes_section(metrics["stages"]),
         ("Budgets", [("table", (["budget", "measured", "limit", "verdict", "how it was found"], budget_rows))]),
         ("Where the time goes (estimate for the target)", [
@@ -118,14 +179,11 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
             ("p", manifest["target_check"]["latency"]["method"]),
         ]),
         ("Where the memory goes", [("image", ("live_memory", "Activation memory over the operator sequence"))]),
-        ("Where accuracy is lost", [
-            ("image", ("layer_error", "Relative RMS error of each int8 operator output against the float model")),
-            ("p", "Each bar compares one operator's int8 output with the same tensor of the float model on test "
-                  "examples; a step up shows where rounding to 8 bits costs precision."),
-        ]),
+        ("Where accuracy is lost", _error_blocks(manifest["quantization_error"])),
         ("Model", [
             ("p", f"{m['source']}, {m['parameters']:,} parameters; compression stages: {', '.join(m['stages'])}. "
-                  f"Activation tensor types in model.tflite: {', '.join(m['activation_dtypes'])}."),
+                  f"Activation tensor types in model.tflite: {', '.join(m['activation_dtypes'])}. "
+                  f"{_teacher_source(manifest.get('teacher'))}"),
             ("table", (["op", "count"], [[op, str(n)] for op, n in m["ops"].items()])),
         ]),
         ("Where the bytes go", [

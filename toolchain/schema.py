@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -26,6 +27,8 @@ def spec(default: Any = dataclasses.MISSING, *, doc: str = "", minimum: float | 
          applies: dict[str, tuple[Any, ...]] | None = None) -> Any:
     """A dataclass field with the limits that validation enforces.
 
+    Limits and choices apply to a number, to each item of a list and to each value of a table
+    (`dict[str, float]`, e.g. `min_recall = { crack = 0.95 }`), whose default is always empty.
     `positive`: the number must be above 0 (it divides or counts), a stricter `minimum=0`.
     `applies`: the field may be written only when each dotted field named as a key (from the top of
     the file, defaults included) has one of the listed values, or, for a list, contains one of them;
@@ -36,8 +39,13 @@ def spec(default: Any = dataclasses.MISSING, *, doc: str = "", minimum: float | 
     meta = {"doc": doc, "minimum": minimum, "maximum": maximum, "positive": positive, "choices": choices,
             "applies": applies or {}}
     if isinstance(default, (list, dict)):
-        raise TypeError("use a tuple or a default_factory for mutable defaults")
+        raise TypeError("use a tuple for a list default; a dict field's default is always empty (spec(dict))")
+    if default is dict:
+        return dataclasses.field(default_factory=dict, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "trues or falses"}
 
 
 def _type_name(hint: Any) -> str:
@@ -45,7 +53,9 @@ def _type_name(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}s"
+        return f"a list of {PLURALS.get(typing.get_args(hint)[0], 'values')}"
+    if origin is dict:
+        return f"a table of {PLURALS.get(typing.get_args(hint)[1], 'values')}"
     if dataclasses.is_dataclass(hint):
         return "a table"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
@@ -72,6 +82,12 @@ def _convert(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
             return None
         item = typing.get_args(hint)[0]
         return tuple(_convert(v, item, f"{where}[{i}]", problems) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected {_type_name(hint)}, got {value!r}")
+            return None
+        item = typing.get_args(hint)[1]  # TOML keys are always strings
+        return {key: _convert(v, item, f"{where}.{key}", problems) for key, v in value.items()}
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a table, got {value!r}")
@@ -86,8 +102,14 @@ def _convert(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
 
 
 def _check_limits(value: Any, meta: typing.Mapping[str, Any], where: str, problems: list[str]) -> None:
-    """Choices, finiteness and limits of a value, or of each item of a list (named by its index)."""
-    items = [(f"{where}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, tuple) else [(where, value)]
+    """Choices, finiteness and limits of a value, of each item of a list (named by its index) or of each value
+    of a table (named by its key)."""
+    if isinstance(value, tuple):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    elif isinstance(value, dict):
+        items = [(f"{where}.{key}", v) for key, v in value.items()]
+    else:
+        items = [(where, value)]
     for name, v in items:
         if meta.get("choices") and v not in meta["choices"]:
             allowed = ", ".join(repr(c) for c in meta["choices"])
@@ -188,6 +210,13 @@ def load(cls: type[T], path: Path, what: str) -> T:
     return parse(cls, read(path, what), str(path))
 
 
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if BARE_KEY.fullmatch(key) else _toml_value(key)
+
+
 def _toml_value(value: Any) -> str:
     if dataclasses.is_dataclass(value):
         inner = ", ".join(f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in dataclasses.fields(value))
@@ -200,18 +229,22 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
 def dump(obj: Any, tables: tuple[str, ...]) -> str:
-    """TOML text for a schema dataclass; the fields named in `tables` become [tables], the rest inline."""
+    """TOML text for a schema dataclass; the fields named in `tables` become [tables], the rest inline.
+    A field that is None is left out: TOML has no null, and an absent optional field reads back as None."""
     top, sections = [], []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if value is None:
             continue
         if f.name in tables:
-            body = [f"{g.name} = {_toml_value(getattr(value, g.name))}" for g in dataclasses.fields(value)]
+            body = [f"{g.name} = {_toml_value(getattr(value, g.name))}" for g in dataclasses.fields(value)
+                    if getattr(value, g.name) is not None]
             sections.append("\n".join([f"[{f.name}]", *body]))
         else:
             top.append(f"{f.name} = {_toml_value(value)}")

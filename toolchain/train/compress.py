@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.train.convert import to_int8_tflite
-from edgecc.data import Dataset
+from edgecc.data import Dataset, class_weights
 from edgecc.train.distill import DistillWeights, distill
 from edgecc.progress import Reporter
 from edgecc.recipe import CompressSection, TrainSection
@@ -40,15 +40,20 @@ class Stage:
     distill_losses: tuple[float, ...]
 
 
-def _weights(section: CompressSection, hidden: bool) -> DistillWeights:
+def _weights(section: CompressSection, classes: tuple[float, ...], hidden: bool) -> DistillWeights:
     return DistillWeights(task=section.task_weight, logits=section.logits_weight,
-                          hidden=section.hidden_weight if hidden else 0.0, temperature=section.temperature)
+                          hidden=section.hidden_weight if hidden else 0.0, temperature=section.temperature,
+                          classes=classes)
 
 
 def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: TrainSection, seed: int,
                calibration: np.ndarray, reporter: Reporter) -> list[Stage]:
-    """Apply `section.stages` to a copy of `teacher`; the last stage's int8 model is the build's result."""
+    """Apply `section.stages` to a copy of `teacher`; the last stage's int8 model is the build's result.
+
+    Every distillation weights its examples by `train.class_weight`, as the teacher's training does.
+    """
     x, y = dataset.x[dataset.train_index], dataset.y[dataset.train_index]
+    classes = tuple(class_weights(y, dataset.num_classes, train.class_weight).tolist())
     student = teacher
     stages = []
     for name in section.stages:
@@ -66,14 +71,14 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
 
                 student = freeze_norms(student, x)
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
-                             section.distill_learning_rate, _weights(section, hidden=True), seed, reporter,
+                             section.distill_learning_rate, _weights(section, classes, hidden=True), seed, reporter,
                              "distilling the pruned student")
         elif name == "sparsify":
             from edgecc.train.sparsity import sparsify
 
             student, losses = sparsify(student, teacher, x, y, section.sparsity, section.sparsity_pattern,
                                        section.distill_epochs, train.batch_size, section.distill_learning_rate,
-                                       _weights(section, hidden=True), seed, reporter)
+                                       _weights(section, classes, hidden=True), seed, reporter)
         elif name == "qat":
             from edgecc.train.fold import fold_norms
             from edgecc.train.qat import qat_model
@@ -85,7 +90,7 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
             student = qat_model(student, calibration, preserve_sparsity=sparse)
             losses += distill(student, teacher, x, y, section.qat_epochs or section.distill_epochs, train.batch_size,
                               section.qat_learning_rate or section.distill_learning_rate,
-                              _weights(section, hidden=False), seed, reporter,
+                              _weights(section, classes, hidden=False), seed, reporter,
                               "quantization-aware distillation")
         # a `ptq` stage after prune or sparsify quantizes the student that stage already quantized the same way
         int8 = stages[-1].int8 if name == "ptq" and stages else _int8(student, name, calibration, section.per_channel)

@@ -4,6 +4,9 @@ The student learns from three signals: the task labels, the teacher's logits
 softened by a temperature (KL divergence, scaled by T² so its gradients keep
 their size as T changes), and the teacher's hidden states after each block
 (mean squared error), which guide a pruned or quantized student layer by layer.
+The label and logit terms weight each example by its class's weight
+(recipe.TrainSection.class_weight), so a rare class is not learned away; the
+hidden-state term imitates the teacher's features and stays unweighted.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ BLOCK_OUTPUT_SUFFIX = "_mlp_residual"  # the last layer of each edgecc encoder b
 
 @dataclass(frozen=True)
 class DistillWeights:
+    """The loss terms' weights, and each class's weight for the task and logit terms (empty: all 1)."""
+
     task: float = 1.0
     logits: float = 1.0
     hidden: float = 0.0
     temperature: float = 2.0
+    classes: tuple[float, ...] = ()
 
 
 def block_outputs(model: Any) -> list[str]:
@@ -68,6 +74,7 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
     optimizer = keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(learning_rate, steps), weight_decay=0.01)
     temperature = weights.temperature
     classes = int(student.output_shape[-1])
+    class_weights = tf.constant(weights.classes or (1.0,) * classes, dtype=tf.float32)
 
     @tf.function
     def step(batch_x: Any, batch_y: Any) -> Any:
@@ -75,11 +82,12 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
         with tf.GradientTape() as tape:
             student_out = tf.nest.flatten(student_view(batch_x, training=True))
             logits, teacher_logits = student_out[0], teacher_out[0]
-            task = tf.reduce_mean(keras.losses.categorical_crossentropy(
+            example_weights = tf.gather(class_weights, batch_y)
+            task = tf.reduce_mean(example_weights * keras.losses.categorical_crossentropy(
                 tf.one_hot(batch_y, classes), logits, from_logits=True))
             soft_teacher = tf.nn.softmax(teacher_logits / temperature)
             log_student = tf.nn.log_softmax(logits / temperature)
-            kl = tf.reduce_mean(tf.reduce_sum(
+            kl = tf.reduce_mean(example_weights * tf.reduce_sum(
                 soft_teacher * (tf.math.log(soft_teacher + 1e-9) - log_student), axis=-1)) * temperature**2
             hidden = tf.add_n([tf.reduce_mean(tf.square(s - t)) for s, t in zip(student_out[1:], teacher_out[1:])]) \
                 if pairs else 0.0
@@ -89,12 +97,17 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
         return loss
 
     rng = np.random.default_rng(seed)
+    batches = int(np.ceil(len(x) / batch_size))
     history = []
-    with reporter.task(description, epochs) as advance:
+    with reporter.task(description, epochs, unit="epoch") as advance:
         for _ in range(epochs):
             order = rng.permutation(len(x))
-            losses = [float(step(tf.constant(x[order[i:i + batch_size]]), tf.constant(y[order[i:i + batch_size]])))
-                      for i in range(0, len(x), batch_size)]
+            losses = []
+            for b in range(batches):
+                chosen = order[b * batch_size:(b + 1) * batch_size]
+                losses.append(float(step(tf.constant(x[chosen]), tf.constant(y[chosen]))))
+                if b + 1 < batches:  # the epoch's own advance follows the last batch
+                    advance(0, f"batch {b + 1}/{batches} loss {np.mean(losses):.4f}", partial=(b + 1) / batches)
             history.append(float(np.mean(losses)))
             advance(status=f"loss {history[-1]:.4f}")
     return history

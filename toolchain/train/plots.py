@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -60,4 +61,25 @@ def live_memory(live_bytes: list[int], arena_bytes: int | None) -> bytes:
     axes.set_title("Activation memory over the operator sequence")
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def confusion_matrix(confusion: list[list[int]], names: list[str], title: str) -> bytes:
+    """Counts per true class (rows) and predicted class (columns), each cell coloured by its share of the row:
+    a rare class's misses show as strongly as a common class's, whatever the counts."""
+    counts = np.asarray(confusion, dtype=float)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = min(3 + 0.45 * len(names), 14)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    if len(names) <= 30:  # beyond that the numbers no longer fit their cells
+        for (t, p), n in np.ndenumerate(counts):
+            axes.text(p, t, f"{n:.0f}", ha="center", va="center", fontsize=7,
+                      color="white" if shares[t, p] > 0.5 else "black")
+    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(names)), names, fontsize=7)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=axes, label="share of the true class")
     return _png(figure)

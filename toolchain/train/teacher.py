@@ -8,15 +8,20 @@ that TFLite Micro cannot allocate).
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgecc.data import Dataset
+from edgecc.classmetrics import score
+from edgecc.data import Dataset, class_weights, validation_split
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
-from edgecc.recipe import ModelSection, TrainSection
+from edgecc.recipe import ModelSection, TaskSection, TrainSection
 from edgecc.train.tf import keras as _keras
 
 SPECIAL_TOKENS = frozenset({"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"})  # never dropped to [UNK]
@@ -71,8 +76,8 @@ def minilm_classifier(section: ModelSection, dataset: Dataset) -> Any:
     return keras.Model(encoder.input, logits, name="minilm_classifier")
 
 
-def load_user_model(path: Path, dataset: Dataset) -> Any:
-    """A user's `.keras` file or SavedModel directory, loaded in safe mode and rewritten into edgecc's layers.
+def load_safely(path: Path) -> Any:
+    """A `.keras` file or SavedModel directory loaded in safe mode, edgecc's layers known; EdgeccError naming it if not.
 
     HDF5 files are refused: Keras restores their Lambda layers from Python
     bytecode. For SavedModel directories Keras ignores `safe_mode`, so the safe
@@ -80,7 +85,6 @@ def load_user_model(path: Path, dataset: Dataset) -> Any:
     """
     keras = _keras()
     import edgecc.train.layers  # noqa: F401  (registers edgecc's layers for deserialisation)
-    from edgecc.train.rewrite import rewrite_model
     from tf_keras.src.saving.serialization_lib import SafeModeScope
 
     if not path.exists():
@@ -90,10 +94,18 @@ def load_user_model(path: Path, dataset: Dataset) -> Any:
                           "(HDF5 and other formats can carry code and are refused)")
     try:
         with SafeModeScope(True):
-            model = keras.models.load_model(path, compile=False, safe_mode=True)
+            return keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as err:  # Keras raises many types for a file it cannot read
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise EdgeccError(f"{path} is not a Keras model edgecc can load: {reason}") from None
+
+
+def load_user_model(path: Path, dataset: Dataset) -> Any:
+    """A user's `.keras` file or SavedModel directory, loaded in safe mode, validated against the data and
+    rewritten into edgecc's layers."""
+    from edgecc.train.rewrite import rewrite_model
+
+    model = load_safely(path)
     expected = dataset.preprocessing.input_shape
     if tuple(model.input_shape[1:]) != tuple(expected):
         raise EdgeccError(f"{path}: model input shape {model.input_shape[1:]} does not match the data's {expected}")
@@ -150,15 +162,95 @@ def _outputs_logits(model: Any) -> bool:
     return getattr(model.layers[-1], "activation", None) is not keras.activations.softmax
 
 
-def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, reporter: Reporter) -> Any:
-    """Fit the teacher on the training split only: AdamW, cosine decay, label smoothing, augmentation."""
+@dataclass
+class _Run:
+    """Where the teacher's training stands after `epoch` finished epochs: what a checkpoint holds."""
+
+    rng: np.random.Generator
+    epoch: int = 0
+    best: float = -np.inf  # the best validation figure so far, reached after `best_epoch` epochs
+    best_epoch: int = 0
+    best_weights: list[np.ndarray] | None = None
+
+    def stopped(self, patience: int) -> bool:
+        return bool(patience) and self.best_weights is not None and self.epoch - self.best_epoch >= patience
+
+
+CHECKPOINT_FILE = "teacher.npz"
+
+
+def _save(checkpoint: Path, model: Any, run: _Run) -> None:
+    """Weights, optimizer state, best weights and where the run stands, in one file replaced atomically."""
+    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    arrays |= {f"o{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)}
+    arrays |= {f"b{i}": w for i, w in enumerate(run.best_weights or [])}
+    meta = {"epoch": run.epoch, "best": run.best, "best_epoch": run.best_epoch, "rng": run.rng.bit_generator.state}
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    temporary = checkpoint / (CHECKPOINT_FILE + ".tmp")
+    with temporary.open("wb") as file:
+        np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
+    os.replace(temporary, checkpoint / CHECKPOINT_FILE)
+
+
+def _resume(checkpoint: Path, model: Any, run: _Run) -> None:
+    """Load what _save wrote into `model`, its optimizer and `run`."""
+    path = checkpoint / CHECKPOINT_FILE
+    with np.load(path, allow_pickle=False) as saved:
+        meta = json.loads(str(saved["meta"]))
+        group = {prefix: [saved[f"{prefix}{i}"] for i in range(sum(k.startswith(prefix) for k in saved.files))]
+                 for prefix in "wob"}
+    model.optimizer.build(model.trainable_variables)
+    variables = model.optimizer.variables
+    try:
+        if len(variables) != len(group["o"]):
+            raise ValueError(f"{len(group['o'])} optimizer variables where the model has {len(variables)}")
+        model.set_weights(group["w"])
+        for variable, value in zip(variables, group["o"]):
+            variable.assign(value)
+    except ValueError as err:
+        raise EdgeccError(f"{path} is the checkpoint of another model ({str(err).splitlines()[0]}); "
+                          "delete it to train the teacher from the start") from None
+    run.rng.bit_generator.state = meta["rng"]
+    run.epoch, run.best, run.best_epoch = meta["epoch"], meta["best"], meta["best_epoch"]
+    run.best_weights = group["b"] or None
+
+
+def _heartbeat(advance: Callable[..., None], batches: int) -> Any:
+    """A Keras callback that reports each finished batch of an epoch, so a log shows a long epoch advancing."""
+    keras = _keras()
+
+    def batch_end(batch: int, logs: dict[str, float]) -> None:
+        if batch + 1 < batches:  # the epoch's own advance follows the last batch
+            advance(0, f"batch {batch + 1}/{batches} loss {logs['loss']:.3f}", partial=(batch + 1) / batches)
+
+    return keras.callbacks.LambdaCallback(on_train_batch_end=batch_end)
+
+
+def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, reporter: Reporter, *,
+          task: TaskSection, checkpoint: Path | None = None) -> Any:
+    """Fit the teacher on the training split: AdamW, cosine decay, label smoothing, augmentation, class weights.
+
+    With `section.validation_fraction`, that share of the training split (data.validation_split) is held
+    out and judged by `task.metric` after each epoch; training stops after `section.patience` epochs
+    without a better figure (an equal one is not better), and the first best epoch's weights are returned.
+    The cosine decay spans `section.epochs` whether or not it stops early. Progress: a line per epoch with
+    the validation figure, and a heartbeat after every batch.
+
+    With `checkpoint` (a folder), every finished epoch is saved there, and a later call with the same
+    folder resumes after the last saved epoch. A resumed run restores the weights, the optimizer (and so
+    the learning-rate schedule), the augmentation and shuffling generator and the best epoch: without
+    dropout it ends with the same weights as an uninterrupted run (tests/test_imbalance.py). TensorFlow's
+    dropout generator is not restored, so with dropout the bytes differ, trained as long.
+    """
     keras = _keras()
     if section.epochs == 0:
         return model
-    x, y = dataset.x[dataset.train_index], dataset.y[dataset.train_index]
+    fit_index, validation_index = validation_split(dataset, section.validation_fraction, seed)
+    x, y = dataset.x[fit_index], dataset.y[fit_index]
     targets = np.eye(dataset.num_classes, dtype=np.float32)[y]
-    steps = section.epochs * int(np.ceil(len(x) / section.batch_size))
-    schedule = keras.optimizers.schedules.CosineDecay(section.learning_rate, steps)
+    weights = class_weights(y, dataset.num_classes, section.class_weight)[y]
+    batches = int(np.ceil(len(x) / section.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(section.learning_rate, section.epochs * batches)
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=section.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(
@@ -166,14 +258,37 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
         ),
         metrics=["accuracy"],
     )
-    rng = np.random.default_rng(seed)
-    with reporter.task("training float teacher", section.epochs) as advance:
-        for _ in range(section.epochs):
+    run = _Run(np.random.default_rng(seed))
+    description = "training float teacher"
+    if checkpoint is not None and (checkpoint / CHECKPOINT_FILE).exists():
+        _resume(checkpoint, model, run)
+        reporter.info(f"resuming the teacher from epoch {run.epoch}")
+        description += f" from epoch {run.epoch}"
+    with reporter.task(description, section.epochs - run.epoch, unit="epoch") as advance:
+        while run.epoch < section.epochs and not run.stopped(section.patience):
+            order = run.rng.permutation(len(x))
             history = model.fit(
-                _augmented(x, section, dataset, rng), targets,
-                batch_size=section.batch_size, epochs=1, shuffle=True, verbose=0,
-            )
-            advance(status=f"loss {history.history['loss'][-1]:.3f} acc {history.history['accuracy'][-1]:.3f}")
+                _augmented(x, section, dataset, run.rng)[order], targets[order], sample_weight=weights[order],
+                batch_size=section.batch_size, epochs=1, shuffle=False, verbose=0,
+                callbacks=[_heartbeat(advance, batches)],
+            ).history
+            run.epoch += 1
+            status = f"loss {history['loss'][-1]:.3f} acc {history['accuracy'][-1]:.3f}"
+            if len(validation_index):
+                predicted = np.argmax(model.predict(dataset.x[validation_index], batch_size=section.batch_size,
+                                                    verbose=0), axis=-1)
+                figure = score(task.metric, task.classes, dataset.y[validation_index], predicted, dataset.label_names)
+                if figure > run.best:
+                    run.best, run.best_epoch, run.best_weights = figure, run.epoch, model.get_weights()
+                status += f" validation {task.metric} {figure:.3f} (best {run.best:.3f} at epoch {run.best_epoch})"
+            if checkpoint is not None:
+                _save(checkpoint, model, run)
+            advance(1, status)
+    if run.stopped(section.patience):
+        reporter.info(f"the teacher stopped after epoch {run.epoch}: no better validation {task.metric} in "
+                      f"{section.patience} epochs; keeping epoch {run.best_epoch}'s weights ({run.best:.3f})")
+    if run.best_weights is not None:
+        model.set_weights(run.best_weights)
     return model
 
 

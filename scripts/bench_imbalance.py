@@ -1,0 +1,205 @@
+"""Imbalanced data no recipe was tuned on: reference recipes copied as a new user would, with and without
+the imbalance handling.
+
+Data sets (read by path from ../shared/data; nothing is copied):
+- neu_det_10pct: NEU-DET steel surface defects (Song and Yan, Northeastern University; free for research),
+  `models/neu_det.toml` with 90% of the training images of five of the six classes left out through
+  `data.exclude` (their n = 25..240; crazing keeps all 240), so five defect classes have 24 training
+  images against 240. The fixed test split (n = 241..300, 60 per class) is unchanged, so every class's
+  recall is measured on 60 images. `neu_det` is the same recipe on the balanced set, for reference.
+- sms_spam: the SMS Spam Collection (Almeida and Gomez Hidalgo, UCI, CC BY 4.0), 13% spam, as it is,
+  with the from-scratch text recipe `models/trec.toml` copied to it (a seeded, stratified 20% test split).
+  No from-scratch recipe here was made for it.
+
+"with handling" is the recipe as a new user gets it now (class-weighted loss in the teacher, distillation
+and QAT; task.metric = balanced_accuracy for early stopping and the choice of the final stage); "without"
+sets train.class_weight = "none" and task.metric = "accuracy", which is what every build did before.
+Every build is `edgecc build --target rpi4` through `edgecc.build.build`; figures are on the test split
+with the TFLite interpreter. One cached rebuild (same recipe, same cache) times the teacher cache.
+
+    python scripts/bench_imbalance.py [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import tomllib
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_estimator import ROOT, write_section  # noqa: E402
+
+from edgecc.build import build  # noqa: E402
+from edgecc.progress import Reporter  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "benchmarks"
+NEU_CLASSES = ("crazing", "inclusion", "patches", "pitted_surface", "rolled-in_scale", "scratches")
+# training images n = 25..240 of every class but the first; the test split is n = 241..300
+NEU_DROPPED = [f"{c}_{n}.jpg" for c in NEU_CLASSES[1:]
+               for n in ("2[5-9]", "[3-9][0-9]", "1[0-9][0-9]", "2[0-3][0-9]", "240")]
+SMS_DATA = {"source": "text", "path": str(DATA / "sms_spam" / "SMSSpamCollection"), "format": "tsv",
+            "header": True, "label_column": "0", "text_column": "1", "encoding": "utf-8", "test_fraction": 0.2}
+WITHOUT = {"train": {"class_weight": "none"}, "task": {"metric": "accuracy"}}
+WITH = {"task": {"metric": "balanced_accuracy"}}
+
+
+def _merged(base: dict[str, Any], *changes: dict[str, Any]) -> dict[str, Any]:
+    """The base recipe's tables with each change's fields set; a None value removes a field."""
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
+    for change in changes:
+        for table, fields in change.items():
+            section = merged.setdefault(table, {})
+            for name, value in fields.items():
+                if value is None:
+                    section.pop(name, None)
+                else:
+                    section[name] = value
+    return merged
+
+
+def _toml(recipe: dict[str, Any]) -> str:
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)  # a JSON string or number is a TOML one
+
+    top = [f"{k} = {value(v)}" for k, v in recipe.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{n} = {value(x)}" for n, x in v.items())
+              for k, v in recipe.items() if isinstance(v, dict)]
+    return "\n\n".join(["\n".join(top), *tables]) + "\n"
+
+
+def recipes() -> list[tuple[str, str, dict[str, Any]]]:
+    """(data set, handling, recipe) for every build, the recipes' paths made absolute."""
+    neu = tomllib.loads((ROOT / "models" / "neu_det.toml").read_text())
+    neu["data"]["path"] = str(DATA / "neu_det" / "images")
+    trec = tomllib.loads((ROOT / "models" / "trec.toml").read_text())
+    sms = _merged(trec, {"data": {**SMS_DATA, "test_path": None, "label_pattern": None}})
+    sms["name"] = "sms-spam-transformer"
+    few = {"data": {"exclude": NEU_DROPPED}}
+    return [
+        ("neu_det", "with", _merged(neu, WITH)),
+        ("neu_det_10pct", "with", _merged(neu, few, WITH)),
+        ("neu_det_10pct", "without", _merged(neu, few, WITHOUT)),
+        ("sms_spam", "with", _merged(sms, WITH)),
+        ("sms_spam", "without", _merged(sms, WITHOUT)),
+    ]
+
+
+def _figures(record: dict[str, Any]) -> dict[str, Any]:
+    classes = record["classes"]
+    recalls = {c["name"]: c["recall"] for c in classes["per_class"] if c["recall"] is not None}
+    worst = min(recalls, key=recalls.get)
+    return {"accuracy": classes["accuracy"], "balanced_accuracy": classes["balanced_accuracy"],
+            "macro_f1": classes["macro_f1"], "worst_recall": recalls[worst], "worst_class": worst}
+
+
+def run_one(data_set: str, handling: str, recipe: dict[str, Any], work: Path, cache: Path) -> dict[str, Any]:
+    """Build one recipe for rpi4; the teacher's and the final model's figures."""
+    path = work / f"{data_set}_{handling}.toml"
+    path.write_text(_toml(recipe))
+    out = OUT / "models" / f"imbalance_{data_set}_{handling}"
+    started = time.perf_counter()
+    result = build("rpi4", path, out, Reporter(), cache=cache)
+    seconds = time.perf_counter() - started
+    manifest = result.manifest
+    stages = manifest["metrics"]["stages"]
+    final = next(r for r in stages if r["file"] == "model.tflite")
+    return {"data_set": data_set, "handling": handling, "metric": recipe.get("task", {}).get("metric", "accuracy"),
+            "seconds": round(seconds), "final_stage": final["name"], "train_counts": manifest["data"].get("examples_per_class"),
+            "teacher": _figures(stages[0]), "final": _figures(final),
+            "budgets_failed": [b["name"] for b in manifest["budgets"] if b["status"] == "fail"],
+            "warnings": manifest["warnings"], "teacher_source": manifest.get("teacher", {}).get("source")}
+
+
+def cached_rebuild(data_set: str, handling: str, recipe: dict[str, Any], work: Path, cache: Path) -> dict[str, Any]:
+    """The same recipe built again with the cache its first build filled: the time the teacher cache saves."""
+    again = run_one(data_set, handling, recipe, work, cache)
+    return {"seconds": again["seconds"], "teacher_source": again["teacher_source"]}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["data set", "imbalance handling", "recipe metric", "model", "accuracy", "balanced accuracy",
+              "worst-class recall", "build (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        for model in ("teacher", "final"):
+            f = r[model]
+            name = "float teacher" if model == "teacher" else f"final int8 ({r['final_stage']})"
+            lines.append(f"| {r['data_set']} | {r['handling']} | {r['metric']} | {name} | {f['accuracy']:.4f} | "
+                         f"{f['balanced_accuracy']:.4f} | {f['worst_recall']:.4f} ({f['worst_class']}) | "
+                         f"{r['seconds'] if model == 'final' else ''} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict[str, Any]], rebuild: dict[str, Any], first_seconds: int) -> list[str]:
+    by = {(r["data_set"], r["handling"]): r for r in rows}
+    lines = []
+    balanced, handled, unhandled = by[("neu_det", "with")], by[("neu_det_10pct", "with")], by[("neu_det_10pct", "without")]
+    gap = (balanced["final"]["worst_recall"] - handled["final"]["worst_recall"]) * 100
+    lines.append(f"neu_det_10pct with handling: final int8 worst-class recall {handled['final']['worst_recall']:.4f} "
+                 f"against {balanced['final']['worst_recall']:.4f} on the balanced set, {gap:.1f} points lower "
+                 f"({'yes' if gap <= 5 else 'NO'}, within 5 required); without handling "
+                 f"{unhandled['final']['worst_recall']:.4f}")
+    for r in rows:
+        if r["handling"] != "with":
+            continue
+        metric = r["metric"]
+        drop = (r["teacher"][metric] - r["final"][metric]) * 100
+        lines.append(f"{r['data_set']}: final int8 {metric} {r['final'][metric]:.4f} against the teacher's "
+                     f"{r['teacher'][metric]:.4f}, {drop:+.2f} points ({'yes' if drop <= 1 else 'NO'}, within 1 "
+                     "required)")
+    ratio = rebuild["seconds"] / max(first_seconds, 1)
+    lines.append(f"rebuild of neu_det_10pct with the cached teacher (teacher from: {rebuild['teacher_source']}): "
+                 f"{rebuild['seconds']} s against {first_seconds} s, {ratio:.2f} of the first build "
+                 f"({'yes' if ratio < 1 / 3 else 'NO'}, under a third required)")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    missing = [p for p in (DATA / "neu_det" / "images", DATA / "sms_spam" / "SMSSpamCollection") if not p.exists()]
+    if missing:
+        sys.exit(f"data not found: {', '.join(map(str, missing))}")
+    work = Path(tempfile.mkdtemp(prefix="edgecc-imbalance-"))
+    try:
+        cache = work / "cache"
+        rows = [run_one(d, h, r, work, cache) for d, h, r in recipes()]
+        first = next(r for r in rows if (r["data_set"], r["handling"]) == ("neu_det_10pct", "with"))
+        again = next((d, h, r) for d, h, r in recipes() if (d, h) == ("neu_det_10pct", "with"))
+        rebuild = cached_rebuild(*again, work, cache)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "imbalance.json").write_text(json.dumps({"rows": rows, "rebuild": rebuild}, indent=2) + "\n")
+    body = "\n".join([
+        "## Imbalanced data no recipe was tuned on",
+        "",
+        f"`python scripts/bench_imbalance.py`, {date.today().isoformat()}, on {platform.machine()} "
+        f"({platform.processor() or platform.system()}), 2 cores. " + " ".join(__doc__.split("\n\n")[1:3]).replace("\n", " "),
+        "",
+        table(rows),
+        "",
+        *(f"- {line}." for line in verdicts(rows, rebuild, first["seconds"])),
+        "",
+        "Training examples per class and the warnings of every build are in `benchmarks/imbalance.json`.",
+    ])
+    print(body)
+    write_section(args.out, "bench_imbalance", body)
+
+
+if __name__ == "__main__":
+    main()

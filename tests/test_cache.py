@@ -1,0 +1,146 @@
+"""The teacher cache: a rebuild reuses the trained teacher and writes the same bytes; what changes the
+teacher misses; a damaged entry is trained again; `--teacher` takes a file the user has."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from conftest import edgecc, needs_train_extra
+from edgecc.cache import TeacherCache, key_parts, teacher_key
+from edgecc.data import Dataset
+from edgecc.errors import EdgeccError
+from edgecc.progress import Reporter
+from edgecc.recipe import Recipe
+
+TINY = """name = "tiny"
+[model]
+stem_filters = [8]
+stem_strides = [2]
+dim = 16
+depth = 1
+heads = 2
+mlp_dim = 32
+[data]
+test_fraction = 0.5
+[train]
+epochs = 1
+batch_size = 64
+[compress]
+calibration_samples = 32
+"""
+TRAINING = "training float teacher"
+
+
+def tiny_build(work: Path, name: str, **options: Any) -> tuple[dict[str, Any], str, float]:
+    """Build the tiny recipe into work/name: its manifest, its log (plain lines, as in a log file) and seconds."""
+    from edgecc.build import build
+
+    recipe = work / f"{name}.toml"
+    recipe.write_text(TINY)
+    log = io.StringIO()
+    started = time.perf_counter()
+    result = build("rpi4", recipe, work / name, Reporter(console=Console(file=log, width=300)), **options)
+    return result.manifest, log.getvalue(), time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], float]:
+    """The tiny recipe built with an empty cache."""
+    needs_train_extra()
+    work = tmp_path_factory.mktemp("cache")
+    manifest, log, seconds = tiny_build(work, "first", cache=work / "cache")
+    assert manifest["teacher"]["source"] == "trained" and TRAINING in log
+    return work, manifest, seconds
+
+
+def test_a_rebuild_takes_the_teacher_from_the_cache_and_writes_the_same_bytes(first) -> None:
+    work, manifest, seconds = first
+    key = manifest["teacher"]["cache_key"]
+    entry = TeacherCache(work / "cache", key)
+    assert entry.lookup() == entry.entry / "teacher.keras" and not entry.checkpoint.exists()
+    again, log, again_seconds = tiny_build(work, "again", cache=work / "cache")
+    assert again["teacher"]["source"] == "cache" and again["teacher"]["cache_key"] == key
+    assert f"teacher: from the cache ({key[:12]})" in log and TRAINING not in log
+    assert again_seconds < seconds, (again_seconds, seconds)
+    for file in ("model.tflite", "float.tflite"):
+        assert (work / "again" / file).read_bytes() == (work / "first" / file).read_bytes(), file
+    assert f"Float teacher: from the teacher cache ({key[:12]})" in (work / "again" / "report.md").read_text()
+
+
+def test_what_determines_the_teacher_is_in_the_key_and_nothing_else(first) -> None:
+    """The build's key, recomputed: the train section, seed, data content and versions change it; where the data
+    lies and the compression stages do not."""
+    from edgecc.build import library_versions
+    from edgecc.data import load_dataset
+    from edgecc.recipe import load_recipe
+
+    work, manifest, _ = first
+    recipe = load_recipe(work / "first.toml").recipe
+    dataset = load_dataset(recipe.data, recipe.seed)
+    versions = library_versions()
+
+    def key(recipe: Recipe = recipe, dataset: Dataset = dataset, versions: dict[str, str] = versions) -> str:
+        return teacher_key(key_parts(recipe, dataset, None, versions))
+
+    assert key() == manifest["teacher"]["cache_key"]
+    flipped = dataset.y.copy()
+    flipped[dataset.train_index[0]] = (flipped[dataset.train_index[0]] + 1) % dataset.num_classes
+    missed = [key(replace(recipe, train=replace(recipe.train, learning_rate=0.003))), key(replace(recipe, seed=1)),
+              key(replace(recipe, task=replace(recipe.task, metric="macro_f1"))), key(dataset=replace(dataset, y=flipped)),
+              key(versions={**versions, "tensorflow": "0.0"})]
+    assert len({key(), *missed}) == 1 + len(missed)
+    moved = replace(recipe, data=replace(recipe.data, path="elsewhere"), compress=replace(recipe.compress, stages=("qat",)))
+    assert key(moved) == key()
+
+
+def test_a_damaged_entry_is_trained_again_with_a_warning(first) -> None:
+    from edgecc.build import float_teacher, starting_teacher
+    from edgecc.data import load_dataset
+    from edgecc.recipe import load_recipe
+
+    work, manifest, _ = first
+    damaged = work / "damaged-cache"
+    shutil.copytree(work / "cache", damaged)
+    entry = TeacherCache(damaged, manifest["teacher"]["cache_key"])
+    model = entry.entry / "teacher.keras"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    loaded = load_recipe(work / "first.toml")
+    dataset, log = load_dataset(loaded.recipe.data, loaded.recipe.seed), io.StringIO()
+    _, record = float_teacher(starting_teacher(loaded, dataset, None), loaded, dataset,
+                              Reporter(console=Console(file=log, width=300)), given=None, cache=damaged)
+    assert f"warning: the cached teacher cannot be used ({model} does not match its meta.json); training it again" \
+        in log.getvalue() and TRAINING in log.getvalue()
+    assert record["source"] == "trained" and record["cache_key"] == entry.key
+    assert entry.lookup() == model  # stored whole again
+    assert json.loads((entry.entry / "meta.json").read_text())["key"] == entry.key
+
+
+def test_a_given_teacher_is_used_as_it_is(first, tmp_path: Path) -> None:
+    work, manifest, _ = first
+    mine = tmp_path / "mine.keras"
+    shutil.copyfile(work / "cache" / "teachers" / manifest["teacher"]["cache_key"] / "teacher.keras", mine)
+    given, log, _ = tiny_build(work, "given", teacher_file=mine)
+    assert given["teacher"]["source"] == "given" and given["teacher"]["path"] == str(mine)
+    assert TRAINING not in log and "as given (not trained)" in log
+    assert given["metrics"]["stages"][0]["accuracy"] == manifest["metrics"]["stages"][0]["accuracy"]
+    (tmp_path / "not.keras").write_text("not a model")
+    with pytest.raises(EdgeccError, match=r"^--teacher: .*not\.keras is not a Keras model edgecc can load"):
+        tiny_build(work, "not", teacher_file=tmp_path / "not.keras")
+    assert not (work / "not").exists()
+
+
+def test_a_missing_teacher_file_is_bad_input_named_before_any_work(tmp_path: Path) -> None:
+    result = edgecc("build", "--target", "rpi4", "--teacher", str(tmp_path / "gone.keras"), "--out",
+                    str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"edgecc: error: --teacher: {tmp_path / 'gone.keras'} does not exist"
+    assert list(tmp_path.iterdir()) == []

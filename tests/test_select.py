@@ -1,0 +1,148 @@
+"""The choice of the final model among the build's int8 stages, the budgets each is judged by, and how they
+are shown (issue 12: the best stage that meets the budgets, each distinct model listed once)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import needs_train_extra
+from edgecc.build import Candidate, _budgets, select
+from edgecc.check import assess
+from edgecc.classmetrics import class_metrics
+from edgecc.recipe import BudgetsSection, Recipe, TaskSection
+from edgecc.report import EMPTY_ERROR_PLOT, budget_line, markdown
+
+
+def candidate(name: str, meets: bool, latency_ms: float, metric: float, size: int) -> Candidate:
+    return Candidate(name=name, meets_budgets=meets, latency_ms=latency_ms, metric=metric, bytes=size)
+
+
+# In stage order. "sparsify" is the fastest, smallest and best, but misses a budget, so it is never chosen.
+STAGES = [
+    candidate("int8 after ptq of the teacher", True, 5.0, 0.95, 400),
+    candidate("int8 after prune", True, 3.0, 0.93, 300),
+    candidate("int8 after sparsify", False, 2.0, 0.97, 200),
+    candidate("int8 after qat", True, 3.0, 0.94, 300),
+]
+
+
+@pytest.mark.parametrize(("rule", "chosen"), [
+    ("fastest", "int8 after qat"),  # 3.0 ms like prune, with the higher metric
+    ("best", "int8 after ptq of the teacher"),  # 0.95: the highest among those meeting every budget
+    ("smallest", "int8 after qat"),  # 300 bytes like prune, with the higher metric
+    ("last", "int8 after qat"),
+])
+def test_each_rule_chooses_among_the_models_that_meet_every_budget(rule: str, chosen: str) -> None:
+    selection = select(STAGES, rule)
+    assert STAGES[selection.index].name == chosen
+    assert selection.met == ("int8 after ptq of the teacher", "int8 after prune", "int8 after qat")
+    assert selection.to_json(chosen) == {"rule": rule, "chosen": chosen, "file": "model.tflite",
+                                         "meeting_every_budget": list(selection.met), "reason": selection.reason}
+
+
+def test_a_full_tie_goes_to_the_later_stage_and_reasons_are_rounded() -> None:
+    tied = [candidate("int8 after prune", True, 1 / 3, 0.9, 300), candidate("int8 after qat", True, 1 / 3, 0.9, 300)]
+    for rule in ("fastest", "best", "smallest", "last"):
+        assert select(tied, rule).index == 1
+    assert select(tied, "fastest").reason == ("the smallest estimated latency on the target (0.3333 ms) of the "
+                                              "2 model(s) that meet every budget")
+    assert select(STAGES, "best").reason.startswith("the highest task.metric (0.95) of the 3 model(s)")
+    assert select(STAGES, "smallest").reason.startswith("the fewest bytes (300) of the 3 model(s)")
+
+
+def test_when_no_model_meets_every_budget_the_last_stage_is_kept() -> None:
+    failing = [candidate(c.name, False, c.latency_ms, c.metric, c.bytes) for c in STAGES]
+    for rule in ("fastest", "best", "smallest", "last"):
+        selection = select(failing, rule)
+        assert (selection.index, selection.met) == (3, ())
+        assert "no model meets every budget" in selection.reason
+
+
+def test_stages_with_identical_bytes_are_one_model() -> None:
+    needs_train_extra()
+    from edgecc.build import distinct_models, model_name, stage_files
+    from edgecc.train.compress import Stage
+
+    def stage(name: str, content: bytes) -> Stage:
+        return Stage(name, None, content, 10, ())
+
+    # ptq after prune quantizes the same student: the same bytes, one model named after both stages
+    stages = [stage("ptq of the teacher", b"teacher"), stage("prune", b"pruned"), stage("ptq", b"pruned")]
+    models = distinct_models(stages)
+    assert [model_name(group) for group in models] == ["int8 after ptq of the teacher", "int8 after prune = ptq"]
+    assert stage_files(models, 1) == ["stage0_ptq_of_the_teacher.tflite", "model.tflite"]
+    assert stage_files(models, 0) == ["model.tflite", "stage1_prune_ptq.tflite"]
+    # a group is placed at its last stage, so the last model always holds the recipe's last stage
+    apart = distinct_models([stage("ptq of the teacher", b"a"), stage("sparsify", b"b"), stage("ptq", b"a")])
+    assert [model_name(group) for group in apart] == ["int8 after sparsify", "int8 after ptq of the teacher = ptq"]
+
+
+def test_every_budget_of_the_recipe_on_one_model(tiny_models) -> None:
+    """Figures recomputed by hand from 10 test labels; the target's budgets follow the recipe's."""
+    names = ("crack", "dent", "ok")
+    y = np.array([0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    teacher = class_metrics(y, y, names)  # every example right
+    student = class_metrics(y, np.array([0, 2, 1, 1, 1, 2, 2, 2, 2, 2]), names)
+    # recalls: crack 1/2, dent 3/4, ok 4/4; accuracy 8/10; balanced (0.5 + 0.75 + 1) / 3 = 0.75
+    recipe = Recipe(task=TaskSection(metric="recall", classes=("crack", "dent")),
+                    budgets=BudgetsSection(min_accuracy=0.8, max_accuracy_drop=10.0, min_balanced_accuracy=0.8,
+                                           min_recall={"dent": 0.75, "crack": 0.6}, max_metric_drop=50.0))
+    fit = assess(tiny_models["vit_int8"].read_bytes(), "rpi4")
+    budgets = _budgets(recipe, teacher, student, fit)
+    figures = [(b["name"], b["value"], b["limit"], b["status"]) for b in budgets[:6]]
+    assert figures == [
+        ("int8 accuracy", 0.8, ">= 0.8", "pass"),
+        ("accuracy drop", 20.0, "<= 10.0", "fail"),
+        ("int8 balanced accuracy", pytest.approx(0.75), ">= 0.8", "fail"),
+        ("int8 recall of 'dent'", 0.75, ">= 0.75", "pass"),
+        ("int8 recall of 'crack'", 0.5, ">= 0.6", "fail"),
+        ("recall drop", 50.0, "<= 50.0", "pass"),  # the lowest recall of crack and dent: 1.0 -> 0.5
+    ]
+    assert [b["name"] for b in budgets[6:]] == [f"{b.name} on rpi4" for b in fit.budgets]
+    # budgets the recipe leaves at their default are not listed, except the accuracy floor and drop
+    assert [b["name"] for b in _budgets(Recipe(), teacher, student, fit)[:3]] == \
+        ["int8 accuracy", "accuracy drop", "operators on rpi4"]
+
+
+def test_budget_lines_are_rounded_for_people() -> None:
+    assert budget_line({"name": "int8 accuracy", "value": 0.9166666666666666, "unit": "", "limit": ">= 0.95"}) == \
+        "int8 accuracy is 0.9167, limit >= 0.95"
+    assert budget_line({"name": "accuracy drop", "value": 2.3809523, "unit": "points", "limit": "<= 1.0"}) == \
+        "accuracy drop is 2.381 points, limit <= 1 points"
+    assert budget_line({"name": "int8 recall of 'pit'", "value": None, "unit": "", "limit": ">= 0.5"}) == \
+        "int8 recall of 'pit' is not measured, limit >= 0.5"
+    assert budget_line({"name": "RAM on esp32-s3", "value": 393216, "unit": "bytes", "limit": "<= 327680"}) == \
+        "RAM on esp32-s3 is 384.0 KiB, limit <= 320.0 KiB"
+
+
+def test_the_default_build_says_which_model_it_chose_and_why(default_build) -> None:
+    out, manifest, _ = default_build
+    records = manifest["metrics"]["stages"]
+    assert [(r["name"], r["file"]) for r in records] == [("float teacher", "float.tflite"),
+                                                         ("int8 after ptq", "model.tflite")]
+    final = records[1]
+    assert manifest["selection"] == {
+        "rule": "fastest", "chosen": "int8 after ptq", "file": "model.tflite", "meeting_every_budget": ["int8 after ptq"],
+        "reason": f"the smallest estimated latency on the target ({final['target_latency_ms']:.4g} ms) of the 1 "
+                  "model(s) that meet every budget"}
+    assert final["meets_budgets"] is True and final["budgets"] == manifest["budgets"]
+    assert final["target_latency_ms"] == manifest["target_check"]["latency"]["estimate_ms"]
+    assert manifest["metrics"]["task_metric"] == {"name": "accuracy", "classes": [],
+                                                  "float": manifest["metrics"]["float_accuracy"],
+                                                  "int8": manifest["metrics"]["int8_accuracy"]}
+    report = (out / "report.md").read_text()
+    assert "model.tflite is int8 after ptq (compress.select = 'fastest'): the smallest estimated latency" in report
+    assert f"| int8 after ptq | model.tflite | {final['accuracy']:.4f} | {final['target_latency_ms']:.4g} ms | yes |" \
+        in report
+    html = (out / "report.html").read_text()
+    assert '<img alt="Confusion matrix of the final model' in html
+    assert '<img alt="Relative RMS error of each int8 operator output' in html and EMPTY_ERROR_PLOT not in html
+
+
+def test_an_error_plot_with_every_error_zero_is_replaced_by_a_warning(default_build) -> None:
+    _, manifest, _ = default_build
+    zeros = [{**e, "relative_rms_error": 0.0} for e in manifest["quantization_error"]]
+    report = markdown({**manifest, "quantization_error": zeros})
+    assert f"No plot: {EMPTY_ERROR_PLOT}." in report
+    assert "(plot in report.html: Relative RMS error" not in report

