@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_train_extra
-from edgecc.build import Candidate, _budgets, select
+from edgecc.selection import Candidate, budget_verdicts, select
 from edgecc.check import assess
 from edgecc.classmetrics import class_metrics
 from edgecc.recipe import BudgetsSection, Recipe, TaskSection
@@ -61,7 +61,7 @@ def test_when_no_model_meets_every_budget_the_last_stage_is_kept() -> None:
 
 def test_stages_with_identical_bytes_are_one_model() -> None:
     needs_train_extra()
-    from edgecc.build import distinct_models, model_name, stage_files
+    from edgecc.selection import distinct_models, model_name, stage_files
     from edgecc.train.compress import Stage
 
     def stage(name: str, content: bytes) -> Stage:
@@ -89,7 +89,7 @@ def test_every_budget_of_the_recipe_on_one_model(tiny_models) -> None:
                     budgets=BudgetsSection(min_accuracy=0.8, max_accuracy_drop=10.0, min_balanced_accuracy=0.8,
                                            min_recall={"dent": 0.75, "crack": 0.6}, max_metric_drop=50.0))
     fit = assess(tiny_models["vit_int8"].read_bytes(), "rpi4")
-    budgets = _budgets(recipe, teacher, student, fit)
+    budgets = budget_verdicts(recipe, teacher, student, fit)
     figures = [(b["name"], b["value"], b["limit"], b["status"]) for b in budgets[:6]]
     assert figures == [
         ("int8 accuracy", 0.8, ">= 0.8", "pass"),
@@ -101,7 +101,7 @@ def test_every_budget_of_the_recipe_on_one_model(tiny_models) -> None:
     ]
     assert [b["name"] for b in budgets[6:]] == [f"{b.name} on rpi4" for b in fit.budgets]
     # budgets the recipe leaves at their default are not listed, except the accuracy floor and drop
-    assert [b["name"] for b in _budgets(Recipe(), teacher, student, fit)[:3]] == \
+    assert [b["name"] for b in budget_verdicts(Recipe(), teacher, student, fit)[:3]] == \
         ["int8 accuracy", "accuracy drop", "operators on rpi4"]
 
 

@@ -1,0 +1,142 @@
+"""Which int8 model of a build becomes model.tflite: every distinct model judged against every budget.
+
+The stages can leave the same bytes twice (`ptq` after `prune` quantizes the student `prune` already
+quantized): those are one model, named after every stage that made it. Each distinct model gets the
+recipe's budgets and the target's; the recipe's rule (compress.select) chooses among the models that
+meet them all, so a later stage that loses accuracy does not replace an earlier one that met every budget.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from edgecc.check import Assessment
+from edgecc.classmetrics import ClassMetrics
+from edgecc.recipe import Recipe
+
+if TYPE_CHECKING:
+    from edgecc.train.compress import Stage
+
+INT8_MODEL = "model.tflite"
+
+def _floor(name: str, value: float | None, limit: float, detail: str) -> dict[str, Any]:
+    """A figure that must reach `limit`; one that cannot be measured (None) fails."""
+    ok = value is not None and value >= limit
+    return {"name": name, "value": value, "unit": "", "limit": f">= {limit}", "status": "pass" if ok else "fail",
+            "detail": detail}
+
+
+def _drop(name: str, teacher: float, student: float, limit: float, detail: str) -> dict[str, Any]:
+    """Points the int8 model loses against the float teacher, at most `limit`."""
+    drop = (teacher - student) * 100
+    return {"name": name, "value": round(drop, 3), "unit": "points", "limit": f"<= {limit}",
+            "status": "pass" if drop <= limit + 1e-9 else "fail", "detail": detail}
+
+
+def budget_verdicts(recipe: Recipe, teacher: ClassMetrics, student: ClassMetrics, fit: Assessment) -> list[dict[str, Any]]:
+    """The recipe's budgets on one int8 model and the target check's, each with its figure and verdict.
+
+    The accuracy floor and drop are always listed; the other budgets of the recipe when it sets them.
+    """
+    b, task = recipe.budgets, recipe.task
+    split = "test split, TFLite interpreter"
+    budgets = [_floor("int8 accuracy", student.score("accuracy"), b.min_accuracy, split),
+               _drop("accuracy drop", teacher.score("accuracy"), student.score("accuracy"), b.max_accuracy_drop,
+                     "float minus int8 TFLite")]
+    if b.min_balanced_accuracy:
+        budgets.append(_floor("int8 balanced accuracy", student.score("balanced_accuracy"), b.min_balanced_accuracy,
+                              f"mean recall over the classes, {split}"))
+    if b.min_macro_f1:
+        budgets.append(_floor("int8 macro-F1", student.score("macro_f1"), b.min_macro_f1,
+                              f"mean F1 over the classes, {split}"))
+    recalls = {c.name: c.recall for c in student.classes}
+    for name, limit in b.min_recall.items():
+        budgets.append(_floor(f"int8 recall of '{name}'", recalls[name], limit,
+                              split if recalls[name] is not None else "no test example of this class to measure it"))
+    if b.max_metric_drop is not None:
+        budgets.append(_drop(f"{task.metric} drop", teacher.score(task.metric, task.classes),
+                             student.score(task.metric, task.classes), b.max_metric_drop,
+                             "task.metric, float minus int8 TFLite"))
+    for budget in fit.budgets:
+        budgets.append({"name": f"{budget.name} on {fit.target.name}", "value": round(budget.value, 3),
+                        "unit": budget.unit, "limit": f"<= {budget.limit:g}",
+                        "status": "pass" if budget.ok else "fail", "detail": budget.detail})
+    return budgets
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """One distinct int8 model of the build, as the choice of the final model sees it."""
+
+    name: str
+    meets_budgets: bool
+    latency_ms: float  # estimated on the target
+    metric: float  # task.metric on the test split
+    bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """Which candidate becomes model.tflite, by which rule, and why."""
+
+    index: int
+    rule: str
+    met: tuple[str, ...]  # the candidates that meet every budget
+    reason: str
+
+    def to_json(self, chosen: str) -> dict[str, Any]:
+        return {"rule": self.rule, "chosen": chosen, "file": INT8_MODEL, "meeting_every_budget": list(self.met),
+                "reason": self.reason}
+
+
+# Per rule (recipe.SELECT_RULES), the order that puts the chosen candidate first; a later candidate wins a tie.
+RULES: dict[str, Callable[[Candidate], tuple[float, ...]]] = {
+    "fastest": lambda c: (c.latency_ms, -c.metric),
+    "best": lambda c: (-c.metric, c.latency_ms),
+    "smallest": lambda c: (c.bytes, -c.metric),
+    "last": lambda c: (),
+}
+
+
+def select(candidates: list[Candidate], rule: str) -> Selection:
+    """The final model by the recipe's rule among the candidates (in stage order) that meet every budget.
+
+    When none does, the last candidate (the recipe's last stage), and the build fails on its budgets.
+    """
+    met = [i for i, c in enumerate(candidates) if c.meets_budgets]
+    names = tuple(candidates[i].name for i in met)
+    if not met:
+        return Selection(index=len(candidates) - 1, rule=rule, met=(),
+                         reason="no model meets every budget: the recipe's last stage is kept")
+    index = min(met, key=lambda i: (*RULES[rule](candidates[i]), -i))
+    c = candidates[index]
+    why = {"fastest": f"the smallest estimated latency on the target ({c.latency_ms:.4g} ms)",
+           "best": f"the highest task.metric ({c.metric:.4g})",
+           "smallest": f"the fewest bytes ({c.bytes:,})",
+           "last": "the latest stage"}[rule]
+    return Selection(index=index, rule=rule, met=names,
+                     reason=f"{why} of the {len(met)} model(s) that meet every budget")
+
+
+def distinct_models(stages: list[Stage]) -> list[tuple[Stage, ...]]:
+    """The stages grouped by identical int8 bytes (a `ptq` after `prune` quantizes the same student: one model),
+    in the order of each group's last stage, so that the last group holds the recipe's last stage."""
+    groups: dict[bytes, list[int]] = {}
+    for i, stage in enumerate(stages):
+        groups.setdefault(stage.int8, []).append(i)
+    return [tuple(stages[i] for i in group) for group in sorted(groups.values(), key=lambda group: group[-1])]
+
+
+def model_name(group: tuple[Stage, ...]) -> str:
+    """'int8 after prune = ptq': every stage that produced this model."""
+    return "int8 after " + " = ".join(stage.name for stage in group)
+
+
+def stage_files(models: list[tuple[Stage, ...]], chosen: int) -> list[str]:
+    """The file each distinct int8 model is kept in: the chosen one is the build's model.tflite."""
+    return [INT8_MODEL if i == chosen else
+            f"stage{i}_{re.sub(r'[^a-z0-9]+', '_', '_'.join(stage.name for stage in group))}.tflite"
+            for i, group in enumerate(models)]
