@@ -134,11 +134,13 @@ def test_collapse_warning_fires_on_the_collapsed_model_only(weighted_and_unweigh
 
 
 def test_early_stopping_stops_when_the_validation_figure_stalls(digits: Dataset) -> None:
-    """A learning rate too small to change a prediction: epoch 1 is the best, two more without a better figure."""
+    """A learning rate too small to change a prediction: epoch 5 of 10, the first one judged, is the best,
+    then two more without a better figure."""
     data = replace(digits, train_index=digits.train_index[:200])
     reporter = Recording()
     teacher(data, reporter, epochs=10, learning_rate=1e-9, validation_fraction=0.2, patience=2)
-    assert reporter.epochs == 3 and "stopped after epoch 3" in reporter.lines[-1], reporter.lines
+    assert reporter.epochs == 7 and "stopped after epoch 7" in reporter.lines[-1], reporter.lines
+    assert "keeping epoch 5's weights" in reporter.lines[-1], reporter.lines
 
 
 def test_an_interrupted_teacher_resumes_from_its_last_epoch(digits: Dataset, tmp_path: Path) -> None:

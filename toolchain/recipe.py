@@ -158,9 +158,10 @@ class TrainSection:
     validation_fraction: float = spec(0.1, minimum=0.0, maximum=0.5,
                                       doc="share of the training split held out to judge the teacher by task.metric "
                                           "after each epoch (stratified, seeded; signals: the end of each "
-                                          "recording's training part); the best epoch's weights are kept; 0: off")
+                                          "recording's training part); the best epoch of the second half is kept; 0: off")
     patience: int = spec(10, minimum=0, doc="stop the teacher after this many epochs without a better "
-                                            "validation figure; 0: run every epoch")
+                                            "validation figure, counted from half way through the epochs "
+                                            "(the first half runs at a high learning rate); 0: run every epoch")
 
 
 @dataclass(frozen=True)
