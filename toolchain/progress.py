@@ -87,8 +87,8 @@ class Reporter:
         self.interval = interval
 
     def info(self, message: str) -> None:
-        if not self.quiet:
-            self.console.print(message, highlight=False)
+        if not self.quiet:  # soft_wrap: a line in a log stays one line (rich would wrap it at 80 columns)
+            self.console.print(message, highlight=False, soft_wrap=True)
 
     def warning(self, message: str) -> None:
         """A line a person must see even in a log (not hidden by a bar), without rich markup in the message."""
