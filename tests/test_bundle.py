@@ -59,7 +59,7 @@ def test_html_report_is_self_contained_with_its_plots(default_build) -> None:
     page = _Page()
     page.feed(text)
     assert page.references == []
-    assert len(page.images) == 4
+    assert len(page.images) == 5  # accuracy vs size, confusion matrix, latency, memory, error per operator
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

@@ -70,6 +70,7 @@ def test_a_rebuild_takes_the_teacher_from_the_cache_and_writes_the_same_bytes(fi
     again, log, again_seconds = tiny_build(work, "again", cache=work / "cache")
     assert again["teacher"]["source"] == "cache" and again["teacher"]["cache_key"] == key
     assert f"teacher: from the cache ({key[:12]})" in log and TRAINING not in log
+    assert "compression stages: from the cache" in log and "compressing" in log
     assert again_seconds < seconds, (again_seconds, seconds)
     for file in ("model.tflite", "float.tflite"):
         assert (work / "again" / file).read_bytes() == (work / "first" / file).read_bytes(), file
@@ -144,3 +145,17 @@ def test_a_missing_teacher_file_is_bad_input_named_before_any_work(tmp_path: Pat
     assert result.returncode == 2
     assert result.stderr.strip() == f"edgecc: error: --teacher: {tmp_path / 'gone.keras'} does not exist"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_stages_key_follows_the_teacher_and_the_compress_section_but_not_select() -> None:
+    from dataclasses import asdict, replace
+
+    from edgecc.cache import stages_key
+    from edgecc.recipe import CompressSection
+
+    compress = CompressSection(stages=("prune", "qat"))
+    key = stages_key("teacher-a", asdict(compress))
+    assert key == stages_key("teacher-a", asdict(replace(compress, select="best")))
+    changed = [stages_key("teacher-b", asdict(compress)), stages_key("teacher-a", asdict(replace(compress, head_fraction=0.75))),
+               stages_key("teacher-a", asdict(replace(compress, stages=("prune", "ptq"))))]
+    assert len({key, *changed}) == 4

@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,13 +29,14 @@ from edgecc.data import Dataset, load_dataset
 if TYPE_CHECKING:
     from edgecc.train.compress import Stage
 from edgecc.bundle import write_board_files
-from edgecc.cache import DamagedEntry, TeacherCache, check_cache_folder, key_parts, teacher_key
+from edgecc.cache import (DamagedEntry, StagesCache, TeacherCache, check_cache_folder, key_parts, stages_key,
+                          teacher_key)
 from edgecc.edgetpu import plan_edgetpu
 from edgecc.errors import EdgeccError, one_line
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
 from edgecc.progress import Reporter
 from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
-from edgecc.recipe import LoadedRecipe, TaskSection, check_class_names, load_recipe, model_path
+from edgecc.recipe import LoadedRecipe, Recipe, TaskSection, check_class_names, load_recipe, model_path
 from edgecc.runtime import Model
 from edgecc.selection import (INT8_MODEL, Candidate, budget_verdicts, distinct_models, model_name, select,
                               stage_files)
@@ -245,6 +246,32 @@ def float_teacher(model: Any, loaded: LoadedRecipe, dataset: Dataset, reporter: 
     return model, {**record, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibration: np.ndarray, reporter: Reporter,
+                      *, cache: Path | None, key: str | None) -> list[Any]:
+    """The recipe's compression stages of `teacher` (whose cache key is `key`): from the cache when this
+    teacher's stages with this compress section are there (nothing is trained), else run and stored there."""
+    from edgecc.train.compress import run_stages
+
+    if cache is None or key is None:  # no cache, or a --teacher file the cache has no key for
+        return run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter)
+    entry = StagesCache(cache, stages_key(key, asdict(recipe.compress)))
+    try:
+        found = entry.lookup()
+    except DamagedEntry as err:
+        reporter.warning(f"the cached stages cannot be used ({one_line(err)}); running them again")
+        entry.discard()
+        found = None
+    if found is not None:
+        reporter.info(f"compression stages: from the cache ({entry.key[:12]})")
+        return found
+    stages = run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter)
+    try:
+        entry.store(stages)
+    except OSError as err:
+        reporter.warning(f"the stages could not be stored in the cache {cache}: {one_line(err)}")
+    return stages
+
+
 def build(target_name: str, recipe_path: Path | None = None, out: Path | None = None,
           reporter: Reporter | None = None, *, sign_key: Path | None = None,
           teacher_file: Path | None = None, cache: Path | None = None) -> BuildResult:
@@ -269,7 +296,6 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     dataset = load_dataset(recipe.data, recipe.seed, loaded.path.parent)
     check_class_names(recipe, dataset.label_names)
 
-    from edgecc.train.compress import run_stages
     from edgecc.train.convert import to_float_tflite
     from edgecc.train.teacher import inference_graph
 
@@ -284,7 +310,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     calibration = dataset.x[rng.choice(dataset.train_index, size=count, replace=False)]
     reporter.info(f"compressing: {' -> '.join(recipe.compress.stages)} (int8 calibrated on {count} training examples)")
     float_bytes = to_float_tflite(inference_graph(teacher))
-    stages = run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter)
+    stages = compressed_stages(teacher, dataset, recipe, calibration, reporter, cache=cache,
+                               key=teacher_record.get("cache_key"))
     if recipe.compress.stages != ("ptq",):
         stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
     models = distinct_models(stages)

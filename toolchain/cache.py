@@ -1,8 +1,11 @@
 """The teacher cache: a trained float teacher is kept, keyed by everything that determines it, so a rebuild
-(another target, other budgets or compression stages) skips the longest step of a build.
+(another target, other budgets or compression stages) skips the longest step of a build; and the
+compression stages' int8 models, keyed by the teacher's key and the compress section, so a rebuild of
+the same recipe (another target, other budgets) trains nothing at all.
 
 Layout under the cache folder: `teachers/<key>/teacher.keras` and `meta.json`, replaced as a whole
-(emit.atomic_directory), and `teachers/<key>.partial`, the checkpoint an interrupted training resumes from.
+(emit.atomic_directory), and `teachers/<key>.partial`, the checkpoint an interrupted training resumes from;
+`stages/<key>/stage<i>.tflite` and `meta.json`.
 The key is a sha256 of the recipe's model, data (paths left out: the data's content is fingerprinted
 instead), task and train sections, the seed, the user's model file's content and the library versions
 that change training. No TensorFlow here: the TF side (saving, loading in safe mode) is the caller's.
@@ -127,6 +130,66 @@ class TeacherCache:
 
     def discard(self) -> None:
         """Remove a damaged entry, so that the teacher trained instead can take its place."""
+        shutil.rmtree(self.entry, ignore_errors=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachedStage:
+    """What a build needs of a compression stage it does not run again: no student, its int8 model."""
+
+    name: str
+    int8: bytes
+    parameters: int
+    distill_losses: tuple[float, ...]
+    student: None = None
+
+
+def stages_key(teacher: str, compress: dict[str, Any]) -> str:
+    """The stages depend on the teacher (whose key covers seed, data, train section and versions) and on
+    the compress section; `select` only chooses among them, so it is left out."""
+    stages = {name: value for name, value in compress.items() if name != "select"}
+    return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StagesCache:
+    """The int8 models of one teacher's compression stages."""
+
+    root: Path
+    key: str
+
+    @property
+    def entry(self) -> Path:
+        return self.root / "stages" / self.key
+
+    def lookup(self) -> list[CachedStage] | None:
+        """The cached stages in order, None when there are none; DamagedEntry when they cannot be trusted."""
+        if not self.entry.exists():
+            return None
+        try:
+            meta = json.loads((self.entry / META_FILE).read_text(encoding="utf-8"))
+            stages = []
+            for i, stage in enumerate(meta["stages"]):
+                content = (self.entry / f"stage{i}.tflite").read_bytes()
+                if meta["key"] != self.key or hashlib.sha256(content).hexdigest() != stage["sha256"]:
+                    raise DamagedEntry(f"{self.entry / f'stage{i}.tflite'} does not match its {META_FILE}")
+                stages.append(CachedStage(name=stage["name"], int8=content, parameters=int(stage["parameters"]),
+                                          distill_losses=tuple(float(v) for v in stage["distill_losses"])))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DamagedEntry(f"{self.entry} cannot be read: {err}") from None
+        return stages
+
+    def store(self, stages: list[Any]) -> None:
+        """Write every stage's int8 model and meta.json as a whole."""
+        with atomic_directory(self.entry) as staging:
+            for i, stage in enumerate(stages):
+                (staging / f"stage{i}.tflite").write_bytes(stage.int8)
+            write_json(staging / META_FILE, {"key": self.key, "stages": [
+                {"name": stage.name, "parameters": stage.parameters, "distill_losses": list(stage.distill_losses),
+                 "sha256": hashlib.sha256(stage.int8).hexdigest()} for stage in stages]})
+
+    def discard(self) -> None:
         shutil.rmtree(self.entry, ignore_errors=True)
 
 
