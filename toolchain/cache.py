@@ -89,20 +89,32 @@ class DamagedEntry(Exception):
 
 
 @dataclass(frozen=True)
-class TeacherCache:
-    """One key's place in a cache folder."""
+class _Entry:
+    """One key's place in one kind of a cache folder's entries."""
 
     root: Path
     key: str
+    kind = ""  # the sub-folder of this kind of entry
 
     @property
     def entry(self) -> Path:
-        return self.root / "teachers" / self.key
+        return self.root / self.kind / self.key
+
+    def discard(self) -> None:
+        """Remove a damaged entry, so that what is made again can take its place."""
+        shutil.rmtree(self.entry, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class TeacherCache(_Entry):
+    """A trained float teacher."""
+
+    kind = "teachers"
 
     @property
     def checkpoint(self) -> Path:
         """Where training keeps what it needs to resume after an interruption."""
-        return self.root / "teachers" / f"{self.key}.partial"
+        return self.root / self.kind / f"{self.key}.partial"
 
     def lookup(self) -> Path | None:
         """The cached teacher.keras, None when there is none; DamagedEntry saying why when it cannot be trusted."""
@@ -128,10 +140,6 @@ class TeacherCache:
             })
         shutil.rmtree(self.checkpoint, ignore_errors=True)
 
-    def discard(self) -> None:
-        """Remove a damaged entry, so that the teacher trained instead can take its place."""
-        shutil.rmtree(self.entry, ignore_errors=True)
-
 
 @dataclass(frozen=True, kw_only=True)
 class CachedStage:
@@ -153,15 +161,10 @@ def stages_key(teacher: str, compress: dict[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
-class StagesCache:
+class StagesCache(_Entry):
     """The int8 models of one teacher's compression stages."""
 
-    root: Path
-    key: str
-
-    @property
-    def entry(self) -> Path:
-        return self.root / "stages" / self.key
+    kind = "stages"
 
     def lookup(self) -> list[CachedStage] | None:
         """The cached stages in order, None when there are none; DamagedEntry when they cannot be trusted."""
@@ -188,9 +191,6 @@ class StagesCache:
             write_json(staging / META_FILE, {"key": self.key, "stages": [
                 {"name": stage.name, "parameters": stage.parameters, "distill_losses": list(stage.distill_losses),
                  "sha256": hashlib.sha256(stage.int8).hexdigest()} for stage in stages]})
-
-    def discard(self) -> None:
-        shutil.rmtree(self.entry, ignore_errors=True)
 
 
 def check_cache_folder(root: Path) -> None:
