@@ -15,15 +15,17 @@ Data sets (read by path from ../shared/data; nothing is copied):
 and QAT; task.metric = balanced_accuracy for early stopping and the choice of the final stage); "without"
 sets train.class_weight = "none" and task.metric = "accuracy", which is what every build did before.
 Every build is `edgecc build --target rpi4` through `edgecc.build.build`; figures are on the test split
-with the TFLite interpreter. One cached rebuild (same recipe, same cache) times the teacher cache.
+with the TFLite interpreter. One rebuild of neu_det_10pct with the cache its first build filled (teacher and
+stages) times the cache.
 
-    python scripts/bench_imbalance.py [--out BENCHMARKS.md]
+    python scripts/bench_imbalance.py [--out BENCHMARKS.md] [--from-json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -161,39 +163,62 @@ def verdicts(rows: list[dict[str, Any]], rebuild: dict[str, Any], first_seconds:
                      f"{r['teacher'][metric]:.4f}, {drop:+.2f} points ({'yes' if drop <= 1 else 'NO'}, within 1 "
                      "required)")
     ratio = rebuild["seconds"] / max(first_seconds, 1)
-    lines.append(f"rebuild of neu_det_10pct with the cached teacher (teacher from: {rebuild['teacher_source']}): "
+    lines.append(f"rebuild of neu_det_10pct from the cache (teacher from: {rebuild['teacher_source']}): "
                  f"{rebuild['seconds']} s against {first_seconds} s, {ratio:.2f} of the first build "
                  f"({'yes' if ratio < 1 / 3 else 'NO'}, under a third required)")
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    args = parser.parse_args()
-    missing = [p for p in (DATA / "neu_det" / "images", DATA / "sms_spam" / "SMSSpamCollection") if not p.exists()]
-    if missing:
-        sys.exit(f"data not found: {', '.join(map(str, missing))}")
+def host() -> str:
+    """The CPU model and whether it has int8 dot-product instructions (VNNI), which set TFLite's int8 speed."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    vnni = [name for name in ("avx512_vnni", "avx_vnni") if name in flags]
+    return f"{model}, {os.cpu_count()} cores, int8 ISA: {', '.join(vnni) if vnni else 'no VNNI'}"
+
+
+def measure() -> dict[str, Any]:
+    """Every build of `recipes()` and the cached rebuild, with the date and the machine."""
     work = Path(tempfile.mkdtemp(prefix="edgecc-imbalance-"))
     try:
         cache = work / "cache"
         rows = [run_one(d, h, r, work, cache) for d, h, r in recipes()]
-        first = next(r for r in rows if (r["data_set"], r["handling"]) == ("neu_det_10pct", "with"))
         again = next((d, h, r) for d, h, r in recipes() if (d, h) == ("neu_det_10pct", "with"))
         rebuild = cached_rebuild(*again, work, cache)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "imbalance.json").write_text(json.dumps({"rows": rows, "rebuild": rebuild}, indent=2) + "\n")
+    return {"date": date.today().isoformat(), "host": host(), "rows": rows, "rebuild": rebuild}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--from-json", action="store_true",
+                        help="write the section from benchmarks/imbalance.json, the last run's rows, without building")
+    args = parser.parse_args()
+    if args.from_json:
+        result = json.loads((OUT / "imbalance.json").read_text())
+    else:
+        missing = [p for p in (DATA / "neu_det" / "images", DATA / "sms_spam" / "SMSSpamCollection") if not p.exists()]
+        if missing:
+            sys.exit(f"data not found: {', '.join(map(str, missing))}")
+        result = measure()
+        OUT.mkdir(exist_ok=True)
+        (OUT / "imbalance.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = result["rows"]
+    first = next(r for r in rows if (r["data_set"], r["handling"]) == ("neu_det_10pct", "with"))
     body = "\n".join([
         "## Imbalanced data no recipe was tuned on",
         "",
-        f"`python scripts/bench_imbalance.py`, {date.today().isoformat()}, on {platform.machine()} "
-        f"({platform.processor() or platform.system()}), 2 cores. " + " ".join(__doc__.split("\n\n")[1:3]).replace("\n", " "),
+        f"`python scripts/bench_imbalance.py`, {result['date']}, on {result['host']}.",
+        "",
+        *"\n\n".join(__doc__.split("\n\n")[1:3]).splitlines(),
         "",
         table(rows),
         "",
-        *(f"- {line}." for line in verdicts(rows, rebuild, first["seconds"])),
+        *(f"- {line}." for line in verdicts(rows, result["rebuild"], first["seconds"])),
         "",
         "Training examples per class and the warnings of every build are in `benchmarks/imbalance.json`.",
     ])
