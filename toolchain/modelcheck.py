@@ -276,7 +276,11 @@ def _check_graph(model: Any, content: bytes) -> None:
             _indices(op.outputs, len(tensors), f"{where}'s outputs", optional=True)
             _indices(op.intermediates, len(tensors), f"{where}'s intermediates", optional=False)
             code = model.operatorCodes[op.opcodeIndex]
-            _same_type(builtins[max(code.builtinCode, code.deprecatedBuiltinCode)], op, tensors, types, where)
+            kind = builtins[max(code.builtinCode, code.deprecatedBuiltinCode)]
+            if kind != "CUSTOM" and op.inputs is not None and len(op.inputs) and op.inputs[0] == -1:
+                # no builtin operator's first input is optional; LiteRT's RSQRT read one and crashed (SIGSEGV)
+                _fail(f"{where} ({kind})'s first input is -1, no tensor; only a later input may be optional")
+            _same_type(kind, op, tensors, types, where)
             for options in (op.builtinOptions, op.builtinOptions2):
                 for name, value in vars(options).items() if options is not None else ():
                     if name.endswith("SubgraphIndex") and not 0 <= value < len(subgraphs):
