@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from conftest import needs_train_extra
 
 from edgecc.train.convert import to_int8_tflite
-from edgecc.edgetpu import (EDGETPU_OPS, PREDICTION, operator_problem, parse_compiler_log, plan_edgetpu,
-                            plan_from_compiler)
-from edgecc.reader import Graph, Operator, read_graph
+from edgecc.check import assess
+from edgecc.cost import op_costs
+from edgecc.edgetpu import (EDGETPU_OPS, PREDICTION, compiler_rejection, cpu_op_counts, operator_problem,
+                            parse_compiler_log, plan_edgetpu, plan_from_compiler)
+from edgecc.reader import Graph, Operator, Tensor, read_graph
 from edgecc.targets import EdgeTpu, Figure
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def coral(onchip_bytes: float = 8 * 2**20) -> EdgeTpu:
@@ -100,8 +109,9 @@ def test_transformer_leaves_the_edge_tpu_with_a_reason_per_op(vit: Graph) -> Non
     assert plan.segments == 1
     assert set(plan.reasons) == set(range(first, len(kinds)))
     for i in range(first + 1, len(kinds)):
-        assert plan.reasons[i] == own.get(i, f"{kinds[i]}: after the first CPU operator (op {first}), the compiler "
-                                             "maps nothing further (by default it builds a single Edge TPU subgraph)")
+        assert plan.reasons[i] == own.get(i, f"{kinds[i]}: depends on op {first}, which runs on the CPU after the "
+                                             "Edge TPU part; the compiler maps nothing further (by default it builds "
+                                             "a single Edge TPU subgraph)")
     assert plan.reasons[scores].startswith("FULLY_CONNECTED: both inputs are activations")
 
 
@@ -187,3 +197,194 @@ def test_fully_connected_maps_only_one_row_at_a_time() -> None:
     rows = _limitation("FULLY_CONNECTED", [tensor((1, 16, 64)), tensor((1, 64), True)], [tensor((1, 16, 1))])
     assert rows is not None and "not one-dimensional" in rows
     assert _limitation("FULLY_CONNECTED", [tensor((1, 64)), tensor((10, 64), True)], [tensor((1, 10))]) is None
+
+
+# --- The predictor against the real compiler, and each rule on a small model built here (no TensorFlow) ---
+
+MIRROR = Path(os.environ.get("EDGECC_CORAL_TEST_DATA", "/work/.mirror/google-coral+test_data/repo"))
+
+
+def test_prediction_agrees_with_the_real_compiler_on_every_pair() -> None:
+    """google-coral/test_data's CPU models beside the _edgetpu.tflite files Coral's compiler made from them."""
+    if not (MIRROR / "HEAD").exists():
+        pytest.skip(f"no google-coral/test_data git snapshot at {MIRROR} (set EDGECC_CORAL_TEST_DATA to one)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_edgetpu import score
+
+    scores = score(MIRROR)
+    assert len(scores) >= 14  # the pairs the snapshot holds today, co-compiled files aside
+    assert [(s.pair, s.differences()) for s in scores if not s.agree] == []
+    # the pipeline models (float or custom post-processing) are among them, with their tails on the CPU
+    assert any(s.compiler == {"CUSTOM:PosenetDecoderOp": 1} for s in scores)
+    assert any("CAST" in s.compiler for s in scores)
+
+
+def tflite(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray | None]],
+           ops: list[tuple[str, list[int], list[int], object]], inputs: list[int], outputs: list[int],
+           version: int = 1) -> bytes:
+    """A one-subgraph TFLite model: tensors (name, type, shape, constant data or None), ops (builtin, inputs,
+    outputs, options object or a custom operator's name)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT()
+    model.version, model.buffers, model.operatorCodes = 3, [schema.BufferT()], []
+    subgraph = schema.SubGraphT()
+    subgraph.tensors, subgraph.operators, subgraph.inputs, subgraph.outputs = [], [], inputs, outputs
+    for name, dtype, shape, data in tensors:
+        tensor = schema.TensorT()
+        tensor.name, tensor.type, tensor.shape, tensor.buffer = name, getattr(schema.TensorType, dtype), list(shape), 0
+        if data is not None:
+            buffer = schema.BufferT()
+            buffer.data = list(np.asarray(data).tobytes())
+            model.buffers.append(buffer)
+            tensor.buffer = len(model.buffers) - 1
+        if dtype in ("INT8", "UINT8"):
+            tensor.quantization = schema.QuantizationParametersT()
+            tensor.quantization.scale, tensor.quantization.zeroPoint = [0.1], [0]
+        subgraph.tensors.append(tensor)
+    for kind, op_inputs, op_outputs, options in ops:
+        code = schema.OperatorCodeT()
+        code.version = version
+        if isinstance(options, str):
+            code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
+            code.customCode = options
+        else:
+            code.builtinCode = getattr(schema.BuiltinOperator, kind)
+            code.deprecatedBuiltinCode = min(code.builtinCode, 127)
+        model.operatorCodes.append(code)
+        op = schema.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = len(model.operatorCodes) - 1, op_inputs, op_outputs
+        if options is not None and not isinstance(options, str):
+            op.builtinOptionsType = getattr(schema.BuiltinOptions, type(options).__name__.removesuffix("T"))
+            op.builtinOptions = options
+        subgraph.operators.append(op)
+    model.subgraphs = [subgraph]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def resize(align_corners: bool) -> object:
+    from ai_edge_litert import schema_py_generated as schema
+
+    options = schema.ResizeBilinearOptionsT()
+    options.alignCorners = align_corners
+    return options
+
+
+def pipeline() -> Graph:
+    """float input -> QUANTIZE -> ADD -> ARG_MAX (CPU), and a MUL on the ADD after it in the file, then a float tail."""
+    x = (1, 4, 4, 8)
+    return read_graph(tflite(
+        [("in", "FLOAT32", x, None), ("q", "INT8", x, None), ("sum", "INT8", x, None),
+         ("axis", "INT32", (), np.int32(3)), ("best", "INT32", x[:3], None), ("twice", "INT8", x, None),
+         ("out", "FLOAT32", x, None)],
+        [("QUANTIZE", [0], [1], None), ("ADD", [1, 1], [2], None), ("ARG_MAX", [2, 3], [4], None),
+         ("MUL", [2, 2], [5], None), ("DEQUANTIZE", [5], [6], None)],
+        [0], [4, 6]))
+
+
+def test_the_edge_tpu_part_is_a_dataflow_region_not_a_prefix() -> None:
+    graph = pipeline()
+    plan = plan_edgetpu(graph, coral(), EDGETPU_OPS)
+    # the float input's QUANTIZE runs on the CPU before the Edge TPU part; MUL does not depend on ARG_MAX, so it
+    # maps although it comes after it; the float tail stays on the CPU (movenet_single_pose_lightning_ptq shows all three)
+    assert plan.on_tpu == (False, True, False, True, False)
+    assert plan.first_cpu_op == 2 and plan.segments == 1 and plan.rejected is None
+    assert "FLOAT32" in plan.reasons[0] and "ARG_MAX: not in" in plan.reasons[2] and "DEQUANTIZE" in plan.reasons[4]
+    assert cpu_op_counts(graph, plan.on_tpu) == {"ARG_MAX": 1, "DEQUANTIZE": 1, "QUANTIZE": 1}
+
+
+def test_what_depends_on_a_cpu_operator_after_the_edge_tpu_stays_on_the_cpu() -> None:
+    x = (1, 4, 4, 8)
+    graph = read_graph(tflite(
+        [("in", "INT8", x, None), ("a", "INT8", x, None), ("b", "INT8", x, None), ("c", "INT8", x, None),
+         ("d", "INT8", x, None)],
+        [("RELU", [0], [1], None), ("HARD_SWISH", [1], [2], None), ("RELU", [2], [3], None), ("ADD", [1, 3], [4], None)],
+        [0], [4]))
+    plan = plan_edgetpu(graph, coral(), EDGETPU_OPS)
+    assert plan.on_tpu == (True, False, False, False) and plan.first_cpu_op == 1
+    assert "depends on op 1" in plan.reasons[3] and "maps nothing further" in plan.reasons[3]
+
+
+def test_reader_keeps_options_small_constants_versions_and_custom_names() -> None:
+    graph = read_graph(tflite(
+        [("in", "UINT8", (1, 4, 4, 2), None), ("size", "INT32", (2,), np.array([8, 8], np.int32)),
+         ("up", "UINT8", (1, 8, 8, 2), None), ("post", "FLOAT32", (1,), None)],
+        [("RESIZE_BILINEAR", [0, 1], [2], resize(True)), ("CUSTOM", [2], [3], "PosenetDecoderOp")], [0], [3],
+        version=3))
+    up, custom = graph.operators
+    assert up.options == {"align_corners": True, "half_pixel_centers": False} and up.version == 3
+    assert graph.tensors[1].values == (8, 8) and graph.tensors[0].values is None
+    assert custom.kind == "CUSTOM" and custom.custom_code == "PosenetDecoderOp" and custom.options == {}
+
+
+@pytest.mark.parametrize("side, out, maps", [(4, 8, True), (4, 4, True), (1, 8, False), (4, 9, False)])
+def test_resize_bilinear_maps_an_integer_upscale_of_a_side_above_1(side: int, out: int, maps: bool) -> None:
+    graph = read_graph(tflite(
+        [("in", "UINT8", (1, side, side, 2), None), ("size", "INT32", (2,), np.array([out, out], np.int32)),
+         ("up", "UINT8", (1, out, out, 2), None)],
+        [("RESIZE_BILINEAR", [0, 1], [2], resize(True))], [0], [2]))
+    problem = operator_problem(graph, graph.operators[0], EDGETPU_OPS)
+    assert (problem is None) == maps, problem
+
+
+def test_lstm_state_in_int16_does_not_keep_the_lstm_off_the_edge_tpu() -> None:
+    """The int8 LSTM keeps its cell state in int16; the compiler maps it whole (keras_lstm_mnist_ptq)."""
+    def tensor(dtype: str, shape: tuple[int, ...], constant: bool = False, variable: bool = False) -> Tensor:
+        return Tensor("t", dtype, shape, constant, (0.1,), (0,), variable=variable)
+
+    tensors = (tensor("INT8", (1, 28, 28)), tensor("INT8", (20, 28), True), tensor("INT32", (20,), True),
+               tensor("INT8", (1, 20), variable=True), tensor("INT16", (1, 20), variable=True), tensor("INT8", (1, 28, 20)))
+    lstm = Operator("UNIDIRECTIONAL_SEQUENCE_LSTM", (0, 1, 2, 3, 4), (5,))
+    assert operator_problem(Graph((lstm,), tensors, (0,), (5,)), lstm, EDGETPU_OPS) is None
+    unkept = Graph((lstm,), tuple(dataclasses.replace(t, variable=False) for t in tensors), (0,), (5,))
+    assert "INT16" in (operator_problem(unkept, lstm, EDGETPU_OPS) or "")
+
+
+def test_a_model_the_compiler_cannot_load_is_rejected_whole() -> None:
+    gelu = read_graph((FIXTURES / "gelu_int8.tflite").read_bytes())
+    assert "GELU" in {op.kind for op in gelu.operators}
+    plan = plan_edgetpu(gelu, coral(), EDGETPU_OPS)
+    assert plan.rejected is not None and "GELU is builtin code 150" in plan.rejected
+    assert not any(plan.on_tpu) and plan.segments == 0
+    assert all("the Edge TPU compiler would reject this model" in r for r in plan.reasons.values())
+    x = (1, 8)
+    newer = read_graph(tflite([("in", "INT8", x, None), ("out", "UINT8", x, None)], [("QUANTIZE", [0], [1], None)],
+                              [0], [1], version=3))
+    assert "QUANTIZE version 3" in (compiler_rejection(newer) or "")
+
+    result = assess((FIXTURES / "gelu_int8.tflite").read_bytes(), "coral-usb")
+    operators = result.budgets[0]
+    assert operators.name == "operators" and not operators.ok and not result.ok  # exit 1, a fit failure
+    assert operators.detail.startswith("the Edge TPU compiler would reject this model: GELU")
+
+
+def test_nothing_on_the_edge_tpu_does_not_fit_and_a_float_model_is_not_bad_input() -> None:
+    """A float model on an Edge TPU target runs on its host's CPU: assessed (not exit 2), but it does not fit."""
+    x = (1, 8, 8, 4)
+    content = tflite([("in", "FLOAT32", x, None), ("out", "FLOAT32", x, None)], [("ADD", [0, 0], [1], None)], [0], [1])
+    result = assess(content, "coral-usb")
+    operators = result.budgets[0]
+    assert result.edgetpu is not None and result.edgetpu.rejected is None and result.placement == ("cpu",)
+    assert not operators.ok and not result.ok and (operators.value, operators.limit) == (1, 0)
+    assert operators.detail.startswith("no operator runs on the Edge TPU: 0 of 1 operators (0%)")
+    assert result.latency.total_ms > 0
+
+
+def test_mixed_model_reports_its_cpu_tail_and_the_share_of_compute() -> None:
+    x = (1, 8, 8, 4)
+    content = tflite(
+        [("in", "UINT8", x, None), ("w", "UINT8", (4, 1, 1, 4), np.ones((4, 1, 1, 4), np.uint8)),
+         ("b", "INT32", (4,), np.zeros(4, np.int32)), ("y", "UINT8", x, None), ("post", "FLOAT32", (1,), None)],
+        [("CONV_2D", [0, 1, 2], [3], None), ("CUSTOM", [3], [4], "PosenetDecoderOp")], [0], [4])
+    result = assess(content, "coral-usb")
+    assert result.placement == ("edgetpu", "cpu")
+    assert "custom operator PosenetDecoderOp" in result.edgetpu.reasons[1]
+    operators = result.budgets[0]
+    assert operators.ok and (operators.value, operators.limit) == (1, 1)
+    conv = op_costs(result.graph)[0].macs
+    assert conv == 8 * 8 * 4 * 4 and result.total_macs > conv  # the custom operator's time is estimated too
+    assert operators.detail.startswith(f"1 of 2 operators (50%) and {conv / result.total_macs:.1%} of the MACs run "
+                                       "on the Edge TPU, 1 on the CPU")

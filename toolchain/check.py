@@ -134,6 +134,23 @@ def _missing_ops(graph: Graph, target: Target) -> tuple[str, ...]:
     return ("CUSTOM",) if "CUSTOM" in kinds else ()
 
 
+def _edgetpu_operators(plan: Any, costs: list[Any]) -> Budget:
+    """The operators budget of an Edge TPU target: what leaves the Edge TPU, which must not be everything."""
+    total = len(plan.on_tpu)
+    off = total - sum(plan.on_tpu)
+    if plan.rejected:
+        return Budget("operators", off, 0, "ops off the Edge TPU", False, f"the Edge TPU compiler would reject "
+                      f"this model: {plan.rejected}; nothing runs on the Edge TPU ({plan.method})")
+    macs = sum(c.macs for c in costs)
+    tpu_macs = sum(c.macs for c, on in zip(costs, plan.on_tpu) if on)
+    where = (f"{total - off} of {total} operators ({(total - off) / max(total, 1):.0%}) and "
+             f"{tpu_macs / macs if macs else 0:.1%} of the MACs run on the Edge TPU, {off} on the CPU ({plan.method})")
+    if off == total:
+        return Budget("operators", off, total - 1, "ops off the Edge TPU", False,
+                      f"no operator runs on the Edge TPU: {where}; first: {plan.reasons.get(0, '')}")
+    return Budget("operators", off, total - 1, "ops off the Edge TPU", True, where)
+
+
 def _budget(name: str, value: float, limit: float, unit: str, detail: str) -> Budget:
     return Budget(name, value, limit, unit, value <= limit, detail)
 
@@ -148,7 +165,8 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
     target = load_target(target) if isinstance(target, str) else target
     graph = read_graph(content)
     float_tensors = _float_tensors(graph)
-    if target.int8_only and float_tensors:
+    # an Edge TPU's host runs float pre/post-processing and custom operators on its CPU (edgecc.edgetpu says which)
+    if target.int8_only and float_tensors and target.runtime != "edgetpu":
         raise EdgeccError(f"a float model given to an int8-only target: {target.name} ({target.runtime}) runs "
                           f"only fully-int8 models, and {len(float_tensors)} activation tensors are float "
                           f"(first: {float_tensors[0]})")
@@ -187,6 +205,8 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
     arena = arena_worker.result() if arena_worker else None
 
     budgets = _budgets(target, len(content), graph, memory, arena, latency, latency_ms, missing, vela_result)
+    if edgetpu_plan is not None:
+        budgets = [_edgetpu_operators(edgetpu_plan, costs) if b.name == "operators" else b for b in budgets]
     return Assessment(target, len(content), graph, sum(c.macs for c in costs), float_tensors, missing, memory,
                       arena, latency, tuple(placement), edgetpu_plan, vela_result, tuple(budgets))
 

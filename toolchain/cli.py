@@ -284,8 +284,9 @@ def check(
             verdict = "[green]holds[/green]" if b.ok else "[red]EXCEEDED[/red]"
             table.add_row(b.name, _figure(b.value, b.unit), _figure(b.limit, b.unit), verdict, b.detail)
         stdout.print(table)
-        stdout.print("[green]fits[/green]" if result.ok else
-                     "[red]does not fit[/red]: " + ", ".join(b.name for b in result.budgets if not b.ok))
+        where = next((f"; {b.detail}" for b in result.budgets if b.name == "operators" and result.edgetpu), "")
+        stdout.print(("[green]fits[/green]" if result.ok else
+                      "[red]does not fit[/red]: " + ", ".join(b.name for b in result.budgets if not b.ok)) + where)
     if not result.ok:
         raise typer.Exit(EXIT_BUDGET)
 

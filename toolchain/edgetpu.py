@@ -15,10 +15,15 @@ documented rules, and says that it is a prediction. Sources of the rules:
 - Compiler status texts quoted in google-coral/edgetpu issues #25 (a matmul by a
   non-constant "filter"), #27 (fully-connected or softmax with a 2-D output) and
   #30 (tensor rank).
+- Models the real compiler made: every CPU model / `*_edgetpu.tflite` pair in
+  github:google-coral/test_data (`scripts/bench_edgetpu.py` scores this module
+  on them; BENCHMARKS.md). Rules learnt from them say which pair shows them.
 
-Rules that need operator options or constant values the graph reader does not
-keep (fused activations on pooling, dilation, strides of STRIDED_SLICE, padding
-and split axes) are not checked, so a prediction can be optimistic there.
+The single Edge TPU subgraph is a dataflow region, not a prefix of the operator
+list: operators that run on the CPU before it (a float input's CAST and
+QUANTIZE) feed it, and what does not depend on a CPU operator after it is still
+mapped (movenet_single_pose_lightning_ptq: its input conversion stays on the CPU,
+and its three heads map although ARG_MAX comes between them in the file).
 """
 
 from __future__ import annotations
@@ -46,6 +51,20 @@ EDGETPU_OPS = (
     "STRIDED_SLICE", "SUB", "SUM", "SQUARED_DIFFERENCE", "TANH", "TRANSPOSE", "TRANSPOSE_CONV",
 )
 
+# Builtins outside the documented table that the real compiler mapped in a compiled pair:
+# TILE (deeplab_mobilenet_edgetpu_slim_cityscapes_quant: 1x1 -> 33x33 pooled features, on the Edge TPU).
+EVIDENCED_OPS = ("TILE",)
+
+# What compiler 16 / runtime 14 cannot even load ("Op builtin_code out of range", "Didn't find op for builtin
+# opcode ... version ..."): builtin codes from GELU (150) on (DESIGN.md; google-coral/edgetpu #862: code 151),
+# and the operator versions (tensorflow/lite/tools/versioning/op_version.cc) compiler 16 was seen to refuse:
+# CONV_2D v6 (google-coral/edgetpu #631), QUANTIZE v3 (#879), TRANSPOSE_CONV v4 (#845), EXP v2
+# (google-coral/libedgetpu #71).
+FIRST_UNKNOWN_BUILTIN = 150
+NEWEST_VERSION = {"CONV_2D": 5, "QUANTIZE": 2, "TRANSPOSE_CONV": 3, "EXP": 1}
+REJECTED = "the Edge TPU compiler would reject this model"
+EDGETPU_CUSTOM_OP = "edgetpu-custom-op"
+
 PREDICTION = "prediction from the Edge TPU compiler's documented rules"
 EIGHT_BIT = ("INT8", "UINT8")
 SOFTMAX_MAX_ELEMENTS = 16_000
@@ -62,10 +81,11 @@ class EdgeTpuPlan:
     on_tpu: tuple[bool, ...]          # per operator (graph order): does it run on the Edge TPU
     reasons: dict[int, str]           # operator index -> why it does not run on the Edge TPU
     segments: int                     # number of contiguous Edge TPU segments
-    first_cpu_op: int | None          # index of the first operator that leaves the Edge TPU (None: all mapped)
+    first_cpu_op: int | None          # the first CPU operator that takes an Edge TPU output: it ends the Edge TPU part
     cached_parameter_bytes: int       # parameter bytes that fit the on-chip memory
     streamed_parameter_bytes: int     # parameter bytes streamed from host memory every inference
     compiled_model: bytes | None = None  # model_edgetpu.tflite, when the compiler ran
+    rejected: str | None = None       # why the compiler would refuse the whole model (then nothing is on the Edge TPU)
 
 
 @dataclass(frozen=True)
@@ -85,22 +105,77 @@ def plan_edgetpu(graph: Graph, edgetpu: EdgeTpu, legal_ops: tuple[str, ...], con
     if compiler and content is not None:
         return _compile(compiler, graph, content)
     why = "edgetpu_compiler not found" if compiler is None else "edgetpu_compiler not run: no model bytes given"
-    return _predict(graph, edgetpu, legal_ops or EDGETPU_OPS, f"{PREDICTION} ({why})")
+    return predict_edgetpu(graph, edgetpu, legal_ops, f"{PREDICTION} ({why})")
 
 
-def _predict(graph: Graph, edgetpu: EdgeTpu, legal_ops: tuple[str, ...], method: str) -> EdgeTpuPlan:
-    """Map operators from the start of the graph until the first one the rules reject."""
-    problems = [operator_problem(graph, op, legal_ops) for op in graph.operators]
-    first = next((i for i, p in enumerate(problems) if p), None)
-    on_tpu = tuple(first is None or i < first for i in range(len(problems)))
-    reasons = {
-        i: problems[i] or (f"{op.kind}: after the first CPU operator (op {first}), the compiler maps nothing "
-                           "further (by default it builds a single Edge TPU subgraph)")
-        for i, op in enumerate(graph.operators) if not on_tpu[i]
-    }
-    parameters = sum(graph.tensors[t].nbytes for t in _mapped_constants(graph, on_tpu))
+def predict_edgetpu(graph: Graph, edgetpu: EdgeTpu, legal_ops: tuple[str, ...] = (), method: str = PREDICTION) -> EdgeTpuPlan:
+    """The predicted partition: one Edge TPU subgraph of every operator the rules allow that does not depend on
+    an operator left to the CPU after it (see the module's docstring)."""
+    rejected = compiler_rejection(graph)
+    if rejected:
+        reasons = {i: f"{_name(op)}: {REJECTED}: {rejected}" for i, op in enumerate(graph.operators)}
+        return EdgeTpuPlan(method, (False,) * len(graph.operators), reasons, 0, None, 0, 0, rejected=rejected)
+    legal = tuple(legal_ops or EDGETPU_OPS) + EVIDENCED_OPS
+    on_tpu: list[bool] = []
+    reasons: dict[int, str] = {}
+    mapped: set[int] = set()     # tensors the Edge TPU part computes
+    after: dict[int, int] = {}   # tensors computed on the CPU from its outputs -> the CPU operator that ended it
+    for i, op in enumerate(graph.operators):
+        problem = operator_problem(graph, op, legal)
+        inputs = [t for t in op.inputs if t >= 0]
+        cause = next((after[t] for t in inputs if t in after), None)
+        on_tpu.append(problem is None and cause is None)
+        if on_tpu[-1]:
+            mapped.update(op.outputs)
+            continue
+        if cause is None and any(t in mapped for t in inputs):
+            cause = i  # the first CPU operator on this path out of the Edge TPU part
+        if cause is not None:
+            after.update((o, cause) for o in op.outputs)
+        reasons[i] = problem or (f"{op.kind}: depends on op {cause}, which runs on the CPU after the Edge TPU part; "
+                                 "the compiler maps nothing further (by default it builds a single Edge TPU subgraph)")
+    first = _first_exit(graph, tuple(on_tpu))
+    parameters = sum(graph.tensors[t].nbytes for t in _mapped_constants(graph, tuple(on_tpu)))
     cached = min(parameters, int(edgetpu.onchip_bytes.value))
-    return EdgeTpuPlan(method, on_tpu, reasons, _segments(on_tpu), first, cached, parameters - cached)
+    return EdgeTpuPlan(method, tuple(on_tpu), reasons, int(any(on_tpu)), first, cached, parameters - cached)
+
+
+def compiler_rejection(graph: Graph) -> str | None:
+    """Why compiler 16 would refuse to load the model at all: a builtin or an operator version it does not know."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    codes = vars(schema.BuiltinOperator)
+    for op in graph.operators:
+        code = codes.get(op.kind, -1)
+        if code >= FIRST_UNKNOWN_BUILTIN:
+            return (f"{op.kind} is builtin code {code}, newer than compiler 16 / runtime 14 know "
+                    f"(\"Op builtin_code out of range\")")
+        if op.version > NEWEST_VERSION.get(op.kind, op.version):
+            return (f"{op.kind} version {op.version} is newer than compiler 16 knows (at most version "
+                    f"{NEWEST_VERSION[op.kind]}: \"Didn't find op for builtin opcode\")")
+    return None
+
+
+def _name(op: Operator) -> str:
+    return f"custom operator {op.custom_code}" if op.kind == "CUSTOM" and op.custom_code else op.kind
+
+
+def cpu_op_counts(graph: Graph, on_tpu: tuple[bool, ...]) -> dict[str, int]:
+    """Operators on the CPU per type (custom operators by name), as a compiled model's remaining operators read."""
+    counts: dict[str, int] = {}
+    for op, mapped in zip(graph.operators, on_tpu):
+        if not mapped and op.custom_code != EDGETPU_CUSTOM_OP:
+            counts[_label(op)] = counts.get(_label(op), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def compiled_cpu_op_counts(compiled: Graph) -> dict[str, int]:
+    """What the real compiler left on the CPU: every operator of its output but its edgetpu-custom-op."""
+    return cpu_op_counts(compiled, (False,) * len(compiled.operators))
+
+
+def _label(op: Operator) -> str:
+    return f"CUSTOM:{op.custom_code}" if op.kind == "CUSTOM" else op.kind
 
 
 def operator_problem(graph: Graph, op: Operator, legal_ops: tuple[str, ...]) -> str | None:
@@ -108,7 +183,12 @@ def operator_problem(graph: Graph, op: Operator, legal_ops: tuple[str, ...]) -> 
     kind = op.kind
     inputs = [graph.tensors[i] for i in op.inputs if i >= 0]
     outputs = [graph.tensors[i] for i in op.outputs]
-    activations = [t for t in inputs + outputs if not t.constant]
+    if kind == "CUSTOM":
+        return (f"{_name(op)}: not an Edge TPU operator; it runs on the CPU, which needs its kernel "
+                "registered with the host's interpreter")
+    # an LSTM's state tensors are kept by the runtime, not computed by operators; the int8 LSTM keeps its cell
+    # state in int16, and the compiler maps it whole (keras_lstm_mnist_ptq)
+    activations = [t for t in inputs + outputs if not t.constant and not t.variable]
     if kind in ("BATCH_MATMUL", "FULLY_CONNECTED") and len(inputs) >= 2 and not inputs[0].constant and not inputs[1].constant:
         return (f"{kind}: both inputs are activations (attention Q·Kᵀ or scores·V); the Edge TPU only "
                 "multiplies by constant weights")
@@ -149,6 +229,14 @@ def _limitation(kind: str, inputs: list[Tensor], outputs: list[Tensor]) -> str |
         return "CONCATENATION: a constant input is allowed only in a concatenation of exactly 2 inputs (zero padding)"
     if kind == "PRELU" and any(d > 1 for d in inputs[1].shape[:-1]):
         return f"PRELU: alpha {inputs[1].shape} must vary only along the innermost dimension"
+    if kind == "RESIZE_BILINEAR" and len(inputs[0].shape) == 4 and len(outputs[0].shape) == 4:
+        # "depending on input/output size ... may not be mapped to avoid loss in precision" (supported-operations
+        # table). Compiled pairs: 6->12, 12->24, 24->48 (movenet) and 33->33 (deeplab slim) map; 33->513 (deeplab
+        # slim and v3) and a 1x1 -> 33x33 broadcast (deeplabv3_mnv2: the slim variant uses TILE there) do not.
+        sides = list(zip(inputs[0].shape[1:3], outputs[0].shape[1:3]))
+        if any(o != i and (i <= 1 or o % i) for i, o in sides):
+            return (f"RESIZE_BILINEAR: {inputs[0].shape[1:3]} -> {outputs[0].shape[1:3]} is not an integer upscale "
+                    "of a side larger than 1; the compiler leaves such a resize on the CPU to avoid loss in precision")
     return None
 
 
@@ -168,14 +256,16 @@ def _reduced_axes(shape: tuple[int, ...], reduced: tuple[int, ...]) -> set[int]:
     return set(range(len(shape))) - kept
 
 
+def _first_exit(graph: Graph, on_tpu: tuple[bool, ...]) -> int | None:
+    """The first CPU operator that takes a tensor the Edge TPU computed: where the Edge TPU part ends."""
+    mapped = {t for op, on in zip(graph.operators, on_tpu) if on for t in op.outputs}
+    return next((i for i, op in enumerate(graph.operators) if not on_tpu[i] and mapped & set(op.inputs)), None)
+
+
 def _mapped_constants(graph: Graph, on_tpu: tuple[bool, ...]) -> set[int]:
     """Constant tensors read by mapped operators, each counted once."""
     return {i for op, mapped in zip(graph.operators, on_tpu) if mapped
             for i in op.inputs if i >= 0 and graph.tensors[i].constant}
-
-
-def _segments(on_tpu: tuple[bool, ...]) -> int:
-    return sum(1 for i, mapped in enumerate(on_tpu) if mapped and (i == 0 or not on_tpu[i - 1]))
 
 
 def _compile(compiler: str, graph: Graph, content: bytes) -> EdgeTpuPlan:
@@ -231,7 +321,8 @@ def plan_from_compiler(graph: Graph, compiled: Graph, log: CompilerLog) -> EdgeT
     type's statuses in graph order, the operator's own reasons before "More than
     one subgraph is not supported" (which only follows the first CPU operator).
     """
-    left = {(op.kind, compiled.tensors[o].name) for op in compiled.operators for o in op.outputs}
+    left = {(op.kind, compiled.tensors[o].name) for op in compiled.operators
+            if op.custom_code != EDGETPU_CUSTOM_OP for o in op.outputs}
     on_tpu = tuple((op.kind, graph.tensors[op.outputs[0]].name) not in left for op in graph.operators)
     pending: dict[str, list[str]] = {}
     for kind, count, status in sorted(log.statuses, key=lambda s: s[2] == SUBGRAPH_STATUS):
@@ -242,6 +333,6 @@ def plan_from_compiler(graph: Graph, compiled: Graph, log: CompilerLog) -> EdgeT
         if not on_tpu[i]:
             statuses = pending.get(op.kind, [])
             reasons[i] = f"{op.kind}: {statuses.pop(0) if statuses else 'left on the CPU'} (edgetpu_compiler)"
-    first = next((i for i, mapped in enumerate(on_tpu) if not mapped), None)
+    first = _first_exit(graph, on_tpu)
     return EdgeTpuPlan(f"edgetpu_compiler {log.version}", on_tpu, reasons, log.subgraphs, first,
                        log.cached_bytes, log.streamed_bytes)

@@ -301,13 +301,15 @@ def _check_graph(model: Any, content: bytes) -> None:
 DATA_MOVES = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "PAD", "PADV2", "SLICE", "STRIDED_SLICE",
               "CONCATENATION", "PACK", "UNPACK", "SPLIT", "GATHER", "MAX_POOL_2D", "SPACE_TO_DEPTH",
               "DEPTH_TO_SPACE", "BROADCAST_TO", "TILE", "REVERSE_V2"}
+DATA_INPUT = {"SPLIT": 1}  # SPLIT's first input is its axis, the data comes second (google-coral/test_data split_concat)
 
 
 def _same_type(kind: str, op: Any, tensors: list[Any], types: dict[int, str], where: str) -> None:
     inputs = [i for i in (op.inputs if op.inputs is not None else ()) if i >= 0]
     outputs = [o for o in (op.outputs if op.outputs is not None else ()) if o >= 0]
-    if kind in DATA_MOVES and inputs and outputs and tensors[inputs[0]].type != tensors[outputs[0]].type:
-        _fail(f"{where} ({kind}) turns a {types.get(tensors[inputs[0]].type)} tensor into a "
+    data = DATA_INPUT.get(kind, 0)
+    if kind in DATA_MOVES and len(inputs) > data and outputs and tensors[inputs[data]].type != tensors[outputs[0]].type:
+        _fail(f"{where} ({kind}) turns a {types.get(tensors[inputs[data]].type)} tensor into a "
               f"{types.get(tensors[outputs[0]].type)} one; it only moves data, so both must have one type")
 
 

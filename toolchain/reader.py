@@ -8,7 +8,8 @@ a CI runner that has no TensorFlow.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,8 @@ class Tensor:
     zero_point: tuple[int, ...]
     data_bytes: int = 0
     zero_fraction: float = 0.0  # share of a constant tensor's bytes that are zero (int8 weight sparsity)
+    values: tuple[int, ...] | None = None  # a small constant integer tensor's values (sizes, axes, paddings, strides)
+    variable: bool = False  # a state tensor the runtime keeps between invocations (an LSTM's hidden and cell state)
 
     @property
     def elements(self) -> int:
@@ -49,9 +52,14 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Operator:
-    kind: str
+    kind: str  # the builtin's name; "CUSTOM" for a custom operator
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
+    version: int = 1
+    custom_code: str = ""  # a custom operator's name (e.g. "edgetpu-custom-op")
+    # builtin options by snake_case name (stride_w, dilation_h_factor, align_corners, axis, fused_activation, ...):
+    # numbers and flags only; the fused activation by name ("NONE", "RELU", ...)
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,33 @@ def _ints(values: object) -> tuple[int, ...]:
     return tuple(int(v) for v in values) if values is not None else ()  # type: ignore[attr-defined]
 
 
+SMALL_CONSTANT = 64  # elements: integer constants up to this size keep their values (shapes, sizes, axes, paddings)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _options(options: object, activations: dict[int, str]) -> dict[str, Any]:
+    """An operator's builtin options as plain values; fused activations by name."""
+    found: dict[str, Any] = {}
+    for key, value in (vars(options) if options is not None else {}).items():
+        if isinstance(value, (bool, int, float)):
+            name = _snake(key)
+            if name == "fused_activation_function":
+                found["fused_activation"] = activations.get(int(value), str(value))
+            else:
+                found[name] = value
+    return found
+
+
+def _values(data: object, dtype: str) -> tuple[int, ...] | None:
+    if data is None or dtype not in ("INT32", "INT64") or not len(data):  # type: ignore[arg-type]
+        return None
+    array = np.frombuffer(bytes(np.asarray(data, dtype=np.uint8)), dtype="<i4" if dtype == "INT32" else "<i8")
+    return tuple(int(v) for v in array) if array.size <= SMALL_CONSTANT else None
+
+
 def read_graph(content: bytes) -> Graph:
     """Parse the main subgraph; raises EdgeccError for bytes that are not a well-formed TFLite model."""
     from ai_edge_litert import schema_py_generated as schema
@@ -93,27 +128,34 @@ def read_graph(content: bytes) -> Graph:
     subgraph = model.subgraphs[0]
     op_names = _enum_names(schema.BuiltinOperator)
     type_names = _enum_names(schema.TensorType)
+    activations = _enum_names(schema.ActivationFunctionType)
     codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
     tensors = []
     for t in subgraph.tensors or []:
         q = t.quantization
         data = model.buffers[t.buffer].data
+        dtype = type_names.get(t.type, str(t.type))
         tensors.append(Tensor(
             name=t.name.decode() if isinstance(t.name, bytes) else str(t.name),
-            dtype=type_names.get(t.type, str(t.type)),
+            dtype=dtype,
             shape=tuple(int(d) for d in (t.shape if t.shape is not None else ())),
             constant=data is not None and len(data) > 0,
             scale=tuple(float(s) for s in (q.scale if q is not None and q.scale is not None else ())),
             zero_point=tuple(int(z) for z in (q.zeroPoint if q is not None and q.zeroPoint is not None else ())),
             data_bytes=len(data) if data is not None else 0,
             zero_fraction=float(np.mean(np.asarray(data) == 0)) if data is not None and len(data) else 0.0,
+            values=_values(data, dtype),
+            variable=bool(t.isVariable),
         ))
-    operators = tuple(
-        Operator(op_names.get(codes[op.opcodeIndex], "CUSTOM"),
-                 _ints(op.inputs), _ints(op.outputs))
-        for op in subgraph.operators or []
-    )
-    return Graph(operators, tuple(tensors), _ints(subgraph.inputs), _ints(subgraph.outputs))
+    operators = []
+    for op in subgraph.operators or []:
+        code = model.operatorCodes[op.opcodeIndex]
+        custom = code.customCode
+        operators.append(Operator(
+            op_names.get(codes[op.opcodeIndex], "CUSTOM"), _ints(op.inputs), _ints(op.outputs), version=int(code.version),
+            custom_code=custom.decode(errors="replace") if isinstance(custom, bytes) else str(custom or ""),
+            options=_options(op.builtinOptions, activations)))
+    return Graph(tuple(operators), tuple(tensors), _ints(subgraph.inputs), _ints(subgraph.outputs))
 
 
 def int8_weight_sparsity(content: bytes) -> dict[str, float]:
