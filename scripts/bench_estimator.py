@@ -1,9 +1,12 @@
-"""Latency estimator against published measurements.
+"""Latency estimator against published measurements, out of sample only.
 
-Rebuilds the published reference models from their architectures (random
-weights give the same ops, shapes and MACs), converts them to TFLite, estimates
-them on the targets the measurements were taken on, and writes the comparison to
-BENCHMARKS.md. Published figures: ../shared/DESIGN.md, "Verified facts".
+Rebuilds every architecture of benchmarks/latency_measurements.toml (random weights give
+the same ops, shapes and MACs), converts it to TFLite, and for each row fits the
+estimator's per-class coefficients on the other models only (leave-one-model-out),
+then estimates the row on its device's profile. Leave-one-device-out is reported too
+for classes with several boards. Writes the fitted coefficients and the held-out error
+band of each class to toolchain/latency_model.toml (what `edgecc check` reads) and the
+table to BENCHMARKS.md.
 
     python scripts/bench_estimator.py            # models are cached in benchmarks/models/estimator
 """
@@ -14,28 +17,27 @@ import argparse
 import platform
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import nnls
 
-from edgecc.check import assess
+from edgecc.check import _crossing_bytes, assess
+from edgecc.cost import op_costs
+from edgecc.latency import CPU_CLASS, MODEL_FILE, ClassModel, Measurement, estimate_latency, load_measurements
+from edgecc.targets import load_target
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / "models" / "estimator"
-
-# (model, precision, target, published ms, where it was published)
-PUBLISHED = [
-    ("mobilenet_v1", "int8", "rpi4", 24.0, "XNNPACK on Raspberry Pi 4, 4 threads"),
-    ("mobilenet_v2", "int8", "rpi4", 17.0, "XNNPACK on Raspberry Pi 4, 4 threads"),
-    ("mobilenet_v1", "fp32", "rpi4", 77.0, "XNNPACK on Raspberry Pi 4, 4 threads"),
-    ("mobilenet_v2", "fp32", "rpi4", 46.0, "XNNPACK on Raspberry Pi 4, 4 threads"),
-    ("mobilenet_v1", "int8", "coral-usb", 2.4, "Coral USB Accelerator, USB 3"),
-    ("mobilenet_v2", "int8", "coral-usb", 2.6, "Coral USB Accelerator, USB 3"),
-    ("ds_cnn_kws", "int8", "stm32l4r5", 181.9, "MLPerf Tiny v0.5 reference, TFLM, STM32L4R5 (Cortex-M4, 120 MHz)"),
-    ("resnet8_ic", "int8", "stm32l4r5", 704.2, "MLPerf Tiny v0.5 reference, TFLM, STM32L4R5 (Cortex-M4, 120 MHz)"),
-]
+DATASET = ROOT / "benchmarks" / "latency_measurements.toml"
+MODELLED = ("tflite-micro", "microtvm-cmsis-nn", "tflite", "litert-xnnpack", "edgetpu")  # CMSIS-NN or TFLite kernels
+CPU_FEATURES = ("op_cycles", "bytes", *(f"{k}_{p}" for p in ("int8", "fp32")
+                                        for k in ("conv", "depthwise", "matmul", "elementwise")))
+TPU_FEATURES = ("tpu_op_us", "tpu_macs", "invoke_ms", "link")
+UNIT = ClassModel({}, 1.0, 1.0, 0)
 
 
 def _mobilenet_v1(keras: Any) -> Any:
@@ -44,6 +46,19 @@ def _mobilenet_v1(keras: Any) -> Any:
 
 def _mobilenet_v2(keras: Any) -> Any:
     return keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+
+
+def _mobilenet_v3_large(keras: Any) -> Any:
+    return keras.applications.MobileNetV3Large(weights=None, input_shape=(224, 224, 3), include_preprocessing=False)
+
+
+def _mobilenet_v3_small(keras: Any) -> Any:
+    return keras.applications.MobileNetV3Small(weights=None, input_shape=(224, 224, 3), include_preprocessing=False)
+
+
+def _mobilenet_v1_025_96_vww(keras: Any) -> Any:
+    """MLPerf Tiny visual wake words: MobileNet v1 at width 0.25 on 96x96x3, two classes."""
+    return keras.applications.MobileNet(weights=None, alpha=0.25, input_shape=(96, 96, 3), classes=2)
 
 
 def _ds_cnn_kws(keras: Any) -> Any:
@@ -75,9 +90,32 @@ def _resnet8_ic(keras: Any) -> Any:
     return keras.Model(inputs, layers.Dense(10, activation="softmax")(layers.Flatten()(x)))
 
 
+def _fc_autoencoder_ad(keras: Any) -> Any:
+    """MLPerf Tiny anomaly detection: a 640-input dense autoencoder, 4x128, a bottleneck of 8, 4x128, 640."""
+    layers = keras.layers
+    inputs = keras.Input((640,))
+    x = inputs
+    for units in (128, 128, 128, 128, 8, 128, 128, 128, 128):
+        x = layers.ReLU()(layers.BatchNormalization()(layers.Dense(units)(x)))
+    return keras.Model(inputs, layers.Dense(640)(x))
+
+
+def _applications(name: str, size: int) -> Callable[[Any], Any]:
+    def build(keras: Any) -> Any:
+        return getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
+    build.__doc__ = f"keras.applications.{name} at {size}x{size}x3, 1000 classes (the ImageNet models Coral benchmarks)"
+    return build
+
+
 BUILDERS: dict[str, Callable[[Any], Any]] = {
     "mobilenet_v1": _mobilenet_v1, "mobilenet_v2": _mobilenet_v2,
-    "ds_cnn_kws": _ds_cnn_kws, "resnet8_ic": _resnet8_ic,
+    "mobilenet_v3_large": _mobilenet_v3_large, "mobilenet_v3_small": _mobilenet_v3_small,
+    "mobilenet_v1_025_96_vww": _mobilenet_v1_025_96_vww, "ds_cnn_kws": _ds_cnn_kws,
+    "resnet8_ic": _resnet8_ic, "fc_autoencoder_ad": _fc_autoencoder_ad,
+    "resnet50_v1_299": _applications("ResNet50", 299), "resnet50_v2_299": _applications("ResNet50V2", 299),
+    "resnet152_v2_299": _applications("ResNet152V2", 299),
+    "inception_resnet_v2_299": _applications("InceptionResNetV2", 299),
+    "vgg16": _applications("VGG16", 224), "vgg19": _applications("VGG19", 224),
 }
 
 
@@ -94,38 +132,150 @@ def model_file(name: str, precision: str) -> Path:
     keras.utils.set_random_seed(0)
     model = BUILDERS[name](keras)
     batch_one = inference_graph(model)
-    calibration = np.random.default_rng(0).uniform(-1, 1, (8, *model.input_shape[1:])).astype(np.float32)
+    calibration = np.random.default_rng(0).uniform(-1, 1, (4, *model.input_shape[1:])).astype(np.float32)
     content = to_int8_tflite(batch_one, calibration, per_channel=True) if precision == "int8" else to_float_tflite(batch_one)
     CACHE.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
+    keras.backend.clear_session()
     return path
 
 
-def run() -> list[dict[str, Any]]:
-    rows = []
-    for name, precision, target, published, where in PUBLISHED:
-        path = model_file(name, precision)
-        result = assess(path.read_bytes(), target, measure_arena=False)
-        estimate = result.latency.total_ms
-        rows.append({
-            "model": name, "precision": precision, "target": target, "macs_m": result.total_macs / 1e6,
-            "published_ms": published, "estimate_ms": estimate, "error": (estimate - published) / published,
-            "where": where,
-        })
-    return rows
+@dataclass(frozen=True)
+class Row:
+    """A published measurement with the work the estimator sees in it."""
+
+    index: int
+    device: str
+    model: str
+    precision: str
+    runtime: str
+    published_ms: float
+    cls: str  # the device class whose coefficients it fits and is estimated with
+    cpu: dict[str, float]  # feature totals of the operators on the CPU
+    tpu: dict[str, float]  # and of the Edge TPU part (empty on a CPU)
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| model | precision | target | MMACs | published (ms) | estimate (ms) | error | published on |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['precision']} | {r['target']} | {r['macs_m']:.1f} | {r['published_ms']:.1f} | "
-                     f"{r['estimate_ms']:.1f} | {r['error']:+.0%} | {r['where']} |")
-    median = statistics.median(abs(r["error"]) for r in rows)
-    worst = max(abs(r["error"]) for r in rows)
-    lines += ["", f"Median absolute error {median:.0%}, worst {worst:.0%} over {len(rows)} published figures."]
+def _totals(latency_of: Callable[[dict[str, ClassModel]], float], names: tuple[str, ...], cls: str) -> dict[str, float]:
+    """Each feature's total over the model: the estimate with that one coefficient at 1, every other at 0."""
+    zero = {"cortex-a": UNIT, "cortex-m": UNIT, "edgetpu": UNIT}
+    return {name: latency_of(zero | {cls: replace(UNIT, coefficients={name: 1.0})}) for name in names}
+
+
+def featurize(index: int, m: Measurement) -> Row:
+    target = load_target(m.device)
+    content = model_file(m.model, m.precision).read_bytes()
+    on_tpu, streamed, graph = None, 0, None
+    if m.runtime == "edgetpu":
+        result = assess(content, target, measure_arena=False)
+        graph, on_tpu = result.graph, result.edgetpu.on_tpu
+        streamed = result.edgetpu.streamed_parameter_bytes + _crossing_bytes(graph, on_tpu)
+    else:
+        from edgecc.reader import read_graph
+        graph = read_graph(content)
+    costs = op_costs(graph)
+    cpu_class = CPU_CLASS[target.runtime]
+
+    def latency_of(models: dict[str, ClassModel]) -> float:
+        return estimate_latency(graph, costs, target, on_tpu, streamed, threads=m.threads, models=models).total_ms
+
+    cls = "edgetpu" if m.runtime == "edgetpu" else cpu_class
+    return Row(index, m.device, m.model, m.precision, m.runtime, m.latency_ms, cls,
+               _totals(latency_of, CPU_FEATURES, cpu_class), _totals(latency_of, TPU_FEATURES, "edgetpu") if on_tpu else {})
+
+
+def fit(rows: list[Row], cls: str, cpu_fit: dict[str, float] | None) -> dict[str, float]:
+    """Non-negative coefficients that minimise the squared relative error of `rows` of class `cls`.
+
+    An Edge TPU row's CPU part is priced with `cpu_fit` (the host's class, fitted on the same rows left in).
+    """
+    names = TPU_FEATURES if cls == "edgetpu" else CPU_FEATURES
+    mine = [r for r in rows if r.cls == cls]
+    if not mine:
+        return {}
+    a = np.array([[(r.tpu if cls == "edgetpu" else r.cpu)[n] / r.published_ms for n in names] for r in mine])
+    b = np.array([1 - (_price(r.cpu, cpu_fit or {}) / r.published_ms if cls == "edgetpu" else 0.0) for r in mine])
+    scale = a.max(axis=0)
+    scale[scale == 0] = 1
+    coefficients, _ = nnls(a / scale, b)
+    return {n: float(c / s) for n, c, s in zip(names, coefficients, scale) if c > 0}
+
+
+def _price(features: dict[str, float], coefficients: dict[str, float]) -> float:
+    return sum(coefficients.get(n, 0.0) * v for n, v in features.items())
+
+
+def fit_all(rows: list[Row]) -> dict[str, dict[str, float]]:
+    fits = {cls: fit(rows, cls, None) for cls in ("cortex-m", "cortex-a")}
+    fits["edgetpu"] = fit(rows, "edgetpu", fits["cortex-a"])
+    return fits
+
+
+def estimate(row: Row, fits: dict[str, dict[str, float]]) -> float:
+    if row.cls == "edgetpu":
+        return _price(row.cpu, fits["cortex-a"]) + _price(row.tpu, fits["edgetpu"])
+    return _price(row.cpu, fits[row.cls])
+
+
+def held_out(rows: list[Row], key: Callable[[Row], str]) -> dict[int, float]:
+    """Each row's estimate with every row that shares its key (model, or device) left out of the fit."""
+    estimates = {}
+    for value in {key(r) for r in rows}:
+        fits = fit_all([r for r in rows if key(r) != value])
+        estimates |= {r.index: estimate(r, fits) for r in rows if key(r) == value and fits.get(r.cls)}
+    return estimates
+
+
+def summary(rows: list[Row], estimates: dict[int, float]) -> dict[str, dict[str, float]]:
+    out = {}
+    for cls in sorted({r.cls for r in rows}):
+        ratios = [r.published_ms / estimates[r.index] for r in rows if r.cls == cls and estimates.get(r.index)]
+        if not ratios:
+            continue
+        errors = [abs(1 / q - 1) for q in ratios]
+        low, high = np.percentile(ratios, [10, 90])
+        out[cls] = {"rows": len(ratios), "median": statistics.median(errors), "worst": max(errors),
+                    "band_low": float(low), "band_high": float(high)}
+    return out
+
+
+def write_model(fits: dict[str, dict[str, float]], bands: dict[str, dict[str, float]]) -> None:
+    lines = [f"# Written by scripts/bench_estimator.py on {date.today().isoformat()}: per device class, the latency",
+             "# estimator's coefficients fitted on every modelled row of benchmarks/latency_measurements.toml,",
+             "# and the band: 10th-90th percentile of published / estimated over the rows held out",
+             "# (leave-one-model-out). Read by edgecc.latency; do not edit by hand.", ""]
+    for cls, band in bands.items():
+        coefficients = fits[cls]
+        lines += [f'[class.{cls}]', f"rows = {band['rows']}", f"band_low = {band['band_low']:.4f}",
+                  f"band_high = {band['band_high']:.4f}",
+                  "coefficients = { " + ", ".join(f"{k} = {v:.6g}" for k, v in sorted(coefficients.items())) + " }", ""]
+    MODEL_FILE.write_text("\n".join(lines))
+
+
+def table(rows: list[Row], by_model: dict[int, float], by_device: dict[int, float], bands: dict[str, Any]) -> str:
+    lines = ["| device | class | runtime | model | precision | published (ms) | held-out estimate (ms) | band (ms) | error |"
+             " leave-device-out error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.cls, r.device, r.model)):
+        est = by_model[r.index]
+        band = bands[r.cls]
+        other = f"{by_device[r.index] / r.published_ms - 1:+.0%}" if r.index in by_device else "-"
+        inside = "" if band["band_low"] * est <= r.published_ms <= band["band_high"] * est else " (outside)"
+        lines.append(f"| {r.device} | {r.cls} | {r.runtime} | {r.model} | {r.precision} | {r.published_ms:.4g} | "
+                     f"{est:.4g} | {band['band_low'] * est:.3g}-{band['band_high'] * est:.3g}{inside} | "
+                     f"{est / r.published_ms - 1:+.0%} | {other} |")
+    return "\n".join(lines)
+
+
+def summary_table(rows: list[Row], by_model: dict[int, float], by_device: dict[int, float]) -> str:
+    model_stats, device_stats = summary(rows, by_model), summary(rows, by_device)
+    lines = ["| class | rows | boards | median abs error | worst | band (published / estimate) | band covers | "
+             "leave-device-out median / worst |", "|---|---|---|---|---|---|---|---|"]
+    for cls, s in model_stats.items():
+        mine = [r for r in rows if r.cls == cls]
+        covered = sum(s["band_low"] <= r.published_ms / by_model[r.index] <= s["band_high"] for r in mine)
+        d = device_stats.get(cls)
+        lodo = f"{d['median']:.0%} / {d['worst']:.0%}" if d and len({r.device for r in mine}) > 1 else "one board"
+        lines.append(f"| {cls} | {s['rows']} | {len({r.device for r in mine})} | {s['median']:.0%} | {s['worst']:.0%} | "
+                     f"{s['band_low']:.2f}-{s['band_high']:.2f} | {covered}/{len(mine)} | {lodo} |")
     return "\n".join(lines)
 
 
@@ -144,18 +294,38 @@ def write_section(path: Path, name: str, body: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--built-only", action="store_true",
+                        help="estimate only the rows whose model is already converted (the section says which are not)")
     args = parser.parse_args()
-    rows = run()
+    measurements = load_measurements(DATASET)
+    unbuilt = {m.model for m in measurements
+               if args.built_only and not (CACHE / f"{m.model}_{m.precision}.tflite").exists()}
+    rows = [featurize(i, m) for i, m in enumerate(measurements) if m.runtime in MODELLED and m.model not in unbuilt]
+    skipped = sorted({(m.runtime, m.device) for m in measurements if m.runtime not in MODELLED})
+    by_model = held_out(rows, lambda r: r.model)
+    by_device = held_out(rows, lambda r: r.device)
+    bands = summary(rows, by_model)
+    write_model(fit_all(rows), bands)
     body = "\n".join([
         "## Latency estimator against published measurements",
         "",
         f"`python scripts/bench_estimator.py`, {date.today().isoformat()}, on {platform.machine()} "
-        f"({platform.processor() or platform.system()}). The models are rebuilt from their architectures with random "
-        "weights (same ops, shapes and MACs as the published ones) and estimated with the target profiles in "
-        "`targets/`. The profiles' rates were calibrated on these same figures, so this shows how well one "
-        "per-operator model with a handful of rates per target fits them; it is not an out-of-sample test.",
+        f"({platform.processor() or platform.system()}). {len(measurements)} published rows over "
+        f"{len({m.device for m in measurements})} devices in `benchmarks/latency_measurements.toml` (each with its "
+        f"source); {len(rows)} run on a runtime edgecc models and are estimated here. Every estimate is held out: the "
+        "class's coefficients are fitted without any row of the same model (leave-one-model-out); the last column "
+        "fits them without any row of the same device instead. The band is the 10th-90th percentile of the "
+        "leave-one-model-out ratio published / estimated per class, stored in `toolchain/latency_model.toml` "
+        "(fitted on all rows) and used by `edgecc check`. Goals (issue 14): median |error| <= 20%, worst <= 50%, "
+        "band covers >= 80%, per class with >= 5 rows.",
         "",
-        table(rows),
+        summary_table(rows, by_model, by_device),
+        "",
+        "Not estimated (runtimes with their own kernels that no edgecc profile describes): "
+        + ", ".join(f"{rt} on {dev}" for rt, dev in skipped) + "."
+        + (f" Not converted in this run (--built-only), so not estimated: {', '.join(sorted(unbuilt))}." if unbuilt else ""),
+        "",
+        table(rows, by_model, by_device, bands),
     ])
     print(body)
     write_section(args.out, "bench_estimator", body)

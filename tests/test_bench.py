@@ -31,7 +31,7 @@ def test_calibrated_profile_reproduces_the_measurement(tiny_models, tmp_path: Pa
     result = edgecc("targets", "calibrate", str(record), str(model), "--target", "rpi4", "--out", str(profile))
     assert result.returncode == 0, result.stderr
     mine = load_target(str(profile))
-    assert mine.name == "rpi4-calibrated" and "calibrated with edgecc bench" in mine.cpu.int8_gmacs.source
+    assert mine.name == "rpi4-calibrated" and "calibrated with edgecc bench" in mine.cpu.latency_scale.source
     estimate = assess(model.read_bytes(), mine, measure_arena=False).latency.total_ms
     assert estimate == pytest.approx(json.loads(record.read_text())["p50_ms"], rel=1e-4)
 

@@ -1,8 +1,7 @@
 """`edgecc targets calibrate`: a user profile whose latency estimates match a board's own measurement.
 
-The per-operator model's time terms are all scaled by one factor (measured over
-estimated) for the benchmarked model: the rates are divided by it and the
-fixed per-operator cost is multiplied by it. The result is a normal profile
+The CPU estimate is scaled by one factor (measured over estimated) for the
+benchmarked model, kept in the profile's `cpu.latency_scale`. The result is a normal profile
 TOML, usable with `--target FILE`, whose changed figures say where they came from.
 """
 
@@ -43,17 +42,11 @@ def calibrate(record: dict[str, Any], model: bytes, target: Target, name: str | 
     note = (f"calibrated with edgecc bench on {record.get('machine', 'an unnamed machine')} at "
             f"{record.get('measured_at', '?')}: {record.get('model', 'model')} p50 {measured:.4g} ms with "
             f"{record.get('threads', '?')} threads against an estimate of {estimate:.4g} ms (x{factor:.3g})")
-    cpu, memory = target.cpu, target.memory
+    cpu = target.cpu
     calibrated = dataclasses.replace(
         target,
         name=name or f"{target.name}-calibrated",
-        cpu=dataclasses.replace(
-            cpu,
-            int8_gmacs=_scaled(cpu.int8_gmacs, 1 / factor, note),
-            fp32_gmacs=_scaled(cpu.fp32_gmacs, 1 / factor, note),
-            op_overhead_us=_scaled(cpu.op_overhead_us, factor, note),
-        ),
-        memory=dataclasses.replace(memory, bandwidth_gbps=_scaled(memory.bandwidth_gbps, 1 / factor, note)),
+        cpu=dataclasses.replace(cpu, latency_scale=_scaled(cpu.latency_scale or Figure(1.0, "no calibration"), factor, note)),
     )
     return calibrated, factor
 

@@ -1,23 +1,93 @@
-"""Latency estimates per operator from the target profile's calibrated rates.
+"""Latency estimates per operator from profile figures a user can read off a datasheet.
 
-Each operator costs a fixed dispatch time plus the larger of its arithmetic
-time (MACs at the profile's effective int8 or fp32 rate) and its memory time
-(bytes moved at the profile's bandwidth). On an Edge TPU the mapped operators
-run at the accelerator's rate instead, parameters that do not fit on chip
-stream over the host link on every inference, and each inference pays the
-accelerator's fixed invoke cost. These are estimates: the band is the error
-of this model against published measurements (scripts/bench_estimator.py).
+Each operator's time is a sum of terms, each a work count scaled by a profile figure
+and multiplied by a coefficient of the device class (Cortex-M, Cortex-A, Edge TPU):
+  - a fixed cost per operator, in cycles of the profile's clock;
+  - its multiply-accumulates (or elements, for element-wise operators) in cycles per
+    MAC on the threads it runs on, separately for full convolution, depthwise
+    convolution, matrix products and element-wise work, and for int8 and fp32;
+  - the bytes it moves over the profile's memory bandwidth.
+On an Edge TPU the mapped operators cost a time per operator plus their MACs at the
+accelerator's peak rate, each inference a fixed invoke time, and what crosses the
+host link its bytes at the link's bandwidth; the rest runs on the host CPU.
+
+The coefficients and the error band of each class are fitted and measured by
+scripts/bench_estimator.py on published measurements (benchmarks/latency_measurements.toml)
+and stored in latency_model.toml beside this module: the band is the 10th-90th
+percentile of the estimator's held-out error (leave-one-model-out) for that class.
 """
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
+from edgecc import schema
 from edgecc.cost import OpCost
+from edgecc.errors import EdgeccError
 from edgecc.reader import Graph
-from edgecc.targets import Target
+from edgecc.schema import spec
+from edgecc.targets import Target, builtin_names
 
-ERROR_BAND = 0.30  # relative; the estimator's worst error against published figures, rounded up
+MODEL_FILE = Path(__file__).with_name("latency_model.toml")
+ERROR_BAND = 0.30  # relative; only for Vela's own Ethos-U estimate, which the dataset does not cover yet
+
+CPU_CLASS = {"tflite-micro": "cortex-m", "ethos-u": "cortex-m", "litert-xnnpack": "cortex-a", "edgetpu": "cortex-a"}
+KINDS = {"CONV_2D": "conv", "TRANSPOSE_CONV": "conv", "DEPTHWISE_CONV_2D": "depthwise",
+         "FULLY_CONNECTED": "matmul", "BATCH_MATMUL": "matmul"}
+INT_TYPES = ("INT8", "UINT8", "INT16", "INT32")
+MEASURED_RUNTIMES = ("tflite-micro", "microtvm-cmsis-nn", "x-cube-ai", "plumerai", "tflite", "litert-xnnpack", "edgetpu")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One published latency: what ran, on what, how fast, and where it was read."""
+
+    device: str = spec(doc="the built-in profile of the board")
+    runtime: str = spec(choices=MEASURED_RUNTIMES)
+    runtime_version: str = spec()
+    threads: int = spec(minimum=1)
+    model: str = spec(doc="an architecture scripts/bench_estimator.py rebuilds")
+    precision: str = spec(choices=("int8", "fp32"))
+    latency_ms: float = spec(positive=True)
+    source: str = spec(doc="address of the page or file the figure was read from")
+    note: str = spec("", doc="which table or line, and what was assumed")
+
+
+@dataclass(frozen=True)
+class Measurements:
+    measurement: tuple[Measurement, ...] = spec()
+
+
+def load_measurements(path: Path) -> tuple[Measurement, ...]:
+    """The published measurements in `path`, every problem named by row and field."""
+    rows = schema.load(Measurements, path, "latency measurements").measurement
+    known, seen, problems = set(builtin_names()), set(), []
+    for i, row in enumerate(rows):
+        where = f"measurement[{i}]"
+        if row.device not in known:
+            problems.append(f"{where}.device: no built-in profile {row.device!r}")
+        if not row.source.startswith("https://"):
+            problems.append(f"{where}.source: an https address, got {row.source!r}")
+        key = (row.device, row.runtime, row.runtime_version, row.threads, row.model, row.precision)
+        if key in seen:
+            problems.append(f"{where}: the same device, runtime, threads, model and precision as an earlier row")
+        seen.add(key)
+    if problems:
+        raise EdgeccError(f"{path}: " + "; ".join(problems))
+    return rows
+
+
+@dataclass(frozen=True)
+class ClassModel:
+    """One device class's fitted coefficients and held-out error band."""
+
+    coefficients: dict[str, float]
+    band_low: float  # published over estimated, 10th percentile of the held-out rows
+    band_high: float  # and the 90th
+    rows: int  # held-out rows the band comes from
 
 
 @dataclass(frozen=True)
@@ -40,40 +110,89 @@ class LatencyEstimate:
     method: str
 
 
-def _cpu_ms(cost: OpCost, is_int8: bool, target: Target) -> float:
-    cpu = target.cpu
-    rate = (cpu.int8_gmacs if is_int8 else cpu.fp32_gmacs).value * 1e9
-    compute = cost.macs / rate if rate else float("inf")
-    memory = cost.bytes_moved / (target.memory.bandwidth_gbps.value * 1e9)
-    return (cpu.op_overhead_us.value * 1e-6 + max(compute, memory)) * 1e3
+def read_models(path: Path = MODEL_FILE) -> dict[str, ClassModel]:
+    """The fitted classes in `path` (written by scripts/bench_estimator.py)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return {name: ClassModel({k: float(v) for k, v in c["coefficients"].items()}, float(c["band_low"]),
+                                 float(c["band_high"]), int(c["rows"]))
+                for name, c in data["class"].items()}
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
+        raise EdgeccError(f"{path}: the latency model cannot be read ({err}); rerun scripts/bench_estimator.py") from None
 
 
-def _edgetpu_ms(cost: OpCost, target: Target) -> float:
+@cache
+def class_models() -> dict[str, ClassModel]:
+    return read_models()
+
+
+def cpu_features(cost: OpCost, kind: str, is_int8: bool, target: Target, threads: int) -> dict[str, float]:
+    """One CPU operator's work, each term in ms per unit of its coefficient."""
+    cycle_ms = 1e3 / (target.cpu.clock_mhz.value * 1e6)
+    precision = "int8" if is_int8 else "fp32"
+    features = {"op_cycles": cycle_ms, "bytes": cost.bytes_moved / (target.memory.bandwidth_gbps.value * 1e9) * 1e3}
+    if cost.macs:
+        features[f"{KINDS.get(kind, 'elementwise')}_{precision}"] = cost.macs * cycle_ms / threads
+    return features
+
+
+def edgetpu_features(cost: OpCost, target: Target) -> dict[str, float]:
+    """One Edge TPU operator's work: a count (per us) and its MACs at the peak rate (ms)."""
     tpu = target.edgetpu
     assert tpu is not None
-    rate = tpu.tops.value * 1e12 / 2 * tpu.mac_efficiency.value
-    return (tpu.op_overhead_us.value * 1e-6 + cost.macs / rate) * 1e3
+    return {"tpu_op_us": 1e-3, "tpu_macs": cost.macs / (tpu.tops.value * 1e12 / 2) * 1e3}
+
+
+def fixed_features(target: Target, streamed_bytes: int) -> dict[str, float]:
+    """An Edge TPU inference's fixed work: one invoke (ms) and the bytes over the host link."""
+    tpu = target.edgetpu
+    assert tpu is not None
+    return {"invoke_ms": 1.0, "link": streamed_bytes / (tpu.link_gbps.value * 1e9) * 1e3}
+
+
+def _priced(features: dict[str, float], model: ClassModel) -> float:
+    return sum(model.coefficients.get(name, 0.0) * value for name, value in features.items())
+
+
+def _needed(name: str, models: dict[str, ClassModel]) -> ClassModel:
+    if name not in models:
+        raise EdgeccError(f"no latency model for the {name} class in {MODEL_FILE.name}; rerun scripts/bench_estimator.py")
+    return models[name]
 
 
 def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
-                     on_tpu: tuple[bool, ...] | None = None, streamed_bytes: int = 0) -> LatencyEstimate:
+                     on_tpu: tuple[bool, ...] | None = None, streamed_bytes: int = 0, *,
+                     threads: int | None = None, models: dict[str, ClassModel] | None = None) -> LatencyEstimate:
     """Estimate one batch-1 inference on `target`.
 
     `on_tpu` marks the operators an Edge TPU runs; `streamed_bytes` is what crosses
     the host link on every inference besides the input and output (parameters
     that do not fit on chip, activations passed between the Edge TPU and the CPU).
+    `threads` defaults to the profile's cores; `models` to the fitted classes.
     """
+    models = class_models() if models is None else models
+    cpu_class = _needed(CPU_CLASS[target.runtime], models)
+    used = min(threads or target.cpu.cores.value, target.cpu.cores.value)
+    tpu_class = _needed("edgetpu", models) if on_tpu is not None and any(on_tpu) and target.edgetpu else None
+    scale = target.cpu.latency_scale.value if target.cpu.latency_scale else 1.0
     ops = []
     for index, (op, cost) in enumerate(zip(graph.operators, costs)):
         out = graph.tensors[op.outputs[0]] if op.outputs else None
-        is_int8 = out is None or out.dtype in ("INT8", "UINT8", "INT16", "INT32")
-        tpu = bool(on_tpu and on_tpu[index])
-        ms = _edgetpu_ms(cost, target) if tpu else _cpu_ms(cost, is_int8, target)
-        ops.append(OpEstimate(index, op.kind, cost.macs, cost.bytes_moved, "edgetpu" if tpu else "cpu", ms))
+        is_int8 = out is None or out.dtype in INT_TYPES
+        unit = "edgetpu" if tpu_class and on_tpu and on_tpu[index] else "cpu"
+        if unit == "edgetpu":
+            ms = _priced(edgetpu_features(cost, target), tpu_class)
+        else:
+            ms = _priced(cpu_features(cost, op.kind, is_int8, target, used), cpu_class) * scale
+        ops.append(OpEstimate(index, op.kind, cost.macs, cost.bytes_moved, unit, ms))
     fixed = 0.0
-    method = f"estimate: per-operator cost model with the rates of the {target.name} profile (sources in its TOML)"
-    if on_tpu is not None and any(on_tpu) and target.edgetpu is not None:
-        fixed = target.edgetpu.invoke_overhead_ms.value + streamed_bytes / (target.edgetpu.link_gbps.value * 1e9) * 1e3
-        method += " (Edge TPU part + CPU part + parameters and activations over the host link)"
+    band = cpu_class
+    method = (f"estimate: per-operator model of the {CPU_CLASS[target.runtime]} class (coefficients fitted on published "
+              f"measurements) with the {target.name} profile's clock, {used} thread(s) and memory bandwidth")
+    if tpu_class:
+        fixed = _priced(fixed_features(target, streamed_bytes), tpu_class)
+        band = tpu_class
+        method += "; Edge TPU part at the accelerator's peak rate, invoke and host-link costs fitted on Coral's figures"
     total = fixed + sum(o.ms for o in ops)
-    return LatencyEstimate(total, total * (1 - ERROR_BAND), total * (1 + ERROR_BAND), fixed, tuple(ops), method)
+    method += f"; band: 10th-90th percentile of the class's held-out error over {band.rows} published rows"
+    return LatencyEstimate(total, total * band.band_low, total * band.band_high, fixed, tuple(ops), method)

@@ -57,6 +57,8 @@ class Cpu:
     int8_gmacs: Rate = spec(doc="effective int8 multiply-accumulates per second, in billions, for this runtime's kernels")
     fp32_gmacs: Figure = spec(doc="effective fp32 multiply-accumulates per second, in billions; 0 when float is not run")
     op_overhead_us: Figure = spec(doc="fixed cost of running one operator, in microseconds")
+    latency_scale: Rate | None = spec(None, doc="measured over estimated latency on this board, written by "
+                                      "`edgecc targets calibrate`; absent means 1")
 
 
 @dataclass(frozen=True)
