@@ -2,8 +2,9 @@
 
 Rebuilds every architecture of benchmarks/latency_measurements.toml (random weights give
 the same ops, shapes and MACs), converts it to TFLite, and for each row fits the
-estimator's per-class coefficients on the other models only (leave-one-model-out),
-then estimates the row on its device's profile. Leave-one-device-out is reported too
+estimator's per-class coefficients (each within the physical range BOUNDS gives) and kernel
+factors on the other models only (leave-one-model-out), then estimates the row on its
+device's profile with the row's kernel library. Leave-one-device-out is reported too
 for classes with several boards. Writes the fitted coefficients and the held-out error
 band of each class to toolchain/latency_model.toml (what `edgecc check` reads) and the
 table to BENCHMARKS.md.
@@ -14,30 +15,47 @@ table to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import lsq_linear
 
-from edgecc.check import _crossing_bytes, assess
+from edgecc.calibrate import calibration_factor
+from edgecc.check import assess, crossing_bytes
 from edgecc.cost import op_costs
-from edgecc.latency import CPU_CLASS, MODEL_FILE, ClassModel, Measurement, estimate_latency, load_measurements
-from edgecc.targets import load_target
+from edgecc.latency import CPU_CLASS, MODEL_FILE, ClassModel, Measurement, estimate_latency, kernels_of, load_measurements
+from edgecc.targets import KERNELS, load_target
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / "models" / "estimator"
 DATASET = ROOT / "benchmarks" / "latency_measurements.toml"
 MODELLED = ("tflite-micro", "microtvm-cmsis-nn", "tflite", "litert-xnnpack", "edgetpu")  # CMSIS-NN or TFLite kernels
-CPU_FEATURES = ("op_cycles", "bytes", *(f"{k}_{p}" for p in ("int8", "fp32")
-                                        for k in ("conv", "depthwise", "matmul", "elementwise")))
+CPU_FEATURES = ("op_cycles", "bytes", *(f"{k}_{p}" for p in ("int8", "fp32") for k in ("gemm", "depthwise", "elementwise")))
 TPU_FEATURES = ("tpu_op_us", "tpu_macs", "invoke_ms", "link")
-UNIT = ClassModel({}, 1.0, 1.0, 0)
+UNIT = ClassModel({}, {}, 1.0, 1.0, 0)
+# Physically sensible range of each coefficient, so that the fit cannot trade one term for another: CPU work
+# terms are cycles per operator, per MAC on one thread, per element; bytes and the host link are multiples
+# of the profile's bandwidth; tpu_macs a multiple of the time at peak rate (>= 1), tpu_op_us microseconds.
+BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
+    "cortex-m": {  # Cortex-M4/M7/M33 with the DSP extension: SMLAD is 2 MACs a cycle, SXTB16 unpacking and
+        "op_cycles": (100, 20_000),  # loads make ~1 cycle/MAC the floor of an int8 GEMM; scalar C is 4-10
+        "gemm_int8": (1, 8), "depthwise_int8": (1, 16), "elementwise_int8": (2, 50),
+        "gemm_fp32": (2, 20), "depthwise_fp32": (2, 40), "elementwise_fp32": (2, 50), "bytes": (0, 2)},
+    "cortex-a": {  # NEON: 4 fp32 or 8-16 int8 MACs per instruction; thread dispatch is tens of microseconds
+        "op_cycles": (1_000, 200_000),
+        "gemm_int8": (0.05, 2), "depthwise_int8": (0.1, 8), "elementwise_int8": (0.2, 20),
+        "gemm_fp32": (0.1, 3), "depthwise_fp32": (0.2, 10), "elementwise_fp32": (0.2, 20), "bytes": (0.3, 5)},
+    "edgetpu": {"tpu_op_us": (0, 100), "tpu_macs": (1, 10), "invoke_ms": (0.1, 5), "link": (0.7, 2)},
+}
+KERNEL_BOUNDS = (0.2, 5.0)  # a kernel library's factor against the class's reference one
+REFERENCE_KERNELS = {"cortex-m": "tflite-micro", "cortex-a": "litert-xnnpack"}
 
 
 def _mobilenet_v1(keras: Any) -> Any:
@@ -151,6 +169,8 @@ class Row:
     runtime: str
     published_ms: float
     cls: str  # the device class whose coefficients it fits and is estimated with
+    cpu_class: str  # the class of the CPU (an Edge TPU's host)
+    kernels: str  # the CPU kernel library
     cpu: dict[str, float]  # feature totals of the operators on the CPU
     tpu: dict[str, float]  # and of the Edge TPU part (empty on a CPU)
 
@@ -163,12 +183,14 @@ def _totals(latency_of: Callable[[dict[str, ClassModel]], float], names: tuple[s
 
 def featurize(index: int, m: Measurement) -> Row:
     target = load_target(m.device)
+    if m.runtime in KERNELS:  # the row's own kernel library, which may differ from the profile's usual one
+        target = replace(target, cpu=replace(target.cpu, kernels=m.runtime))
     content = model_file(m.model, m.precision).read_bytes()
     on_tpu, streamed, graph = None, 0, None
     if m.runtime == "edgetpu":
         result = assess(content, target, measure_arena=False)
         graph, on_tpu = result.graph, result.edgetpu.on_tpu
-        streamed = result.edgetpu.streamed_parameter_bytes + _crossing_bytes(graph, on_tpu)
+        streamed = result.edgetpu.streamed_parameter_bytes + crossing_bytes(graph, on_tpu)
     else:
         from edgecc.reader import read_graph
         graph = read_graph(content)
@@ -179,41 +201,76 @@ def featurize(index: int, m: Measurement) -> Row:
         return estimate_latency(graph, costs, target, on_tpu, streamed, threads=m.threads, models=models).total_ms
 
     cls = "edgetpu" if m.runtime == "edgetpu" else cpu_class
-    return Row(index, m.device, m.model, m.precision, m.runtime, m.latency_ms, cls,
+    return Row(index, m.device, m.model, m.precision, m.runtime, m.latency_ms, cls, cpu_class, kernels_of(target),
                _totals(latency_of, CPU_FEATURES, cpu_class), _totals(latency_of, TPU_FEATURES, "edgetpu") if on_tpu else {})
 
 
-def fit(rows: list[Row], cls: str, cpu_fit: dict[str, float] | None) -> dict[str, float]:
-    """Non-negative coefficients that minimise the squared relative error of `rows` of class `cls`.
+@dataclass
+class Fit:
+    """One class's coefficients and kernel factors."""
 
-    An Edge TPU row's CPU part is priced with `cpu_fit` (the host's class, fitted on the same rows left in).
-    """
-    names = TPU_FEATURES if cls == "edgetpu" else CPU_FEATURES
-    mine = [r for r in rows if r.cls == cls]
-    if not mine:
-        return {}
-    a = np.array([[(r.tpu if cls == "edgetpu" else r.cpu)[n] / r.published_ms for n in names] for r in mine])
-    b = np.array([1 - (_price(r.cpu, cpu_fit or {}) / r.published_ms if cls == "edgetpu" else 0.0) for r in mine])
-    scale = a.max(axis=0)
-    scale[scale == 0] = 1
-    coefficients, _ = nnls(a / scale, b)
-    return {n: float(c / s) for n, c, s in zip(names, coefficients, scale) if c > 0}
+    coefficients: dict[str, float]
+    kernels: dict[str, float] = field(default_factory=dict)
 
 
 def _price(features: dict[str, float], coefficients: dict[str, float]) -> float:
     return sum(coefficients.get(n, 0.0) * v for n, v in features.items())
 
 
-def fit_all(rows: list[Row]) -> dict[str, dict[str, float]]:
-    fits = {cls: fit(rows, cls, None) for cls in ("cortex-m", "cortex-a")}
-    fits["edgetpu"] = fit(rows, "edgetpu", fits["cortex-a"])
+def _cpu_ms(row: Row, fits: dict[str, Fit]) -> float:
+    cpu = fits[row.cpu_class]
+    return cpu.kernels.get(row.kernels, 1.0) * _price(row.cpu, cpu.coefficients)
+
+
+def _bounded(a: np.ndarray, b: np.ndarray, names: tuple[str, ...], bounds: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Least squares within `bounds`; a term no row exercises takes the middle of its range (a prior, not a fit)."""
+    low = np.array([bounds[n][0] for n in names], dtype=float)
+    high = np.array([bounds[n][1] for n in names], dtype=float)
+    used = a.any(axis=0)
+    result = np.where(low > 0, np.sqrt(low * high), (low + high) / 2)
+    if used.any():
+        scale = a[:, used].max(axis=0)
+        solved = lsq_linear(a[:, used] / scale, b, bounds=(low[used] * scale, high[used] * scale)).x
+        result[used] = solved / scale
+    return {n: float(c) for n, c in zip(names, result) if c > 0}
+
+
+def fit(rows: list[Row], cls: str, cpu_fits: dict[str, Fit] | None = None) -> Fit | None:
+    """Coefficients within BOUNDS (and kernel factors) that minimise the squared relative error of `rows` of `cls`.
+
+    A CPU class alternates between the coefficients (kernel factors fixed) and each kernel library's factor
+    (coefficients fixed); an Edge TPU row's CPU part is priced with `cpu_fits` (the host's class, fitted on the
+    same rows left in).
+    """
+    mine = [r for r in rows if r.cls == cls]
+    if not mine:
+        return None
+    if cls == "edgetpu":
+        assert cpu_fits is not None
+        a = np.array([[r.tpu[n] / r.published_ms for n in TPU_FEATURES] for r in mine])
+        b = np.array([1 - _cpu_ms(r, cpu_fits) / r.published_ms for r in mine])
+        return Fit(_bounded(a, b, TPU_FEATURES, BOUNDS[cls]))
+    current = Fit({}, {})
+    for _ in range(20):
+        factor = np.array([current.kernels.get(r.kernels, 1.0) for r in mine])
+        a = np.array([[r.cpu[n] / r.published_ms for n in CPU_FEATURES] for r in mine]) * factor[:, None]
+        current.coefficients = _bounded(a, np.ones(len(mine)), CPU_FEATURES, BOUNDS[cls])
+        for kernels in {r.kernels for r in mine} - {REFERENCE_KERNELS[cls]}:
+            q = np.array([_price(r.cpu, current.coefficients) / r.published_ms for r in mine if r.kernels == kernels])
+            current.kernels[kernels] = float(np.clip(q.sum() / (q * q).sum(), *KERNEL_BOUNDS))
+    return current
+
+
+def fit_all(rows: list[Row]) -> dict[str, Fit]:
+    fits = {cls: f for cls in ("cortex-m", "cortex-a") if (f := fit(rows, cls))}
+    if "cortex-a" in fits and (tpu := fit(rows, "edgetpu", fits)):
+        fits["edgetpu"] = tpu
     return fits
 
 
-def estimate(row: Row, fits: dict[str, dict[str, float]]) -> float:
-    if row.cls == "edgetpu":
-        return _price(row.cpu, fits["cortex-a"]) + _price(row.tpu, fits["edgetpu"])
-    return _price(row.cpu, fits[row.cls])
+def estimate(row: Row, fits: dict[str, Fit]) -> float:
+    cpu = _cpu_ms(row, fits)
+    return cpu + _price(row.tpu, fits["edgetpu"].coefficients) if row.cls == "edgetpu" else cpu
 
 
 def held_out(rows: list[Row], key: Callable[[Row], str]) -> dict[int, float]:
@@ -221,7 +278,8 @@ def held_out(rows: list[Row], key: Callable[[Row], str]) -> dict[int, float]:
     estimates = {}
     for value in {key(r) for r in rows}:
         fits = fit_all([r for r in rows if key(r) != value])
-        estimates |= {r.index: estimate(r, fits) for r in rows if key(r) == value and fits.get(r.cls)}
+        estimates |= {r.index: estimate(r, fits) for r in rows if key(r) == value and r.cls in fits
+                      and r.cpu_class in fits}
     return estimates
 
 
@@ -232,23 +290,27 @@ def summary(rows: list[Row], estimates: dict[int, float]) -> dict[str, dict[str,
         if not ratios:
             continue
         errors = [abs(1 / q - 1) for q in ratios]
-        low, high = np.percentile(ratios, [10, 90])
+        # the nearest held-out rows at or outside the 10th and 90th percentiles, so that the band covers >= 80% of them
+        low, high = np.percentile(ratios, 10, method="lower"), np.percentile(ratios, 90, method="higher")
         out[cls] = {"rows": len(ratios), "median": statistics.median(errors), "worst": max(errors),
                     "band_low": float(low), "band_high": float(high)}
     return out
 
 
-def write_model(fits: dict[str, dict[str, float]], bands: dict[str, dict[str, float]]) -> None:
+def write_model(fits: dict[str, Fit], bands: dict[str, dict[str, float]]) -> None:
     lines = [f"# Written by scripts/bench_estimator.py on {date.today().isoformat()}: per device class, the latency",
              "# estimator's coefficients fitted on every modelled row of benchmarks/latency_measurements.toml,",
              "# and the band: 10th-90th percentile of published / estimated over the rows held out",
              "# (leave-one-model-out). Read by edgecc.latency; do not edit by hand.", ""]
     for cls, band in bands.items():
-        coefficients = fits[cls]
         lines += [f'[class.{cls}]', f"rows = {band['rows']}", f"band_low = {band['band_low']:.4f}",
-                  f"band_high = {band['band_high']:.4f}",
-                  "coefficients = { " + ", ".join(f"{k} = {v:.6g}" for k, v in sorted(coefficients.items())) + " }", ""]
+                  f"band_high = {band['band_high']:.4f}", f"coefficients = {_inline(fits[cls].coefficients)}"]
+        lines += [f"kernels = {_inline(fits[cls].kernels)}", ""] if fits[cls].kernels else [""]
     MODEL_FILE.write_text("\n".join(lines))
+
+
+def _inline(values: dict[str, float]) -> str:
+    return "{ " + ", ".join(f'"{k}" = {v:.6g}' for k, v in sorted(values.items())) + " }"
 
 
 def table(rows: list[Row], by_model: dict[int, float], by_device: dict[int, float], bands: dict[str, Any]) -> str:
@@ -276,6 +338,30 @@ def summary_table(rows: list[Row], by_model: dict[int, float], by_device: dict[i
         lodo = f"{d['median']:.0%} / {d['worst']:.0%}" if d and len({r.device for r in mine}) > 1 else "one board"
         lines.append(f"| {cls} | {s['rows']} | {len({r.device for r in mine})} | {s['median']:.0%} | {s['worst']:.0%} | "
                      f"{s['band_low']:.2f}-{s['band_high']:.2f} | {covered}/{len(mine)} | {lodo} |")
+    return "\n".join(lines)
+
+
+def calibration_table(rows: list[Row], by_device: dict[int, float]) -> str:
+    """`edgecc targets calibrate` on a board the estimator has not seen: from its leave-one-device-out estimates,
+    the factor from 1 or 2 of the board's models (every choice), and the error on its other models."""
+    lines = ["| board | class | runtime | models | uncalibrated median / worst | calibrated on 1: median / worst | "
+             "calibrated on 2: median / worst |", "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        if r.index in by_device and r.cls != "edgetpu":
+            groups.setdefault((r.device, r.runtime), []).append(r)
+    for (device, runtime), mine in sorted(groups.items()):
+        if len(mine) < 3:
+            continue
+        cells = [[abs(by_device[r.index] / r.published_ms - 1) for r in mine]]
+        for k in (1, 2):
+            errors = []
+            for chosen in itertools.combinations(mine, k):
+                factor = calibration_factor([r.published_ms for r in chosen], [by_device[r.index] for r in chosen])
+                errors += [abs(factor * by_device[r.index] / r.published_ms - 1) for r in mine if r not in chosen]
+            cells.append(errors)
+        lines.append(f"| {device} | {mine[0].cls} | {runtime} | {len(mine)} | "
+                     + " | ".join(f"{statistics.median(e):.0%} / {max(e):.0%}" for e in cells) + " |")
     return "\n".join(lines)
 
 
@@ -324,6 +410,13 @@ def main() -> None:
         "Not estimated (runtimes with their own kernels that no edgecc profile describes): "
         + ", ".join(f"{rt} on {dev}" for rt, dev in skipped) + "."
         + (f" Not converted in this run (--built-only), so not estimated: {', '.join(sorted(unbuilt))}." if unbuilt else ""),
+        "",
+        "Calibration (`edgecc targets calibrate REC MODEL [REC MODEL ...]`, one factor: the geometric mean of "
+        "measured over estimated) on a board the estimator has not seen: each board's estimates are its "
+        "leave-one-device-out ones; the factor comes from 1 or 2 of its models (every choice) and the error is "
+        "measured on its other models. Goal (issue 14): median <= 10% from 2 records.",
+        "",
+        calibration_table(rows, by_device),
         "",
         table(rows, by_model, by_device, bands),
     ])

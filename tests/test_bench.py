@@ -36,6 +36,24 @@ def test_calibrated_profile_reproduces_the_measurement(tiny_models, tmp_path: Pa
     assert estimate == pytest.approx(json.loads(record.read_text())["p50_ms"], rel=1e-4)
 
 
+def test_calibrating_on_two_models_takes_the_geometric_mean_of_their_factors(tiny_models, tmp_path: Path) -> None:
+    args = []
+    for name in ("vit_int8", "gelu_int8"):
+        model = tiny_models[name]
+        record = tmp_path / f"{name}.json"
+        assert edgecc("bench", str(model), "--runs", "10", "--record", str(record), "--quiet").returncode == 0
+        args += [str(record), str(model)]
+    profile = tmp_path / "mine.toml"
+    result = edgecc("targets", "calibrate", *args, "--target", "rpi4", "--out", str(profile))
+    assert result.returncode == 0, result.stderr
+    mine = load_target(str(profile))
+    ratios = [json.loads(Path(rec).read_text())["p50_ms"] / assess(Path(m).read_bytes(), "rpi4", measure_arena=False)
+              .latency.total_ms for rec, m in zip(args[::2], args[1::2])]
+    assert mine.cpu.latency_scale.value == pytest.approx((ratios[0] * ratios[1]) ** 0.5, rel=1e-4)
+    odd = edgecc("targets", "calibrate", *args[:3], "--target", "rpi4", "--out", str(tmp_path / "x.toml"))
+    assert odd.returncode == 2 and "records and models come in pairs" in odd.stderr
+
+
 def test_calibrate_refuses_a_record_of_another_model(tiny_models, tmp_path: Path) -> None:
     record = tmp_path / "record.json"
     assert edgecc("bench", str(tiny_models["vit_int8"]), "--runs", "5", "--record", str(record), "--quiet").returncode == 0

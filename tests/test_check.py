@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import edgecc
-from edgecc.arena import measure_arena
+from edgecc.arena import abort_cause, measure_arena
 from edgecc.check import assess
+from edgecc.latency import class_models
 from edgecc.liveness import lifetimes, plan_memory
 from edgecc.reader import read_graph
 
@@ -71,6 +72,51 @@ def test_check_cli_exit_codes_json_and_junit(tiny_models, tmp_path: Path) -> Non
     assert suite.get("failures") == "1"
     failed = [case.get("name") for case in suite if case.find("failure") is not None]
     assert failed == ["latency"]
+
+
+def test_a_model_that_aborts_tflite_micro_gets_a_verdict_from_the_plan(tiny_models) -> None:
+    """An untrained MobileNet (the MLPerf Tiny VWW shape) calibrates its logits to a scale of ~1e-8, and TFLite
+    Micro's int8 softmax aborts the process in Prepare: the RAM verdict falls back to edgecc's plan, saying why."""
+    from ai_edge_litert import schema_py_generated as schema
+    from test_modelcheck import repacked
+
+    def squash_softmax_input(model: schema.ModelT) -> None:
+        code = next(i for i, c in enumerate(model.operatorCodes)
+                    if max(c.builtinCode, c.deprecatedBuiltinCode) == schema.BuiltinOperator.SOFTMAX)
+        graph = model.subgraphs[0]
+        graph.tensors[next(o for o in graph.operators if o.opcodeIndex == code).inputs[0]].quantization.scale = [1e-9]
+
+    content = tiny_models["vit_int8"].read_bytes()
+    assert abort_cause(read_graph(content)) is None
+    result = assess(repacked(squash_softmax_input, content), "stm32l4r5")
+    assert result.arena is None and "SOFTMAX: its int8 input scale 1e-09 is at most 2^-26" in result.arena_failure
+    ram = next(b for b in result.budgets if b.name == "RAM")
+    assert ram.detail.startswith(f"tensor arena {result.memory.planned_bytes:,} B estimate: edgecc's activation plan")
+    assert "could not run the model: op " in ram.detail and result.verdict == "fits"
+
+
+def test_latency_verdict_fits_does_not_fit_or_uncertain_from_the_band(tiny_models) -> None:
+    content = tiny_models["vit_int8"].read_bytes()
+    band = assess(content, "rpi4", measure_arena=False).latency
+    assert band.low_ms < band.total_ms < band.high_ms
+    for limit, verdict, ok in ((band.high_ms * 1.01, "fits", True), (band.low_ms * 0.99, "does not fit", False),
+                               (band.total_ms, "uncertain", False)):
+        result = assess(content, "rpi4", latency_ms=limit, measure_arena=False)
+        latency = result.budgets[-1]
+        assert (result.verdict, latency.ok, latency.uncertain) == (verdict, ok, verdict == "uncertain"), limit
+    lenient = assess(content, "rpi4", latency_ms=band.total_ms, measure_arena=False, uncertain_passes=True)
+    assert lenient.verdict == "uncertain" and lenient.ok
+
+
+def test_check_cli_counts_an_uncertain_latency_as_the_flag_says(tiny_models) -> None:
+    model = str(tiny_models["vit_int8"])
+    limit = str(assess(tiny_models["vit_int8"].read_bytes(), "rpi4", measure_arena=False).latency.total_ms)
+    strict = edgecc("check", model, "--target", "rpi4", "--latency-ms", limit)
+    assert strict.returncode == 1 and "uncertain: latency (counts as fail" in strict.stdout, strict.stdout
+    lenient = edgecc("check", model, "--target", "rpi4", "--latency-ms", limit, "--uncertain", "pass", "--json")
+    assert lenient.returncode == 0, lenient.stderr
+    data = json.loads(lenient.stdout)
+    assert data["verdict"] == "uncertain" and data["budgets"][-1]["verdict"] == "uncertain"
 
 
 @pytest.mark.parametrize(
@@ -137,8 +183,8 @@ def test_edgetpu_check_splits_the_transformer_and_charges_the_link(tiny_models) 
                 if op.kind == "FULLY_CONNECTED" and not graph.tensors[op.inputs[1]].constant]
     assert len(products) == 2 * 2, products
     assert all(plan.reasons[i].startswith("FULLY_CONNECTED: both inputs are activations") for i in products)
-    tpu = result.target.edgetpu
-    assert result.latency.fixed_ms > tpu.invoke_overhead_ms.value  # the stem's output crosses to the CPU
+    invoke_ms = class_models()["edgetpu"].coefficients["invoke_ms"]
+    assert result.latency.fixed_ms > invoke_ms  # the stem's output crosses to the CPU over the link
     assert [o.unit for o in result.latency.ops] == list(result.placement)
 
 

@@ -25,9 +25,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def coral(onchip_bytes: float = 8 * 2**20) -> EdgeTpu:
     source = "test profile"
-    return EdgeTpu(tops=Figure(4, source), onchip_bytes=Figure(onchip_bytes, source), link_gbps=Figure(0.3, source),
-                   invoke_overhead_ms=Figure(0.3, source), op_overhead_us=Figure(5, source),
-                   mac_efficiency=Figure(0.5, source))
+    return EdgeTpu(tops=Figure(4, source), onchip_bytes=Figure(onchip_bytes, source), link_gbps=Figure(0.3, source))
 
 
 def calibration(shape: tuple[int, ...]) -> np.ndarray:

@@ -53,6 +53,15 @@ def test_a_faster_clock_gives_a_shorter_estimate() -> None:
         assert fast < slow, name  # the operators' cycles halve; the memory term stays
 
 
+def test_the_kernel_library_enters_the_estimate() -> None:
+    """microTVM's compiled CMSIS-NN calls ran the MLPerf Tiny models faster than TFLite Micro on the same board."""
+    base = load_target("stm32l4r5")
+    tvm = dataclasses.replace(base, cpu=dataclasses.replace(base.cpu, kernels="microtvm-cmsis-nn"))
+    interpreter, compiled = (assess(MODEL, t, measure_arena=False).latency for t in (base, tvm))
+    assert compiled.total_ms == pytest.approx(interpreter.total_ms * class_models()["cortex-m"].kernels["microtvm-cmsis-nn"])
+    assert compiled.total_ms < interpreter.total_ms and "microtvm-cmsis-nn kernels" in compiled.method
+
+
 def test_fewer_threads_give_a_longer_estimate() -> None:
     from edgecc.cost import op_costs
     from edgecc.latency import estimate_latency

@@ -76,14 +76,14 @@ def test_all_targets_load() -> None:
 
 def test_figures_that_divide_or_count_refuse_zero_nan_and_infinity(tmp_path: Path) -> None:
     path = profile(tmp_path, "rpi4", bandwidth_gbps="0", ram_bytes="inf", clock_mhz="nan", cores="0",
-                   int8_gmacs="-1", flash_bytes="-inf", latency_budget_ms="0.0", op_overhead_us="nan")
+                   flash_bytes="-inf", latency_budget_ms="0.0", runtime_ram_bytes="nan")
     with pytest.raises(EdgeccError) as err:
         load_target(str(path))
     message = str(err.value)
     for expected in ("memory.bandwidth_gbps.value: 0.0 must be above 0", "memory.ram_bytes.value: inf is not a finite",
                      "cpu.clock_mhz.value: nan is not a finite", "cpu.cores.value: 0 is below the minimum 1",
-                     "cpu.int8_gmacs.value: -1.0 must be above 0", "memory.flash_bytes.value: -inf is not a finite",
-                     "latency_budget_ms.value: 0.0 must be above 0", "cpu.op_overhead_us.value: nan is not a finite"):
+                     "memory.flash_bytes.value: -inf is not a finite", "latency_budget_ms.value: 0.0 must be above 0",
+                     "memory.runtime_ram_bytes.value: nan is not a finite"):
         assert expected in message
     with pytest.raises(EdgeccError, match=r"cpu\.cores\.value: expected an integer, got 2\.5"):
         load_target(str(profile(tmp_path, "rpi4", cores="2.5")))
@@ -91,22 +91,37 @@ def test_figures_that_divide_or_count_refuse_zero_nan_and_infinity(tmp_path: Pat
 
 def test_edge_tpu_figures(tmp_path: Path) -> None:
     with pytest.raises(EdgeccError) as err:
-        load_target(str(profile(tmp_path, "coral-usb", tops="0", link_gbps="0", mac_efficiency="1.5")))
+        load_target(str(profile(tmp_path, "coral-usb", tops="0", link_gbps="0", onchip_bytes="-1")))
     message = str(err.value)
     for expected in ("edgetpu.tops.value: 0.0 must be above 0", "edgetpu.link_gbps.value: 0.0 must be above 0",
-                     "edgetpu.mac_efficiency.value: 1.5 is above the maximum 1.0"):
+                     "edgetpu.onchip_bytes.value: -1.0 is below the minimum 0.0"):
         assert expected in message
 
 
-def test_float_rate_zero_means_int8_only(tmp_path: Path) -> None:
-    with pytest.raises(EdgeccError, match=r"cpu\.fp32_gmacs: 0 means float is not run, so int8_only must be true"):
-        load_target(str(profile(tmp_path, "rpi4", fp32_gmacs="0")))
+def test_an_old_profile_with_retired_figures_is_refused_naming_them(tmp_path: Path) -> None:
+    """Figures no estimate reads any more are refused, not ignored: tuning them would change nothing."""
+    path = tmp_path / "old.toml"
+    text = (Path(__file__).parents[1] / "targets" / "coral-usb.toml").read_text()
+    path.write_text(text.replace("[cpu]\n", '[cpu]\nint8_gmacs = { value = 28.5, source = "old" }\n')
+                    .replace("[edgetpu]\n", '[edgetpu]\nmac_efficiency = { value = 0.5, source = "old" }\n'))
+    with pytest.raises(EdgeccError) as err:
+        load_target(str(path))
+    assert str(err.value) == (f"{path}: cpu.int8_gmacs, edgetpu.mac_efficiency: no longer read (latency is estimated "
+                              "from clock_mhz, cores, bandwidth_gbps and kernels with coefficients fitted on published "
+                              "measurements); delete them")
+
+
+def test_an_unknown_kernel_library_is_refused_by_field(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    text = (Path(__file__).parents[1] / "targets" / "stm32l4r5.toml").read_text()
+    path.write_text(text.replace("[cpu]\n", '[cpu]\nkernels = "cmsis-nn-2026"\n'))
+    with pytest.raises(EdgeccError, match=r"cpu\.kernels: 'cmsis-nn-2026' is not one of"):
+        load_target(str(path))
 
 
 @pytest.mark.parametrize(("base", "zeros"), [
-    ("rpi4", ("fp32_gmacs", "op_overhead_us", "runtime_ram_bytes", "runtime_flash_bytes")),
-    ("coral-usb", ("fp32_gmacs", "op_overhead_us", "runtime_ram_bytes", "runtime_flash_bytes", "onchip_bytes",
-                   "invoke_overhead_ms")),
+    ("rpi4", ("runtime_ram_bytes", "runtime_flash_bytes")),
+    ("coral-usb", ("runtime_ram_bytes", "runtime_flash_bytes", "onchip_bytes")),
 ])
 def test_every_figure_that_may_be_zero_gives_a_finite_estimate(tmp_path: Path, base: str,
                                                                zeros: tuple[str, ...]) -> None:
@@ -119,7 +134,7 @@ def test_every_figure_that_may_be_zero_gives_a_finite_estimate(tmp_path: Path, b
 @pytest.mark.parametrize(("figures", "fragment"), [
     ({"bandwidth_gbps": "0"}, "memory.bandwidth_gbps.value: 0.0 must be above 0"),
     ({"ram_bytes": "inf"}, "memory.ram_bytes.value: inf is not a finite number"),
-    ({"int8_gmacs": "nan"}, "cpu.int8_gmacs.value: nan is not a finite number"),
+    ({"clock_mhz": "nan"}, "cpu.clock_mhz.value: nan is not a finite number"),
 ], ids=["bandwidth-0", "ram-inf", "rate-nan"])
 def test_check_refuses_a_bad_profile(tmp_path: Path, figures: dict[str, str], fragment: str) -> None:
     path = profile(tmp_path, "rpi4", **figures)

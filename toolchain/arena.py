@@ -21,10 +21,12 @@ from pathlib import Path
 
 from edgecc.errors import EdgeccError
 from edgecc.modelcheck import check_model_file
+from edgecc.reader import Graph
 
 ALIGNMENT = 16
 PROBE_ARENA = 256 * 1024 * 1024
 TOTAL_PATTERN = re.compile(r"Arena allocation total (\d+) bytes")
+SOFTMAX_MIN_SCALE = 2.0**-26  # TFLite Micro's int8 softmax: input scale x beta x 2^(31 - 5 integer bits) must exceed 1
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,28 @@ def smallest_arena(content: bytes) -> ArenaMeasurement:
     return ArenaMeasurement(bytes=high, recorded_total=total, tries=tries)
 
 
+def abort_cause(graph: Graph) -> str | None:
+    """A known reason the TFLite Micro interpreter aborts the process while preparing `graph`, if any.
+
+    Its int8 SOFTMAX Prepare turns the input scale into a multiplier that TFLITE_CHECKs to be above 1, and
+    aborts otherwise: a softmax whose input calibration saw (almost) only zeros, e.g. an untrained model.
+    The same kernels run on the board, so it would abort there too.
+    """
+    for index, op in enumerate(graph.operators):
+        if op.kind == "SOFTMAX" and op.inputs:
+            tensor = graph.tensors[op.inputs[0]]
+            if tensor.dtype == "INT8" and tensor.scale and tensor.scale[0] <= SOFTMAX_MIN_SCALE:
+                return (f"op {index} SOFTMAX: its int8 input scale {tensor.scale[0]:.3g} is at most 2^-26, so TFLite "
+                        "Micro's softmax Prepare aborts (QuantizeMultiplierGreaterThanOne); it would on the board too")
+    return None
+
+
 def measure_arena(model: Path) -> ArenaMeasurement:
     """Measure in a worker process (safe to call from threaded programs)."""
     result = subprocess.run([sys.executable, "-m", "edgecc.arena", str(model)],
                             capture_output=True, text=True, timeout=600)
+    if result.returncode < 0:  # killed by a signal: the interpreter aborted or crashed in its recording run
+        raise EdgeccError(f"the TFLite Micro interpreter died with signal {-result.returncode} while allocating")
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines()
         raise EdgeccError(lines[-1] if lines else "TFLite Micro arena measurement failed")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgecc.arena import ArenaMeasurement, measure_arena
+from edgecc.arena import ArenaMeasurement, abort_cause, measure_arena
 from edgecc.cost import op_costs
 from edgecc.emit import loads
 from edgecc.errors import EdgeccError
@@ -25,7 +25,11 @@ INT_TYPES = {"INT8", "UINT8", "INT16", "INT32", "INT64", "BOOL"}
 
 @dataclass(frozen=True)
 class Budget:
-    """One budget: the figure, its limit and whether it holds."""
+    """One budget: the figure, its limit and whether it holds.
+
+    An estimate whose error band holds the limit is `uncertain`: the model may or may not fit, and
+    `ok` says how the caller chose to count it (assess's `uncertain_passes`).
+    """
 
     name: str
     value: float
@@ -33,6 +37,11 @@ class Budget:
     unit: str
     ok: bool
     detail: str
+    uncertain: bool = False
+
+    @property
+    def verdict(self) -> str:
+        return "uncertain" if self.uncertain else "holds" if self.ok else "exceeded"
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class Assessment:
     missing_ops: tuple[str, ...]
     memory: MemoryPlan
     arena: ArenaMeasurement | None
+    arena_failure: str | None  # why the TFLite Micro interpreter could not measure the arena (then it is planned)
     latency: LatencyEstimate
     placement: tuple[str, ...]  # per operator: "cpu", "edgetpu" or "npu"
     edgetpu: Any | None
@@ -55,13 +65,22 @@ class Assessment:
     def ok(self) -> bool:
         return all(b.ok for b in self.budgets)
 
+    @property
+    def verdict(self) -> str:
+        """'does not fit' when a budget is exceeded for certain, else 'uncertain' when an estimate's band holds
+        a limit, else 'fits'."""
+        if any(not b.ok and not b.uncertain for b in self.budgets):
+            return "does not fit"
+        return "uncertain" if any(b.uncertain for b in self.budgets) else "fits"
+
     def to_json(self) -> dict[str, Any]:
         lat = self.latency
         return {
             "target": self.target.name,
             "runtime": self.target.runtime,
             "ok": self.ok,
-            "budgets": [asdict(b) for b in self.budgets],
+            "verdict": self.verdict,
+            "budgets": [asdict(b) | {"verdict": b.verdict} for b in self.budgets],
             "model_bytes": self.model_bytes,
             "operators": len(self.graph.operators),
             "total_macs": self.total_macs,
@@ -70,6 +89,7 @@ class Assessment:
             "activation_lower_bound_bytes": self.memory.lower_bound_bytes,
             "activation_plan_bytes": self.memory.planned_bytes,
             "arena": asdict(self.arena) if self.arena else None,
+            "arena_failure": self.arena_failure,
             "latency": {"estimate_ms": lat.total_ms, "low_ms": lat.low_ms, "high_ms": lat.high_ms,
                         "method": lat.method},
             "edgetpu": edgetpu_json(self.edgetpu),
@@ -107,7 +127,7 @@ def read_model(path: Path) -> tuple[bytes, float | None]:
     return path.read_bytes(), None
 
 
-def _crossing_bytes(graph: Graph, on_tpu: tuple[bool, ...]) -> int:
+def crossing_bytes(graph: Graph, on_tpu: tuple[bool, ...]) -> int:
     """Activation bytes that go over the host link between Edge TPU and CPU operators."""
     producer = {t: i for i, op in enumerate(graph.operators) for t in op.outputs}
     crossing = {t for i, op in enumerate(graph.operators) for t in op.inputs
@@ -156,11 +176,14 @@ def _budget(name: str, value: float, limit: float, unit: str, detail: str) -> Bu
 
 
 def assess(content: bytes, target: str | Target, latency_ms: float | None = None,
-           measure_arena: bool = True) -> Assessment:
+           measure_arena: bool = True, *, uncertain_passes: bool = False) -> Assessment:
     """Profile `content` on `target` and judge every budget.
 
     `latency_ms` overrides the target's default latency budget; `measure_arena`
-    runs the real TFLite Micro interpreter for microcontroller targets.
+    runs the real TFLite Micro interpreter for microcontroller targets. A latency
+    limit inside the estimate's error band is uncertain, and fails unless
+    `uncertain_passes`: a gate that holds only when the model fits even at the
+    band's slow end.
     """
     target = load_target(target) if isinstance(target, str) else target
     graph = read_graph(content)
@@ -190,7 +213,7 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
 
         edgetpu_plan = plan_edgetpu(graph, target.edgetpu, target.legal_ops, content)
         placement = ["edgetpu" if on else "cpu" for on in edgetpu_plan.on_tpu]
-        streamed = edgetpu_plan.streamed_parameter_bytes + _crossing_bytes(graph, edgetpu_plan.on_tpu)
+        streamed = edgetpu_plan.streamed_parameter_bytes + crossing_bytes(graph, edgetpu_plan.on_tpu)
     latency = estimate_latency(graph, costs, target, edgetpu_plan.on_tpu if edgetpu_plan else None, streamed)
     if target.ethosu is not None:
         from edgecc.vela import compile_for_ethos_u
@@ -202,13 +225,16 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
         latency = LatencyEstimate(total, total * (1 - ERROR_BAND), total * (1 + ERROR_BAND), vela_result.latency_ms, latency.ops,
                                   f"Vela {vela_result.vela_version} performance estimate for the NPU part + "
                                   f"per-operator estimate for operators on the CPU")
-    arena = arena_worker.result() if arena_worker else None
+    arena, arena_failure = arena_worker.result() if arena_worker else (None, None)
+    if arena_failure:
+        arena_failure = abort_cause(graph) or arena_failure
 
-    budgets = _budgets(target, len(content), graph, memory, arena, latency, latency_ms, missing, vela_result)
+    budgets = _budgets(target, len(content), graph, memory, arena, arena_failure, missing, vela_result)
+    budgets.append(_latency_budget(latency, latency_ms, target, uncertain_passes))
     if edgetpu_plan is not None:
         budgets = [_edgetpu_operators(edgetpu_plan, costs) if b.name == "operators" else b for b in budgets]
     return Assessment(target, len(content), graph, sum(c.macs for c in costs), float_tensors, missing, memory,
-                      arena, latency, tuple(placement), edgetpu_plan, vela_result, tuple(budgets))
+                      arena, arena_failure, latency, tuple(placement), edgetpu_plan, vela_result, tuple(budgets))
 
 
 class _ArenaWorker:
@@ -223,17 +249,20 @@ class _ArenaWorker:
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._future = self._pool.submit(measure_arena, path)
 
-    def result(self) -> ArenaMeasurement:
+    def result(self) -> tuple[ArenaMeasurement | None, str | None]:
+        """The measurement, or None and why the interpreter could not give one (the arena is then planned)."""
         try:
-            return self._future.result()
+            return self._future.result(), None
+        except EdgeccError as err:
+            return None, str(err)
         finally:
             self._pool.shutdown()
             self._dir.cleanup()
 
 
 def _budgets(target: Target, model_bytes: int, graph: Graph, memory: MemoryPlan, arena: ArenaMeasurement | None,
-             latency: LatencyEstimate, latency_ms: float | None, missing: tuple[str, ...],
-             vela: Any | None) -> list[Budget]:
+             arena_failure: str | None, missing: tuple[str, ...], vela: Any | None) -> list[Budget]:
+    """Operators, RAM and flash; the latency budget is _latency_budget's."""
     mem = target.memory
     budgets = []
     if missing:
@@ -251,7 +280,9 @@ def _budgets(target: Target, model_bytes: int, graph: Graph, memory: MemoryPlan,
                                f"Vela {vela.vela_version}, {target.ethosu.accelerator_config}"))
     elif target.arena is not None:
         measured = arena.bytes if arena else memory.planned_bytes
-        how = "measured with the TFLite Micro interpreter" if arena else "estimate: activation plan, not measured"
+        how = ("measured with the TFLite Micro interpreter" if arena else "estimate: edgecc's activation plan, not "
+               "measured" + (f" (the TFLite Micro interpreter could not run the model: {arena_failure})"
+                             if arena_failure else ""))
         margin = target.arena.margin(measured)
         ram = measured + margin + mem.runtime_ram_bytes.value
         ram_detail = (f"tensor arena {measured:,} B {how} + kernel margin {margin:,.0f} B + "
@@ -267,8 +298,13 @@ def _budgets(target: Target, model_bytes: int, graph: Graph, memory: MemoryPlan,
         flash_detail = f"model {model_bytes:,} B + runtime {mem.runtime_flash_bytes.value:,.0f} B"
     budgets.append(_budget("RAM", ram, mem.ram_bytes.value, "bytes", ram_detail))
     budgets.append(_budget("flash", flash, mem.flash_bytes.value, "bytes", flash_detail))
+    return budgets
+
+
+def _latency_budget(latency: LatencyEstimate, latency_ms: float | None, target: Target, uncertain_passes: bool) -> Budget:
+    """Holds when even the band's slow end is within the limit, exceeded when its fast end is above it."""
     limit = latency_ms if latency_ms is not None else target.latency_budget_ms.value
     source = "--latency-ms" if latency_ms is not None else f"{target.name}'s default budget"
-    budgets.append(_budget("latency", latency.total_ms, limit, "ms",
-                           f"{latency.method}; band {latency.low_ms:.3g}-{latency.high_ms:.3g} ms; limit from {source}"))
-    return budgets
+    uncertain = latency.low_ms <= limit < latency.high_ms
+    return Budget("latency", latency.total_ms, limit, "ms", latency.high_ms <= limit or (uncertain and uncertain_passes),
+                  f"{latency.method}; band {latency.low_ms:.3g}-{latency.high_ms:.3g} ms; limit from {source}", uncertain)

@@ -17,6 +17,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -175,29 +176,34 @@ def targets(
 
 @targets_app.command("calibrate")
 def targets_calibrate(
-    record: Annotated[Path, typer.Argument(help="Calibration record written by `edgecc bench --record`.", show_default=False)],
-    model: Annotated[Path, typer.Argument(help="The .tflite model that record measured.", show_default=False)],
+    files: Annotated[list[Path], typer.Argument(help="Pairs of a record written by `edgecc bench --record` and the "
+                                                "model it measured: REC MODEL [REC MODEL ...].", show_default=False)],
     target: Annotated[str, typer.Option("--target", "-t", help="The profile to fit (name or TOML file).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the calibrated profile TOML.")],
     name: Annotated[str | None, typer.Option("--name", help="Name of the new profile [default: <target>-calibrated].")] = None,
 ) -> None:
-    """Write a profile whose latency estimates match what `edgecc bench` measured on the board."""
+    """Write a profile whose latency estimates match what `edgecc bench` measured on the board (one or more models)."""
     from edgecc.calibrate import calibrate, write_profile
     from edgecc.targets import load_target
 
     def work() -> tuple[Any, float]:
-        try:
-            data = loads(record.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:  # ValueError: not JSON, NaN or Infinity, not UTF-8
-            raise EdgeccError(f"{record} is not a readable bench record: {err}") from None
-        if not model.is_file():
-            raise EdgeccError(f"{model} does not exist")
-        profile, factor = calibrate(data, model.read_bytes(), load_target(target), name)
+        if len(files) % 2:
+            raise EdgeccError(f"{files[-1]}: records and models come in pairs (REC MODEL [REC MODEL ...])")
+        pairs = []
+        for record, model in zip(files[::2], files[1::2]):
+            try:
+                data = loads(record.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:  # ValueError: not JSON, NaN or Infinity, not UTF-8
+                raise EdgeccError(f"{record} is not a readable bench record: {err}") from None
+            if not model.is_file():
+                raise EdgeccError(f"{model} does not exist")
+            pairs.append((data, model.read_bytes()))
+        profile, factor = calibrate(pairs, load_target(target), name)
         write_profile(profile, out)
         return profile, factor
 
     profile, factor = _run(work)
-    stdout.print(f"wrote {out}: {profile.name}, rates scaled by 1/{factor:.3g}; use it with --target {out}")
+    stdout.print(f"wrote {out}: {profile.name}, estimates scaled by {factor:.3g}; use it with --target {out}")
 
 
 @app.command()
@@ -241,12 +247,13 @@ ModelArg = Annotated[Path, typer.Argument(help="A .tflite model, or an edgecc bu
 TargetOpt = Annotated[str, typer.Option("--target", "-t", help="Target profile name (see `edgecc targets`) or a profile TOML file.")]
 
 
-def _assess(model: Path, target: str, latency_ms: float | None) -> Any:
+def _assess(model: Path, target: str, latency_ms: float | None, uncertain_passes: bool = False) -> Any:
     from edgecc.check import assess, read_model
 
     def work() -> Any:
         content, build_budget = read_model(model)
-        return assess(content, target, latency_ms if latency_ms is not None else build_budget)
+        return assess(content, target, latency_ms if latency_ms is not None else build_budget,
+                      uncertain_passes=uncertain_passes)
 
     return _run(work)
 
@@ -259,6 +266,13 @@ def _figure(value: float, unit: str) -> str:
     return f"{value:g} {unit}"
 
 
+class Uncertain(str, Enum):
+    """How `check` counts a latency limit inside the estimate's error band."""
+
+    FAIL = "fail"
+    PASS = "pass"
+
+
 @app.command()
 def check(
     model: ModelArg,
@@ -266,12 +280,17 @@ def check(
     latency_ms: Annotated[float | None, typer.Option("--latency-ms", min=0.0, help="Latency budget in ms, `inf` for none [default: the build's recipe, else the target's].")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdicts as JSON.")] = False,
     junit: Annotated[Path | None, typer.Option("--junit", help="Also write the verdicts as a JUnit XML file for CI.")] = None,
+    uncertain: Annotated[Uncertain, typer.Option("--uncertain", help=(
+        "How a latency limit inside the estimate's error band counts: `fail` (exit 1 unless the model fits even "
+        "at the band's slow end) or `pass` (exit 1 only when it is too slow even at the band's fast end)."))] = Uncertain.FAIL,
 ) -> None:
     """Check that a model fits a target: operators, RAM (tensor arena), flash, latency.
 
-    Exit 0 when every budget holds, 1 when any is exceeded, 2 on bad input, 3 on an internal error.
+    The verdict is "fits", "does not fit", or "uncertain" when the latency limit lies inside the estimate's error
+    band (published / estimated, held out). Exit 0 when every budget holds, 1 when any is exceeded (or uncertain,
+    with --uncertain fail, the default), 2 on bad input, 3 on an internal error.
     """
-    result = _assess(model, target, latency_ms)
+    result = _assess(model, target, latency_ms, uncertain is Uncertain.PASS)
     if junit is not None:
         from edgecc.report import junit_xml
 
@@ -281,12 +300,15 @@ def check(
     else:
         table = Table("budget", "figure", "limit", "verdict", "how it was found", title=f"{model} on {result.target.name}")
         for b in result.budgets:
-            verdict = "[green]holds[/green]" if b.ok else "[red]EXCEEDED[/red]"
+            verdict = ((f"[yellow]uncertain[/yellow] (counts as {uncertain.value})" if b.uncertain else "[green]holds[/green]")
+                       if b.ok or b.uncertain else "[red]EXCEEDED[/red]")
             table.add_row(b.name, _figure(b.value, b.unit), _figure(b.limit, b.unit), verdict, b.detail)
         stdout.print(table)
         where = next((f"; {b.detail}" for b in result.budgets if b.name == "operators" and result.edgetpu), "")
-        stdout.print(("[green]fits[/green]" if result.ok else
-                      "[red]does not fit[/red]: " + ", ".join(b.name for b in result.budgets if not b.ok)) + where)
+        colour = {"fits": "green", "uncertain": "yellow", "does not fit": "red"}[result.verdict]
+        named = ", ".join(b.name for b in result.budgets if not b.ok or b.uncertain)
+        stdout.print(f"[{colour}]{result.verdict}[/{colour}]" + (f": {named}" if named else "")
+                     + (f" (counts as {uncertain.value}: --uncertain)" if result.verdict == "uncertain" else "") + where)
     if not result.ok:
         raise typer.Exit(EXIT_BUDGET)
 

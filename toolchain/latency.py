@@ -3,18 +3,23 @@
 Each operator's time is a sum of terms, each a work count scaled by a profile figure
 and multiplied by a coefficient of the device class (Cortex-M, Cortex-A, Edge TPU):
   - a fixed cost per operator, in cycles of the profile's clock;
-  - its multiply-accumulates (or elements, for element-wise operators) in cycles per
-    MAC on the threads it runs on, separately for full convolution, depthwise
-    convolution, matrix products and element-wise work, and for int8 and fp32;
+  - its multiply-accumulates in cycles per MAC on the threads it runs on: matrix products
+    (convolutions, fully connected, batch matmul: the same GEMM inner loop in CMSIS-NN, ruy
+    and XNNPACK), depthwise convolutions, and element-wise work, for int8 and fp32;
   - the bytes it moves over the profile's memory bandwidth.
+The sum is scaled by the kernels' factor (`cpu.kernels`: TFLite Micro's interpreter with
+CMSIS-NN, microTVM's compiled CMSIS-NN calls, LiteRT's built-in kernels, XNNPACK), one
+number per kernel library fitted against the class's reference library.
 On an Edge TPU the mapped operators cost a time per operator plus their MACs at the
 accelerator's peak rate, each inference a fixed invoke time, and what crosses the
-host link its bytes at the link's bandwidth; the rest runs on the host CPU.
+host link (parameters that do not fit on chip, activations passed to and from the CPU)
+its bytes at the link's bandwidth; the rest runs on the host CPU.
 
-The coefficients and the error band of each class are fitted and measured by
-scripts/bench_estimator.py on published measurements (benchmarks/latency_measurements.toml)
-and stored in latency_model.toml beside this module: the band is the 10th-90th
-percentile of the estimator's held-out error (leave-one-model-out) for that class.
+The coefficients, each within a physically sensible range, and the error band of each
+class are fitted and measured by scripts/bench_estimator.py on published measurements
+(benchmarks/latency_measurements.toml) and stored in latency_model.toml beside this
+module: the band is the 10th-90th percentile of the estimator's held-out error
+(leave-one-model-out) for that class.
 """
 
 from __future__ import annotations
@@ -35,10 +40,13 @@ MODEL_FILE = Path(__file__).with_name("latency_model.toml")
 ERROR_BAND = 0.30  # relative; only for Vela's own Ethos-U estimate, which the dataset does not cover yet
 
 CPU_CLASS = {"tflite-micro": "cortex-m", "ethos-u": "cortex-m", "litert-xnnpack": "cortex-a", "edgetpu": "cortex-a"}
-KINDS = {"CONV_2D": "conv", "TRANSPOSE_CONV": "conv", "DEPTHWISE_CONV_2D": "depthwise",
-         "FULLY_CONNECTED": "matmul", "BATCH_MATMUL": "matmul"}
+KINDS = {"CONV_2D": "gemm", "TRANSPOSE_CONV": "gemm", "DEPTHWISE_CONV_2D": "depthwise",
+         "FULLY_CONNECTED": "gemm", "BATCH_MATMUL": "gemm"}
 INT_TYPES = ("INT8", "UINT8", "INT16", "INT32")
 MEASURED_RUNTIMES = ("tflite-micro", "microtvm-cmsis-nn", "x-cube-ai", "plumerai", "tflite", "litert-xnnpack", "edgetpu")
+# each runtime's usual CPU kernel library (edgecc.targets.KERNELS), when a profile's cpu.kernels is empty
+DEFAULT_KERNELS = {"tflite-micro": "tflite-micro", "ethos-u": "tflite-micro", "litert-xnnpack": "litert-xnnpack",
+                   "edgetpu": "tflite"}
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class ClassModel:
     """One device class's fitted coefficients and held-out error band."""
 
     coefficients: dict[str, float]
+    kernels: dict[str, float]  # each kernel library's factor on the CPU terms; absent means 1 (the reference library)
     band_low: float  # published over estimated, 10th percentile of the held-out rows
     band_high: float  # and the 90th
     rows: int  # held-out rows the band comes from
@@ -114,8 +123,9 @@ def read_models(path: Path = MODEL_FILE) -> dict[str, ClassModel]:
     """The fitted classes in `path` (written by scripts/bench_estimator.py)."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-        return {name: ClassModel({k: float(v) for k, v in c["coefficients"].items()}, float(c["band_low"]),
-                                 float(c["band_high"]), int(c["rows"]))
+        return {name: ClassModel({k: float(v) for k, v in c["coefficients"].items()},
+                                 {k: float(v) for k, v in c.get("kernels", {}).items()},
+                                 float(c["band_low"]), float(c["band_high"]), int(c["rows"]))
                 for name, c in data["class"].items()}
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
         raise EdgeccError(f"{path}: the latency model cannot be read ({err}); rerun scripts/bench_estimator.py") from None
@@ -160,6 +170,11 @@ def _needed(name: str, models: dict[str, ClassModel]) -> ClassModel:
     return models[name]
 
 
+def kernels_of(target: Target) -> str:
+    """The CPU kernel library the target's profile runs: its `cpu.kernels`, else its runtime's usual one."""
+    return target.cpu.kernels or DEFAULT_KERNELS[target.runtime]
+
+
 def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
                      on_tpu: tuple[bool, ...] | None = None, streamed_bytes: int = 0, *,
                      threads: int | None = None, models: dict[str, ClassModel] | None = None) -> LatencyEstimate:
@@ -174,7 +189,8 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
     cpu_class = _needed(CPU_CLASS[target.runtime], models)
     used = min(threads or target.cpu.cores.value, target.cpu.cores.value)
     tpu_class = _needed("edgetpu", models) if on_tpu is not None and any(on_tpu) and target.edgetpu else None
-    scale = target.cpu.latency_scale.value if target.cpu.latency_scale else 1.0
+    kernels = kernels_of(target)
+    scale = (target.cpu.latency_scale.value if target.cpu.latency_scale else 1.0) * cpu_class.kernels.get(kernels, 1.0)
     ops = []
     for index, (op, cost) in enumerate(zip(graph.operators, costs)):
         out = graph.tensors[op.outputs[0]] if op.outputs else None
@@ -188,7 +204,7 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
     fixed = 0.0
     band = cpu_class
     method = (f"estimate: per-operator model of the {CPU_CLASS[target.runtime]} class (coefficients fitted on published "
-              f"measurements) with the {target.name} profile's clock, {used} thread(s) and memory bandwidth")
+              f"measurements) with the {target.name} profile's clock, {used} thread(s), memory bandwidth and {kernels} kernels")
     if tpu_class:
         fixed = _priced(fixed_features(target, streamed_bytes), tpu_class)
         band = tpu_class

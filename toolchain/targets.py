@@ -7,6 +7,7 @@ so that no number enters a report without saying where it came from.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,11 @@ from edgecc.errors import EdgeccError
 from edgecc.schema import spec
 
 RUNTIMES = ("litert-xnnpack", "tflite-micro", "edgetpu", "ethos-u")
+# CPU kernel libraries the latency estimator has fitted factors for (edgecc.latency)
+KERNELS = ("tflite-micro", "microtvm-cmsis-nn", "tflite", "litert-xnnpack")
+# figures older profiles carried that no estimate reads any more: refused by name so that nobody tunes them in vain
+RETIRED = {"cpu": ("int8_gmacs", "fp32_gmacs", "op_overhead_us"),
+           "edgetpu": ("invoke_overhead_ms", "op_overhead_us", "mac_efficiency")}
 
 
 @dataclass(frozen=True)
@@ -41,22 +47,15 @@ class Count(Figure):
 
 
 @dataclass(frozen=True)
-class Share(Figure):
-    """A fraction of a whole: above 0, at most 1."""
-
-    value: float = spec(positive=True, maximum=1.0)
-
-
-@dataclass(frozen=True)
 class Cpu:
     """The processor that runs the model (or the part of it an accelerator does not take)."""
 
     core: str = spec(doc="processor core, e.g. Cortex-A72")
     cores: Count = spec(doc="cores the runtime uses")
     clock_mhz: Rate = spec()
-    int8_gmacs: Rate = spec(doc="effective int8 multiply-accumulates per second, in billions, for this runtime's kernels")
-    fp32_gmacs: Figure = spec(doc="effective fp32 multiply-accumulates per second, in billions; 0 when float is not run")
-    op_overhead_us: Figure = spec(doc="fixed cost of running one operator, in microseconds")
+    kernels: str = spec("", choices=("", *KERNELS), doc="the CPU kernel library: tflite-micro (TFLite Micro's "
+                        "interpreter with CMSIS-NN), microtvm-cmsis-nn, tflite (LiteRT's built-in kernels) or "
+                        "litert-xnnpack; empty means the runtime's usual one (an Edge TPU host: tflite)")
     latency_scale: Rate | None = spec(None, doc="measured over estimated latency on this board, written by "
                                       "`edgecc targets calibrate`; absent means 1")
 
@@ -87,9 +86,6 @@ class EdgeTpu:
     tops: Rate = spec(doc="peak int8 tera-operations per second (1 MAC = 2 operations)")
     onchip_bytes: Figure = spec(doc="on-chip memory that caches parameters")
     link_gbps: Rate = spec(doc="effective host link bandwidth in GB/s (USB, PCIe); parameters that do not fit on chip stream over it")
-    invoke_overhead_ms: Figure = spec(doc="fixed cost of one inference on the accelerator, transfers of the input and output included")
-    op_overhead_us: Figure = spec(doc="fixed cost per operator on the Edge TPU")
-    mac_efficiency: Share = spec(doc="fraction of peak MAC throughput reached on typical layers")
 
 
 @dataclass(frozen=True)
@@ -140,6 +136,11 @@ def load_target(name_or_path: str) -> Target:
             known = ", ".join(builtin_names())
             raise EdgeccError(f"unknown target {name_or_path!r}; known targets: {known}")
         path = _builtin_dir() / f"{name_or_path}.toml"
+    retired = _retired_fields(path)
+    if retired:
+        raise EdgeccError(f"{path}: {', '.join(retired)}: no longer read (latency is estimated from clock_mhz, cores, "
+                          "bandwidth_gbps and kernels with coefficients fitted on published measurements); delete "
+                          + ("it" if len(retired) == 1 else "them"))
     target = schema.load(Target, path, "target profile")
     problems = []
     if target.runtime == "edgetpu" and target.edgetpu is None:
@@ -148,11 +149,19 @@ def load_target(name_or_path: str) -> Target:
         problems.append("ethosu: an ethos-u runtime needs an [ethosu] table")
     if target.runtime in ("tflite-micro", "ethos-u") and target.arena is None:
         problems.append("arena: a TFLite Micro target needs an [arena] table")
-    if target.cpu.fp32_gmacs.value == 0 and not target.int8_only:
-        problems.append("cpu.fp32_gmacs: 0 means float is not run, so int8_only must be true")
     if problems:
         raise EdgeccError(f"{path}: " + "; ".join(problems))
     return target
+
+
+def _retired_fields(path: Path) -> list[str]:
+    """The retired figures a profile still has; a file that cannot be read is left to schema.load to name."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []
+    return [f"{table}.{key}" for table, keys in RETIRED.items() if isinstance(data.get(table), dict)
+            for key in keys if key in data[table]]
 
 
 def all_targets() -> list[Target]:
