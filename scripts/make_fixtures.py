@@ -26,7 +26,7 @@ def models() -> dict[str, bytes]:
     from edgecc.train.convert import to_float_tflite, to_int8_tflite
     from edgecc.train.layers import keras
     from edgecc.train.teacher import inference_graph
-    from edgecc.train.transformer import VitConfig, vision_transformer
+    from edgecc.train.transformer import VitConfig, text_transformer, vision_transformer
 
     keras.utils.set_random_seed(0)
     calibration = np.random.default_rng(0).random((16, 8, 8, 1), dtype=np.float32)
@@ -35,10 +35,14 @@ def models() -> dict[str, bytes]:
     inputs = keras.Input(batch_shape=(1, 8, 8, 1))
     x = keras.layers.Dense(16, activation="gelu")(keras.layers.Flatten()(inputs))
     gelu = keras.Model(inputs, keras.layers.Dense(10)(x))
+    text = text_transformer(VitConfig(stem_filters=(), stem_strides=(), dim=8, depth=1, heads=2, mlp_dim=16,
+                                      dropout=0.0), sequence_length=8, vocabulary_size=50, num_classes=3, batch_size=1)
+    ids = np.random.default_rng(0).integers(0, 50, (8, 8)).astype(np.int32)
     return {
         "vit_int8": to_int8_tflite(vit, calibration, per_channel=False),
         "vit_float": to_float_tflite(vit),
         "gelu_int8": to_int8_tflite(gelu, calibration, per_channel=False),
+        "text_int8": to_int8_tflite(text, ids, per_channel=False),  # a text transformer: GATHER first
     }
 
 

@@ -1,11 +1,13 @@
 """What each kind of board's toolchain consumes, written beside model.tflite by `edgecc build`.
 
 Linux boards get a runner script that needs only the bundle directory; TFLite
-Micro boards get C++ sources for their firmware build.
+Micro boards get C++ sources for their firmware build. Edge TPU boards also get
+the model as a pipeline of segments (edgecc.lower), which run.py runs in order.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -30,11 +32,24 @@ def write_linux_bundle(directory: Path, target: Target, label_names: list[str]) 
     return ["labels.txt", "requirements.txt", "run.py"]
 
 
+def write_edgetpu_pipeline(directory: Path, content: bytes, target: Target) -> list[str]:
+    """The model's Edge TPU segments and CPU islands, one file each, and pipeline.json, which says their order."""
+    from edgecc.lower import PIPELINE_FILE, split_for_edgetpu
+
+    pipeline = split_for_edgetpu(content, target)
+    for segment in pipeline.segments:
+        (directory / segment.file).write_bytes(segment.content)
+    (directory / PIPELINE_FILE).write_text(json.dumps(pipeline.to_json(), indent=1) + "\n", encoding="utf-8")
+    return [*(segment.file for segment in pipeline.segments), PIPELINE_FILE]
+
+
 def write_board_files(directory: Path, content: bytes, fit: Assessment, label_names: list[str]) -> list[str]:
     """The board files for the target's kind; returns their names."""
     target = fit.target
     if not target.is_micro:
         written = write_linux_bundle(directory, target, label_names)
+        if target.edgetpu is not None:
+            written += write_edgetpu_pipeline(directory, content, target)
         if fit.edgetpu is not None and fit.edgetpu.compiled_model is not None:  # edgetpu_compiler was on PATH
             (directory / "model_edgetpu.tflite").write_bytes(fit.edgetpu.compiled_model)
             written.append("model_edgetpu.tflite")

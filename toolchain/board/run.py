@@ -1,12 +1,20 @@
 """Run the edgecc-built model on this board, from this directory alone.
 
-    python run.py INPUTS.npy [--json] [--threads N]
+    python run.py INPUTS.npy [--json] [--threads N] [--cpu]
 
 INPUTS.npy holds raw examples, one per row, in the form manifest.json's
 "preprocessing.raw" describes (token ids for text models, made with its
 "tokenizer" and "vocabulary"); this script applies the manifest's scaling and
-int8 quantization, runs model.tflite (model_edgetpu.tflite with the Edge TPU
-delegate when it is present) and prints the predicted label of each example.
+int8 quantization, runs the model and prints the predicted label of each example.
+
+The model is model.tflite, or on an Edge TPU board the pipeline that
+pipeline.json lists: segments run in order, each reading the tensors earlier
+ones computed (the first CPU segment of a text model is the host pre-step, the
+embedding lookup). Edge TPU segments run compiled (`<segment>_edgetpu.tflite`,
+made by the command in pipeline.json's "compile") with the Edge TPU delegate,
+CPU islands with the plain interpreter; `--cpu` runs every segment with the
+plain interpreter (the same outputs, without the accelerator). Without a
+pipeline, model_edgetpu.tflite runs with the delegate when it is present.
 Needs numpy and ai-edge-litert (or tflite-runtime on older boards).
 """
 
@@ -14,23 +22,76 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+EDGETPU_LIBRARY = "libedgetpu.so.1"
 
 
-def interpreter(threads: int) -> Any:
+def interpreter(path: Path, threads: int, edgetpu: bool = False) -> Any:
     try:
         from ai_edge_litert.interpreter import Interpreter, load_delegate
     except ImportError:
         from tflite_runtime.interpreter import Interpreter, load_delegate
-    edgetpu_model = HERE / "model_edgetpu.tflite"
-    if edgetpu_model.exists():
-        return Interpreter(model_path=str(edgetpu_model), experimental_delegates=[load_delegate("libedgetpu.so.1")])
-    return Interpreter(model_path=str(HERE / "model.tflite"), num_threads=threads)
+    if edgetpu:
+        model = Interpreter(model_path=str(path), experimental_delegates=[load_delegate(EDGETPU_LIBRARY)])
+    else:
+        model = Interpreter(model_path=str(path), num_threads=threads)
+    model.allocate_tensors()
+    return model
+
+
+def single_model(threads: int, cpu: bool) -> Callable[[np.ndarray], np.ndarray]:
+    compiled = HERE / "model_edgetpu.tflite"
+    on_edgetpu = compiled.exists() and not cpu
+    model = interpreter(compiled if on_edgetpu else HERE / "model.tflite", threads, edgetpu=on_edgetpu)
+    source, sink = model.get_input_details()[0], model.get_output_details()[0]
+
+    def run(q: np.ndarray) -> np.ndarray:
+        model.set_tensor(source["index"], q.reshape(source["shape"]))
+        model.invoke()
+        return model.get_tensor(sink["index"])
+
+    return run
+
+
+def pipeline(plan: dict[str, Any], threads: int, cpu: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """pipeline.json's segments in order; tensors pass between them by their index in the whole model."""
+    files = [(HERE / s["file"], s["device"] == "edgetpu" and not cpu) for s in plan["segments"]]
+    files = [(path.with_name(f"{path.stem}_edgetpu.tflite") if on_edgetpu else path, on_edgetpu)
+             for path, on_edgetpu in files]
+    missing = [path.name for path, _ in files if not path.exists()]
+    if missing:
+        sys.exit(f"run.py: {', '.join(missing)} missing: compile the Edge TPU segments here with "
+                 f"`{plan['compile']}`, or pass --cpu to run every segment on the CPU")
+    steps = [(interpreter(path, threads, edgetpu=on_edgetpu), segment["inputs"], segment["outputs"])
+             for (path, on_edgetpu), segment in zip(files, plan["segments"])]
+    (first,), (last,) = plan["inputs"], plan["outputs"]
+
+    def run(q: np.ndarray) -> np.ndarray:
+        values = {first: q}
+        for model, inputs, outputs in steps:
+            for detail, tensor in zip(model.get_input_details(), inputs):
+                model.set_tensor(detail["index"], values[tensor].reshape(detail["shape"]))
+            model.invoke()
+            for detail, tensor in zip(model.get_output_details(), outputs):
+                values[tensor] = model.get_tensor(detail["index"])
+        return values[last]
+
+    return run
+
+
+def model_runner(threads: int = 1, cpu: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """The quantized input -> the quantized output, by the pipeline when this bundle has one."""
+    plan = HERE / "pipeline.json"
+    if plan.exists():
+        return pipeline(json.loads(plan.read_text()), threads, cpu)
+    return single_model(threads, cpu)
 
 
 def main() -> None:
@@ -38,26 +99,23 @@ def main() -> None:
     parser.add_argument("inputs", type=Path, help="a .npy file of raw examples, one per row")
     parser.add_argument("--json", action="store_true", help="print the predictions as JSON")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cpu", action="store_true", help="run every part of the model with the plain interpreter")
     args = parser.parse_args()
 
     pre = json.loads((HERE / "manifest.json").read_text())["preprocessing"]
-    model = interpreter(args.threads)
-    model.allocate_tensors()
-    source, sink = model.get_input_details()[0], model.get_output_details()[0]
+    run = model_runner(args.threads, args.cpu)
     in_scale, in_zero = pre["input_quantization"]["scale"], pre["input_quantization"]["zero_point"]
     out_scale, out_zero = pre["output_quantization"]["scale"], pre["output_quantization"]["zero_point"]
     predictions = []
     for raw in np.load(args.inputs):
-        if source["dtype"] == np.int32:  # text models take the token ids themselves
+        if pre["input_dtype"] == "int32":  # text models take the token ids themselves
             q = raw.astype(np.int32)
         else:
             x = raw.astype(np.float32) * pre["scale"] + pre["offset"]
             if "standardize" in pre:  # per example, as "preprocessing.standardize" says
                 x = (x - x.mean()) / (x.std() + 1e-3)
             q = np.clip(np.round(x / in_scale) + in_zero, -128, 127).astype(np.int8)
-        model.set_tensor(source["index"], q.reshape(pre["model_input_shape"]))
-        model.invoke()
-        logits = (model.get_tensor(sink["index"])[0].astype(np.float32) - out_zero) * out_scale
+        logits = (run(q.reshape(pre["model_input_shape"]))[0].astype(np.float32) - out_zero) * out_scale
         predictions.append(int(np.argmax(logits)))
     labels = pre["label_names"]
     if args.json:

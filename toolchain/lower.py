@@ -1,0 +1,326 @@
+"""Lowering an int8 TFLite model for the Edge TPU: exact rewrites, then a pipeline of Edge TPU and CPU segments.
+
+The Edge TPU compiler maps one subgraph from the start of a model and only
+operators it supports (edgecc.edgetpu). A transformer as the converter writes it
+maps almost nothing: every Dense over tokens is a FULLY_CONNECTED with a
+multi-dimensional output, the attention core multiplies two activations, and a
+text model starts with a GATHER. So, working on the int8 flatbuffer itself (the
+same for PTQ and QAT models, reference or the user's):
+
+1. `lower_for_edgetpu` rewrites every FULLY_CONNECTED with constant int8 weights
+   as RESHAPE -> CONV_2D 1x1 over (1, rows, 1, depth) -> RESHAPE, with the same
+   weight bytes, bias, quantization and fused activation: the same integer
+   arithmetic, so the same outputs (tests/test_lower.py compares them), and a
+   form the Edge TPU maps. LayerNorm's means (products with a constant column)
+   become such convolutions too, so whole norms map.
+2. `split_for_edgetpu` schedules the operators into as few alternating segments
+   as the data flow allows (every ready operator of the current kind before
+   switching) and writes each segment as a model of its own: Edge TPU segments
+   (every operator one the Edge TPU maps; compiled together with
+   `edgetpu_compiler`, they share the on-chip parameter memory) and CPU islands
+   (the attention core, a text model's embedding lookup as the host pre-step).
+   Chained in order, the segments compute exactly what the whole model does,
+   since every tensor keeps its quantization across the cut.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgecc.cost import op_costs
+from edgecc.edgetpu import EDGETPU_OPS, compiler_rejection, operator_problem, predict_edgetpu
+from edgecc.errors import EdgeccError
+from edgecc.reader import Graph, read_graph
+from edgecc.targets import Target
+
+CONV_2D_INT8_VERSION = 3  # op_version.cc: int8 CONV_2D with per-channel or per-tensor filters
+PIPELINE_FILE = "pipeline.json"
+MATRIX_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")  # what is worth an Edge TPU trip
+
+
+def _schema() -> Any:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema
+
+
+def _pack(model: Any) -> bytes:
+    import flatbuffers
+
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _opcode(model: Any, builtin: int, version: int) -> int:
+    """The index of the operator code (builtin, version), added when the model has none."""
+    schema = _schema()
+    for i, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and code.version == version:
+            return i
+    code = schema.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def _tensor(model: Any, like: Any, name: str, shape: tuple[int, ...], data: bytes | None = None) -> int:
+    """A new tensor of the main subgraph with `like`'s type and quantization; a constant when `data` is given."""
+    schema = _schema()
+    tensor = copy.deepcopy(like)
+    tensor.name, tensor.shape, tensor.shapeSignature = name.encode(), np.array(shape, np.int32), None
+    tensor.buffer = 0
+    if data is not None:
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(data, np.uint8)
+        model.buffers.append(buffer)
+        tensor.buffer = len(model.buffers) - 1
+    model.subgraphs[0].tensors.append(tensor)
+    return len(model.subgraphs[0].tensors) - 1
+
+
+def _shape_constant(model: Any, name: str, shape: tuple[int, ...]) -> int:
+    schema = _schema()
+    like = schema.TensorT()
+    like.type = schema.TensorType.INT32
+    return _tensor(model, like, name, (len(shape),), np.array(shape, "<i4").tobytes())
+
+
+def _reshape(model: Any, source: int, target: int) -> Any:
+    """A RESHAPE from tensor `source` to tensor `target`'s shape."""
+    schema = _schema()
+    tensors = model.subgraphs[0].tensors
+    shape = tuple(int(d) for d in tensors[target].shape)
+    op = schema.OperatorT()
+    op.opcodeIndex = _opcode(model, schema.BuiltinOperator.RESHAPE, 1)
+    op.inputs = np.array([source, _shape_constant(model, f"{tensors[target].name.decode()}/shape", shape)], np.int32)
+    op.outputs = np.array([target], np.int32)
+    op.builtinOptionsType = schema.BuiltinOptions.ReshapeOptions
+    op.builtinOptions = schema.ReshapeOptionsT()
+    op.builtinOptions.newShape = np.array(shape, np.int32)
+    return op
+
+
+def _is_int8(tensor: Any) -> bool:
+    return tensor.type == _schema().TensorType.INT8
+
+
+def _constant(model: Any, index: int) -> bool:
+    data = model.buffers[model.subgraphs[0].tensors[index].buffer].data
+    return data is not None and len(data) > 0
+
+
+def _convertible(model: Any, op: Any) -> bool:
+    """A FULLY_CONNECTED of int8 activations by constant, symmetric int8 weights in the plain layout."""
+    schema = _schema()
+    code = model.operatorCodes[op.opcodeIndex]
+    if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.FULLY_CONNECTED:
+        return False
+    tensors = model.subgraphs[0].tensors
+    x, w = tensors[op.inputs[0]], tensors[op.inputs[1]]
+    options = op.builtinOptions
+    return (_constant(model, op.inputs[1]) and not _constant(model, op.inputs[0])
+            and _is_int8(x) and _is_int8(w) and _is_int8(tensors[op.outputs[0]])
+            and len(w.shape) == 2 and w.quantization is not None and not np.any(w.quantization.zeroPoint)
+            and options is not None and options.weightsFormat == schema.FullyConnectedOptionsWeightsFormat.DEFAULT)
+
+
+def _as_convolution(model: Any, op: Any) -> list[Any]:
+    """RESHAPE -> CONV_2D 1x1 -> RESHAPE computing what the FULLY_CONNECTED `op` computes, from the same weight bytes."""
+    schema = _schema()
+    tensors = model.subgraphs[0].tensors
+    x, w, out = (tensors[i] for i in (op.inputs[0], op.inputs[1], op.outputs[0]))
+    units, depth = (int(d) for d in w.shape)
+    rows = int(np.prod(x.shape)) // depth
+    name = out.name.decode()
+    rows_in = _tensor(model, x, f"{name}/rows", (1, rows, 1, depth))
+    rows_out = _tensor(model, out, f"{name}/conv", (1, rows, 1, units))
+    filter_ = _tensor(model, w, w.name.decode(), (units, 1, 1, depth))
+    tensors[filter_].buffer = w.buffer  # the same bytes: (units, depth) row-major is (units, 1, 1, depth)
+    bias = op.inputs[2] if len(op.inputs) > 2 else -1
+    if bias < 0:  # the int8 CONV_2D kernel wants a bias: zeros at the scale of the products
+        like = schema.TensorT()
+        like.type = schema.TensorType.INT32
+        like.quantization = schema.QuantizationParametersT()
+        like.quantization.scale = np.asarray(x.quantization.scale, np.float32) * np.asarray(w.quantization.scale)
+        like.quantization.zeroPoint = np.zeros(len(like.quantization.scale), np.int64)
+        bias = _tensor(model, like, f"{name}/bias", (units,), np.zeros(units, "<i4").tobytes())
+    conv = schema.OperatorT()
+    conv.opcodeIndex = _opcode(model, schema.BuiltinOperator.CONV_2D, CONV_2D_INT8_VERSION)
+    conv.inputs = np.array([rows_in, filter_, bias], np.int32)
+    conv.outputs = np.array([rows_out], np.int32)
+    conv.builtinOptionsType = schema.BuiltinOptions.Conv2DOptions
+    options = schema.Conv2DOptionsT()
+    options.padding = schema.Padding.VALID
+    options.strideW = options.strideH = options.dilationWFactor = options.dilationHFactor = 1
+    options.fusedActivationFunction = op.builtinOptions.fusedActivationFunction
+    conv.builtinOptions = options
+    return [_reshape(model, int(op.inputs[0]), rows_in), conv, _reshape(model, rows_out, int(op.outputs[0]))]
+
+
+def lower_for_edgetpu(content: bytes) -> bytes:
+    """The same int8 model with every FULLY_CONNECTED by constant weights as an exact CONV_2D 1x1 (module docstring)."""
+    model = _schema().ModelT.InitFromPackedBuf(content, 0)
+    subgraph = model.subgraphs[0]
+    operators = []
+    for op in subgraph.operators:
+        operators += _as_convolution(model, op) if _convertible(model, op) else [op]
+    if len(operators) == len(subgraph.operators):
+        return content
+    subgraph.operators = operators
+    return _pack(_pruned(model))
+
+
+def _pruned(model: Any) -> Any:
+    """`model` without the tensors, buffers and operator codes nothing uses any more (indices renumbered)."""
+    subgraph = model.subgraphs[0]
+    used = sorted({int(i) for op in subgraph.operators for i in (*op.inputs, *op.outputs) if i >= 0}
+                  | {int(i) for i in subgraph.inputs} | {int(i) for i in subgraph.outputs})
+    tensor_index = {old: new for new, old in enumerate(used)}
+    subgraph.tensors = [subgraph.tensors[i] for i in used]
+    tensors = [t for graph in model.subgraphs for t in graph.tensors or []]  # other subgraphs share the buffers
+    kept_buffers = sorted({0} | {t.buffer for t in tensors} | {m.buffer for m in (model.metadata or [])})
+    buffer_index = {old: new for new, old in enumerate(kept_buffers)}
+    model.buffers = [model.buffers[i] for i in kept_buffers]
+    for tensor in tensors:
+        tensor.buffer = buffer_index[tensor.buffer]
+    for entry in model.metadata or []:
+        entry.buffer = buffer_index[entry.buffer]
+    operators = [op for graph in model.subgraphs for op in graph.operators or []]
+    codes = sorted({op.opcodeIndex for op in operators})
+    code_index = {old: new for new, old in enumerate(codes)}
+    model.operatorCodes = [model.operatorCodes[i] for i in codes]
+    for op in operators:
+        op.opcodeIndex = code_index[op.opcodeIndex]
+    for op in subgraph.operators:
+        op.inputs = np.array([tensor_index[int(i)] if i >= 0 else -1 for i in op.inputs], np.int32)
+        op.outputs = np.array([tensor_index[int(i)] for i in op.outputs], np.int32)
+    subgraph.inputs = np.array([tensor_index[int(i)] for i in subgraph.inputs], np.int32)
+    subgraph.outputs = np.array([tensor_index[int(i)] for i in subgraph.outputs], np.int32)
+    model.signatureDefs = None  # they name tensors of the whole model
+    return model
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Operators of the lowered model that one device runs in one go, as a model of their own."""
+
+    index: int
+    edgetpu: bool
+    operators: tuple[int, ...]  # indices into the lowered model's operators
+    inputs: tuple[int, ...]     # the lowered model's tensor indices, in the order of this model's inputs
+    outputs: tuple[int, ...]    # the same for its outputs
+    macs: int
+    content: bytes
+
+    @property
+    def file(self) -> str:
+        return f"segment{self.index}_{'tpu' if self.edgetpu else 'cpu'}.tflite"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "device": "edgetpu" if self.edgetpu else "cpu", "operators": len(self.operators),
+                "macs": self.macs, "inputs": list(self.inputs), "outputs": list(self.outputs)}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The lowered model as segments run in order; what runs where."""
+
+    segments: tuple[Segment, ...]
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    operators: int
+    macs: int
+
+    @property
+    def edgetpu_files(self) -> list[str]:
+        return [s.file for s in self.segments if s.edgetpu]
+
+    def to_json(self) -> dict[str, Any]:
+        tpu = [s for s in self.segments if s.edgetpu]
+        tpu_ops, tpu_macs = sum(len(s.operators) for s in tpu), sum(s.macs for s in tpu)
+        return {
+            "inputs": list(self.inputs), "outputs": list(self.outputs),
+            "edgetpu_operators": tpu_ops, "operators": self.operators,
+            "edgetpu_operator_share": round(tpu_ops / max(self.operators, 1), 4),
+            "edgetpu_mac_share": round(tpu_macs / max(self.macs, 1), 4),
+            "edgetpu_segments": len(tpu), "cpu_segments": len(self.segments) - len(tpu),
+            # co-compiled, the Edge TPU segments share the on-chip parameter memory
+            "compile": " ".join(["edgetpu_compiler", "-s", *self.edgetpu_files]),
+            "segments": [s.to_json() for s in self.segments],
+        }
+
+
+def _schedule(graph: Graph, on_cpu: list[bool]) -> list[tuple[bool, list[int]]]:
+    """Operators in alternating runs of one kind: each run takes every operator of its kind that becomes ready."""
+    producer = {t: i for i, op in enumerate(graph.operators) for t in op.outputs}
+    needs = [{producer[t] for t in op.inputs if t in producer} for op in graph.operators]
+    remaining, done = list(range(len(graph.operators))), set()
+    runs: list[tuple[bool, list[int]]] = []
+    cpu = on_cpu[0] if on_cpu else False
+    while remaining:
+        taken: list[int] = []
+        for _ in range(len(remaining)):  # a pass per dependency level at most
+            ready = [i for i in remaining if on_cpu[i] == cpu and needs[i] <= done]
+            if not ready:
+                break
+            for i in ready:
+                if needs[i] <= done:
+                    taken.append(i)
+                    done.add(i)
+            remaining = [i for i in remaining if i not in done]
+        if taken:
+            runs.append((cpu, taken))
+        cpu = not cpu
+    return runs
+
+
+def _segment_model(content: bytes, graph: Graph, index: int, edgetpu: bool, operators: list[int],
+                   later: set[int], macs: int) -> Segment:
+    """The operators as a model of their own: inputs are what they read from before, outputs what is read after."""
+    model = _schema().ModelT.InitFromPackedBuf(content, 0)
+    subgraph = model.subgraphs[0]
+    produced = {t for i in operators for t in graph.operators[i].outputs}
+    inputs = tuple(dict.fromkeys(t for i in operators for t in graph.operators[i].inputs
+                                 if t >= 0 and t not in produced and not graph.tensors[t].constant))
+    outputs = tuple(t for t in sorted(produced) if t in later)
+    subgraph.operators = [subgraph.operators[i] for i in operators]
+    subgraph.inputs, subgraph.outputs = np.array(inputs, np.int32), np.array(outputs, np.int32)
+    return Segment(index, edgetpu, tuple(operators), inputs, outputs, macs, _pack(_pruned(model)))
+
+
+def split_for_edgetpu(content: bytes, target: Target) -> Pipeline:
+    """The int8 model, lowered (`lower_for_edgetpu`, which leaves a lowered model as it is), as Edge TPU segments and CPU islands, in as few segments as the
+    data flow allows; an Edge TPU segment without a matrix operator (only reshapes or a concatenation between CPU
+    operators) is not worth a trip to the accelerator and joins the CPU."""
+    if target.edgetpu is None:
+        raise EdgeccError(f"--target: {target.name} has no Edge TPU to split the model for")
+    content = lower_for_edgetpu(content)
+    graph = read_graph(content)
+    legal = tuple(target.legal_ops or EDGETPU_OPS)
+    # an operator the compiler would refuse the whole model for (the GELU builtin, a too new version) goes to the CPU
+    on_cpu = [operator_problem(graph, op, legal) is not None
+              or compiler_rejection(Graph((op,), graph.tensors, (), ())) is not None for op in graph.operators]
+    macs = [cost.macs for cost in op_costs(graph)]
+    while True:
+        runs = _schedule(graph, on_cpu)
+        idle = [i for cpu, ops in runs if not cpu and not any(graph.operators[j].kind in MATRIX_OPS for j in ops)
+                for i in ops]
+        if not idle:
+            break
+        for i in idle:
+            on_cpu[i] = True
+    segments = []
+    for k, (cpu, ops) in enumerate(runs):
+        later = {t for _, after in runs[k + 1:] for i in after for t in graph.operators[i].inputs} | set(graph.outputs)
+        segment = _segment_model(content, graph, k, not cpu, ops, later, sum(macs[i] for i in ops))
+        if segment.edgetpu:
+            plan = predict_edgetpu(read_graph(segment.content), target.edgetpu, legal)
+            if not all(plan.on_tpu):  # the rules above are the predictor's own: this would be a bug here
+                raise RuntimeError(f"segment {k} is not mapped whole: {next(iter(plan.reasons.values()))}")
+        segments.append(segment)
+    return Pipeline(tuple(segments), graph.inputs, graph.outputs, len(graph.operators), sum(macs))
