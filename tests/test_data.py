@@ -478,3 +478,22 @@ def test_cwru_recipe_tests_on_the_last_fifth_of_each_recording() -> None:
     assert data.num_classes == 10 and data.preprocessing.sample_rate == 12000
     share = len(data.test_index) / len(data.y)
     assert 0.15 < share < 0.2  # windows straddling the 80% cut belong to neither split
+
+
+def test_image_size_comes_from_the_training_images_when_the_recipe_leaves_it_unset(tmp_path: Path) -> None:
+    needs_train_extra()
+    from PIL import Image
+
+    sizes = {"ok": [(30, 20), (22, 40), (300, 300)], "scratch": [(24, 24), (50, 16), (300, 300)]}
+    for label, shapes in sizes.items():
+        for n, shape in enumerate(shapes, start=1):
+            (tmp_path / "crops" / label).mkdir(parents=True, exist_ok=True)
+            Image.new("L", shape, 9).save(tmp_path / "crops" / label / f"{n}.png")
+    data = load_dataset(DataSection(source="images", path="crops", test_pattern=r"3\.png$"), 0, tmp_path)
+    # training shorter sides 20, 22, 24, 16 (the 300 px images are the test split): median 21
+    assert data.x.shape[1:] == (21, 21, 1) and data.preprocessing.input_shape == (21, 21, 1)
+    assert data.notes[0].startswith("data.image_size: 21 from the data (median shorter side of the training images 21 px")
+    capped = load_dataset(DataSection(source="images", path="crops", test_pattern=r"1\.png$"), 0, tmp_path)
+    assert capped.x.shape[1] == 128 and "median shorter side of the training images 161 px, at most 128" in capped.notes[0]
+    fixed = load_dataset(DataSection(source="images", path="crops", test_pattern=r"3\.png$", image_size=8), 0, tmp_path)
+    assert fixed.x.shape[1] == 8 and fixed.notes == ()

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import needs_train_extra
 from edgecc.classmetrics import class_metrics
-from edgecc.data import Dataset, Preprocessing, class_weights, load_dataset, validation_split
+from edgecc.data import Dataset, Preprocessing, class_weights, epoch_length, epoch_order, load_dataset, validation_split
 from edgecc.progress import Reporter
 from edgecc.recipe import DataSection, ModelSection, TaskSection, TrainSection
 
@@ -83,6 +83,7 @@ def test_balanced_weights_are_inverse_class_frequencies_with_mean_one() -> None:
     assert class_weights(y, 3)[y].mean() == pytest.approx(1.0)
     assert class_weights(np.repeat([0, 1, 2], 5), 3) == pytest.approx([1, 1, 1])
     assert class_weights(y, 3, "none") == pytest.approx([1, 1, 1])
+    assert class_weights(y, 3, "sampling") == pytest.approx([1, 1, 1])  # sampling balances through the order
     absent = class_weights(y, 4)  # a class with no training example takes no weight; the mean stays 1
     assert absent[3] == 0 and absent[y].mean() == pytest.approx(1.0) and absent[:3] == pytest.approx(expected)
 
@@ -110,27 +111,43 @@ def test_validation_is_stratified_and_never_overlaps_a_training_window(tmp_path:
     assert validation_split(signals, 0.0, seed=0)[0].tolist() == signals.train_index.tolist()
 
 
+def test_balanced_sampling_gives_every_class_the_largest_ones_share_of_each_epoch() -> None:
+    y = np.repeat([0, 1, 2, 3], [50, 7, 20, 0])  # class 3 has no training example
+    rng = np.random.default_rng(0)
+    order = epoch_order(y, 4, "sampling", rng)
+    assert len(order) == epoch_length(y, 4, "sampling") == 150
+    assert np.bincount(y[order], minlength=4).tolist() == [50, 50, 50, 0]
+    counts = np.bincount(order, minlength=len(y))
+    assert set(counts[y == 0]) == {1} and set(counts[y == 1]) <= {7, 8} and set(counts[y == 2]) <= {2, 3}
+    assert order.tolist() != epoch_order(y, 4, "sampling", rng).tolist()  # a fresh draw each epoch
+    balanced = np.repeat([0, 1], 30)
+    assert sorted(epoch_order(balanced, 2, "sampling", rng)) == list(range(60))  # each example once
+    for rule in ("weights", "none"):
+        assert sorted(epoch_order(y, 4, rule, rng)) == list(range(77)) and epoch_length(y, 4, rule) == 77
+
+
 @pytest.fixture(scope="module")
-def weighted_and_unweighted(digits: Dataset) -> dict[str, Any]:
-    """'0' keeps its training examples, every other digit a tenth of them: each rule's per-class figures
-    on the test split, after the same epochs from the same seed."""
+def by_balance(digits: Dataset) -> dict[str, Any]:
+    """'0' keeps its training examples, every other digit a tenth of them: each train.balance's per-class
+    figures on the test split, after the same epochs from the same seed."""
     data = imbalanced(digits, rare=range(1, 10), keep=0.1)
-    return {rule: class_metrics(data.y[data.test_index], predictions(teacher(data, epochs=8, class_weight=rule), data),
+    return {rule: class_metrics(data.y[data.test_index], predictions(teacher(data, epochs=8, balance=rule), data),
                                 data.label_names)
-            for rule in ("none", "balanced")}
+            for rule in ("none", "weights", "sampling")}
 
 
-def test_class_weighting_lifts_the_rare_classes_recall(weighted_and_unweighted: dict[str, Any]) -> None:
-    rare = {rule: np.mean([c.recall for c in figures.classes[1:]]) for rule, figures in weighted_and_unweighted.items()}
-    assert rare["balanced"] > rare["none"] + 0.2, rare
-    balanced, unweighted = weighted_and_unweighted["balanced"], weighted_and_unweighted["none"]
-    assert balanced.balanced_accuracy > unweighted.balanced_accuracy and balanced.accuracy > unweighted.accuracy
+@pytest.mark.parametrize("rule", ["weights", "sampling"])
+def test_class_balance_lifts_the_rare_classes_recall(by_balance: dict[str, Any], rule: str) -> None:
+    rare = {name: np.mean([c.recall for c in figures.classes[1:]]) for name, figures in by_balance.items()}
+    assert rare[rule] > rare["none"] + 0.2, rare
+    handled, unhandled = by_balance[rule], by_balance["none"]
+    assert handled.balanced_accuracy > unhandled.balanced_accuracy and handled.accuracy > unhandled.accuracy
 
 
-def test_collapse_warning_fires_on_the_collapsed_model_only(weighted_and_unweighted: dict[str, Any]) -> None:
+def test_collapse_warning_fires_on_the_collapsed_model_only(by_balance: dict[str, Any]) -> None:
     collapsed = [[w for w in figures.warnings if w.startswith("the model has collapsed onto class")]
-                 for figures in (weighted_and_unweighted["none"], weighted_and_unweighted["balanced"])]
-    assert len(collapsed[0]) == 1 and "onto class '0'" in collapsed[0][0] and not collapsed[1], collapsed
+                 for figures in by_balance.values()]
+    assert len(collapsed[0]) == 1 and "onto class '0'" in collapsed[0][0] and not any(collapsed[1:]), collapsed
 
 
 def test_early_stopping_stops_when_the_validation_figure_stalls(digits: Dataset) -> None:

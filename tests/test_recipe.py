@@ -249,7 +249,7 @@ def test_applicability_follows_the_recipe_and_ignores_defaults(tmp_path: Path) -
         load_recipe(write(tmp_path, "[data]\npath = 'x'"))
     signals = "[data]\nsource = 'signals'\npath = 'x'\nwindow = 64\n[compress]\nstages = ['sparsify', 'qat']\nsparsity = 0.7"
     recipe = load_recipe(write(tmp_path, signals)).recipe
-    assert recipe.data.window == 64 and recipe.data.image_size == 64 and recipe.compress.sparsity == 0.7
+    assert recipe.data.window == 64 and recipe.data.image_size == 0 and recipe.compress.sparsity == 0.7
 
 
 @pytest.mark.parametrize(("text", "fragment"), [

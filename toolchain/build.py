@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -34,6 +34,7 @@ from edgecc.cache import (DamagedEntry, StagesCache, TeacherCache, check_cache_f
 from edgecc.edgetpu import plan_edgetpu
 from edgecc.errors import EdgeccError, one_line
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
+from edgecc.lower import lower_for_edgetpu
 from edgecc.progress import Reporter
 from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
 from edgecc.recipe import LoadedRecipe, Recipe, TaskSection, check_class_names, load_recipe, model_path
@@ -314,6 +315,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
                                key=teacher_record.get("cache_key"))
     if recipe.compress.stages != ("ptq",):
         stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
+    if target.edgetpu is not None:  # the form of the int8 graph the Edge TPU maps (exact: edgecc.lower)
+        stages = [replace(stage, int8=lower_for_edgetpu(stage.int8)) for stage in stages]
     models = distinct_models(stages)
     names = [model_name(group) for group in models]
 
@@ -329,10 +332,10 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     latency_budget = recipe.budgets.max_latency_ms or None
     fits = [assess(group[0].int8, target, latency_ms=latency_budget) for group in models]
     budgets = [budget_verdicts(recipe, figures[0], student, fit) for student, fit in zip(figures[1:], fits)]
-    meets = [all(b["status"] == "pass" for b in model_budgets) for model_budgets in budgets]
-    candidates = [Candidate(name=name, meets_budgets=ok, latency_ms=fit.latency.total_ms, bytes=len(group[0].int8),
+    failed = [sum(b["status"] != "pass" for b in model_budgets) for model_budgets in budgets]
+    candidates = [Candidate(name=name, failed=count, latency_ms=fit.latency.total_ms, bytes=len(group[0].int8),
                             metric=student.score(recipe.task.metric, recipe.task.classes))
-                  for name, ok, fit, group, student in zip(names, meets, fits, models, figures[1:])]
+                  for name, count, fit, group, student in zip(names, failed, fits, models, figures[1:])]
     selection = select(candidates, recipe.compress.select)
     chosen = selection.index
     reporter.info(escape(f"model.tflite is {names[chosen]} (compress.select = '{selection.rule}'): {selection.reason}"))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.errors import EdgeccError
-from edgecc.recipe import DataSection
+from edgecc.recipe import AUTO_IMAGE_SIZE_LIMIT, DataSection
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 SIGNAL_SUFFIXES = (".npz", ".npy")
@@ -125,19 +125,47 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def class_weights(labels: np.ndarray, num_classes: int, rule: str = "balanced") -> np.ndarray:
-    """Each class's loss weight for recipe.TrainSection.class_weight, from the training labels' counts.
+def class_weights(labels: np.ndarray, num_classes: int, balance: str = "weights") -> np.ndarray:
+    """Each class's loss weight for recipe.TrainSection.balance, from the training labels' counts.
 
-    'balanced': class c weighs n / (k * count_c), scaled so that the mean weight over the examples is 1
+    'weights': class c weighs n / (k * count_c), scaled so that the mean weight over the examples is 1
     (the loss keeps its size; on a balanced set every weight is 1; an absent class gets 0). The weights
     are not capped: a cap is a number tuned to some data set, and it would hand the rarest classes, the
-    ones weighting is for, back to the majority. 'none': every weight is 1.
+    ones weighting is for, back to the majority. 'sampling' and 'none': every weight is 1 (sampling
+    balances the classes through epoch_order instead).
     """
-    if rule == "none":
+    if balance != "weights":
         return np.ones(num_classes, dtype=np.float32)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
     return (weights / weights[labels].mean()).astype(np.float32)
+
+
+def epoch_order(labels: np.ndarray, num_classes: int, balance: str, rng: np.random.Generator) -> np.ndarray:
+    """One epoch's example positions (into `labels`), shuffled, for recipe.TrainSection.balance.
+
+    'sampling': every class as many times as the largest one (whole shuffled passes over a rare class, then
+    a random share of it), so each class gets as many steps; on a balanced set each example once. Otherwise
+    every example once.
+    """
+    if balance != "sampling":
+        return rng.permutation(len(labels))
+    largest = np.bincount(labels, minlength=num_classes).max()
+    parts = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members):
+            repeats = [rng.permutation(members) for _ in range(-(-largest // len(members)))]
+            parts.append(np.concatenate(repeats)[:largest])
+    return rng.permutation(np.concatenate(parts))
+
+
+def epoch_length(labels: np.ndarray, num_classes: int, balance: str) -> int:
+    """How many examples epoch_order gives: what a learning-rate or sparsity schedule counts its steps by."""
+    if balance != "sampling":
+        return len(labels)
+    counts = np.bincount(labels, minlength=num_classes)
+    return int(np.count_nonzero(counts) * counts.max())
 
 
 WINDOW_ID = re.compile(r"(.+\.np[yz])@(\d+)")  # a signals example: `<recording>@<first sample>` (see _signals)
@@ -387,22 +415,50 @@ def _image_files(folder: Path, field: str, section: DataSection) -> tuple[list[t
     return sorted(found, key=lambda pair: (_natural(pair[0]), _natural(pair[1]))), notes
 
 
-def _read_images(files: list[tuple[str, Path, str]], section: DataSection) -> np.ndarray:
-    """0..255 float32 pixels, (N, size, size, channels), from (field, file, path relative to the field) triples."""
+def _pillow() -> Any:
     try:
         from PIL import Image
     except ImportError as err:
         raise EdgeccError("data.source 'images' needs Pillow: pip install 'edgecc[train]'") from err
-    size, mode = section.image_size, "L" if section.channels == 1 else "RGB"
-    x = np.empty((len(files), size, size, section.channels), dtype=np.float32)
+    return Image
+
+
+def _unreadable(field: str, path: Path, name: str, err: Exception) -> EdgeccError:
+    return EdgeccError(f"data.{field}: cannot read image {path}: {err}; replace it or leave it out with "
+                       f"data.exclude = \"{name}\"")
+
+
+def _image_size(files: list[tuple[str, Path, str]], section: DataSection) -> tuple[int, str | None]:
+    """data.image_size, or when it is 0 the median shorter side of `files` (read from their headers) capped at
+    recipe.AUTO_IMAGE_SIZE_LIMIT, with a note that says so: a recipe copied to images of another size keeps
+    their detail without being told the size."""
+    if section.image_size:
+        return section.image_size, None
+    image = _pillow()
+    sides = []
+    for field, path, name in files:
+        try:
+            with image.open(path) as opened:
+                sides.append(min(opened.size))
+        except (OSError, ValueError) as err:
+            raise _unreadable(field, path, name, err) from None
+    median = int(np.median(sides))
+    size = max(4, min(median, AUTO_IMAGE_SIZE_LIMIT))
+    return size, (f"data.image_size: {size} from the data (median shorter side of the training images {median} px, "
+                  f"at most {AUTO_IMAGE_SIZE_LIMIT}); set data.image_size to choose another")
+
+
+def _read_images(files: list[tuple[str, Path, str]], size: int, channels: int) -> np.ndarray:
+    """0..255 float32 pixels, (N, size, size, channels), from (field, file, path relative to the field) triples."""
+    image, mode = _pillow(), "L" if channels == 1 else "RGB"
+    x = np.empty((len(files), size, size, channels), dtype=np.float32)
     for i, (field, path, name) in enumerate(files):
         try:
-            with Image.open(path) as image:
-                pixels = image.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            with image.open(path) as opened:
+                pixels = opened.convert(mode).resize((size, size), image.Resampling.BILINEAR)
         except (OSError, ValueError) as err:
-            raise EdgeccError(f"data.{field}: cannot read image {path}: {err}; replace it or leave it out with "
-                              f"data.exclude = \"{name}\"") from None
-        x[i] = np.asarray(pixels, dtype=np.float32).reshape(size, size, section.channels)
+            raise _unreadable(field, path, name, err) from None
+        x[i] = np.asarray(pixels, dtype=np.float32).reshape(size, size, channels)
     return x
 
 
@@ -426,7 +482,10 @@ def _images(section: DataSection, seed: int, base: Path | None) -> Dataset:
     elif option == "test_every":
         is_test = _every(len(files), section.test_every)
     y, names, train, test = _classes(section, option, [label for _, label, _, _ in files], is_test, seed, folder)
-    size, channels = section.image_size, section.channels
+    triples = [(field, path, name) for field, _, path, name in files]
+    size, note = _image_size([triples[i] for i in train], section)
+    notes += [note] if note else []
+    channels = section.channels
     pre = Preprocessing(
         raw=(f"image files read with Pillow, converted to {'L (grayscale)' if channels == 1 else 'RGB'}, "
              f"resized to {size}x{size} with Image.Resampling.BILINEAR: pixel values 0..255"),
@@ -435,7 +494,7 @@ def _images(section: DataSection, seed: int, base: Path | None) -> Dataset:
         scale=1.0 / 255.0,
         offset=0.0,
     )
-    x = _read_images([(field, path, name) for field, _, path, name in files], section) * np.float32(pre.scale)
+    x = _read_images(triples, size, channels) * np.float32(pre.scale)
     return Dataset(section.path, x, y, names, train, test, pre, _split_rule(section, option, seed),
                    tuple(name for _, _, _, name in files), tuple(notes))
 

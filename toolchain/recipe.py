@@ -24,7 +24,8 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "recall")
 STAGES = ("prune", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
 SPARSITY_PATTERNS = ("magnitude", "2:4")
-CLASS_WEIGHTS = ("balanced", "none")
+BALANCE = ("sampling", "weights", "none")
+AUTO_IMAGE_SIZE_LIMIT = 128
 SELECT_RULES = ("fastest", "best", "smallest", "last")
 
 # When a field applies (schema.spec's `applies`); the doc of each field says the same in words.
@@ -87,7 +88,10 @@ class DataSection:
                             "that is the test split")
     standardize: bool = spec(False, applies={"data.source": ("sklearn-digits", "images", "signals")}, doc="images, signals: each example minus its mean, over its standard deviation "
                              "(lighting and gain no longer tell classes apart)")
-    image_size: int = spec(64, minimum=4, maximum=1024, applies=IMAGES, doc="images: resized to image_size x image_size pixels")
+    image_size: int = spec(0, minimum=0, maximum=1024, applies=IMAGES,
+                           doc="images: resized to image_size x image_size pixels; 0: from the data, the median "
+                               f"shorter side of the training images, at most {AUTO_IMAGE_SIZE_LIMIT} (the model's "
+                               "work grows with the square of the size)")
     channels: int = spec(1, choices=(1, 3), applies=IMAGES, doc="images: 1 for grayscale, 3 for RGB")
     include: str | tuple[str, ...] = spec((), applies=IMAGES, doc="images: glob pattern(s) of the files to read, "
                                           "relative to path (and test_path), e.g. '*/Imgs/*.jpg'; '*' also matches "
@@ -150,11 +154,13 @@ class TrainSection:
                                    doc="images: random contrast factor in [1 - c, 1 + c] about each image's mean")
     token_dropout: float = spec(0.0, minimum=0.0, maximum=0.9, applies=TEXT,
                                 doc="text: share of words replaced by [UNK] in each training epoch")
-    class_weight: str = spec("balanced", choices=CLASS_WEIGHTS,
-                             doc="'balanced': each example's loss (teacher, distillation, QAT) is weighted by "
-                                 "n / (k * count of its class) in the training split, so every class weighs "
-                                 "as much in total (1 for all on a balanced set; not capped: a class 50 times "
-                                 "rarer weighs 50 times more per example); 'none': every example weighs 1")
+    balance: str = spec("sampling", choices=BALANCE,
+                        doc="how each class gets its share of training (teacher, distillation, QAT), from the "
+                            "training split's counts: 'sampling': every epoch draws each class as often as the "
+                            "largest one (a rare class's examples repeat, freshly augmented), so every class "
+                            "gets as many steps (on a balanced set: each example once); 'weights': every "
+                            "example once, its loss weighted by n / (k * count of its class); 'none': every "
+                            "example once, weight 1")
     validation_fraction: float = spec(0.1, minimum=0.0, maximum=0.5,
                                       doc="share of the training split held out to judge the teacher by task.metric "
                                           "after each epoch (stratified, seeded; signals: the end of each "

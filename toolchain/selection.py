@@ -72,10 +72,14 @@ class Candidate:
     """One distinct int8 model of the build, as the choice of the final model sees it."""
 
     name: str
-    meets_budgets: bool
+    failed: int  # how many of its budgets it fails
     latency_ms: float  # estimated on the target
     metric: float  # task.metric on the test split
     bytes: int
+
+    @property
+    def meets_budgets(self) -> bool:
+        return self.failed == 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,13 +108,18 @@ RULES: dict[str, Callable[[Candidate], tuple[float, ...]]] = {
 def select(candidates: list[Candidate], rule: str) -> Selection:
     """The final model by the recipe's rule among the candidates (in stage order) that meet every budget.
 
-    When none does, the last candidate (the recipe's last stage), and the build fails on its budgets.
+    When none does, the rule chooses among the candidates that fail the fewest budgets, and the build fails
+    on them: a QAT student that lost accuracy does not replace the PTQ model that failed only the floor.
     """
     met = [i for i, c in enumerate(candidates) if c.meets_budgets]
     names = tuple(candidates[i].name for i in met)
     if not met:
-        return Selection(index=len(candidates) - 1, rule=rule, met=(),
-                         reason="no model meets every budget: the recipe's last stage is kept")
+        fewest = min(c.failed for c in candidates)
+        closest = [i for i, c in enumerate(candidates) if c.failed == fewest]
+        index = min(closest, key=lambda i: (*RULES[rule](candidates[i]), -i))
+        return Selection(index=index, rule=rule, met=(),
+                         reason=f"no model meets every budget: chosen by the rule among the {len(closest)} "
+                                f"model(s) that fail the fewest ({fewest})")
     index = min(met, key=lambda i: (*RULES[rule](candidates[i]), -i))
     c = candidates[index]
     why = {"fastest": f"the smallest estimated latency on the target ({c.latency_ms:.4g} ms)",

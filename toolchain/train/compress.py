@@ -50,10 +50,10 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
                calibration: np.ndarray, reporter: Reporter) -> list[Stage]:
     """Apply `section.stages` to a copy of `teacher`; the last stage's int8 model is the build's result.
 
-    Every distillation weights its examples by `train.class_weight`, as the teacher's training does.
+    Every distillation balances the classes by `train.balance`, as the teacher's training does.
     """
     x, y = dataset.x[dataset.train_index], dataset.y[dataset.train_index]
-    classes = tuple(class_weights(y, dataset.num_classes, train.class_weight).tolist())
+    classes = tuple(class_weights(y, dataset.num_classes, train.balance).tolist())
     student = teacher
     stages = []
     for name in section.stages:
@@ -72,13 +72,13 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
                 student = freeze_norms(student, x)
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
                              section.distill_learning_rate, _weights(section, classes, hidden=True), seed, reporter,
-                             "distilling the pruned student")
+                             "distilling the pruned student", balance=train.balance)
         elif name == "sparsify":
             from edgecc.train.sparsity import sparsify
 
             student, losses = sparsify(student, teacher, x, y, section.sparsity, section.sparsity_pattern,
                                        section.distill_epochs, train.batch_size, section.distill_learning_rate,
-                                       _weights(section, classes, hidden=True), seed, reporter)
+                                       _weights(section, classes, hidden=True), seed, reporter, balance=train.balance)
         elif name == "qat":
             from edgecc.train.fold import fold_norms
             from edgecc.train.qat import qat_model
@@ -91,7 +91,7 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
             losses += distill(student, teacher, x, y, section.qat_epochs or section.distill_epochs, train.batch_size,
                               section.qat_learning_rate or section.distill_learning_rate,
                               _weights(section, classes, hidden=False), seed, reporter,
-                              "quantization-aware distillation")
+                              "quantization-aware distillation", balance=train.balance)
         # a `ptq` stage after prune or sparsify quantizes the student that stage already quantized the same way
         int8 = stages[-1].int8 if name == "ptq" and stages else _int8(student, name, calibration, section.per_channel)
         stages.append(Stage(name, student, int8, int(student.count_params()), tuple(losses)))
@@ -118,7 +118,7 @@ def _progressive(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, secti
         losses += distill(partial, teacher, x, y, max(1, (section.qat_epochs or section.distill_epochs) // 2),
                           train.batch_size, section.qat_learning_rate or section.distill_learning_rate, hidden_only,
                           seed, reporter,
-                          f"progressive QAT: blocks 0..{k}", hidden_blocks=k + 1)
+                          f"progressive QAT: blocks 0..{k}", hidden_blocks=k + 1, balance=train.balance)
         float_weights_from(partial, student)
     return losses
 

@@ -4,9 +4,10 @@ The student learns from three signals: the task labels, the teacher's logits
 softened by a temperature (KL divergence, scaled by T² so its gradients keep
 their size as T changes), and the teacher's hidden states after each block
 (mean squared error), which guide a pruned or quantized student layer by layer.
-The label and logit terms weight each example by its class's weight
-(recipe.TrainSection.class_weight), so a rare class is not learned away; the
-hidden-state term imitates the teacher's features and stays unweighted.
+Each class gets its share of training as in the teacher's (recipe.TrainSection.balance):
+balanced sampling of each epoch, or class weights on the label and logit terms,
+so a rare class is not learned away; the hidden-state term imitates the
+teacher's features and stays unweighted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecc.data import epoch_length, epoch_order
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.train.tf import keras as _keras, tensorflow
@@ -60,17 +62,19 @@ def _with_hidden(model: Any, names: list[str]) -> Any:
 
 def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int,
             learning_rate: float, weights: DistillWeights, seed: int, reporter: Reporter,
-            description: str = "distilling", hidden_blocks: int | None = None) -> list[float]:
+            description: str = "distilling", hidden_blocks: int | None = None, balance: str = "none") -> list[float]:
     """Train `student` in place against `teacher`; returns the mean loss of each epoch.
 
-    `hidden_blocks` limits the hidden-state loss to the first blocks (progressive QAT).
+    `hidden_blocks` limits the hidden-state loss to the first blocks (progressive QAT); `balance` orders each
+    epoch (data.epoch_order).
     """
     tf = tensorflow()
     keras = _keras()
     pairs = hidden_pairs(student, teacher)[:hidden_blocks] if weights.hidden else []
     student_view = _with_hidden(student, [s for s, _ in pairs])
     teacher_view = _with_hidden(teacher, [t for _, t in pairs])
-    steps = max(1, epochs * int(np.ceil(len(x) / batch_size)))
+    batches = int(np.ceil(epoch_length(y, int(student.output_shape[-1]), balance) / batch_size))
+    steps = max(1, epochs * batches)
     optimizer = keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(learning_rate, steps), weight_decay=0.01)
     temperature = weights.temperature
     classes = int(student.output_shape[-1])
@@ -97,11 +101,10 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
         return loss
 
     rng = np.random.default_rng(seed)
-    batches = int(np.ceil(len(x) / batch_size))
     history = []
     with reporter.task(description, epochs, unit="epoch") as advance:
         for _ in range(epochs):
-            order = rng.permutation(len(x))
+            order = epoch_order(y, classes, balance, rng)
             losses = []
             for b in range(batches):
                 chosen = order[b * batch_size:(b + 1) * batch_size]

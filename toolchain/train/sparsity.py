@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecc.data import epoch_length
 from edgecc.train.distill import DistillWeights, distill
 from edgecc.errors import EdgeccError
 from edgecc.train.layers import keras
@@ -98,7 +99,7 @@ def wrap(model: Any, target: float, pattern: str, epochs: int, steps_per_epoch: 
 
 def sparsify(model: Any, teacher: Any, x: np.ndarray, y: np.ndarray, target: float, pattern: str, epochs: int,
              batch_size: int, learning_rate: float, weights: DistillWeights, seed: int, reporter: Reporter,
-             description: str = "distilling the sparse student") -> tuple[Any, list[float]]:
+             description: str = "distilling the sparse student", balance: str = "none") -> tuple[Any, list[float]]:
     """A sparse copy of `model`, distilled from `teacher`, and the mean loss of each epoch.
 
     `magnitude` zeroes the smallest `target` share of each pruned kernel, raised
@@ -119,12 +120,13 @@ def sparsify(model: Any, teacher: Any, x: np.ndarray, y: np.ndarray, target: flo
     """
     if epochs < 1:
         raise EdgeccError("sparsify needs at least one distillation epoch: TF-MOT sets its masks while training")
-    steps_per_epoch = int(np.ceil(len(x) / batch_size))
+    steps_per_epoch = int(np.ceil(epoch_length(y, int(model.output_shape[-1]), balance) / batch_size))
     wrapped = wrap(model, target, pattern, epochs, steps_per_epoch)
     callback = tfmot.sparsity.keras.UpdatePruningStep()
     callback.set_model(wrapped)
     callback.on_train_begin()
-    losses = distill(wrapped, teacher, x, y, epochs, batch_size, learning_rate, weights, seed, reporter, description)
+    losses = distill(wrapped, teacher, x, y, epochs, batch_size, learning_rate, weights, seed, reporter, description,
+                     balance=balance)
     callback.on_epoch_end(epochs - 1)
     return tfmot.sparsity.keras.strip_pruning(wrapped), losses
 

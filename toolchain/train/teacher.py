@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.classmetrics import score
-from edgecc.data import Dataset, class_weights, validation_split
+from edgecc.data import Dataset, class_weights, epoch_length, epoch_order, validation_split
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.recipe import ModelSection, TaskSection, TrainSection
@@ -169,6 +169,7 @@ class _Run:
     rng: np.random.Generator
     epoch: int = 0
     best: float = -np.inf  # the best validation figure so far, reached after `best_epoch` epochs
+    best_loss: float = np.inf  # the validation loss there: what breaks a tie between equal figures
     best_epoch: int = 0
     best_weights: list[np.ndarray] | None = None
 
@@ -177,6 +178,7 @@ class _Run:
 
 
 CHECKPOINT_FILE = "teacher.npz"
+TIE_BREAK_MARGIN = 1e-3  # a validation loss lower by less than this share is rounding, not learning
 
 
 def _save(checkpoint: Path, model: Any, run: _Run) -> None:
@@ -184,7 +186,8 @@ def _save(checkpoint: Path, model: Any, run: _Run) -> None:
     arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
     arrays |= {f"o{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)}
     arrays |= {f"b{i}": w for i, w in enumerate(run.best_weights or [])}
-    meta = {"epoch": run.epoch, "best": run.best, "best_epoch": run.best_epoch, "rng": run.rng.bit_generator.state}
+    meta = {"epoch": run.epoch, "best": run.best, "best_loss": run.best_loss, "best_epoch": run.best_epoch,
+            "rng": run.rng.bit_generator.state}
     checkpoint.mkdir(parents=True, exist_ok=True)
     temporary = checkpoint / (CHECKPOINT_FILE + ".tmp")
     with temporary.open("wb") as file:
@@ -211,7 +214,7 @@ def _resume(checkpoint: Path, model: Any, run: _Run) -> None:
         raise EdgeccError(f"{path} is the checkpoint of another model ({str(err).splitlines()[0]}); "
                           "delete it to train the teacher from the start") from None
     run.rng.bit_generator.state = meta["rng"]
-    run.epoch, run.best, run.best_epoch = meta["epoch"], meta["best"], meta["best_epoch"]
+    run.epoch, run.best, run.best_loss, run.best_epoch = meta["epoch"], meta["best"], meta["best_loss"], meta["best_epoch"]
     run.best_weights = group["b"] or None
 
 
@@ -226,6 +229,22 @@ def _heartbeat(advance: Callable[..., None], batches: int) -> Any:
     return keras.callbacks.LambdaCallback(on_train_batch_end=batch_end)
 
 
+def _class_mean_loss(outputs: np.ndarray, truth: np.ndarray, logits: bool) -> float:
+    """The validation cross-entropy averaged per class, then over classes.
+
+    It breaks ties between epochs of equal task.metric: a validation split with two examples of a rare class
+    reaches a perfect figure early, and without a tie-break patience would stop the teacher there while
+    it is still learning. Averaged per class, so the majority does not decide it alone.
+    """
+    if logits:
+        shifted = outputs - outputs.max(axis=-1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    else:
+        log_p = np.log(np.clip(outputs, 1e-12, 1.0))
+    losses = -log_p[np.arange(len(truth)), truth]
+    return float(np.mean([losses[truth == c].mean() for c in np.unique(truth)]))
+
+
 def _first_judged(epochs: int) -> int:
     """The first epoch whose validation figure can stop training or be kept: half way through the schedule.
 
@@ -238,11 +257,12 @@ def _first_judged(epochs: int) -> int:
 
 def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, reporter: Reporter, *,
           task: TaskSection, checkpoint: Path | None = None) -> Any:
-    """Fit the teacher on the training split: AdamW, cosine decay, label smoothing, augmentation, class weights.
+    """Fit the teacher on the training split: AdamW, cosine decay, label smoothing, augmentation, class balance.
 
     With `section.validation_fraction`, that share of the training split (data.validation_split) is held
     out and judged by `task.metric` after each epoch of the second half of the schedule (_first_judged);
-    training stops after `section.patience` epochs without a better figure (an equal one is not better),
+    training stops after `section.patience` epochs without a better figure (an equal figure is better only
+    with a lower validation loss, _class_mean_loss),
     and the first best epoch's weights are returned. The cosine decay spans `section.epochs` whether or
     not it stops early. Progress: a line per epoch with
     the validation figure, and a heartbeat after every batch.
@@ -259,8 +279,8 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
     fit_index, validation_index = validation_split(dataset, section.validation_fraction, seed)
     x, y = dataset.x[fit_index], dataset.y[fit_index]
     targets = np.eye(dataset.num_classes, dtype=np.float32)[y]
-    weights = class_weights(y, dataset.num_classes, section.class_weight)[y]
-    batches = int(np.ceil(len(x) / section.batch_size))
+    weights = class_weights(y, dataset.num_classes, section.balance)[y]
+    batches = int(np.ceil(epoch_length(y, dataset.num_classes, section.balance) / section.batch_size))
     schedule = keras.optimizers.schedules.CosineDecay(section.learning_rate, section.epochs * batches)
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=section.weight_decay),
@@ -277,20 +297,23 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
         description += f" from epoch {run.epoch}"
     with reporter.task(description, section.epochs - run.epoch, unit="epoch") as advance:
         while run.epoch < section.epochs and not run.stopped(section.patience):
-            order = run.rng.permutation(len(x))
+            order = epoch_order(y, dataset.num_classes, section.balance, run.rng)
             history = model.fit(
-                _augmented(x, section, dataset, run.rng)[order], targets[order], sample_weight=weights[order],
+                _augmented(x[order], section, dataset, run.rng), targets[order], sample_weight=weights[order],
                 batch_size=section.batch_size, epochs=1, shuffle=False, verbose=0,
                 callbacks=[_heartbeat(advance, batches)],
             ).history
             run.epoch += 1
             status = f"loss {history['loss'][-1]:.3f} acc {history['accuracy'][-1]:.3f}"
             if len(validation_index):
-                predicted = np.argmax(model.predict(dataset.x[validation_index], batch_size=section.batch_size,
-                                                    verbose=0), axis=-1)
-                figure = score(task.metric, task.classes, dataset.y[validation_index], predicted, dataset.label_names)
-                if run.epoch >= _first_judged(section.epochs) and figure > run.best:
-                    run.best, run.best_epoch, run.best_weights = figure, run.epoch, model.get_weights()
+                outputs = model.predict(dataset.x[validation_index], batch_size=section.batch_size, verbose=0)
+                truth = dataset.y[validation_index]
+                figure = score(task.metric, task.classes, truth, np.argmax(outputs, axis=-1), dataset.label_names)
+                loss = _class_mean_loss(outputs, truth, _outputs_logits(model))
+                better = figure > run.best or (figure == run.best and loss < run.best_loss * (1 - TIE_BREAK_MARGIN))
+                if run.epoch >= _first_judged(section.epochs) and better:
+                    run.best, run.best_loss, run.best_epoch = figure, loss, run.epoch
+                    run.best_weights = model.get_weights()
                 status += f" validation {task.metric} {figure:.3f}"
                 if run.best_weights is not None:
                     status += f" (best {run.best:.3f} at epoch {run.best_epoch})"
