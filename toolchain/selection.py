@@ -108,18 +108,19 @@ RULES: dict[str, Callable[[Candidate], tuple[float, ...]]] = {
 def select(candidates: list[Candidate], rule: str) -> Selection:
     """The final model by the recipe's rule among the candidates (in stage order) that meet every budget.
 
-    When none does, the rule chooses among the candidates that fail the fewest budgets, and the build fails
-    on them: a QAT student that lost accuracy does not replace the PTQ model that failed only the floor.
+    When none does, the build fails, and model.tflite is the candidate closest to its budgets: among those
+    that fail the fewest, the highest task.metric (then the rule), so a compressed student that lost accuracy
+    does not replace the PTQ model that missed the same budgets by less.
     """
     met = [i for i, c in enumerate(candidates) if c.meets_budgets]
     names = tuple(candidates[i].name for i in met)
     if not met:
         fewest = min(c.failed for c in candidates)
         closest = [i for i, c in enumerate(candidates) if c.failed == fewest]
-        index = min(closest, key=lambda i: (*RULES[rule](candidates[i]), -i))
+        index = min(closest, key=lambda i: (-candidates[i].metric, *RULES[rule](candidates[i]), -i))
         return Selection(index=index, rule=rule, met=(),
-                         reason=f"no model meets every budget: chosen by the rule among the {len(closest)} "
-                                f"model(s) that fail the fewest ({fewest})")
+                         reason=f"no model meets every budget: the highest task.metric ({candidates[index].metric:.4g}) "
+                                f"of the {len(closest)} model(s) that fail the fewest ({fewest})")
     index = min(met, key=lambda i: (*RULES[rule](candidates[i]), -i))
     c = candidates[index]
     why = {"fastest": f"the smallest estimated latency on the target ({c.latency_ms:.4g} ms)",
