@@ -41,3 +41,25 @@ def test_hidden_states_pair_evenly_and_need_equal_widths() -> None:
                                                          ("block1_mlp_residual", "block3_mlp_residual")]
     with pytest.raises(EdgeccError, match="equal widths"):
         hidden_pairs(vit(depth=1, dim=16), vit(depth=1, dim=32))
+
+
+def test_each_epoch_distils_on_one_augmented_view_of_a_balanced_draw() -> None:
+    """The augmentation gets each epoch's inputs once, in the epoch's order: a balanced draw when asked
+    (the rare class as often as the common one), so the teacher and the student see the same views."""
+    keras.utils.set_random_seed(0)
+    keep = np.concatenate([np.flatnonzero(DIGITS.y[DIGITS.train_index] == 0)[:40],
+                           np.flatnonzero(DIGITS.y[DIGITS.train_index] == 1)[:8]])
+    x, y = DIGITS.x[DIGITS.train_index][keep], DIGITS.y[DIGITS.train_index][keep]
+    seen: list[np.ndarray] = []
+
+    def augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        seen.append(batch)
+        return batch + rng.normal(0, 0.01, batch.shape).astype(np.float32)
+
+    distill(vit(depth=1), vit(depth=1), x, y, epochs=2, batch_size=16, learning_rate=1e-3,
+            weights=DistillWeights(), seed=0, reporter=Reporter(quiet=True), balance="sampling", augment=augment)
+    assert len(seen) == 2 and all(len(view) == 80 for view in seen)  # 2 classes x the larger one's 40
+    originals = {x[i].tobytes(): y[i] for i in range(len(x))}
+    for view in seen:
+        labels = [originals[example.tobytes()] for example in view]  # every view example is a training one
+        assert np.bincount(labels).tolist() == [40, 40]

@@ -353,10 +353,12 @@ def test_a_model_the_compiler_cannot_load_is_rejected_whole() -> None:
                               [0], [1], version=3))
     assert "QUANTIZE version 3" in (compiler_rejection(newer) or "")
 
+    # the file as one graph is rejected; the pipeline the bundle runs leaves GELU to a CPU island between segments
     result = assess((FIXTURES / "gelu_int8.tflite").read_bytes(), "coral-usb")
     operators = result.budgets[0]
-    assert operators.name == "operators" and not operators.ok and not result.ok  # exit 1, a fit failure
-    assert operators.detail.startswith("the Edge TPU compiler would reject this model: GELU")
+    assert result.edgetpu.rejected and result.pipeline is not None and operators.ok
+    assert "edgetpu_compiler alone): the Edge TPU compiler would reject it whole: GELU" in operators.detail
+    assert [p for p, op in zip(result.placement, result.graph.operators) if op.kind == "GELU"] == ["cpu"]
 
 
 def test_nothing_on_the_edge_tpu_does_not_fit_and_a_float_model_is_not_bad_input() -> None:

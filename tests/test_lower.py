@@ -18,7 +18,7 @@ from edgecc.edgetpu import predict_edgetpu
 from edgecc.lower import PIPELINE_FILE, Pipeline, lower_for_edgetpu, split_for_edgetpu
 from edgecc.reader import read_graph
 from edgecc.runtime import Model
-from edgecc.targets import load_target
+from edgecc.targets import Target, load_target
 
 CORAL = load_target("coral-usb")
 
@@ -136,3 +136,120 @@ def test_a_target_without_an_edge_tpu_is_not_split() -> None:
 
     with pytest.raises(EdgeccError, match="rpi4 has no Edge TPU"):
         split_for_edgetpu((FIXTURES / "vit_int8.tflite").read_bytes(), load_target("rpi4"))
+
+
+def _coral_with(onchip_bytes: float | None = None, min_mac_share: float | None = None) -> Target:
+    """coral-usb with another on-chip memory or MAC-share budget, as a user's profile would set them."""
+    from dataclasses import replace
+
+    from edgecc.targets import Share
+
+    tpu = CORAL.edgetpu
+    if onchip_bytes is not None:
+        tpu = replace(tpu, onchip_bytes=replace(tpu.onchip_bytes, value=onchip_bytes))
+    if min_mac_share is not None:
+        tpu = replace(tpu, min_mac_share=Share(min_mac_share, "test profile"))
+    return replace(CORAL, edgetpu=tpu)
+
+
+def test_co_compiled_segments_share_the_on_chip_memory_in_order_and_the_rest_streams() -> None:
+    content = (FIXTURES / "vit_int8.tflite").read_bytes()
+    whole = split_for_edgetpu(content, CORAL)
+    first, second = [s for s in whole.segments if s.edgetpu]
+    assert first.parameter_bytes > 0 and second.parameter_bytes > 0
+    assert whole.streamed_parameter_bytes == 0 and whole.cached_parameter_bytes == first.parameter_bytes + second.parameter_bytes
+    room = first.parameter_bytes + second.parameter_bytes // 2  # the first segment fits, the second half streams
+    tight = split_for_edgetpu(content, _coral_with(onchip_bytes=room))
+    first, second = [s for s in tight.segments if s.edgetpu]
+    assert (first.cached_parameter_bytes, first.streamed_parameter_bytes) == (first.parameter_bytes, 0)
+    assert second.cached_parameter_bytes == second.parameter_bytes // 2
+    assert tight.streamed_parameter_bytes == second.parameter_bytes - second.parameter_bytes // 2
+    assert all(s.cached_parameter_bytes == 0 for s in tight.segments if not s.edgetpu)
+    # what crosses the host link: what the attention island reads from the Edge TPU and what it gives back
+    (island,) = [read_graph(s.content) for s in whole.segments if not s.edgetpu]
+    assert whole.crossing_bytes == sum(island.tensors[t].nbytes for t in (*island.inputs, *island.outputs)) > 0
+
+
+def test_check_judges_the_pipeline_of_a_lowered_or_unlowered_model_the_same() -> None:
+    from edgecc.latency import class_models
+
+    content = (FIXTURES / "vit_int8.tflite").read_bytes()
+    given, lowered = assess(content, CORAL, measure_arena=False), assess(lower_for_edgetpu(content), CORAL, measure_arena=False)
+    assert given.pipeline.to_json() == lowered.pipeline.to_json()
+    pipeline = given.pipeline
+    assert pipeline.edgetpu_segments == 2 and pipeline.edgetpu_mac_share > 0.85
+    assert len(given.placement) == len(given.graph.operators) and len(lowered.placement) == pipeline.operators
+    # the single-graph prediction stays beside it: the compiler alone maps only the stem of the file
+    assert sum(given.edgetpu.on_tpu) == 1 and given.edgetpu.segments == 1
+    operators = given.budgets[0]
+    assert operators.ok and (operators.value, operators.limit) == (pipeline.operators - pipeline.edgetpu_operators,
+                                                                    pipeline.operators - 1)
+    assert "2 Edge TPU segment(s) co-compiled and 1 CPU island(s)" in operators.detail
+    assert "edgetpu_compiler alone): 1 of 53 operators" in operators.detail
+    # the estimate is the sum over the segments: every Edge TPU segment invoked, the crossings over the link
+    coefficients = class_models()["edgetpu"].coefficients
+    link_ms = pipeline.crossing_bytes / (CORAL.edgetpu.link_gbps.value * 1e9) * 1e3
+    assert given.latency.fixed_ms == pytest.approx(2 * coefficients["invoke_ms"] + coefficients["link"] * link_ms)
+    assert given.latency.total_ms == pytest.approx(given.latency.fixed_ms + sum(o.ms for o in given.latency.ops))
+    assert "summed over the pipeline's 3 segments" in given.latency.method
+
+
+def test_a_minimum_share_of_macs_on_the_edge_tpu_is_a_budget(tmp_path: Path) -> None:
+    from edgecc.errors import EdgeccError
+
+    content = (FIXTURES / "vit_int8.tflite").read_bytes()
+    share = split_for_edgetpu(content, CORAL).edgetpu_mac_share
+    for minimum, holds in ((0.5, True), (0.95, False)):
+        result = assess(content, _coral_with(min_mac_share=minimum), measure_arena=False)
+        budget = next(b for b in result.budgets if b.name == "MACs off the Edge TPU")
+        assert budget.ok is holds and result.ok is holds
+        assert budget.value == pytest.approx(100 * (1 - share), abs=0.01) and budget.limit == pytest.approx(100 * (1 - minimum))
+    profile = tmp_path / "my-coral.toml"
+    text = (Path(__file__).parents[1] / "targets" / "coral-usb.toml").read_text()
+    profile.write_text(text.replace("min_mac_share = { value = 0.5", "min_mac_share = { value = 1.5"))
+    with pytest.raises(EdgeccError, match=r"edgetpu\.min_mac_share.*1\.5 is above the maximum 1"):
+        load_target(str(profile))
+
+
+def test_the_edge_tpu_segments_are_co_compiled_in_one_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """edgetpu_compiler does not run here: a stand-in on PATH records its command line and writes what it would."""
+    from edgecc.edgetpu import compile_command
+
+    assert compile_command(["segment0_tpu.tflite", "segment2_tpu.tflite"], "out") == [
+        "edgetpu_compiler", "-s", "-o", "out", "segment0_tpu.tflite", "segment2_tpu.tflite"]
+    content = lower_for_edgetpu((FIXTURES / "vit_int8.tflite").read_bytes())
+    fit = assess(content, CORAL, measure_arena=False)  # before the stand-in: check would compile the file alone too
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "edgetpu_compiler").write_text(
+        "#!/bin/sh\necho \"$@\" >> \"$CALLS\"\nout=$3; shift 3\n"
+        "for f in \"$@\"; do b=$(basename \"$f\" .tflite); cp \"$f\" \"$out/${b}_edgetpu.tflite\"; done\n")
+    (tools / "edgetpu_compiler").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls.txt"))
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    from edgecc.bundle import write_edgetpu_pipeline
+
+    written = write_edgetpu_pipeline(bundle, content, fit)
+    (call,) = (tmp_path / "calls.txt").read_text().splitlines()
+    args = call.split()
+    assert args[:2] == ["-s", "-o"] and [Path(a).name for a in args[3:]] == ["segment0_tpu.tflite", "segment2_tpu.tflite"]
+    assert {"segment0_tpu_edgetpu.tflite", "segment2_tpu_edgetpu.tflite"} <= set(written)
+    assert (bundle / "segment2_tpu_edgetpu.tflite").read_bytes() == (bundle / "segment2_tpu.tflite").read_bytes()
+
+
+def test_the_report_gives_each_segments_figures() -> None:
+    from edgecc.check import edgetpu_json, pipeline_json
+    from edgecc.report import _edgetpu_section
+
+    fit = assess((FIXTURES / "text_int8.tflite").read_bytes(), CORAL, measure_arena=False)
+    pipeline = pipeline_json(fit.pipeline)
+    pre_step = pipeline["segments"][0]  # the embedding lookup: its table is a parameter the host keeps
+    assert pre_step["parameter_bytes"] > 0 and pre_step["cached_parameter_bytes"] == pre_step["streamed_parameter_bytes"] == 0
+    (title, blocks), (single_title, _) = _edgetpu_section({"target": "coral-usb", **edgetpu_json(fit.edgetpu)}, pipeline)
+    assert title == "Edge TPU pipeline (coral-usb): what the bundle runs" and "as one graph" in single_title
+    assert "co-compiled (`edgetpu_compiler -s segment1_tpu.tflite segment3_tpu.tflite`)" in blocks[0][1]
+    header, rows = blocks[1][1]
+    assert [row[:2] for row in rows] == [["segment0_cpu.tflite", "cpu"], ["segment1_tpu.tflite", "edgetpu"],
+                                         ["segment2_cpu.tflite", "cpu"], ["segment3_tpu.tflite", "edgetpu"]]

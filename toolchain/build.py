@@ -22,7 +22,7 @@ from rich.markup import escape
 
 import edgecc
 from edgecc import emit, report
-from edgecc.check import Assessment, assess, edgetpu_json
+from edgecc.check import Assessment, assess, edgetpu_json, pipeline_json
 from edgecc.classmetrics import ClassMetrics, class_metrics, student_warning
 from edgecc.data import Dataset, load_dataset
 
@@ -398,6 +398,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "budgets": budgets[chosen],
         "quantization_error": quantization_error,
         "edgetpu_partition": {"target": edgetpu_target.name, **edgetpu_json(edgetpu)},
+        "edgetpu_pipeline": pipeline_json(fit.pipeline),  # Edge TPU targets: the segments the bundle runs
     }
     with emit.atomic_directory(out) as staging:
         (staging / FLOAT_MODEL).write_bytes(float_bytes)

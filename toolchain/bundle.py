@@ -32,15 +32,19 @@ def write_linux_bundle(directory: Path, target: Target, label_names: list[str]) 
     return ["labels.txt", "requirements.txt", "run.py"]
 
 
-def write_edgetpu_pipeline(directory: Path, content: bytes, target: Target) -> list[str]:
-    """The model's Edge TPU segments and CPU islands, one file each, and pipeline.json, which says their order."""
+def write_edgetpu_pipeline(directory: Path, content: bytes, fit: Assessment) -> list[str]:
+    """The model's Edge TPU segments and CPU islands, one file each, and pipeline.json, which says their order; with
+    `edgetpu_compiler` on PATH, the Edge TPU segments co-compiled too (`<segment>_edgetpu.tflite`, what run.py runs)."""
+    from edgecc.edgetpu import compile_segments
     from edgecc.lower import PIPELINE_FILE, split_for_edgetpu
 
-    pipeline = split_for_edgetpu(content, target)
-    for segment in pipeline.segments:
-        (directory / segment.file).write_bytes(segment.content)
+    pipeline = fit.pipeline or split_for_edgetpu(content, fit.target)
+    files = {segment.file: segment.content for segment in pipeline.segments}
+    compiled = compile_segments({name: files[name] for name in pipeline.edgetpu_files}) or {}
+    for name, data in {**files, **compiled}.items():
+        (directory / name).write_bytes(data)
     (directory / PIPELINE_FILE).write_text(json.dumps(pipeline.to_json(), indent=1) + "\n", encoding="utf-8")
-    return [*(segment.file for segment in pipeline.segments), PIPELINE_FILE]
+    return [*files, *compiled, PIPELINE_FILE]
 
 
 def write_board_files(directory: Path, content: bytes, fit: Assessment, label_names: list[str]) -> list[str]:
@@ -49,7 +53,7 @@ def write_board_files(directory: Path, content: bytes, fit: Assessment, label_na
     if not target.is_micro:
         written = write_linux_bundle(directory, target, label_names)
         if target.edgetpu is not None:
-            written += write_edgetpu_pipeline(directory, content, target)
+            written += write_edgetpu_pipeline(directory, content, fit)
         if fit.edgetpu is not None and fit.edgetpu.compiled_model is not None:  # edgetpu_compiler was on PATH
             (directory / "model_edgetpu.tflite").write_bytes(fit.edgetpu.compiled_model)
             written.append("model_edgetpu.tflite")

@@ -7,7 +7,7 @@ it runs on a CI runner or on the board itself.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,9 @@ from edgecc.reader import Graph, read_graph
 from edgecc.targets import Target, load_target
 
 INT_TYPES = {"INT8", "UINT8", "INT16", "INT32", "INT64", "BOOL"}
+SINGLE_GRAPH = "the file as one graph: what edgetpu_compiler alone does with it"
+PIPELINE_SCOPE = ("the pipeline an edgecc bundle runs: the model lowered (edgecc.lower), its Edge TPU segments "
+                  "co-compiled, its CPU islands on the host")
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,10 @@ class Assessment:
     arena_failure: str | None  # why the TFLite Micro interpreter could not measure the arena (then it is planned)
     latency: LatencyEstimate
     placement: tuple[str, ...]  # per operator: "cpu", "edgetpu" or "npu"
-    edgetpu: Any | None
+    edgetpu: Any | None  # the file as one graph: what edgetpu_compiler alone does with it (edgecc.edgetpu)
     vela: Any | None
     budgets: tuple[Budget, ...]
+    pipeline: Any | None = None  # Edge TPU targets: the segments the bundle runs, which the verdict judges (edgecc.lower)
 
     @property
     def ok(self) -> bool:
@@ -93,6 +97,7 @@ class Assessment:
             "latency": {"estimate_ms": lat.total_ms, "low_ms": lat.low_ms, "high_ms": lat.high_ms,
                         "method": lat.method},
             "edgetpu": edgetpu_json(self.edgetpu),
+            "edgetpu_pipeline": pipeline_json(self.pipeline),
             "vela": {k: v for k, v in asdict(self.vela).items() if k != "model"} if self.vela else None,
         }
 
@@ -100,9 +105,19 @@ class Assessment:
 def edgetpu_json(plan: Any | None) -> dict[str, Any] | None:
     if plan is None:
         return None
-    data = asdict(plan)
+    data = {"scope": SINGLE_GRAPH, **asdict(plan)}
     data.pop("compiled_model")
     data["reasons"] = {str(k): v for k, v in plan.reasons.items()}
+    return data
+
+
+def pipeline_json(pipeline: Any | None) -> dict[str, Any] | None:
+    """The pipeline's figures as pipeline.json has them, without the per-segment tensor indices."""
+    if pipeline is None:
+        return None
+    data = {"scope": PIPELINE_SCOPE, **pipeline.to_json()}
+    data["segments"] = [{k: v for k, v in s.items() if k not in ("inputs", "outputs")} for s in data["segments"]]
+    del data["inputs"], data["outputs"]
     return data
 
 
@@ -154,6 +169,17 @@ def _missing_ops(graph: Graph, target: Target) -> tuple[str, ...]:
     return ("CUSTOM",) if "CUSTOM" in kinds else ()
 
 
+def _mac_share(costs: list[Any], on_tpu: tuple[bool, ...]) -> float:
+    macs = sum(c.macs for c in costs)
+    return sum(c.macs for c, on in zip(costs, on_tpu) if on) / macs if macs else 0.0
+
+
+def _single_graph_line(plan: Any, costs: list[Any]) -> str:
+    total, on = len(plan.on_tpu), sum(plan.on_tpu)
+    return (f"{on} of {total} operators ({on / max(total, 1):.0%}) and {_mac_share(costs, plan.on_tpu):.1%} of the "
+            f"MACs run on the Edge TPU, {total - on} on the CPU ({plan.method})")
+
+
 def _edgetpu_operators(plan: Any, costs: list[Any]) -> Budget:
     """The operators budget of an Edge TPU target: what leaves the Edge TPU, which must not be everything."""
     total = len(plan.on_tpu)
@@ -161,14 +187,49 @@ def _edgetpu_operators(plan: Any, costs: list[Any]) -> Budget:
     if plan.rejected:
         return Budget("operators", off, 0, "ops off the Edge TPU", False, f"the Edge TPU compiler would reject "
                       f"this model: {plan.rejected}; nothing runs on the Edge TPU ({plan.method})")
-    macs = sum(c.macs for c in costs)
-    tpu_macs = sum(c.macs for c, on in zip(costs, plan.on_tpu) if on)
-    where = (f"{total - off} of {total} operators ({(total - off) / max(total, 1):.0%}) and "
-             f"{tpu_macs / macs if macs else 0:.1%} of the MACs run on the Edge TPU, {off} on the CPU ({plan.method})")
+    where = _single_graph_line(plan, costs)
     if off == total:
         return Budget("operators", off, total - 1, "ops off the Edge TPU", False,
                       f"no operator runs on the Edge TPU: {where}; first: {plan.reasons.get(0, '')}")
     return Budget("operators", off, total - 1, "ops off the Edge TPU", True, where)
+
+
+def pipeline_line(pipeline: Any) -> str:
+    """What runs where in the pipeline, for people."""
+    on, total = pipeline.edgetpu_operators, pipeline.operators
+    return (f"pipeline the bundle runs (edgecc.lower; each segment maps whole by the compiler's documented rules): "
+            f"{pipeline.edgetpu_segments} Edge TPU segment(s) co-compiled and "
+            f"{len(pipeline.segments) - pipeline.edgetpu_segments} CPU island(s); {on} of {total} operators "
+            f"({on / max(total, 1):.0%}) and {pipeline.edgetpu_mac_share:.1%} of the MACs on the Edge TPU; parameters "
+            f"{pipeline.cached_parameter_bytes:,} B cached on chip, {pipeline.streamed_parameter_bytes:,} B streamed; "
+            f"{pipeline.crossing_bytes:,} B of activations cross the host link")
+
+
+def _pipeline_operators(pipeline: Any, plan: Any, costs: list[Any]) -> Budget:
+    """The operators budget judged on the pipeline, with what edgetpu_compiler alone would do with the file beside it."""
+    single = (f"the Edge TPU compiler would reject it whole: {plan.rejected}" if plan.rejected
+              else _single_graph_line(plan, costs))
+    on, total = pipeline.edgetpu_operators, pipeline.operators
+    return Budget("operators", total - on, total - 1, "ops off the Edge TPU", on > 0,
+                  f"{pipeline_line(pipeline)}. The file as one graph (edgetpu_compiler alone): {single}")
+
+
+def _mac_share_budget(share: float, minimum: Any, scope: str) -> Budget:
+    """The profile's least share of MACs on the Edge TPU, counted as the MACs left off it (a ceiling like the rest)."""
+    off, limit = round(100 * (1 - share), 2), round(100 * (1 - minimum.value), 2)
+    return _budget("MACs off the Edge TPU", off, limit, "%", f"{share:.1%} of the MACs run on the Edge TPU ({scope}); "
+                   f"the profile's edgetpu.min_mac_share is {minimum.value:g}")
+
+
+def edgetpu_pipeline(content: bytes, graph: Graph, target: Target) -> Any | None:
+    """The pipeline edgecc.lower makes of a fully-int8, single-graph model of builtin operators (what edgecc builds),
+    else None: a model with float or custom parts, or state, is judged as the one graph the compiler sees."""
+    if (_float_tensors(graph) or any(op.kind == "CUSTOM" for op in graph.operators)
+            or any(t.variable for t in graph.tensors)):
+        return None
+    from edgecc.lower import split_for_edgetpu
+
+    return split_for_edgetpu(content, target)
 
 
 def _budget(name: str, value: float, limit: float, unit: str, detail: str) -> Budget:
@@ -206,15 +267,26 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
     memory = plan_memory(graph)
 
     placement = ["cpu"] * len(graph.operators)
-    edgetpu_plan = vela_result = None
-    streamed = 0
+    edgetpu_plan = vela_result = pipeline = None
+    on_tpu: tuple[bool, ...] | None = None
+    streamed, invokes = 0, 1
     if target.edgetpu is not None:
         from edgecc.edgetpu import plan_edgetpu
 
         edgetpu_plan = plan_edgetpu(graph, target.edgetpu, target.legal_ops, content)
-        placement = ["edgetpu" if on else "cpu" for on in edgetpu_plan.on_tpu]
-        streamed = edgetpu_plan.streamed_parameter_bytes + crossing_bytes(graph, edgetpu_plan.on_tpu)
-    latency = estimate_latency(graph, costs, target, edgetpu_plan.on_tpu if edgetpu_plan else None, streamed)
+        pipeline = edgetpu_pipeline(content, graph, target)
+        if pipeline is not None:  # the sum over the segments: each invoked, what crosses between them over the link
+            on_tpu, invokes = pipeline.on_tpu_of_given(), pipeline.edgetpu_segments
+            streamed = pipeline.streamed_parameter_bytes + pipeline.crossing_bytes
+        else:
+            on_tpu = edgetpu_plan.on_tpu
+            streamed = edgetpu_plan.streamed_parameter_bytes + crossing_bytes(graph, on_tpu)
+        placement = ["edgetpu" if on else "cpu" for on in on_tpu]
+    latency = estimate_latency(graph, costs, target, on_tpu, streamed, invokes=invokes)
+    if pipeline is not None:
+        latency = replace(latency, method=f"{latency.method}; summed over the pipeline's {len(pipeline.segments)} "
+                          f"segments, each of its {invokes} Edge TPU segment(s) invoked, with "
+                          f"{streamed:,} B per inference over the host link (streamed parameters and crossings)")
     if target.ethosu is not None:
         from edgecc.vela import compile_for_ethos_u
 
@@ -231,10 +303,17 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
 
     budgets = _budgets(target, len(content), graph, memory, arena, arena_failure, missing, vela_result)
     budgets.append(_latency_budget(latency, latency_ms, target, uncertain_passes))
-    if edgetpu_plan is not None:
-        budgets = [_edgetpu_operators(edgetpu_plan, costs) if b.name == "operators" else b for b in budgets]
+    if edgetpu_plan is not None and target.edgetpu is not None:
+        operators = (_pipeline_operators(pipeline, edgetpu_plan, costs) if pipeline is not None
+                     else _edgetpu_operators(edgetpu_plan, costs))
+        budgets = [operators if b.name == "operators" else b for b in budgets]
+        if target.edgetpu.min_mac_share is not None:
+            share, scope = ((pipeline.edgetpu_mac_share, "the pipeline the bundle runs") if pipeline is not None
+                            else (_mac_share(costs, edgetpu_plan.on_tpu), f"the file as one graph, {edgetpu_plan.method}"))
+            budgets.insert(1, _mac_share_budget(share, target.edgetpu.min_mac_share, scope))
     return Assessment(target, len(content), graph, sum(c.macs for c in costs), float_tensors, missing, memory,
-                      arena, arena_failure, latency, tuple(placement), edgetpu_plan, vela_result, tuple(budgets))
+                      arena, arena_failure, latency, tuple(placement), edgetpu_plan, vela_result, tuple(budgets),
+                      pipeline)
 
 
 class _ArenaWorker:

@@ -339,9 +339,13 @@ def profile(
     stdout.print(f"activations: lower bound {result.memory.lower_bound_bytes:,} B (at op {result.memory.peak_op}), "
                  f"greedy plan {result.memory.planned_bytes:,} B"
                  + (f"; TFLite Micro arena {result.arena.bytes:,} B (measured)" if result.arena else ""))
+    if result.pipeline is not None:
+        from edgecc.check import pipeline_line
+
+        stdout.print(f"Edge TPU ('runs on' above): {pipeline_line(result.pipeline)}")
     if result.edgetpu is not None:
-        stdout.print(f"Edge TPU ({result.edgetpu.method}): {sum(result.edgetpu.on_tpu)} of {len(rows)} operators "
-                     f"in {result.edgetpu.segments} segment(s)")
+        stdout.print(f"The file as one graph, what edgetpu_compiler alone does with it ({result.edgetpu.method}): "
+                     f"{sum(result.edgetpu.on_tpu)} of {len(rows)} operators in {result.edgetpu.segments} segment(s)")
         following = [i for i, reason in result.edgetpu.reasons.items() if "maps nothing further" in reason]
         for index, reason in sorted(result.edgetpu.reasons.items()):
             if index not in following:

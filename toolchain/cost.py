@@ -27,6 +27,9 @@ class OpCost:
         return self.activation_bytes + self.weight_bytes
 
 
+LOOKUPS = ("GATHER", "GATHER_ND", "EMBEDDING_LOOKUP")
+
+
 def _macs(op: Operator, tensors: tuple[Tensor, ...]) -> int:
     inputs = [tensors[i] for i in op.inputs if i >= 0]
     out = tensors[op.outputs[0]] if op.outputs else None
@@ -46,6 +49,8 @@ def _macs(op: Operator, tensors: tuple[Tensor, ...]) -> int:
         a = inputs[0].shape
         depth = a[-1] if a[-2] == out.shape[-2] else a[-2]  # [.., M, K], or [.., K, M] when adjoint
         return out.elements * depth
+    if op.kind in LOOKUPS:  # reads one row of the table per index: the output's elements, not the table's
+        return out.elements
     return max(out.elements, max(t.elements for t in inputs))
 
 

@@ -285,6 +285,35 @@ def _compile(compiler: str, graph: Graph, content: bytes) -> EdgeTpuPlan:
         return dataclasses.replace(plan, compiled_model=compiled.read_bytes())
 
 
+def compile_command(files: list[str], out_dir: str | None = None) -> list[str]:
+    """`edgetpu_compiler` co-compiling a pipeline's Edge TPU segments in one call, in pipeline order: they share the
+    on-chip parameter memory, which the compiler gives to the models in the order they are named (Coral docs, 'Edge
+    TPU Compiler', parameter data caching); each `<segment>.tflite` gives `<segment>_edgetpu.tflite`."""
+    return ["edgetpu_compiler", "-s", *(["-o", out_dir] if out_dir else []), *files]
+
+
+def compile_segments(segments: dict[str, bytes]) -> dict[str, bytes] | None:
+    """The Edge TPU segments co-compiled by `edgetpu_compiler` when it is on PATH (`<stem>_edgetpu.tflite` -> bytes),
+    else None; as `_compile` does for one model."""
+    compiler = shutil.which("edgetpu_compiler")
+    if compiler is None or not segments:
+        return None
+    with tempfile.TemporaryDirectory(prefix="edgecc-edgetpu-") as tmp:
+        for name, content in segments.items():
+            (Path(tmp) / name).write_bytes(content)
+        command = [compiler, *compile_command([str(Path(tmp) / name) for name in segments], tmp)[1:]]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise EdgeccError("edgetpu_compiler did not finish within 10 minutes") from None
+        compiled = {f"{Path(name).stem}_edgetpu.tflite": Path(tmp) / f"{Path(name).stem}_edgetpu.tflite"
+                    for name in segments}
+        if result.returncode != 0 or not all(path.exists() for path in compiled.values()):
+            lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+            raise EdgeccError(f"edgetpu_compiler failed: {lines[-1] if lines else f'exit code {result.returncode}'}")
+        return {name: path.read_bytes() for name, path in compiled.items()}
+
+
 def parse_compiler_log(text: str) -> CompilerLog:
     """Read the figures and the operator table from the compiler's `-s` output."""
     def figure(label: str) -> str:

@@ -153,11 +153,12 @@ def edgetpu_features(cost: OpCost, target: Target) -> dict[str, float]:
     return {"tpu_op_us": 1e-3, "tpu_macs": cost.macs / (tpu.tops.value * 1e12 / 2) * 1e3}
 
 
-def fixed_features(target: Target, streamed_bytes: int) -> dict[str, float]:
-    """An Edge TPU inference's fixed work: one invoke (ms) and the bytes over the host link."""
+def fixed_features(target: Target, streamed_bytes: int, invokes: int = 1) -> dict[str, float]:
+    """An Edge TPU inference's fixed work: its invokes (one per Edge TPU segment, in ms) and the bytes over the host
+    link."""
     tpu = target.edgetpu
     assert tpu is not None
-    return {"invoke_ms": 1.0, "link": streamed_bytes / (tpu.link_gbps.value * 1e9) * 1e3}
+    return {"invoke_ms": float(invokes), "link": streamed_bytes / (tpu.link_gbps.value * 1e9) * 1e3}
 
 
 def _priced(features: dict[str, float], model: ClassModel) -> float:
@@ -176,13 +177,14 @@ def kernels_of(target: Target) -> str:
 
 
 def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
-                     on_tpu: tuple[bool, ...] | None = None, streamed_bytes: int = 0, *,
+                     on_tpu: tuple[bool, ...] | None = None, streamed_bytes: int = 0, *, invokes: int = 1,
                      threads: int | None = None, models: dict[str, ClassModel] | None = None) -> LatencyEstimate:
     """Estimate one batch-1 inference on `target`.
 
     `on_tpu` marks the operators an Edge TPU runs; `streamed_bytes` is what crosses
     the host link on every inference besides the input and output (parameters
-    that do not fit on chip, activations passed between the Edge TPU and the CPU).
+    that do not fit on chip, activations passed between the Edge TPU and the CPU); `invokes` the Edge TPU
+    invocations per inference (a pipeline of Edge TPU segments invokes each: the sum over its segments).
     `threads` defaults to the profile's cores; `models` to the fitted classes.
     """
     models = class_models() if models is None else models
@@ -206,7 +208,7 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
     method = (f"estimate: per-operator model of the {CPU_CLASS[target.runtime]} class (coefficients fitted on published "
               f"measurements) with the {target.name} profile's clock, {used} thread(s), memory bandwidth and {kernels} kernels")
     if tpu_class:
-        fixed = _priced(fixed_features(target, streamed_bytes), tpu_class)
+        fixed = _priced(fixed_features(target, streamed_bytes, invokes), tpu_class)
         band = tpu_class
         method += "; Edge TPU part at the accelerator's peak rate, invoke and host-link costs fitted on Coral's figures"
     total = fixed + sum(o.ms for o in ops)

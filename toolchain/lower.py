@@ -26,13 +26,13 @@ same for PTQ and QAT models, reference or the user's):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from edgecc.cost import op_costs
-from edgecc.edgetpu import EDGETPU_OPS, compiler_rejection, operator_problem, predict_edgetpu
+from edgecc.edgetpu import EDGETPU_OPS, compile_command, compiler_rejection, operator_problem, predict_edgetpu
 from edgecc.errors import EdgeccError
 from edgecc.reader import Graph, read_graph
 from edgecc.targets import Target
@@ -164,15 +164,23 @@ def _as_convolution(model: Any, op: Any) -> list[Any]:
 
 def lower_for_edgetpu(content: bytes) -> bytes:
     """The same int8 model with every FULLY_CONNECTED by constant weights as an exact CONV_2D 1x1 (module docstring)."""
+    return _lowered(content)[0]
+
+
+def _lowered(content: bytes) -> tuple[bytes, tuple[int, ...]]:
+    """`lower_for_edgetpu`'s model, and for each of its operators the index of the given model's operator it comes
+    from (a rewritten FULLY_CONNECTED gives three), so that figures of the lowered model map back to the file."""
     model = _schema().ModelT.InitFromPackedBuf(content, 0)
     subgraph = model.subgraphs[0]
-    operators = []
-    for op in subgraph.operators:
-        operators += _as_convolution(model, op) if _convertible(model, op) else [op]
+    operators, origins = [], []
+    for i, op in enumerate(subgraph.operators):
+        replaced = _as_convolution(model, op) if _convertible(model, op) else [op]
+        operators += replaced
+        origins += [i] * len(replaced)
     if len(operators) == len(subgraph.operators):
-        return content
+        return content, tuple(origins)
     subgraph.operators = operators
-    return _pack(_pruned(model))
+    return _pack(_pruned(model)), tuple(origins)
 
 
 def _pruned(model: Any) -> Any:
@@ -216,14 +224,24 @@ class Segment:
     outputs: tuple[int, ...]    # the same for its outputs
     macs: int
     content: bytes
+    parameter_bytes: int = 0         # constant bytes its operators read (weights, biases)
+    cached_parameter_bytes: int = 0  # of those, what the Edge TPU's on-chip memory holds (co-compiled; CPU: 0)
 
     @property
     def file(self) -> str:
         return f"segment{self.index}_{'tpu' if self.edgetpu else 'cpu'}.tflite"
 
+    @property
+    def streamed_parameter_bytes(self) -> int:
+        """Parameter bytes an Edge TPU segment streams over the host link every inference (a CPU island: none)."""
+        return self.parameter_bytes - self.cached_parameter_bytes if self.edgetpu else 0
+
     def to_json(self) -> dict[str, Any]:
         return {"file": self.file, "device": "edgetpu" if self.edgetpu else "cpu", "operators": len(self.operators),
-                "macs": self.macs, "inputs": list(self.inputs), "outputs": list(self.outputs)}
+                "macs": self.macs, "parameter_bytes": self.parameter_bytes,
+                "cached_parameter_bytes": self.cached_parameter_bytes,
+                "streamed_parameter_bytes": self.streamed_parameter_bytes,
+                "inputs": list(self.inputs), "outputs": list(self.outputs)}
 
 
 @dataclass(frozen=True)
@@ -235,24 +253,60 @@ class Pipeline:
     outputs: tuple[int, ...]
     operators: int
     macs: int
+    origins: tuple[int, ...] = ()  # per operator of the lowered model, the given model's operator it comes from
+    crossing_bytes: int = 0        # activation bytes passed between Edge TPU segments and CPU islands, per inference
 
     @property
     def edgetpu_files(self) -> list[str]:
         return [s.file for s in self.segments if s.edgetpu]
 
+    @property
+    def edgetpu_segments(self) -> int:
+        return sum(s.edgetpu for s in self.segments)
+
+    @property
+    def edgetpu_operators(self) -> int:
+        return sum(len(s.operators) for s in self.segments if s.edgetpu)
+
+    @property
+    def edgetpu_mac_share(self) -> float:
+        return sum(s.macs for s in self.segments if s.edgetpu) / max(self.macs, 1)
+
+    @property
+    def cached_parameter_bytes(self) -> int:
+        return sum(s.cached_parameter_bytes for s in self.segments)
+
+    @property
+    def streamed_parameter_bytes(self) -> int:
+        return sum(s.streamed_parameter_bytes for s in self.segments)
+
+    def on_tpu_of_given(self) -> tuple[bool, ...]:
+        """Per operator of the model given to `split_for_edgetpu`: whether the pipeline runs it on the Edge TPU
+        (a rewritten FULLY_CONNECTED: when all three of its operators are)."""
+        lowered = [False] * len(self.origins)
+        for segment in self.segments:
+            for i in segment.operators:
+                lowered[i] = segment.edgetpu
+        given = [True] * (max(self.origins) + 1 if self.origins else 0)
+        for origin, on in zip(self.origins, lowered):
+            given[origin] = given[origin] and on
+        return tuple(given)
+
     def to_json(self) -> dict[str, Any]:
-        tpu = [s for s in self.segments if s.edgetpu]
-        tpu_ops, tpu_macs = sum(len(s.operators) for s in tpu), sum(s.macs for s in tpu)
         return {
             "inputs": list(self.inputs), "outputs": list(self.outputs),
-            "edgetpu_operators": tpu_ops, "operators": self.operators,
-            "edgetpu_operator_share": round(tpu_ops / max(self.operators, 1), 4),
-            "edgetpu_mac_share": round(tpu_macs / max(self.macs, 1), 4),
-            "edgetpu_segments": len(tpu), "cpu_segments": len(self.segments) - len(tpu),
+            "edgetpu_operators": self.edgetpu_operators, "operators": self.operators,
+            "edgetpu_operator_share": round(self.edgetpu_operators / max(self.operators, 1), 4),
+            "edgetpu_mac_share": round(self.edgetpu_mac_share, 4),
+            "edgetpu_segments": self.edgetpu_segments, "cpu_segments": len(self.segments) - self.edgetpu_segments,
+            "cached_parameter_bytes": self.cached_parameter_bytes,
+            "streamed_parameter_bytes": self.streamed_parameter_bytes,
+            "crossing_bytes": self.crossing_bytes,
             # co-compiled, the Edge TPU segments share the on-chip parameter memory
-            "compile": " ".join(["edgetpu_compiler", "-s", *self.edgetpu_files]),
+            "compile": " ".join(compile_command(self.edgetpu_files)),
             "segments": [s.to_json() for s in self.segments],
         }
+
 
 
 def _schedule(graph: Graph, on_cpu: list[bool]) -> list[tuple[bool, list[int]]]:
@@ -299,7 +353,7 @@ def split_for_edgetpu(content: bytes, target: Target) -> Pipeline:
     operators) is not worth a trip to the accelerator and joins the CPU."""
     if target.edgetpu is None:
         raise EdgeccError(f"--target: {target.name} has no Edge TPU to split the model for")
-    content = lower_for_edgetpu(content)
+    content, origins = _lowered(content)
     graph = read_graph(content)
     legal = tuple(target.legal_ops or EDGETPU_OPS)
     # an operator the compiler would refuse the whole model for (the GELU builtin, a too new version) goes to the CPU
@@ -315,12 +369,25 @@ def split_for_edgetpu(content: bytes, target: Target) -> Pipeline:
         for i in idle:
             on_cpu[i] = True
     segments = []
+    free = int(target.edgetpu.onchip_bytes.value)  # co-compiled: the on-chip memory goes to the segments in order
     for k, (cpu, ops) in enumerate(runs):
         later = {t for _, after in runs[k + 1:] for i in after for t in graph.operators[i].inputs} | set(graph.outputs)
+        parameters = sum(graph.tensors[t].nbytes for t in {t for i in ops for t in graph.operators[i].inputs
+                                                           if t >= 0 and graph.tensors[t].constant})
         segment = _segment_model(content, graph, k, not cpu, ops, later, sum(macs[i] for i in ops))
+        segment = replace(segment, parameter_bytes=parameters, cached_parameter_bytes=min(parameters, free) if not cpu else 0)
         if segment.edgetpu:
+            free -= segment.cached_parameter_bytes
             plan = predict_edgetpu(read_graph(segment.content), target.edgetpu, legal)
             if not all(plan.on_tpu):  # the rules above are the predictor's own: this would be a bug here
                 raise RuntimeError(f"segment {k} is not mapped whole: {next(iter(plan.reasons.values()))}")
         segments.append(segment)
-    return Pipeline(tuple(segments), graph.inputs, graph.outputs, len(graph.operators), sum(macs))
+    return Pipeline(tuple(segments), graph.inputs, graph.outputs, len(graph.operators), sum(macs), origins,
+                    _crossing_bytes(graph, segments))
+
+
+def _crossing_bytes(graph: Graph, segments: list[Segment]) -> int:
+    """Bytes of the tensors one device computes and the other reads: each crosses the host link once."""
+    made_on = {t: s.edgetpu for s in segments for t in s.outputs}
+    crossing = {t for s in segments for t in s.inputs if t in made_on and made_on[t] != s.edgetpu}
+    return sum(graph.tensors[t].nbytes for t in crossing)

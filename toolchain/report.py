@@ -51,16 +51,30 @@ def _limit(limit: str, unit: str) -> str:
     return f"{relation} {_quantity(float(number), unit)}" if unit else limit
 
 
-def _edgetpu_section(plan: dict[str, Any]) -> list[tuple[str, list[Block]]]:
-    """Which operators leave the Edge TPU and why (on the build's target, or on coral-usb for other targets)."""
+def _edgetpu_section(plan: dict[str, Any], pipeline: dict[str, Any] | None) -> list[tuple[str, list[Block]]]:
+    """What the bundle's pipeline runs where (Edge TPU targets), then which operators leave the Edge TPU and why when
+    model.tflite is compiled as one graph (on the build's target, or on coral-usb for other targets)."""
     reasons = Counter(plan["reasons"].values()).most_common()
     on_tpu = sum(plan["on_tpu"])
-    return [(f"Operators that leave the Edge TPU ({plan['target']})", [
-        ("p", f"{on_tpu} of {len(plan['on_tpu'])} operators run on the Edge TPU in {plan['segments']} segment(s) "
-              f"({plan['method']}); {plan['cached_parameter_bytes']:,} parameter bytes are cached on the chip and "
-              f"{plan['streamed_parameter_bytes']:,} streamed from the host every inference."),
-        ("table", (["why an operator runs on the CPU", "operators"], [[why, str(n)] for why, n in reasons])),
-    ])]
+    single = [("p", f"{on_tpu} of {len(plan['on_tpu'])} operators run on the Edge TPU in {plan['segments']} segment(s) "
+                    f"({plan['method']}); {plan['cached_parameter_bytes']:,} parameter bytes are cached on the chip and "
+                    f"{plan['streamed_parameter_bytes']:,} streamed from the host every inference."),
+              ("table", (["why an operator runs on the CPU", "operators"], [[why, str(n)] for why, n in reasons]))]
+    if pipeline is None:
+        return [(f"Operators that leave the Edge TPU ({plan['target']})", single)]
+    return [(f"Edge TPU pipeline ({plan['target']}): what the bundle runs", [
+        ("p", f"{pipeline['edgetpu_operators']} of {pipeline['operators']} operators "
+              f"({pipeline['edgetpu_operator_share']:.0%}) and {pipeline['edgetpu_mac_share']:.1%} of the MACs run on "
+              f"the Edge TPU in {pipeline['edgetpu_segments']} segment(s), co-compiled (`{pipeline['compile']}`); "
+              f"{pipeline['cpu_segments']} CPU island(s) run on the host. Parameters: "
+              f"{pipeline['cached_parameter_bytes']:,} bytes cached on the chip, "
+              f"{pipeline['streamed_parameter_bytes']:,} streamed every inference; "
+              f"{pipeline['crossing_bytes']:,} bytes of activations cross the host link between segments. run.py "
+              "runs the segments in order (pipeline.json)."),
+        ("table", (["segment", "runs on", "operators", "MACs", "parameter bytes", "cached", "streamed"], [
+            [s["file"], s["device"], str(s["operators"]), f"{s['macs']:,}", f"{s['parameter_bytes']:,}",
+             f"{s['cached_parameter_bytes']:,}", f"{s['streamed_parameter_bytes']:,}"] for s in pipeline["segments"]])),
+    ]), ("model.tflite as one graph: what edgetpu_compiler alone does with it", single)]
 
 
 def _figure(value: float | None, digits: int = 3) -> str:
@@ -193,7 +207,7 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
                 [part, f"{n:,}", f"{n / metrics['int8_tflite_bytes']:.1%}"]
                 for part, n in m.get("constant_bytes", {}).items()])),
         ]),
-        *_edgetpu_section(manifest["edgetpu_partition"]),
+        *_edgetpu_section(manifest["edgetpu_partition"], manifest.get("edgetpu_pipeline")),
         ("Running model.tflite", [
             ("list", [
                 f"raw input: {pre['raw']}; layout {pre['layout']}, model input shape {pre['model_input_shape']}",

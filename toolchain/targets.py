@@ -40,6 +40,13 @@ class Rate(Figure):
 
 
 @dataclass(frozen=True)
+class Share(Figure):
+    """A fraction of a whole, from 0 to 1."""
+
+    value: float = spec(minimum=0.0, maximum=1.0)
+
+
+@dataclass(frozen=True)
 class Count(Figure):
     """A whole number of things, at least one."""
 
@@ -86,6 +93,8 @@ class EdgeTpu:
     tops: Rate = spec(doc="peak int8 tera-operations per second (1 MAC = 2 operations)")
     onchip_bytes: Figure = spec(doc="on-chip memory that caches parameters")
     link_gbps: Rate = spec(doc="effective host link bandwidth in GB/s (USB, PCIe); parameters that do not fit on chip stream over it")
+    min_mac_share: Share | None = spec(None, doc="budget: the least share of the model's MACs (0-1) that must run on "
+                                       "the Edge TPU; absent means no such budget")
 
 
 @dataclass(frozen=True)

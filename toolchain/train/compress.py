@@ -23,10 +23,10 @@ import numpy as np
 
 from edgecc.train.convert import to_int8_tflite
 from edgecc.data import Dataset, class_weights
-from edgecc.train.distill import DistillWeights, distill
+from edgecc.train.distill import Augment, DistillWeights, distill
 from edgecc.progress import Reporter
 from edgecc.recipe import CompressSection, TrainSection
-from edgecc.train.teacher import inference_graph
+from edgecc.train.teacher import augmented, inference_graph
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,12 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
                calibration: np.ndarray, reporter: Reporter) -> list[Stage]:
     """Apply `section.stages` to a copy of `teacher`; the last stage's int8 model is the build's result.
 
-    Every distillation balances the classes by `train.balance`, as the teacher's training does.
+    Every distillation balances the classes by `train.balance` and augments its inputs by the train section,
+    as the teacher's training does.
     """
     x, y = dataset.x[dataset.train_index], dataset.y[dataset.train_index]
     classes = tuple(class_weights(y, dataset.num_classes, train.balance).tolist())
+    feed = {"balance": train.balance, "augment": _augment(train, dataset)}  # each epoch as the teacher's
     student = teacher
     stages = []
     for name in section.stages:
@@ -72,13 +74,13 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
                 student = freeze_norms(student, x)
             losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
                              section.distill_learning_rate, _weights(section, classes, hidden=True), seed, reporter,
-                             "distilling the pruned student", balance=train.balance)
+                             "distilling the pruned student", **feed)
         elif name == "sparsify":
             from edgecc.train.sparsity import sparsify
 
             student, losses = sparsify(student, teacher, x, y, section.sparsity, section.sparsity_pattern,
                                        section.distill_epochs, train.batch_size, section.distill_learning_rate,
-                                       _weights(section, classes, hidden=True), seed, reporter, balance=train.balance)
+                                       _weights(section, classes, hidden=True), seed, reporter, **feed)
         elif name == "qat":
             from edgecc.train.fold import fold_norms
             from edgecc.train.qat import qat_model
@@ -86,20 +88,25 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
             sparse = any(stage.name == "sparsify" for stage in stages)
             student = fold_norms(student)
             if section.progressive:
-                losses = _progressive(student, teacher, x, y, section, train, seed, calibration, sparse, reporter)
+                losses = _progressive(student, teacher, x, y, section, train, seed, calibration, sparse, reporter, feed)
             student = qat_model(student, calibration, preserve_sparsity=sparse)
             losses += distill(student, teacher, x, y, section.qat_epochs or section.distill_epochs, train.batch_size,
                               section.qat_learning_rate or section.distill_learning_rate,
                               _weights(section, classes, hidden=False), seed, reporter,
-                              "quantization-aware distillation", balance=train.balance)
+                              "quantization-aware distillation", **feed)
         # a `ptq` stage after prune or sparsify quantizes the student that stage already quantized the same way
         int8 = stages[-1].int8 if name == "ptq" and stages else _int8(student, name, calibration, section.per_channel)
         stages.append(Stage(name, student, int8, int(student.count_params()), tuple(losses)))
     return stages
 
 
+def _augment(train: TrainSection, dataset: Dataset) -> Augment:
+    return lambda x, rng: augmented(x, train, dataset, rng)
+
+
 def _progressive(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, section: CompressSection,
-                 train: TrainSection, seed: int, calibration: np.ndarray, sparse: bool, reporter: Reporter) -> list[float]:
+                 train: TrainSection, seed: int, calibration: np.ndarray, sparse: bool, reporter: Reporter,
+                 feed: dict[str, Any]) -> list[float]:
     """Quantize the blocks one after another from the input side, each retrained against the teacher's hidden states.
 
     Phase k quantizes everything up to the end of block k and distils only the
@@ -118,7 +125,7 @@ def _progressive(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, secti
         losses += distill(partial, teacher, x, y, max(1, (section.qat_epochs or section.distill_epochs) // 2),
                           train.batch_size, section.qat_learning_rate or section.distill_learning_rate, hidden_only,
                           seed, reporter,
-                          f"progressive QAT: blocks 0..{k}", hidden_blocks=k + 1, balance=train.balance)
+                          f"progressive QAT: blocks 0..{k}", hidden_blocks=k + 1, **feed)
         float_weights_from(partial, student)
     return losses
 

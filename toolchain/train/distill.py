@@ -4,6 +4,9 @@ The student learns from three signals: the task labels, the teacher's logits
 softened by a temperature (KL divergence, scaled by T² so its gradients keep
 their size as T changes), and the teacher's hidden states after each block
 (mean squared error), which guide a pruned or quantized student layer by layer.
+The inputs are augmented as in the teacher's training, the teacher labelling the same
+augmented view the student sees: with few examples of a class, the student learns the
+teacher's function around them rather than on them alone ("function matching").
 Each class gets its share of training as in the teacher's (recipe.TrainSection.balance):
 balanced sampling of each epoch, or class weights on the label and logit terms,
 so a rare class is not learned away; the hidden-state term imitates the
@@ -12,6 +15,7 @@ teacher's features and stays unweighted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +27,7 @@ from edgecc.progress import Reporter
 from edgecc.train.tf import keras as _keras, tensorflow
 
 BLOCK_OUTPUT_SUFFIX = "_mlp_residual"  # the last layer of each edgecc encoder block
+Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # one epoch's inputs -> their augmented views
 
 
 @dataclass(frozen=True)
@@ -62,11 +67,13 @@ def _with_hidden(model: Any, names: list[str]) -> Any:
 
 def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int,
             learning_rate: float, weights: DistillWeights, seed: int, reporter: Reporter,
-            description: str = "distilling", hidden_blocks: int | None = None, balance: str = "none") -> list[float]:
+            description: str = "distilling", hidden_blocks: int | None = None, balance: str = "none",
+            augment: Augment | None = None) -> list[float]:
     """Train `student` in place against `teacher`; returns the mean loss of each epoch.
 
     `hidden_blocks` limits the hidden-state loss to the first blocks (progressive QAT); `balance` orders each
-    epoch (data.epoch_order).
+    epoch (data.epoch_order); `augment` gives each epoch's inputs (teacher.augmented), teacher and student
+    seeing the same.
     """
     tf = tensorflow()
     keras = _keras()
@@ -105,10 +112,13 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
     with reporter.task(description, epochs, unit="epoch") as advance:
         for _ in range(epochs):
             order = epoch_order(y, classes, balance, rng)
+            epoch_x, epoch_y = x[order], y[order]
+            if augment is not None:
+                epoch_x = augment(epoch_x, rng)
             losses = []
             for b in range(batches):
-                chosen = order[b * batch_size:(b + 1) * batch_size]
-                losses.append(float(step(tf.constant(x[chosen]), tf.constant(y[chosen]))))
+                part = slice(b * batch_size, (b + 1) * batch_size)
+                losses.append(float(step(tf.constant(epoch_x[part]), tf.constant(epoch_y[part]))))
                 if b + 1 < batches:  # the epoch's own advance follows the last batch
                     advance(0, f"batch {b + 1}/{batches} loss {np.mean(losses):.4f}", partial=(b + 1) / batches)
             history.append(float(np.mean(losses)))

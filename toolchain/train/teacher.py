@@ -124,7 +124,7 @@ def _shifted(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.nda
     return np.stack([padded[i, dy[i] : dy[i] + height, dx[i] : dx[i] + width] for i in range(n)])
 
 
-def _augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.random.Generator) -> np.ndarray:
+def augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.random.Generator) -> np.ndarray:
     """One epoch's training inputs: images shifted, flipped, brightened and contrasted, or words dropped to [UNK].
 
     Token dropout leaves the special tokens ([PAD], [CLS], [SEP], ...) in place: only words and word pieces
@@ -299,7 +299,7 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
         while run.epoch < section.epochs and not run.stopped(section.patience):
             order = epoch_order(y, dataset.num_classes, section.balance, run.rng)
             history = model.fit(
-                _augmented(x[order], section, dataset, run.rng), targets[order], sample_weight=weights[order],
+                augmented(x[order], section, dataset, run.rng), targets[order], sample_weight=weights[order],
                 batch_size=section.batch_size, epochs=1, shuffle=False, verbose=0,
                 callbacks=[_heartbeat(advance, batches)],
             ).history

@@ -1,0 +1,172 @@
+"""edgecc's transformers built for a Coral USB Accelerator: what runs on the Edge TPU, and how fast it is estimated.
+
+For each task chosen with `--tasks` (default: neu_det, cwru_bearing, trec and the two
+MiniLM tasks; also `digits`, the built-in default recipe, and `trec_tiny`, a one-block
+text model trained for 2 epochs, both for a quick run) this runs `edgecc build --target
+coral-usb` (teachers and stages from `--cache`, shared with the rpi4 benchmarks), keeps
+the build under `benchmarks/models/coral_<task>/` (git-ignored) and reads its manifest:
+accuracy of the float teacher and of model.tflite on the task's test split, the share of
+operators and MACs the bundle's pipeline runs on the Edge TPU, its segments, parameter
+bytes cached on chip vs streamed, and the coral-usb estimate beside the rpi4 estimate of
+the same model (edgecc's cost model, not measurements). Writes `benchmarks/coral.json`
+and the BENCHMARKS.md section; tasks not run keep their last rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_compression import table, with_earlier_rows  # noqa: E402
+from bench_estimator import ROOT, write_section  # noqa: E402
+
+from edgecc.build import build  # noqa: E402
+from edgecc.check import assess  # noqa: E402
+from edgecc.errors import EdgeccError  # noqa: E402
+from edgecc.progress import Reporter  # noqa: E402
+from edgecc.recipe import load_recipe  # noqa: E402
+
+OUT = ROOT / "benchmarks"
+MODELS = ROOT / "models"
+TASKS = {"neu_det": MODELS / "neu_det.toml", "cwru_bearing": MODELS / "cwru_bearing.toml", "trec": MODELS / "trec.toml",
+         "minilm_trec": MODELS / "minilm" / "trec.toml", "minilm_sms_spam": MODELS / "minilm" / "sms_spam.toml",
+         "digits": None, "trec_tiny": None}
+DEFAULT_TASKS = ("neu_det", "cwru_bearing", "trec", "minilm_trec", "minilm_sms_spam")
+# the issue's goals: share of MACs on the Edge TPU, and how close to the teacher the coral model stays
+MAC_SHARE_GOAL = {"minilm_trec": 0.85, "minilm_sms_spam": 0.85}
+REFERENCE_MAC_SHARE_GOAL = 0.90
+MINILM_CORAL_MS_GOAL = 8.0
+TRAIN_DATA = ROOT.parent / "shared" / "data"
+TREC_TINY = """name = "trec-tiny"
+seed = 0
+[model]
+architecture = "text"
+dim = 16
+depth = 1
+heads = 2
+mlp_dim = 32
+[data]
+source = "text"
+path = "{data}/trec/train_5500.label"
+test_path = "{data}/trec/TREC_10.label"
+format = "label-text"
+encoding = "latin-1"
+label_pattern = '^([^:]+)'
+sequence_length = 16
+min_count = 2
+[train]
+epochs = 2
+"""
+
+
+def recipe_for(task: str, scratch: Path) -> Path | None:
+    """The task's recipe file; trec_tiny is written to `scratch` (it reads the shared TREC files by absolute path)."""
+    if task != "trec_tiny":
+        return TASKS[task]
+    path = scratch / "trec_tiny.toml"
+    path.write_text(TREC_TINY.format(data=TRAIN_DATA.as_posix()), encoding="utf-8")
+    return path
+
+
+def run_task(task: str, recipe: Path | None, cache: Path) -> dict[str, Any]:
+    """Build the task for coral-usb; its row, or why it was skipped."""
+    if recipe is not None:
+        data = load_recipe(recipe).recipe.data
+        if not (recipe.parent / data.path).resolve().exists():
+            return {"task": task, "skipped": f"data not found at {(recipe.parent / data.path).resolve()}"}
+    out = OUT / "models" / f"coral_{task}"
+    started = time.perf_counter()
+    try:
+        manifest = build("coral-usb", recipe, out, Reporter(), cache=cache).manifest
+    except EdgeccError as err:
+        return {"task": task, "skipped": f"build failed: {err}"}
+    stages = manifest["metrics"]["stages"]
+    final = next(s for s in stages if s["file"] == "model.tflite")
+    pipeline = manifest["edgetpu_pipeline"]
+    rpi4 = assess((out / "model.tflite").read_bytes(), "rpi4", measure_arena=False).latency
+    coral = manifest["target_check"]["latency"]
+    row = {
+        "task": task, "model": final["name"], "teacher_accuracy": stages[0]["accuracy"],
+        "accuracy": final["accuracy"], "drop_points": round((stages[0]["accuracy"] - final["accuracy"]) * 100, 2),
+        "kept": final["accuracy"] / stages[0]["accuracy"] if stages[0]["accuracy"] else 0.0,
+        "operator_share": pipeline["edgetpu_operator_share"], "mac_share": pipeline["edgetpu_mac_share"],
+        "operators": pipeline["operators"], "edgetpu_segments": pipeline["edgetpu_segments"],
+        "cpu_segments": pipeline["cpu_segments"], "cached_bytes": pipeline["cached_parameter_bytes"],
+        "streamed_bytes": pipeline["streamed_parameter_bytes"], "crossing_bytes": pipeline["crossing_bytes"],
+        "coral_ms": coral["estimate_ms"], "coral_low_ms": coral["low_ms"], "coral_high_ms": coral["high_ms"],
+        "rpi4_ms": rpi4.total_ms,
+    }
+    return {"task": task, "rows": [row], "build_seconds": round(time.perf_counter() - started),
+            "date": date.today().isoformat(), "recipe": manifest["recipe"]["name"],
+            "test_size": manifest["data"]["test_size"]}
+
+
+def verdicts(result: dict[str, Any]) -> list[str]:
+    """The issue's goals for one task, each with the figures it compares."""
+    (row,) = result["rows"]
+    task = result["task"]
+    goal = MAC_SHARE_GOAL.get(task, REFERENCE_MAC_SHARE_GOAL)
+    lines = [f"{row['mac_share']:.1%} of the MACs on the Edge TPU ({'yes' if row['mac_share'] >= goal else 'NO'}, "
+             f"at least {goal:.0%})"]
+    if task.startswith("minilm"):
+        lines.append(f"keeps {row['kept']:.2%} of the teacher's accuracy ({'yes' if row['kept'] >= 0.99 else 'NO'}, 99% "
+                     f"required)")
+        lines.append(f"coral-usb estimate {row['coral_ms']:.1f} ms ({'yes' if row['coral_ms'] <= MINILM_CORAL_MS_GOAL else 'NO'}, "
+                     f"at most {MINILM_CORAL_MS_GOAL:g} ms)")
+    else:
+        lines.append(f"{row['drop_points']:+.2f} points from the teacher ({'yes' if row['drop_points'] <= 1.0 else 'NO'}, "
+                     "within 1 point)")
+    return lines
+
+
+def _row(r: dict[str, Any]) -> list[str]:
+    return [r["task"], r["model"], f"{r['teacher_accuracy']:.4f}", f"{r['accuracy']:.4f} ({r['drop_points']:+.2f})",
+            f"{r['operator_share']:.1%} of {r['operators']}", f"{r['mac_share']:.1%}",
+            f"{r['edgetpu_segments']} + {r['cpu_segments']}", f"{r['cached_bytes']:,} / {r['streamed_bytes']:,}",
+            f"{r['coral_ms']:.2f} ms ({r['coral_low_ms']:.2f}-{r['coral_high_ms']:.2f})", f"{r['rpi4_ms']:.2f} ms"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(DEFAULT_TASKS),
+                        help=f"tasks to build (default: {' '.join(DEFAULT_TASKS)}); the others keep their last rows")
+    parser.add_argument("--cache", type=Path, default=ROOT / "build" / "cache", help="teacher and stage cache")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-coral-") as scratch:
+        fresh = [run_task(task, recipe_for(task, Path(scratch)), args.cache) for task in args.tasks]
+    results = with_earlier_rows(fresh, OUT / "coral.json", tuple(TASKS))
+    OUT.mkdir(exist_ok=True)
+    (OUT / "coral.json").write_text(json.dumps(results, indent=2) + "\n")
+    body = "\n".join([
+        "## Transformers on the Coral Edge TPU",
+        "",
+        f"`python scripts/bench_coral.py --tasks {' '.join(args.tasks)}` (the tasks run; each note dates its rows), on "
+        f"{platform.machine()} ({platform.processor() or platform.system()}). Each task is `edgecc build --target "
+        "coral-usb`: every int8 model lowered for the Edge TPU (each Dense as an exact CONV_2D 1x1) and split into Edge "
+        "TPU segments, co-compiled, and CPU islands (the attention core, a text model's embedding lookup), which the "
+        "bundle's run.py chains. Accuracy is model.tflite's on the task's test split (TFLite interpreter; the "
+        "pipeline computes the same outputs), against the float teacher. Shares, segments (Edge TPU + CPU) and "
+        "parameter bytes (cached on chip / streamed every inference) are the pipeline's, predicted from the "
+        "compiler's documented rules. Latency is edgecc's estimate (band in brackets), not a measurement: coral-usb "
+        "sums the segments, each Edge TPU segment's invoke and what crosses the USB link; rpi4 runs the same model "
+        "on the Pi's CPU. Builds are kept under `benchmarks/models/coral_<task>/`; rows in `benchmarks/coral.json`.",
+        "",
+        table(results, ["task", "model.tflite", "teacher accuracy", "accuracy (points)", "operators on the Edge TPU",
+                        "MACs on the Edge TPU", "segments", "parameter bytes cached / streamed",
+                        "coral-usb estimate", "rpi4 estimate"], _row, verdicts),
+    ])
+    print(body)
+    write_section(args.out, "bench_coral", body)
+
+
+if __name__ == "__main__":
+    main()
