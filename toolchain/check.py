@@ -347,6 +347,9 @@ def _budgets(target: Target, model_bytes: int, graph: Graph, memory: MemoryPlan,
     if missing:
         budgets.append(Budget("operators", len(missing), 0, "ops", False,
                               f"{target.runtime} on {target.name} lacks: {', '.join(missing)}"))
+    elif arena_failure:  # what stops the interpreter here stops it on the board
+        budgets.append(Budget("operators", 1, 0, "ops", False,
+                              f"the TFLite Micro interpreter cannot run this model: {arena_failure}"))
     else:
         budgets.append(Budget("operators", 0, 0, "ops", True, f"every operator is available in {target.runtime}"))
     if vela is not None:
