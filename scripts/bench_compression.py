@@ -114,10 +114,14 @@ def table(results: list[dict[str, Any]], header: list[str], row: Callable[[dict[
 
 
 def with_earlier_rows(results: list[dict[str, Any]], path: Path, tasks: tuple[str, ...]) -> list[dict[str, Any]]:
-    """`results` plus, for the tasks not run this time, their rows from the previous run's JSON, in task order."""
+    """`results` plus, for the tasks not run this time, their rows from the previous run's JSON, in task order;
+    written back to `path` for the next run."""
     earlier = {r["task"]: r for r in json.loads(path.read_text())} if path.exists() else {}
     fresh = {r["task"]: r for r in results}
-    return [fresh.get(task) or earlier[task] for task in tasks if task in fresh or task in earlier]
+    rows = [fresh.get(task) or earlier[task] for task in tasks if task in fresh or task in earlier]
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
 
 
 def parse_tasks(description: str, tasks: tuple[str, ...]) -> argparse.Namespace:
@@ -144,8 +148,6 @@ def _row(r: dict[str, Any]) -> list[str]:
 def main() -> None:
     args = parse_tasks(__doc__.splitlines()[0], TASKS)
     results = with_earlier_rows([run_task(task) for task in args.tasks], OUT / "compression.json", TASKS)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "compression.json").write_text(json.dumps(results, indent=2) + "\n")
     header = ["task", "stage", "accuracy", "drop (points)", "file bytes", "gzip bytes", "params", "smaller than float",
               "int8 speed-up vs float", "int8 weight sparsity"]
     body = "\n".join([

