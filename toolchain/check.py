@@ -221,10 +221,11 @@ def _mac_share_budget(share: float, minimum: Any, scope: str) -> Budget:
                    f"the profile's edgetpu.min_mac_share is {minimum.value:g}")
 
 
-def edgetpu_pipeline(content: bytes, graph: Graph, target: Target) -> Any | None:
+def edgetpu_pipeline(content: bytes, graph: Graph, target: Target, float_tensors: tuple[str, ...]) -> Any | None:
     """The pipeline edgecc.lower makes of a fully-int8, single-graph model of builtin operators (what edgecc builds),
-    else None: a model with float or custom parts, or state, is judged as the one graph the compiler sees."""
-    if (_float_tensors(graph) or any(op.kind == "CUSTOM" for op in graph.operators)
+    else None: a model with float or custom parts, or state, is judged as the one graph the compiler sees.
+    `float_tensors` is _float_tensors(graph), which assess has already found."""
+    if (float_tensors or any(op.kind == "CUSTOM" for op in graph.operators)
             or any(t.variable for t in graph.tensors)):
         return None
     from edgecc.lower import split_for_edgetpu
@@ -274,7 +275,7 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
         from edgecc.edgetpu import plan_edgetpu
 
         edgetpu_plan = plan_edgetpu(graph, target.edgetpu, target.legal_ops, content)
-        pipeline = edgetpu_pipeline(content, graph, target)
+        pipeline = edgetpu_pipeline(content, graph, target, float_tensors)
         if pipeline is not None:  # the sum over the segments: each invoked, what crosses between them over the link
             on_tpu, invokes = pipeline.on_tpu_of_given(), pipeline.edgetpu_segments
             streamed = pipeline.streamed_parameter_bytes + pipeline.crossing_bytes

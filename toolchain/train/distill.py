@@ -80,11 +80,11 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
     pairs = hidden_pairs(student, teacher)[:hidden_blocks] if weights.hidden else []
     student_view = _with_hidden(student, [s for s, _ in pairs])
     teacher_view = _with_hidden(teacher, [t for _, t in pairs])
-    batches = int(np.ceil(epoch_length(y, int(student.output_shape[-1]), balance) / batch_size))
+    classes = int(student.output_shape[-1])
+    batches = int(np.ceil(epoch_length(y, classes, balance) / batch_size))
     steps = max(1, epochs * batches)
     optimizer = keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(learning_rate, steps), weight_decay=0.01)
     temperature = weights.temperature
-    classes = int(student.output_shape[-1])
     class_weights = tf.constant(weights.classes or (1.0,) * classes, dtype=tf.float32)
 
     @tf.function
