@@ -25,7 +25,6 @@ same for PTQ and QAT models, reference or the user's):
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,110 +35,39 @@ from edgecc.edgetpu import EDGETPU_OPS, compile_command, compiler_rejection, ope
 from edgecc.errors import EdgeccError
 from edgecc.reader import Graph, read_graph
 from edgecc.targets import Target
+from edgecc.tflite_edit import add_tensor, is_constant, is_int8, opcode, pack, pruned, reshape_operator, tflite_schema, unpack
 
 CONV_2D_INT8_VERSION = 3  # op_version.cc: int8 CONV_2D with per-channel or per-tensor filters
 PIPELINE_FILE = "pipeline.json"
 MATRIX_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")  # what is worth an Edge TPU trip
 
 
-def _schema() -> Any:
-    from ai_edge_litert import schema_py_generated as schema
-
-    return schema
-
-
-def _pack(model: Any) -> bytes:
-    import flatbuffers
-
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
-def _opcode(model: Any, builtin: int, version: int) -> int:
-    """The index of the operator code (builtin, version), added when the model has none."""
-    schema = _schema()
-    for i, code in enumerate(model.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin and code.version == version:
-            return i
-    code = schema.OperatorCodeT()
-    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), version
-    model.operatorCodes.append(code)
-    return len(model.operatorCodes) - 1
-
-
-def _tensor(model: Any, like: Any, name: str, shape: tuple[int, ...], data: bytes | None = None) -> int:
-    """A new tensor of the main subgraph with `like`'s type and quantization; a constant when `data` is given."""
-    schema = _schema()
-    tensor = copy.deepcopy(like)
-    tensor.name, tensor.shape, tensor.shapeSignature = name.encode(), np.array(shape, np.int32), None
-    tensor.buffer = 0
-    if data is not None:
-        buffer = schema.BufferT()
-        buffer.data = np.frombuffer(data, np.uint8)
-        model.buffers.append(buffer)
-        tensor.buffer = len(model.buffers) - 1
-    model.subgraphs[0].tensors.append(tensor)
-    return len(model.subgraphs[0].tensors) - 1
-
-
-def _shape_constant(model: Any, name: str, shape: tuple[int, ...]) -> int:
-    schema = _schema()
-    like = schema.TensorT()
-    like.type = schema.TensorType.INT32
-    return _tensor(model, like, name, (len(shape),), np.array(shape, "<i4").tobytes())
-
-
-def _reshape(model: Any, source: int, target: int) -> Any:
-    """A RESHAPE from tensor `source` to tensor `target`'s shape."""
-    schema = _schema()
-    tensors = model.subgraphs[0].tensors
-    shape = tuple(int(d) for d in tensors[target].shape)
-    op = schema.OperatorT()
-    op.opcodeIndex = _opcode(model, schema.BuiltinOperator.RESHAPE, 1)
-    op.inputs = np.array([source, _shape_constant(model, f"{tensors[target].name.decode()}/shape", shape)], np.int32)
-    op.outputs = np.array([target], np.int32)
-    op.builtinOptionsType = schema.BuiltinOptions.ReshapeOptions
-    op.builtinOptions = schema.ReshapeOptionsT()
-    op.builtinOptions.newShape = np.array(shape, np.int32)
-    return op
-
-
-def _is_int8(tensor: Any) -> bool:
-    return tensor.type == _schema().TensorType.INT8
-
-
-def _constant(model: Any, index: int) -> bool:
-    data = model.buffers[model.subgraphs[0].tensors[index].buffer].data
-    return data is not None and len(data) > 0
-
-
 def _convertible(model: Any, op: Any) -> bool:
     """A FULLY_CONNECTED of int8 activations by constant, symmetric int8 weights in the plain layout."""
-    schema = _schema()
+    schema = tflite_schema()
     code = model.operatorCodes[op.opcodeIndex]
     if max(code.builtinCode, code.deprecatedBuiltinCode) != schema.BuiltinOperator.FULLY_CONNECTED:
         return False
     tensors = model.subgraphs[0].tensors
     x, w = tensors[op.inputs[0]], tensors[op.inputs[1]]
     options = op.builtinOptions
-    return (_constant(model, op.inputs[1]) and not _constant(model, op.inputs[0])
-            and _is_int8(x) and _is_int8(w) and _is_int8(tensors[op.outputs[0]])
+    return (is_constant(model, op.inputs[1]) and not is_constant(model, op.inputs[0])
+            and is_int8(x) and is_int8(w) and is_int8(tensors[op.outputs[0]])
             and len(w.shape) == 2 and w.quantization is not None and not np.any(w.quantization.zeroPoint)
             and options is not None and options.weightsFormat == schema.FullyConnectedOptionsWeightsFormat.DEFAULT)
 
 
 def _as_convolution(model: Any, op: Any) -> list[Any]:
     """RESHAPE -> CONV_2D 1x1 -> RESHAPE computing what the FULLY_CONNECTED `op` computes, from the same weight bytes."""
-    schema = _schema()
+    schema = tflite_schema()
     tensors = model.subgraphs[0].tensors
     x, w, out = (tensors[i] for i in (op.inputs[0], op.inputs[1], op.outputs[0]))
     units, depth = (int(d) for d in w.shape)
     rows = int(np.prod(x.shape)) // depth
     name = out.name.decode()
-    rows_in = _tensor(model, x, f"{name}/rows", (1, rows, 1, depth))
-    rows_out = _tensor(model, out, f"{name}/conv", (1, rows, 1, units))
-    filter_ = _tensor(model, w, w.name.decode(), (units, 1, 1, depth))
+    rows_in = add_tensor(model, x, f"{name}/rows", (1, rows, 1, depth))
+    rows_out = add_tensor(model, out, f"{name}/conv", (1, rows, 1, units))
+    filter_ = add_tensor(model, w, w.name.decode(), (units, 1, 1, depth))
     tensors[filter_].buffer = w.buffer  # the same bytes: (units, depth) row-major is (units, 1, 1, depth)
     bias = op.inputs[2] if len(op.inputs) > 2 else -1
     if bias < 0:  # the int8 CONV_2D kernel wants a bias: zeros at the scale of the products
@@ -148,9 +76,9 @@ def _as_convolution(model: Any, op: Any) -> list[Any]:
         like.quantization = schema.QuantizationParametersT()
         like.quantization.scale = np.asarray(x.quantization.scale, np.float32) * np.asarray(w.quantization.scale)
         like.quantization.zeroPoint = np.zeros(len(like.quantization.scale), np.int64)
-        bias = _tensor(model, like, f"{name}/bias", (units,), np.zeros(units, "<i4").tobytes())
+        bias = add_tensor(model, like, f"{name}/bias", (units,), np.zeros(units, "<i4").tobytes())
     conv = schema.OperatorT()
-    conv.opcodeIndex = _opcode(model, schema.BuiltinOperator.CONV_2D, CONV_2D_INT8_VERSION)
+    conv.opcodeIndex = opcode(model, schema.BuiltinOperator.CONV_2D, CONV_2D_INT8_VERSION)
     conv.inputs = np.array([rows_in, filter_, bias], np.int32)
     conv.outputs = np.array([rows_out], np.int32)
     conv.builtinOptionsType = schema.BuiltinOptions.Conv2DOptions
@@ -159,7 +87,7 @@ def _as_convolution(model: Any, op: Any) -> list[Any]:
     options.strideW = options.strideH = options.dilationWFactor = options.dilationHFactor = 1
     options.fusedActivationFunction = op.builtinOptions.fusedActivationFunction
     conv.builtinOptions = options
-    return [_reshape(model, int(op.inputs[0]), rows_in), conv, _reshape(model, rows_out, int(op.outputs[0]))]
+    return [reshape_operator(model, int(op.inputs[0]), rows_in), conv, reshape_operator(model, rows_out, int(op.outputs[0]))]
 
 
 def lower_for_edgetpu(content: bytes) -> bytes:
@@ -170,7 +98,7 @@ def lower_for_edgetpu(content: bytes) -> bytes:
 def _lowered(content: bytes) -> tuple[bytes, tuple[int, ...]]:
     """`lower_for_edgetpu`'s model, and for each of its operators the index of the given model's operator it comes
     from (a rewritten FULLY_CONNECTED gives three), so that figures of the lowered model map back to the file."""
-    model = _schema().ModelT.InitFromPackedBuf(content, 0)
+    model = unpack(content)
     subgraph = model.subgraphs[0]
     operators, origins = [], []
     for i, op in enumerate(subgraph.operators):
@@ -180,37 +108,7 @@ def _lowered(content: bytes) -> tuple[bytes, tuple[int, ...]]:
     if len(operators) == len(subgraph.operators):
         return content, tuple(origins)
     subgraph.operators = operators
-    return _pack(_pruned(model)), tuple(origins)
-
-
-def _pruned(model: Any) -> Any:
-    """`model` without the tensors, buffers and operator codes nothing uses any more (indices renumbered)."""
-    subgraph = model.subgraphs[0]
-    used = sorted({int(i) for op in subgraph.operators for i in (*op.inputs, *op.outputs) if i >= 0}
-                  | {int(i) for i in subgraph.inputs} | {int(i) for i in subgraph.outputs})
-    tensor_index = {old: new for new, old in enumerate(used)}
-    subgraph.tensors = [subgraph.tensors[i] for i in used]
-    tensors = [t for graph in model.subgraphs for t in graph.tensors or []]  # other subgraphs share the buffers
-    kept_buffers = sorted({0} | {t.buffer for t in tensors} | {m.buffer for m in (model.metadata or [])})
-    buffer_index = {old: new for new, old in enumerate(kept_buffers)}
-    model.buffers = [model.buffers[i] for i in kept_buffers]
-    for tensor in tensors:
-        tensor.buffer = buffer_index[tensor.buffer]
-    for entry in model.metadata or []:
-        entry.buffer = buffer_index[entry.buffer]
-    operators = [op for graph in model.subgraphs for op in graph.operators or []]
-    codes = sorted({op.opcodeIndex for op in operators})
-    code_index = {old: new for new, old in enumerate(codes)}
-    model.operatorCodes = [model.operatorCodes[i] for i in codes]
-    for op in operators:
-        op.opcodeIndex = code_index[op.opcodeIndex]
-    for op in subgraph.operators:
-        op.inputs = np.array([tensor_index[int(i)] if i >= 0 else -1 for i in op.inputs], np.int32)
-        op.outputs = np.array([tensor_index[int(i)] for i in op.outputs], np.int32)
-    subgraph.inputs = np.array([tensor_index[int(i)] for i in subgraph.inputs], np.int32)
-    subgraph.outputs = np.array([tensor_index[int(i)] for i in subgraph.outputs], np.int32)
-    model.signatureDefs = None  # they name tensors of the whole model
-    return model
+    return pack(pruned(model)), tuple(origins)
 
 
 @dataclass(frozen=True)
@@ -336,7 +234,7 @@ def _schedule(graph: Graph, on_cpu: list[bool]) -> list[tuple[bool, list[int]]]:
 def _segment_model(content: bytes, graph: Graph, index: int, edgetpu: bool, operators: list[int],
                    later: set[int], macs: int) -> Segment:
     """The operators as a model of their own: inputs are what they read from before, outputs what is read after."""
-    model = _schema().ModelT.InitFromPackedBuf(content, 0)
+    model = unpack(content)
     subgraph = model.subgraphs[0]
     produced = {t for i in operators for t in graph.operators[i].outputs}
     inputs = tuple(dict.fromkeys(t for i in operators for t in graph.operators[i].inputs
@@ -344,7 +242,7 @@ def _segment_model(content: bytes, graph: Graph, index: int, edgetpu: bool, oper
     outputs = tuple(t for t in sorted(produced) if t in later)
     subgraph.operators = [subgraph.operators[i] for i in operators]
     subgraph.inputs, subgraph.outputs = np.array(inputs, np.int32), np.array(outputs, np.int32)
-    return Segment(index, edgetpu, tuple(operators), inputs, outputs, macs, _pack(_pruned(model)))
+    return Segment(index, edgetpu, tuple(operators), inputs, outputs, macs, pack(pruned(model)))
 
 
 def split_for_edgetpu(content: bytes, target: Target) -> Pipeline:
