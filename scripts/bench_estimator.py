@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import lsq_linear
+from scipy.optimize import least_squares
 
 from edgecc.calibrate import calibration_factor
 from edgecc.check import assess, crossing_bytes
 from edgecc.cost import op_costs
-from edgecc.latency import CPU_CLASS, MODEL_FILE, ClassModel, Measurement, estimate_latency, kernels_of, load_measurements
+from edgecc.latency import (CPU_CLASS, MODEL_FILE, ClassModel, Measurement, estimate_latency, fp32_macs_per_cycle,
+                            kernels_of, load_measurements)
 from edgecc.targets import KERNELS, load_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +49,25 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
         "op_cycles": (100, 20_000),  # loads make ~1 cycle/MAC the floor of an int8 GEMM; scalar C is 4-10
         "gemm_int8": (1, 8), "depthwise_int8": (1, 16), "elementwise_int8": (2, 50),
         "gemm_fp32": (2, 20), "depthwise_fp32": (2, 40), "elementwise_fp32": (2, 50), "bytes": (0, 2)},
-    "cortex-a": {  # NEON: 4 fp32 or 8-16 int8 MACs per instruction; thread dispatch is tens of microseconds
-        "op_cycles": (1_000, 200_000),
+    "cortex-a": {  # NEON: 4 fp32 or 8-16 int8 MACs per instruction; thread dispatch is tens of microseconds; the
+        "op_cycles": (1_000, 200_000),  # fp32 terms are multiples of the core's peak rate (cpu.fp32_macs_per_cycle)
         "gemm_int8": (0.05, 2), "depthwise_int8": (0.1, 8), "elementwise_int8": (0.2, 20),
-        "gemm_fp32": (0.1, 3), "depthwise_fp32": (0.2, 10), "elementwise_fp32": (0.2, 20), "bytes": (0.3, 5)},
+        "gemm_fp32": (1, 12), "depthwise_fp32": (1, 40), "elementwise_fp32": (1, 80), "bytes": (0.3, 5)},
     "edgetpu": {"tpu_op_us": (0, 100), "tpu_macs": (1, 10), "invoke_ms": (0.1, 5), "link": (0.7, 2)},
 }
 KERNEL_BOUNDS = (0.2, 5.0)  # a kernel library's factor against the class's reference one
+# The fit's loss, one rule for every class: Cauchy's (scipy's least_squares) of r = log(estimate / published) with
+# f_scale 0.25, a row's pull r / (1 + (r / 0.25)^2) largest 25% off and falling beyond, so that a single doubtful
+# published figure cannot drag a class's coefficients and so every other row's estimate (soft L1 or Huber, whose pull
+# stays constant, let tests/test_estimator.py's row 2.2 times off move the others' coefficients 3-4 times as far).
+ROBUST: dict[str, Any] = {"loss": "cauchy", "f_scale": 0.25}
 REFERENCE_KERNELS = {"cortex-m": "tflite-micro", "cortex-a": "litert-xnnpack"}
+# Published figures the rebuilt architecture cannot account for, kept in the fit (ROBUST bounds their pull) and named
+# with the reason when they are beyond the goal.
+KNOWN_LIMITS = {("edgetpu", "inception_resnet_v2_299"): (
+    "inception_resnet_v2_299 on the Edge TPU, which Coral lists faster (57 ms USB, 69 ms Dev Board) than its "
+    "Inception v4 (85 ms, 102 ms) although the keras.applications rebuild has ~56 MB of int8 parameters and streams "
+    "~48 MB of them past the 8 MB on-chip cache: the published latency does not fit the rebuild's parameter count")}
 
 
 def _mobilenet_v1(keras: Any) -> Any:
@@ -222,24 +234,28 @@ def _cpu_ms(row: Row, fits: dict[str, Fit]) -> float:
     return cpu.kernels.get(row.kernels, 1.0) * _price(row.cpu, cpu.coefficients)
 
 
-def _bounded(a: np.ndarray, b: np.ndarray, names: tuple[str, ...], bounds: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """Least squares within `bounds`; a term no row exercises takes the middle of its range (a prior, not a fit)."""
+def _bounded(a: np.ndarray, offset: np.ndarray, names: tuple[str, ...],
+             bounds: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The coefficients within `bounds` that minimise the ROBUST loss of log(estimate / published), a row's estimate
+    / published being `a` @ coefficients + `offset`. The search starts at the middle of each range, where a term no
+    row exercises stays (a prior, not a fit)."""
     low = np.array([bounds[n][0] for n in names], dtype=float)
     high = np.array([bounds[n][1] for n in names], dtype=float)
-    used = a.any(axis=0)
     result = np.where(low > 0, np.sqrt(low * high), (low + high) / 2)
+    used = a.any(axis=0)
     if used.any():
-        scale = a[:, used].max(axis=0)
-        solved = lsq_linear(a[:, used] / scale, b, bounds=(low[used] * scale, high[used] * scale)).x
+        scale = a[:, used].max(axis=0)  # coefficients in units that give each term's largest row a share of ~1
+        solved = least_squares(lambda x: np.log(a[:, used] / scale @ x + offset), result[used] * scale,
+                               bounds=(low[used] * scale, high[used] * scale), **ROBUST).x
         result[used] = solved / scale
     return {n: float(c) for n, c in zip(names, result) if c > 0}
 
 
 def fit(rows: list[Row], cls: str, cpu_fits: dict[str, Fit] | None = None) -> Fit | None:
-    """Coefficients within BOUNDS (and kernel factors) that minimise the squared relative error of `rows` of `cls`.
+    """Coefficients within BOUNDS (and kernel factors) that fit the published latency of `rows` of `cls` (see ROBUST).
 
-    A CPU class alternates between the coefficients (kernel factors fixed) and each kernel library's factor
-    (coefficients fixed); an Edge TPU row's CPU part is priced with `cpu_fits` (the host's class, fitted on the
+    A CPU class alternates between the coefficients (kernel factors fixed, 1 at first) and each kernel library's
+    factor (coefficients fixed); an Edge TPU row's CPU part is priced with `cpu_fits` (the host's class, fitted on the
     same rows left in).
     """
     mine = [r for r in rows if r.cls == cls]
@@ -248,16 +264,16 @@ def fit(rows: list[Row], cls: str, cpu_fits: dict[str, Fit] | None = None) -> Fi
     if cls == "edgetpu":
         assert cpu_fits is not None
         a = np.array([[r.tpu[n] / r.published_ms for n in TPU_FEATURES] for r in mine])
-        b = np.array([1 - _cpu_ms(r, cpu_fits) / r.published_ms for r in mine])
-        return Fit(_bounded(a, b, TPU_FEATURES, BOUNDS[cls]))
+        cpu = np.array([_cpu_ms(r, cpu_fits) / r.published_ms for r in mine])
+        return Fit(_bounded(a, cpu, TPU_FEATURES, BOUNDS[cls]))
     current = Fit({}, {})
     for _ in range(20):
         factor = np.array([current.kernels.get(r.kernels, 1.0) for r in mine])
         a = np.array([[r.cpu[n] / r.published_ms for n in CPU_FEATURES] for r in mine]) * factor[:, None]
-        current.coefficients = _bounded(a, np.ones(len(mine)), CPU_FEATURES, BOUNDS[cls])
+        current.coefficients = _bounded(a, np.zeros(len(mine)), CPU_FEATURES, BOUNDS[cls])
         for kernels in {r.kernels for r in mine} - {REFERENCE_KERNELS[cls]}:
-            q = np.array([_price(r.cpu, current.coefficients) / r.published_ms for r in mine if r.kernels == kernels])
-            current.kernels[kernels] = float(np.clip(q.sum() / (q * q).sum(), *KERNEL_BOUNDS))
+            q = np.array([[_price(r.cpu, current.coefficients) / r.published_ms] for r in mine if r.kernels == kernels])
+            current.kernels[kernels] = _bounded(q, np.zeros(len(q)), ("factor",), {"factor": KERNEL_BOUNDS})["factor"]
     return current
 
 
@@ -365,6 +381,26 @@ def calibration_table(rows: list[Row], by_device: dict[int, float]) -> str:
     return "\n".join(lines)
 
 
+def fp32_rates(rows: list[Row]) -> str:
+    """Each fp32 board's peak fp32 rate per core, and whether its profile gives it or the class default stands in."""
+    rates = []
+    for device in sorted({r.device for r in rows if r.precision == "fp32"}):
+        target = load_target(device)
+        given = "profile" if target.cpu.fp32_macs_per_cycle else "class default"
+        rates.append(f"{device} {fp32_macs_per_cycle(target):g} ({target.cpu.core.split(' (')[0]}, {given})")
+    return ", ".join(rates)
+
+
+def beyond_goal(rows: list[Row], estimates: dict[int, float], worst: float = 0.5) -> str:
+    """The rows whose held-out error is beyond the issue's worst-error goal, in dataset order, and the known limits
+    among them."""
+    errors = {r.index: estimates[r.index] / r.published_ms - 1 for r in rows}
+    far = [r for r in sorted(rows, key=lambda r: r.index) if abs(errors[r.index]) > worst]
+    limits = sorted({KNOWN_LIMITS[(r.runtime, r.model)] for r in far if (r.runtime, r.model) in KNOWN_LIMITS})
+    return (", ".join(f"{r.device} {r.runtime} {r.model} {errors[r.index]:+.0%}" for r in far) or "none") + "".join(
+        f". Known limit: {reason}" for reason in limits)
+
+
 def write_section(path: Path, name: str, body: str) -> None:
     """Replace this script's section of BENCHMARKS.md, keeping the other scripts' sections."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
@@ -402,10 +438,17 @@ def main() -> None:
         "class's coefficients are fitted without any row of the same model (leave-one-model-out); the last column "
         "fits them without any row of the same device instead. The band is the 10th-90th percentile of the "
         "leave-one-model-out ratio published / estimated per class, stored in `toolchain/latency_model.toml` "
-        "(fitted on all rows) and used by `edgecc check`. Goals (issue 14): median |error| <= 20%, worst <= 50%, "
-        "band covers >= 80%, per class with >= 5 rows.",
+        "(fitted on all rows) and used by `edgecc check`. The fit, one rule for every class: the coefficients (each "
+        f"within its physical range) minimise the {ROBUST['loss']} loss of log(estimate / published) with f_scale "
+        f"{ROBUST['f_scale']} (scipy's least_squares), under which a row's pull is largest at about "
+        f"{ROBUST['f_scale']:.0%} off and falls beyond, so that one doubtful published figure cannot drag the class's "
+        "other rows. Goals (issue 14): median |error| <= 20%, worst <= 50%, band covers >= 80%, per class with >= 5 "
+        "rows. The fp32 work is counted in cycles at each core's peak fp32 "
+        f"rate (`cpu.fp32_macs_per_cycle`, multiply-accumulates per cycle): {fp32_rates(rows)}.",
         "",
         summary_table(rows, by_model, by_device),
+        "",
+        f"Held-out rows beyond the worst-error goal (50%): {beyond_goal(rows, by_model)}.",
         "",
         "Not estimated (runtimes with their own kernels that no edgecc profile describes): "
         + ", ".join(f"{rt} on {dev}" for rt, dev in skipped) + "."

@@ -5,7 +5,10 @@ and multiplied by a coefficient of the device class (Cortex-M, Cortex-A, Edge TP
   - a fixed cost per operator, in cycles of the profile's clock;
   - its multiply-accumulates in cycles per MAC on the threads it runs on: matrix products
     (convolutions, fully connected, batch matmul: the same GEMM inner loop in CMSIS-NN, ruy
-    and XNNPACK), depthwise convolutions, and element-wise work, for int8 and fp32;
+    and XNNPACK), depthwise convolutions, and element-wise work, for int8 and fp32; the fp32
+    terms count cycles at the core's peak fp32 rate (`cpu.fp32_macs_per_cycle`: a Cortex-A7
+    completes one fp32 multiply-accumulate a cycle, a Cortex-A72 four), so their coefficient is
+    the inverse of the kernels' efficiency and is at least 1;
   - the bytes it moves over the profile's memory bandwidth.
 The sum is scaled by the kernels' factor (`cpu.kernels`: TFLite Micro's interpreter with
 CMSIS-NN, microTVM's compiled CMSIS-NN calls, LiteRT's built-in kernels, XNNPACK), one
@@ -47,6 +50,10 @@ MEASURED_RUNTIMES = ("tflite-micro", "microtvm-cmsis-nn", "x-cube-ai", "plumerai
 # each runtime's usual CPU kernel library (edgecc.targets.KERNELS), when a profile's cpu.kernels is empty
 DEFAULT_KERNELS = {"tflite-micro": "tflite-micro", "ethos-u": "tflite-micro", "litert-xnnpack": "litert-xnnpack",
                    "edgetpu": "tflite"}
+# peak fp32 multiply-accumulates per cycle of one core when a profile does not give cpu.fp32_macs_per_cycle: one
+# 128-bit NEON FMA a cycle (Cortex-A15/A57/A72, flatlib's vfpbench: 8 single-precision FLOP a cycle), one FPU
+# FMA a cycle on a Cortex-M
+FP32_MACS_PER_CYCLE = {"cortex-m": 1.0, "cortex-a": 4.0}
 
 
 @dataclass(frozen=True)
@@ -142,8 +149,15 @@ def cpu_features(cost: OpCost, kind: str, is_int8: bool, target: Target, threads
     precision = "int8" if is_int8 else "fp32"
     features = {"op_cycles": cycle_ms, "bytes": cost.bytes_moved / (target.memory.bandwidth_gbps.value * 1e9) * 1e3}
     if cost.macs:
-        features[f"{KINDS.get(kind, 'elementwise')}_{precision}"] = cost.macs * cycle_ms / threads
+        rate = 1.0 if is_int8 else fp32_macs_per_cycle(target)
+        features[f"{KINDS.get(kind, 'elementwise')}_{precision}"] = cost.macs * cycle_ms / threads / rate
     return features
+
+
+def fp32_macs_per_cycle(target: Target) -> float:
+    """One core's peak fp32 multiply-accumulates per cycle: the profile's figure, else its class's default."""
+    figure = target.cpu.fp32_macs_per_cycle
+    return figure.value if figure else FP32_MACS_PER_CYCLE[CPU_CLASS[target.runtime]]
 
 
 def edgetpu_features(cost: OpCost, target: Target) -> dict[str, float]:
@@ -206,7 +220,8 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
     fixed = 0.0
     band = cpu_class
     method = (f"estimate: per-operator model of the {CPU_CLASS[target.runtime]} class (coefficients fitted on published "
-              f"measurements) with the {target.name} profile's clock, {used} thread(s), memory bandwidth and {kernels} kernels")
+              f"measurements) with the {target.name} profile's clock, {used} thread(s), "
+              f"{fp32_macs_per_cycle(target):g} fp32 MACs per cycle of a core, memory bandwidth and {kernels} kernels")
     if tpu_class:
         fixed = _priced(fixed_features(target, streamed_bytes, invokes), tpu_class)
         band = tpu_class

@@ -60,6 +60,10 @@ class Cpu:
     core: str = spec(doc="processor core, e.g. Cortex-A72")
     cores: Count = spec(doc="cores the runtime uses")
     clock_mhz: Rate = spec()
+    fp32_macs_per_cycle: Rate | None = spec(None, doc="peak single-precision multiply-accumulates one core completes "
+                                            "per cycle (SIMD lanes x FMA pipes: Cortex-A7 1, Cortex-A72 4), from a "
+                                            "datasheet or a measured peak; absent means the class default "
+                                            "(edgecc.latency.FP32_MACS_PER_CYCLE)")
     kernels: str = spec("", choices=("", *KERNELS), doc="the CPU kernel library: tflite-micro (TFLite Micro's "
                         "interpreter with CMSIS-NN), microtvm-cmsis-nn, tflite (LiteRT's built-in kernels) or "
                         "litert-xnnpack; empty means the runtime's usual one (an Edge TPU host: tflite)")
