@@ -22,7 +22,7 @@ def test_run_py_reproduces_the_builds_predictions_from_the_bundle_alone(default_
     out, manifest, _ = default_build
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    for name in ("run.py", "model.tflite", "manifest.json", "labels.txt", "requirements.txt"):
+    for name in ("run.py", "preprocess.py", "model.tflite", "manifest.json", "labels.txt", "requirements.txt"):
         shutil.copy(out / name, bundle / name)
     raw = load_digits().images[manifest["data"]["test_indices"]]
     np.save(tmp_path / "raw.npy", raw)

@@ -20,16 +20,22 @@ REQUIREMENTS = {
     "litert-xnnpack": "numpy\nai-edge-litert  # or tflite-runtime on boards without an ai-edge-litert wheel\n",
     "edgetpu": ("numpy\ntflite-runtime  # with the Edge TPU runtime from Coral's apt repository: libedgetpu1-std\n"),
 }
+IMAGES_REQUIREMENT = "pillow  # serve.py reads image files\n"
+# run.py answers prepared arrays; serve.py is the rollout service (raw inputs, gates, audit log), see its docstring
+BOARD_FILES = ("run.py", "serve.py", "preprocess.py", "gates.py", "stats.py")
 
 
-def write_linux_bundle(directory: Path, target: Target, label_names: list[str]) -> list[str]:
-    """labels.txt, requirements.txt and run.py (which reads manifest.json for the preprocessing)."""
+def write_linux_bundle(directory: Path, target: Target, label_names: list[str], *, images: bool = False) -> list[str]:
+    """labels.txt, requirements.txt (Pillow too for an image model) and the board scripts (which read
+    manifest.json for the preprocessing)."""
     (directory / "labels.txt").write_text("".join(f"{name}\n" for name in label_names), encoding="utf-8")
     (directory / "requirements.txt").write_text(
         f"# Python packages {target.name} needs to run this bundle: pip install -r requirements.txt\n"
-        + REQUIREMENTS.get(target.runtime, REQUIREMENTS["litert-xnnpack"]), encoding="utf-8")
-    shutil.copyfile(Path(str(resources.files("edgecc.board").joinpath("run.py"))), directory / "run.py")
-    return ["labels.txt", "requirements.txt", "run.py"]
+        + REQUIREMENTS.get(target.runtime, REQUIREMENTS["litert-xnnpack"]) + (IMAGES_REQUIREMENT if images else ""),
+        encoding="utf-8")
+    for name in BOARD_FILES:
+        shutil.copyfile(Path(str(resources.files("edgecc.board").joinpath(name))), directory / name)
+    return ["labels.txt", "requirements.txt", *BOARD_FILES]
 
 
 def write_edgetpu_pipeline(directory: Path, content: bytes, fit: Assessment) -> list[str]:
@@ -47,11 +53,12 @@ def write_edgetpu_pipeline(directory: Path, content: bytes, fit: Assessment) -> 
     return [*files, *compiled, PIPELINE_FILE]
 
 
-def write_board_files(directory: Path, content: bytes, fit: Assessment, label_names: list[str]) -> list[str]:
-    """The board files for the target's kind; returns their names."""
+def write_board_files(directory: Path, content: bytes, fit: Assessment, label_names: list[str], *,
+                      images: bool = False) -> list[str]:
+    """The board files for the target's kind (`images`: the model reads image files); returns their names."""
     target = fit.target
     if not target.is_micro:
-        written = write_linux_bundle(directory, target, label_names)
+        written = write_linux_bundle(directory, target, label_names, images=images)
         if target.edgetpu is not None:
             written += write_edgetpu_pipeline(directory, content, fit)
         if fit.edgetpu is not None and fit.edgetpu.compiled_model is not None:  # edgetpu_compiler was on PATH

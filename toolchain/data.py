@@ -22,18 +22,16 @@ from typing import Any
 
 import numpy as np
 
+from edgecc.board.preprocess import IMAGE_SUFFIXES, STANDARDIZE_EPSILON, TOKENIZER, pixels, token_ids, tokenize
 from edgecc.errors import EdgeccError
 from edgecc.recipe import AUTO_IMAGE_SIZE_LIMIT, DataSection
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+# the tokenizer, the image conversion and the standardization are the board's (edgecc.board.preprocess), so a
+# bundle's serve.py feeds its model exactly what the build's evaluation fed it
 SIGNAL_SUFFIXES = (".npz", ".npy")
-TOKEN = re.compile(r"[a-z0-9']+|[^\sa-z0-9]")
-TOKENIZER = (f'lowercase, then re.findall(r"{TOKEN.pattern}", text); words not in the vocabulary -> unknown_id; '
-             "cut to sequence_length or padded at the end with padding_id")
 PAD, UNK = "[PAD]", "[UNK]"
 
 
-STANDARDIZE_EPSILON = 1e-3
 STANDARDIZE_FORMULA = f"then per example: x = (x - mean(x)) / (std(x) + {STANDARDIZE_EPSILON})"
 
 
@@ -201,11 +199,6 @@ def validation_split(dataset: Dataset, fraction: float, seed: int) -> tuple[np.n
         fit += kept
         held += [position for _, position in starts[-count:]]
     return np.array(sorted(fit), dtype=np.int64), np.array(sorted(held), dtype=np.int64)
-
-
-def tokenize(text: str) -> list[str]:
-    """The words of `text` as the vocabulary knows them (the rule `TOKENIZER` states)."""
-    return TOKEN.findall(text.lower())
 
 
 def decimate(signal: np.ndarray, factor: int) -> np.ndarray:
@@ -450,15 +443,14 @@ def _image_size(files: list[tuple[str, Path, str]], section: DataSection) -> tup
 
 def _read_images(files: list[tuple[str, Path, str]], size: int, channels: int) -> np.ndarray:
     """0..255 float32 pixels, (N, size, size, channels), from (field, file, path relative to the field) triples."""
-    image, mode = _pillow(), "L" if channels == 1 else "RGB"
+    image = _pillow()
     x = np.empty((len(files), size, size, channels), dtype=np.float32)
     for i, (field, path, name) in enumerate(files):
         try:
             with image.open(path) as opened:
-                pixels = opened.convert(mode).resize((size, size), image.Resampling.BILINEAR)
+                x[i] = pixels(opened, size, size, channels)
         except (OSError, ValueError) as err:
             raise _unreadable(field, path, name, err) from None
-        x[i] = np.asarray(pixels, dtype=np.float32).reshape(size, size, channels)
     return x
 
 
@@ -567,10 +559,7 @@ def _word_ids(texts: list[str], train: np.ndarray, section: DataSection) -> tupl
     vocabulary = (PAD, UNK, *words[: section.max_vocabulary - 2])
     ids = {word: i for i, word in enumerate(vocabulary)}
     length = section.sequence_length
-    x = np.zeros((len(texts), length), dtype=np.int32)
-    for row, words_of in enumerate(tokens):
-        encoded = [ids.get(word, 1) for word in words_of[:length]]
-        x[row, : len(encoded)] = encoded
+    x = np.stack([token_ids(words_of, ids, length, padding_id=0, unknown_id=1) for words_of in tokens])
     return x, _token_preprocessing(TOKENIZER, vocabulary, length, padding_id=0, unknown_id=1)
 
 

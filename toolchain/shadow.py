@@ -9,7 +9,6 @@ records and a restart only ever adds to the log.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import zipfile
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecc.board.serve import AuditLog as BoardAuditLog
 from edgecc.emit import dumps, sha256_file
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
@@ -206,40 +206,18 @@ class ShadowSummary:
         }
 
 
-def _ends_mid_line(path: Path) -> bool:
-    """True when the file's last line lacks its newline (a torn write by an older tool)."""
-    with path.open("rb") as f:
-        if f.seek(0, os.SEEK_END) == 0:
-            return False
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
-
-
-class AuditLog:
-    """Append-only JSON Lines: each record one `os.write` of a whole line, then fsync.
-
-    A record is never split across writes, so a killed process leaves whole
-    records only. A torn last line (from an older writer, or a power cut) is
-    kept as it is, and the next record starts on a fresh line after it.
-    """
+class AuditLog(BoardAuditLog):
+    """The board service's append-only writer (one `os.write` of a whole record, then fsync; a torn last line
+    kept and the next record started on a fresh line), with non-finite figures written as null."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            self.prefix = b"\n" if _ends_mid_line(path) else b""
+            super().__init__(path)
         except OSError as err:
             raise EdgeccError(f"audit log {path} cannot be opened for appending: {err.strerror}") from None
 
-    def append(self, record: dict[str, Any]) -> None:
-        line = self.prefix + dumps(record, separators=(",", ":")).encode() + b"\n"
-        if os.write(self.fd, line) != len(line):
-            raise EdgeccError(f"audit log {self.path}: short write (disk full?)")
-        os.fsync(self.fd)
-        self.prefix = b""
-
-    def close(self) -> None:
-        os.close(self.fd)
+    def encode(self, record: dict[str, Any]) -> bytes:
+        return dumps(record, separators=(",", ":")).encode()
 
 
 def _timed(model: Classifier, x: np.ndarray) -> tuple[np.ndarray, float]:

@@ -29,6 +29,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    from .preprocess import BadInput, Preprocessor, dequantize, quantize
+except ImportError:  # run from the bundle folder as a script
+    from preprocess import BadInput, Preprocessor, dequantize, quantize
+
 HERE = Path(__file__).resolve().parent
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 
@@ -46,10 +51,10 @@ def interpreter(path: Path, threads: int, edgetpu: bool = False) -> Any:
     return model
 
 
-def single_model(threads: int, cpu: bool) -> Callable[[np.ndarray], np.ndarray]:
-    compiled = HERE / "model_edgetpu.tflite"
+def single_model(bundle: Path, threads: int, cpu: bool) -> Callable[[np.ndarray], np.ndarray]:
+    compiled = bundle / "model_edgetpu.tflite"
     on_edgetpu = compiled.exists() and not cpu
-    model = interpreter(compiled if on_edgetpu else HERE / "model.tflite", threads, edgetpu=on_edgetpu)
+    model = interpreter(compiled if on_edgetpu else bundle / "model.tflite", threads, edgetpu=on_edgetpu)
     source, sink = model.get_input_details()[0], model.get_output_details()[0]
 
     def run(q: np.ndarray) -> np.ndarray:
@@ -60,9 +65,9 @@ def single_model(threads: int, cpu: bool) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def pipeline(plan: dict[str, Any], threads: int, cpu: bool) -> Callable[[np.ndarray], np.ndarray]:
+def pipeline(bundle: Path, plan: dict[str, Any], threads: int, cpu: bool) -> Callable[[np.ndarray], np.ndarray]:
     """pipeline.json's segments in order; tensors pass between them by their index in the whole model."""
-    files = [(HERE / s["file"], s["device"] == "edgetpu" and not cpu) for s in plan["segments"]]
+    files = [(bundle / s["file"], s["device"] == "edgetpu" and not cpu) for s in plan["segments"]]
     files = [(path.with_name(f"{path.stem}_edgetpu.tflite") if on_edgetpu else path, on_edgetpu)
              for path, on_edgetpu in files]
     missing = [path.name for path, _ in files if not path.exists()]
@@ -86,12 +91,12 @@ def pipeline(plan: dict[str, Any], threads: int, cpu: bool) -> Callable[[np.ndar
     return run
 
 
-def model_runner(threads: int = 1, cpu: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-    """The quantized input -> the quantized output, by the pipeline when this bundle has one."""
-    plan = HERE / "pipeline.json"
+def model_runner(bundle: Path = HERE, threads: int = 1, cpu: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """The quantized input -> the quantized output of the bundle in `bundle`, by its pipeline when it has one."""
+    plan = bundle / "pipeline.json"
     if plan.exists():
-        return pipeline(json.loads(plan.read_text()), threads, cpu)
-    return single_model(threads, cpu)
+        return pipeline(bundle, json.loads(plan.read_text()), threads, cpu)
+    return single_model(bundle, threads, cpu)
 
 
 def main() -> None:
@@ -103,19 +108,16 @@ def main() -> None:
     args = parser.parse_args()
 
     pre = json.loads((HERE / "manifest.json").read_text())["preprocessing"]
-    run = model_runner(args.threads, args.cpu)
-    in_scale, in_zero = pre["input_quantization"]["scale"], pre["input_quantization"]["zero_point"]
-    out_scale, out_zero = pre["output_quantization"]["scale"], pre["output_quantization"]["zero_point"]
-    predictions = []
-    for raw in np.load(args.inputs):
-        if pre["input_dtype"] == "int32":  # text models take the token ids themselves
-            q = raw.astype(np.int32)
-        else:
-            x = raw.astype(np.float32) * pre["scale"] + pre["offset"]
-            if "standardize" in pre:  # per example, as "preprocessing.standardize" says
-                x = (x - x.mean()) / (x.std() + 1e-3)
-            q = np.clip(np.round(x / in_scale) + in_zero, -128, 127).astype(np.int8)
-        logits = (run(q.reshape(pre["model_input_shape"]))[0].astype(np.float32) - out_zero) * out_scale
+    run = model_runner(HERE, args.threads, args.cpu)
+    into, out = pre["input_quantization"], pre["output_quantization"]
+    prepare, predictions = Preprocessor(pre), []
+    for i, raw in enumerate(np.load(args.inputs)):
+        try:
+            x = prepare.array(raw)  # token ids for text models, else raw * scale + offset (standardized)
+        except BadInput as err:
+            sys.exit(f"run.py: {args.inputs}[{i}] {err}")
+        q = quantize(x, into["scale"], into["zero_point"], np.dtype(pre["input_dtype"]))
+        logits = dequantize(run(q.reshape(pre["model_input_shape"]))[0], out["scale"], out["zero_point"])
         predictions.append(int(np.argmax(logits)))
     labels = pre["label_names"]
     if args.json:
