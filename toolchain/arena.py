@@ -16,7 +16,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgecc.errors import EdgeccError
@@ -26,17 +26,84 @@ from edgecc.reader import Graph
 ALIGNMENT = 16
 PROBE_ARENA = 256 * 1024 * 1024
 TOTAL_PATTERN = re.compile(r"Arena allocation total (\d+) bytes")
+SECTION_PATTERN = re.compile(r"Arena allocation (head|tail) (\d+) bytes")
+KIND_PATTERN = re.compile(r"'([^']+)' used (\d+) bytes.*? for (\d+) ")
 SOFTMAX_MIN_SCALE = 2.0**-26  # TFLite Micro's int8 softmax: input scale x beta x 2^(31 - 5 integer bits) must exceed 1
 
 
 @dataclass(frozen=True)
 class ArenaMeasurement:
-    """Smallest arena (bytes) with which TFLite Micro allocates the model, and how it was found."""
+    """Smallest arena (bytes) with which TFLite Micro allocates the model, how it was found, and what its
+    recording allocator says fills it: the head (the non-persistent section: the activations' plan and the
+    kernels' scratch buffers) and the tail (persistent runtime structures, by the kinds it records)."""
 
     bytes: int
     recorded_total: int
     tries: int
     method: str = "tflite-micro interpreter (host reference kernels), smallest arena found by bisection"
+    head_bytes: int = 0
+    tail_bytes: int = 0
+    persistent: dict[str, int] = field(default_factory=dict)  # recorded kind -> bytes, "other" the unrecorded rest
+    persistent_counts: dict[str, int] = field(default_factory=dict)  # recorded kind -> allocations (per op, tensor)
+
+
+# the recording allocator's kinds of persistent allocation, for people (recording_micro_allocator.cc)
+PERSISTENT_KINDS = {
+    "NodeAndRegistration struct": "per-operator structures (NodeAndRegistration)",
+    "Persistent buffer data": "operator data (kernels' persistent buffers)",
+    "TfLiteEvalTensor data": "per-tensor structures (TfLiteEvalTensor)",
+    "Persistent TfLiteTensor data": "input/output tensor structures (TfLiteTensor)",
+    "Persistent TfLiteTensor quantization data": "their quantization data",
+    "Persistent TfLiteTensor variable buffer data": "variable (state) tensors",
+    "other": "allocator bookkeeping (not itemized by TFLite Micro)",
+}
+
+
+@dataclass(frozen=True)
+class ArenaPart:
+    """One share of the arena: what it is, its bytes, and how edgecc knows."""
+
+    name: str
+    bytes: int
+    detail: str
+
+
+def _allocations(n: int, count: int) -> str:
+    """' (53 x 64 B)' for equal allocations, ' (42 allocations)' otherwise."""
+    if not count:
+        return ""
+    return f" ({count} x {n // count:,} B)" if n % count == 0 else f" ({count} allocations)"
+
+
+def arena_split(arena: ArenaMeasurement, lower_bound: int, planned: int | None) -> list[ArenaPart]:
+    """The measured arena as parts that add up to it: where the RAM goes.
+
+    `lower_bound` is edgecc's bound on the activations alive at once in the model's operator order; `planned`
+    the end of the offline plan the model carries, edgecc's or its author's (then the rest of the head is scratch).
+    """
+    activations = min(planned if planned is not None else lower_bound, arena.head_bytes)
+    if planned is not None:
+        rest = ("scratch buffers", "kernels' scratch buffers that TFLite Micro could not fit into the gaps of "
+                f"the offline plan (the plan itself: {planned:,} B, lower bound {lower_bound:,} B)")
+        what = "the offline plan the model carries (OfflineMemoryAllocation metadata; edgecc's unless its author's)"
+    else:
+        rest = ("planner overhead and scratch", "what TFLite Micro's own greedy plan needs above the lower bound, "
+                "with the kernels' scratch buffers")
+        what = "the lower bound: the most activation bytes alive at once in the model's operator order"
+    counts = arena.persistent_counts
+    persistent = ", ".join(f"{PERSISTENT_KINDS.get(kind, kind)} {n:,} B"
+                           + _allocations(n, counts.get(kind, 0))
+                           for kind, n in sorted(arena.persistent.items(), key=lambda kv: -kv[1]))
+    return [
+        ArenaPart("planned activations", activations, what),
+        ArenaPart(rest[0], arena.head_bytes - activations, rest[1]),
+        ArenaPart("persistent runtime structures", arena.tail_bytes,
+                  "on the 64-bit host, whose pointers are 8 bytes (a 32-bit board's structures are smaller): "
+                  + (persistent or "not itemized")),
+        ArenaPart("allocation slack", arena.bytes - arena.head_bytes - arena.tail_bytes,
+                  "what the smallest working arena needs beyond head and tail: temporary allocations while the "
+                  "interpreter prepares the operators, and alignment"),
+    ]
 
 
 def _fd_output(action: object) -> str:
@@ -81,8 +148,9 @@ def _allocates(content: bytes, size: int) -> bool:
     return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
-def _recorded_total(content: bytes) -> int:
-    """Allocate once in a large arena and read the recording allocator's total."""
+def _recorded(content: bytes) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Allocate once in a large arena and read the recording allocator: its total, head and tail, and the
+    persistent allocations by kind."""
     from tflite_micro import runtime
 
     holder: list[object] = []
@@ -97,10 +165,13 @@ def _recorded_total(content: bytes) -> int:
     if not holder:
         reason = log.splitlines()[0] if log else "allocation failed"
         raise EdgeccError(f"TFLite Micro cannot allocate this model even in a 256 MiB arena: {reason}")
-    match = TOTAL_PATTERN.search(_fd_output(holder[0].print_allocations))  # type: ignore[attr-defined]
+    log = _fd_output(holder[0].print_allocations)  # type: ignore[attr-defined]
+    match = TOTAL_PATTERN.search(log)
     if not match:
         raise EdgeccError("TFLite Micro did not report its arena allocation")
-    return int(match.group(1))
+    sections = {name: int(n) for name, n in SECTION_PATTERN.findall(log)}
+    kinds = {name: (int(n), int(count)) for name, n, count in KIND_PATTERN.findall(log)}
+    return int(match.group(1)), sections, kinds
 
 
 def _align(n: int) -> int:
@@ -110,7 +181,7 @@ def _align(n: int) -> int:
 def smallest_arena(content: bytes) -> ArenaMeasurement:
     """Bisect for the smallest working arena, starting from the recorded total."""
     check_model_file(content)  # TFLite Micro trusts the file: a corrupt one can crash it or give a false arena
-    total = _recorded_total(content)
+    total, sections, kinds = _recorded(content)
     tries = 0
     high = _align(total)
     while True:  # grow until it works: the total can fall short of what allocation needs
@@ -131,7 +202,12 @@ def smallest_arena(content: bytes) -> ArenaMeasurement:
             high = middle
         else:
             low = middle
-    return ArenaMeasurement(bytes=high, recorded_total=total, tries=tries)
+    tail = sections.get("tail", 0)
+    other = tail - sum(n for n, _ in kinds.values())
+    persistent = {**{kind: n for kind, (n, _) in kinds.items()}, **({"other": other} if other > 0 else {})}
+    return ArenaMeasurement(bytes=high, recorded_total=total, tries=tries, head_bytes=sections.get("head", 0),
+                            tail_bytes=tail, persistent=persistent,
+                            persistent_counts={kind: count for kind, (_, count) in kinds.items()})
 
 
 def abort_cause(graph: Graph) -> str | None:

@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edgecc.arena import ArenaMeasurement, abort_cause, measure_arena
+from edgecc.arena import ArenaMeasurement, ArenaPart, abort_cause, arena_split, measure_arena
 from edgecc.cost import op_costs
 from edgecc.emit import loads
 from edgecc.errors import EdgeccError
 from edgecc.latency import ERROR_BAND, LatencyEstimate, estimate_latency
 from edgecc.liveness import MemoryPlan, plan_memory
+from edgecc.memplan import carried_plan_bytes
 from edgecc.reader import Graph, read_graph
 from edgecc.targets import Target, load_target
 
@@ -64,6 +65,7 @@ class Assessment:
     vela: Any | None
     budgets: tuple[Budget, ...]
     pipeline: Any | None = None  # Edge TPU targets: the segments the bundle runs, which the verdict judges (edgecc.lower)
+    arena_parts: tuple[ArenaPart, ...] = ()  # the measured arena split: where the RAM goes (edgecc.arena)
 
     @property
     def ok(self) -> bool:
@@ -94,6 +96,7 @@ class Assessment:
             "activation_plan_bytes": self.memory.planned_bytes,
             "arena": asdict(self.arena) if self.arena else None,
             "arena_failure": self.arena_failure,
+            "arena_split": [asdict(p) for p in self.arena_parts],
             "latency": {"estimate_ms": lat.total_ms, "low_ms": lat.low_ms, "high_ms": lat.high_ms,
                         "method": lat.method},
             "edgetpu": edgetpu_json(self.edgetpu),
@@ -151,7 +154,15 @@ def crossing_bytes(graph: Graph, on_tpu: tuple[bool, ...]) -> int:
 
 
 def _float_tensors(graph: Graph) -> tuple[str, ...]:
-    return tuple(t.name for t in graph.activation_tensors() if t.dtype not in INT_TYPES)
+    """Float activations; not the token ids a float32 table lookup hands only to CASTs to integers (how
+    edgecc.graphpass gives TFLite Micro's GATHER an id map: whole numbers, no float arithmetic)."""
+    to_int = [op.kind == "CAST" and graph.tensors[op.outputs[0]].dtype in INT_TYPES for op in graph.operators]
+    cast_only = ({i for op, cast in zip(graph.operators, to_int) if cast for i in op.inputs}
+                 - {i for op, cast in zip(graph.operators, to_int) if not cast for i in op.inputs}
+                 - set(graph.inputs) - set(graph.outputs))
+    activations = {i for op in graph.operators for i in op.outputs} | set(graph.inputs)
+    return tuple(t.name for i, t in enumerate(graph.tensors)
+                 if i in activations and i not in cast_only and not t.constant and t.dtype not in INT_TYPES)
 
 
 def _missing_ops(graph: Graph, target: Target) -> tuple[str, ...]:
@@ -233,6 +244,12 @@ def edgetpu_pipeline(content: bytes, graph: Graph, target: Target, float_tensors
     return split_for_edgetpu(content, target)
 
 
+def arena_line(parts: tuple[ArenaPart, ...]) -> str:
+    """Where the measured TFLite Micro arena goes, for people."""
+    return ("TFLite Micro arena " + f"{sum(p.bytes for p in parts):,} B = "
+            + " + ".join(f"{p.name} {p.bytes:,} B" for p in parts) + f" ({parts[2].name}: {parts[2].detail})")
+
+
 def _budget(name: str, value: float, limit: float, unit: str, detail: str) -> Budget:
     return Budget(name, value, limit, unit, value <= limit, detail)
 
@@ -301,6 +318,7 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
     arena, arena_failure = arena_worker.result() if arena_worker else (None, None)
     if arena_failure:
         arena_failure = abort_cause(graph) or arena_failure
+    parts = tuple(arena_split(arena, memory.lower_bound_bytes, carried_plan_bytes(content, graph))) if arena else ()
 
     budgets = _budgets(target, len(content), graph, memory, arena, arena_failure, missing, vela_result)
     budgets.append(_latency_budget(latency, latency_ms, target, uncertain_passes))
@@ -314,7 +332,7 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
             budgets.insert(1, _mac_share_budget(share, target.edgetpu.min_mac_share, scope))
     return Assessment(target, len(content), graph, sum(c.macs for c in costs), float_tensors, missing, memory,
                       arena, arena_failure, latency, tuple(placement), edgetpu_plan, vela_result, tuple(budgets),
-                      pipeline)
+                      pipeline, parts)
 
 
 class _ArenaWorker:

@@ -123,7 +123,12 @@ def _header(what: str, model: bytes, target: Target) -> str:
 
 
 def _model_data_h(model: bytes, target: Target) -> str:
-    return (_header("The model flatbuffer, linked into flash.", model, target) + "\n"
+    from edgecc.memplan import read_offline_plan
+
+    plan = ("// It carries an offline memory plan (OfflineMemoryAllocation metadata; edgecc's, or Vela's on Ethos-U):\n"
+            "// TFLite Micro's allocator places the activations at its offsets and plans the scratch buffers around them.\n"
+            if read_offline_plan(model) is not None else "")
+    return (_header("The model flatbuffer, linked into flash.", model, target) + plan + "\n"
             "#ifndef EDGECC_MODEL_DATA_H_\n#define EDGECC_MODEL_DATA_H_\n\n"
             "extern const unsigned char g_model_data[];\n"
             "extern const unsigned int g_model_data_len;\n\n"
