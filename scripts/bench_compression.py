@@ -33,9 +33,10 @@ TASKS = ("neu_det", "cwru_bearing", "trec")
 OUT = ROOT / "benchmarks"
 
 
-def run_task(task: str, recipe_path: Path | None = None, out: Path | None = None) -> dict[str, Any]:
-    """Build one task's recipe (default models/<task>.toml, kept in benchmarks/models/<task>); returns its rows,
-    or the reason it was skipped."""
+def run_task(task: str, recipe_path: Path | None = None, out: Path | None = None,
+             cache: Path | None = None) -> dict[str, Any]:
+    """Build one task's recipe (default models/<task>.toml, kept in benchmarks/models/<task>; with edgecc's build
+    `cache`, if given); returns its rows, or the reason it was skipped."""
     recipe_path = recipe_path or ROOT / "models" / f"{task}.toml"
     out = out or OUT / "models" / task
     data = load_recipe(recipe_path).recipe.data
@@ -44,7 +45,7 @@ def run_task(task: str, recipe_path: Path | None = None, out: Path | None = None
         return {"task": task, "skipped": f"data not found at {data_path}"}
     started = time.perf_counter()
     try:
-        result = build("rpi4", recipe_path, out, Reporter())
+        result = build("rpi4", recipe_path, out, Reporter(), cache=cache)
     except EdgeccError as err:
         return {"task": task, "skipped": f"build failed: {err}"}
     metrics = result.manifest["metrics"]
@@ -136,6 +137,17 @@ def parse_tasks(description: str, tasks: tuple[str, ...]) -> argparse.Namespace:
         parser.error(f"unknown task {', '.join(unknown)}; tasks are {', '.join(tasks)}")
     args.tasks = args.tasks or list(tasks)
     return args
+
+
+def parse_cached_tasks(description: str, tasks: tuple[str, ...], default: tuple[str, ...]) -> argparse.Namespace:
+    """The command line of a benchmark that builds some tasks with edgecc's teacher and stage cache: `--tasks`
+    (default `default`; the others keep their last rows), `--cache` and the BENCHMARKS.md to write (`--out`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tasks", nargs="+", choices=tasks, default=list(default),
+                        help=f"tasks to build (default: {' '.join(default)}); the others keep their last rows")
+    parser.add_argument("--cache", type=Path, default=ROOT / "build" / "cache", help="teacher and stage cache")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    return parser.parse_args()
 
 
 def _row(r: dict[str, Any]) -> list[str]:

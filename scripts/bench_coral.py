@@ -14,7 +14,6 @@ and the BENCHMARKS.md section; tasks not run keep their last rows.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_compression import table, with_earlier_rows  # noqa: E402
+from bench_compression import parse_cached_tasks, table, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
 
 from edgecc.build import build  # noqa: E402
@@ -134,12 +133,7 @@ def _row(r: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(DEFAULT_TASKS),
-                        help=f"tasks to build (default: {' '.join(DEFAULT_TASKS)}); the others keep their last rows")
-    parser.add_argument("--cache", type=Path, default=ROOT / "build" / "cache", help="teacher and stage cache")
-    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    args = parser.parse_args()
+    args = parse_cached_tasks(__doc__.splitlines()[0], tuple(TASKS), tuple(DEFAULT_TASKS))
     with tempfile.TemporaryDirectory(prefix="bench-coral-") as scratch:
         fresh = [run_task(task, recipe_for(task, Path(scratch)), args.cache) for task in args.tasks]
     results = with_earlier_rows(fresh, OUT / "coral.json", tuple(TASKS))

@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -34,7 +35,10 @@ from edgecc.cache import (DamagedEntry, StagesCache, TeacherCache, check_cache_f
 from edgecc.edgetpu import plan_edgetpu
 from edgecc.errors import EdgeccError, one_line
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
+from edgecc.graphpass import optimize_verified
 from edgecc.lower import lower_for_edgetpu
+from edgecc.memplan import memory_plan_line, plan_for_micro
+from edgecc.micro_eval import evaluate_micro
 from edgecc.progress import Reporter
 from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
 from edgecc.recipe import LoadedRecipe, Recipe, TaskSection, check_class_names, load_recipe, model_path
@@ -187,6 +191,15 @@ def _plots(manifest: dict[str, Any], fit: Assessment) -> dict[str, bytes]:
     return images
 
 
+def _micro_accuracy(content: bytes, x: np.ndarray, y: np.ndarray, reporter: Reporter) -> dict[str, Any]:
+    """model.tflite's test split run by the TFLite Micro interpreter, the board's kernels (or why it cannot be)."""
+    reporter.info("evaluating model.tflite with the TFLite Micro interpreter")
+    try:
+        return evaluate_micro(content, x, y, reporter).to_json()
+    except EdgeccError as err:
+        return {"error": one_line(err)}
+
+
 def starting_teacher(loaded: LoadedRecipe, dataset: Dataset, given: Path | None) -> Any:
     """The user's `given` teacher, else the recipe's untrained model: either validated against the data (bad input)
     from a reproducible start, before the build prints a line."""
@@ -247,14 +260,30 @@ def float_teacher(model: Any, loaded: LoadedRecipe, dataset: Dataset, reporter: 
     return model, {**record, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibration: np.ndarray, reporter: Reporter,
-                      *, cache: Path | None, key: str | None) -> list[Any]:
-    """The recipe's compression stages of `teacher` (whose cache key is `key`): from the cache when this
-    teacher's stages with this compress section are there (nothing is trained), else run and stored there."""
-    from edgecc.train.compress import run_stages
+def calibration_examples(dataset: Dataset, recipe: Recipe) -> np.ndarray:
+    """The training examples, drawn by the seed, that calibrate every int8 model of a build (and of a tune trial)."""
+    rng = np.random.default_rng(recipe.seed)
+    count = min(recipe.compress.calibration_samples, len(dataset.train_index))
+    return dataset.x[rng.choice(dataset.train_index, size=count, replace=False)]
 
+
+def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibration: np.ndarray, reporter: Reporter,
+                      *, cache: Path | None, key: str | None,
+                      after_stage: Callable[[str, Any], None] | None = None) -> list[Any]:
+    """The recipe's compression stages of `teacher` (whose cache key is `key`): from the cache when this
+    teacher's stages with this compress section are there (nothing is trained), else run and stored there.
+
+    The seeds are set first, so that the stages start from the same state whatever ran before them (the float
+    conversion here, earlier trials in edgecc tune): a tune trial and the build of its recipe train the same
+    student. `after_stage` goes to run_stages (not called for cached stages).
+    """
+    from edgecc.train.compress import run_stages
+    from edgecc.train.tf import keras
+
+    keras().utils.set_random_seed(recipe.seed)
     if cache is None or key is None:  # no cache, or a --teacher file the cache has no key for
-        return run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter)
+        return run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter,
+                          after_stage)
     entry = StagesCache(cache, stages_key(key, asdict(recipe.compress)))
     try:
         found = entry.lookup()
@@ -265,7 +294,8 @@ def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibratio
     if found is not None:
         reporter.info(f"compression stages: from the cache ({entry.key[:12]})")
         return found
-    stages = run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter)
+    stages = run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter,
+                        after_stage)
     try:
         entry.store(stages)
     except OSError as err:
@@ -275,11 +305,12 @@ def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibratio
 
 def build(target_name: str, recipe_path: Path | None = None, out: Path | None = None,
           reporter: Reporter | None = None, *, sign_key: Path | None = None,
-          teacher_file: Path | None = None, cache: Path | None = None) -> BuildResult:
+          teacher_file: Path | None = None, cache: Path | None = None, graph_passes: bool = True) -> BuildResult:
     """Run the whole pipeline and write artifacts under `out` (default `build/<target>`), signed with `sign_key`.
 
     The float teacher is `teacher_file` when given, else the one in the `cache` folder trained with the same
     recipe sections, data and versions, else trained here (and stored in `cache`; None: no cache).
+    `graph_passes` runs edgecc.graphpass on every int8 model (False: the converter's graph, for comparison).
     """
     reporter = reporter or Reporter(quiet=True)
     signing_key = load_private_key(sign_key) if sign_key is not None else None
@@ -306,17 +337,20 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     for line in dataset.summary():
         reporter.info(escape(line))
     teacher, teacher_record = float_teacher(model, loaded, dataset, reporter, given=teacher_file, cache=cache)
-    rng = np.random.default_rng(recipe.seed)
-    count = min(recipe.compress.calibration_samples, len(dataset.train_index))
-    calibration = dataset.x[rng.choice(dataset.train_index, size=count, replace=False)]
-    reporter.info(f"compressing: {' -> '.join(recipe.compress.stages)} (int8 calibrated on {count} training examples)")
+    calibration = calibration_examples(dataset, recipe)
+    reporter.info(f"compressing: {' -> '.join(recipe.compress.stages)} (int8 calibrated on {len(calibration)} "
+                  "training examples)")
     float_bytes = to_float_tflite(inference_graph(teacher))
     stages = compressed_stages(teacher, dataset, recipe, calibration, reporter, cache=cache,
                                key=teacher_record.get("cache_key"))
     if recipe.compress.stages != ("ptq",):
         stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
+    passed = [optimize_verified(stage.int8) if graph_passes else (stage.int8, None) for stage in stages]
+    stages = [replace(stage, int8=content) for stage, (content, _) in zip(stages, passed)]
     if target.edgetpu is not None:  # the form of the int8 graph the Edge TPU maps (exact: edgecc.lower)
         stages = [replace(stage, int8=lower_for_edgetpu(stage.int8)) for stage in stages]
+    plans = [plan_for_micro(stage.int8) if target.runtime == "tflite-micro" else None for stage in stages]
+    stages = [replace(stage, int8=plan.content) if plan else stage for stage, plan in zip(stages, plans)]
     models = distinct_models(stages)
     names = [model_name(group) for group in models]
 
@@ -340,6 +374,11 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     chosen = selection.index
     reporter.info(escape(f"model.tflite is {names[chosen]} (compress.select = '{selection.rule}'): {selection.reason}"))
     int8_bytes, int8_model, fit = models[chosen][0].int8, int8_models[chosen], fits[chosen]
+    pass_report = next(report for stage, (_, report) in zip(stages, passed) if stage is models[chosen][0])
+    memory_plan = next(plan for stage, plan in zip(stages, plans) if stage is models[chosen][0])
+    if memory_plan is not None:
+        reporter.info(escape(memory_plan_line(memory_plan)))
+    micro = _micro_accuracy(int8_bytes, x_test, y_test, reporter) if target.runtime == "tflite-micro" else None
     float_acc, int8_acc = figures[0].score("accuracy"), figures[chosen + 1].score("accuracy")
     latency["int8"] = latency[names[chosen]]
     files = stage_files(models, chosen)
@@ -379,6 +418,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
             "constant_bytes": constant_bytes_by_part(graph),
             "activation_dtypes": sorted({t.dtype for t in graph.activation_tensors()}),
             "stages": list(recipe.compress.stages),
+            "graph_passes": pass_report.to_json() if pass_report else None,
+            "memory_plan": memory_plan.to_json() if memory_plan else None,  # TFLite Micro targets (edgecc.memplan)
         },
         "metrics": {
             "float_accuracy": float_acc,
@@ -389,6 +430,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
             "int8_tflite_bytes": len(int8_bytes),
             "size_ratio": round(len(float_bytes) / len(int8_bytes), 3),
             "host_latency": {name: lat.to_json() for name, lat in latency.items()},
+            "tflite_micro": micro,
             "stages": stage_records,
             "host": f"{platform.machine()} {platform.processor() or platform.system()}, measured with the TFLite interpreter",
         },
@@ -404,7 +446,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         (staging / FLOAT_MODEL).write_bytes(float_bytes)
         for file, group in zip(files, models):
             (staging / file).write_bytes(group[0].int8)
-        board_files = write_board_files(staging, int8_bytes, fit, list(dataset.label_names))
+        board_files = write_board_files(staging, int8_bytes, fit, list(dataset.label_names),
+                                        images=recipe.data.source == "images")
         (staging / "report.md").write_text(report.markdown(manifest), encoding="utf-8")
         (staging / "report.html").write_text(report.html(manifest, _plots(manifest, fit)), encoding="utf-8")
         manifest["artifacts"] = emit.artifact_entries(

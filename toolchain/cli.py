@@ -307,6 +307,10 @@ def check(
         where = next((f"; {b.detail}" for b in result.budgets if b.name == "operators" and result.edgetpu), "")
         colour = {"fits": "green", "uncertain": "yellow", "does not fit": "red"}[result.verdict]
         named = ", ".join(b.name for b in result.budgets if not b.ok or b.uncertain)
+        if result.arena_parts:
+            from edgecc.check import arena_line
+
+            stdout.print(arena_line(result.arena_parts), markup=False)
         stdout.print(f"[{colour}]{result.verdict}[/{colour}]" + (f": {named}" if named else "")
                      + (f" (counts as {uncertain.value}: --uncertain)" if result.verdict == "uncertain" else "") + where)
     if not result.ok:
@@ -339,6 +343,10 @@ def profile(
     stdout.print(f"activations: lower bound {result.memory.lower_bound_bytes:,} B (at op {result.memory.peak_op}), "
                  f"greedy plan {result.memory.planned_bytes:,} B"
                  + (f"; TFLite Micro arena {result.arena.bytes:,} B (measured)" if result.arena else ""))
+    if result.arena_parts:
+        from edgecc.check import arena_line
+
+        stdout.print(arena_line(result.arena_parts), markup=False)
     if result.pipeline is not None:
         from edgecc.check import pipeline_line
 
@@ -410,6 +418,99 @@ def shadow(
                      f"audit log {summary.log}")
     if not summary.ok:
         raise typer.Exit(EXIT_BUDGET)
+
+
+pilot_app = typer.Typer(help="The rollout on the board: its audit log made into evidence.", no_args_is_help=True)
+app.add_typer(pilot_app, name="pilot")
+
+
+@pilot_app.command("report")
+def pilot_report(
+    log: Annotated[Path, typer.Argument(help="The audit log (JSON Lines) of the board service or of `edgecc shadow`.", show_default=False)],
+    labels: Annotated[Path | None, typer.Option("--labels", help="Field labels joined by record id: CSV with the header id,label, or JSON Lines {\"id\", \"label\"}; a label is a class name or index.", show_default=False)] = None,
+    ok_class: Annotated[str | None, typer.Option("--ok-class", help="The good class, for the defect miss rate and false-alarm rate \\[default: a class named ok, good, normal or none].", show_default=False)] = None,
+    window: Annotated[str | None, typer.Option("--window", help="Disagreement over time in windows of N compared predictions (500) or of a duration (30s, 15m, 2h, 1d) \\[default: at most 50 equal windows of 20 or more].", show_default=False)] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained HTML page with plots here.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the report here instead of standard output.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The report as JSON instead of Markdown.")] = False,
+    max_disagreement: Annotated[float | None, typer.Option("--max-disagreement", min=0.0, max=1.0, help="Exit 1 when the upper end of the 95% Wilson interval of the disagreement is above this.", show_default=False)] = None,
+) -> None:
+    """Report a rollout's audit log: disagreement over time with its bound, confusion, latency, gate decisions, field metrics.
+
+    Exit 0 when done (and within --max-disagreement), 1 above it, 2 on bad input (nothing written), 3 on an internal error.
+    Every file is written whole or not at all.
+    """
+    from edgecc.pilot import ReportOptions, check_output, report, write_atomic
+
+    def work() -> Any:
+        for target in (out, html):
+            if target is not None:
+                check_output(target, log, labels)
+        result = report(log, ReportOptions(labels=labels, ok_class=ok_class, window=window,
+                                           max_disagreement=max_disagreement))
+        if html is not None:
+            write_atomic(html, result.html())
+        if out is not None:
+            write_atomic(out, (dumps(result.to_json(), indent=2) + "\n") if as_json else result.markdown())
+        return result
+
+    result = _run(work)
+    if out is None and as_json:
+        stdout.print_json(dumps(result.to_json()))
+    elif out is None:
+        stdout.print(result.markdown(), markup=False, emoji=False, highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(EXIT_BUDGET)
+
+
+@app.command()
+def tune(
+    target: TargetOpt,
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="Recipe TOML file; its \\[tune] table, if any, is the search space.", show_default=False)],
+    trials: Annotated[int | None, typer.Option("--trials", min=1, help="Trials to finish, resumed ones included \\[default: the recipe's tune.trials, 20].", show_default=False)] = None,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", min=0.0, help="Stop starting trials after this many seconds.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the study (study.sqlite3: run again to resume), trials/, pareto.md/.json/.html and best.toml.")] = Path("build") / "tune",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Run the trials on this Ray cluster (`local`: start one here); needs edgecc\\[scale].", show_default=False)] = None,
+    cache: Annotated[Path, typer.Option("--cache", help="The build cache: the teacher is trained once and kept there, and each trial's stages too.")] = DEFAULT_CACHE,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print pareto.json on stdout.")] = False,
+) -> None:
+    """Search the recipe's compression space for the Pareto front of task metric against the target's estimated
+    latency, flash and RAM, and write the chosen configuration as best.toml (needs edgecc\\[scale]).
+
+    Exit 0 when a trial meets every budget, 1 when none does (the closest are listed), 2 on bad input,
+    130 when interrupted (the study keeps every finished trial: run the same command to resume).
+    """
+    from edgecc.shadow import Interrupted
+    from edgecc.tune import TuneOptions
+    from edgecc.tune import tune as run_tune
+
+    options = TuneOptions(target=target, recipe=recipe, out=out, cache=cache, trials=trials,
+                          time_budget_s=time_budget, ray_address=ray_address)
+
+    def work() -> Any:
+        try:
+            return run_tune(options, Reporter(quiet=quiet or as_json))
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; {out / 'study.sqlite3'} keeps every finished trial: run the same "
+                              "command to resume") from None
+
+    result = _run(work)
+    if as_json:
+        stdout.print_json(dumps(loads((out / "pareto.json").read_text(encoding="utf-8"))))
+    elif not quiet:
+        stdout.print(f"{len(result.rows)} trials, {len(result.front)} on the Pareto front; wrote {out}/pareto.md, "
+                     "pareto.html, pareto.json" + (", best.toml" if result.chosen else ""), markup=False)
+    if result.chosen is None:
+        for row in result.closest:
+            _say(f"edgecc: closest: trial {row['number']} fails {row['failed']} budget(s): "
+                 + ", ".join(b["name"] for b in row["budgets"] if b["status"] != "pass"))
+        _say("edgecc: budget not met: no trial meets every budget")
+        raise typer.Exit(EXIT_BUDGET)
+    if not quiet and not as_json:
+        chosen = result.chosen
+        stdout.print(f"chosen: trial {chosen['number']}: {chosen['task_metric']:.4f}, {chosen['latency_ms']:.3g} ms "
+                     f"estimated; edgecc build --target {target} --recipe {out / 'best.toml'}", markup=False)
 
 
 @app.command()

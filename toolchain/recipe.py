@@ -259,6 +259,7 @@ def load_recipe(path: Path | None = None) -> LoadedRecipe:
     """Load and validate a recipe file (the built-in default when `path` is None)."""
     path = path or default_recipe_path()
     data = schema.read(path, "recipe")
+    data.pop("tune", None)  # `edgecc tune`'s search space: edgecc.tune validates it, a build does not use it
     if not any(isinstance(value, dict) and value for value in data.values()):
         raise EdgeccError(f"recipe {path} is empty: no table sets a field ([model], [data], [train], [compress], "
                           "[budgets]); to build the default recipe omit --recipe")

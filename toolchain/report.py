@@ -11,6 +11,7 @@ from typing import Any
 
 
 Block = tuple[str, Any]  # ("p", text) | ("table", (header, rows)) | ("list", items) | ("image", (key, caption))
+#                         | ("svg", (markup, caption))
 EMPTY_ERROR_PLOT = ("the per-operator error plot is empty: every int8 operator output's error against the float "
                     "model is 0 (no operator output could be matched by tensor name, or every output agrees exactly), "
                     "so the report cannot show where int8 loses precision")
@@ -75,6 +76,28 @@ def _edgetpu_section(plan: dict[str, Any], pipeline: dict[str, Any] | None) -> l
             [s["file"], s["device"], str(s["operators"]), f"{s['macs']:,}", f"{s['parameter_bytes']:,}",
              f"{s['cached_parameter_bytes']:,}", f"{s['streamed_parameter_bytes']:,}"] for s in pipeline["segments"]])),
     ]), ("model.tflite as one graph: what edgetpu_compiler alone does with it", single)]
+
+
+def _arena_blocks(manifest: dict[str, Any]) -> list[Block]:
+    """The measured TFLite Micro arena split into its parts, and what edgecc's memory planner did (micro targets)."""
+    parts = manifest["target_check"].get("arena_split") or []
+    plan = manifest["model"].get("memory_plan")
+    blocks: list[Block] = []
+    if plan:
+        arenas = plan["arena_bytes"]
+        blocks.append(("p", (f"edgecc's offline memory plan is in model.tflite (the OfflineMemoryAllocation metadata "
+                             f"TFLite Micro reads): activations {plan['planned_bytes']['chosen_order']:,} B, lower bound "
+                             f"{plan['lower_bound_bytes']['chosen_order']:,} B"
+                             + ("; operators reordered." if plan["reordered"] else "; the converter's order kept.")
+                             if plan["written"] else f"No offline memory plan in model.tflite: {plan['refused']}.")
+                            + (f" TFLite Micro arena measured without the plan {arenas['without_plan']:,} B, with it "
+                               f"{arenas['with_plan']:,} B." if arenas["with_plan"] is not None else "")))
+    if parts:
+        total = sum(p["bytes"] for p in parts)
+        blocks.append(("table", (["part of the TFLite Micro arena", "bytes", "share", "what it is"],
+                                 [[p["name"], f"{p['bytes']:,}", f"{p['bytes'] / max(total, 1):.0%}", p["detail"]]
+                                  for p in parts])))
+    return blocks
 
 
 def _figure(value: float | None, digits: int = 3) -> str:
@@ -161,6 +184,23 @@ def _teacher_source(teacher: dict[str, Any] | None) -> str:
     return f"Float teacher: {where}, {teacher['seconds']:.0f} s."
 
 
+def _micro_blocks(micro: dict[str, Any] | None, passes: dict[str, Any] | None) -> list[Block]:
+    """The TFLite Micro interpreter's accuracy beside LiteRT's, and what the graph passes removed."""
+    blocks: list[Block] = []
+    if micro and "error" in micro:
+        blocks.append(("p", f"TFLite Micro could not run model.tflite: {micro['error']}"))
+    elif micro:
+        blocks.append(("p", f"With the TFLite Micro interpreter (the board's kernels) the int8 accuracy is "
+                            f"{micro['accuracy']:.4f} (LiteRT {micro['litert_accuracy']:.4f}): the same class on "
+                            f"{micro['same_predictions']} of {micro['examples']} examples, bit-identical outputs on "
+                            f"{micro['identical_outputs']}."))
+    if passes and passes["rewrites"]:
+        (ops_before, ops_after), (tensors_before, tensors_after) = passes["operators"], passes["tensors"]
+        blocks.append(("p", f"Graph passes (bit-exact): {ops_before} -> {ops_after} operators, {tensors_before} -> "
+                            f"{tensors_after} tensors ({', '.join(f'{k} x{v}' for k, v in passes['rewrites'].items())})."))
+    return blocks
+
+
 def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block]]]]:
     """The report's content once, as sections of blocks, for both the Markdown and the HTML rendering."""
     m, metrics, pre = manifest["model"], manifest["metrics"], manifest["preprocessing"]
@@ -183,6 +223,7 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
             ])),
             ("p", f"Host latency was measured on this build machine ({metrics['host']}), both models interleaved "
                   "in one process; it is not a prediction for the target."),
+            *_micro_blocks(metrics.get("tflite_micro"), m.get("graph_passes")),
             ("image", ("accuracy_vs_size", "Accuracy against size, per stage")),
         ]),
         *_stages_section(manifest),
@@ -192,7 +233,8 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
             ("image", ("op_latency", "Estimated time per operator on the target")),
             ("p", manifest["target_check"]["latency"]["method"]),
         ]),
-        ("Where the memory goes", [("image", ("live_memory", "Activation memory over the operator sequence"))]),
+        ("Where the memory goes", [("image", ("live_memory", "Activation memory over the operator sequence")),
+                                   *_arena_blocks(manifest)]),
         ("Where accuracy is lost", _error_blocks(manifest["quantization_error"])),
         ("Model", [
             ("p", f"{m['source']}, {m['parameters']:,} parameters; compression stages: {', '.join(m['stages'])}. "
@@ -227,7 +269,11 @@ def _document(manifest: dict[str, Any]) -> tuple[str, list[tuple[str, list[Block
 
 def markdown(manifest: dict[str, Any]) -> str:
     """report.md; the plots are in report.html."""
-    title, sections = _document(manifest)
+    return render_markdown(*_document(manifest))
+
+
+def render_markdown(title: str, sections: list[tuple[str, list[Block]]], plots_in: str = "report.html") -> str:
+    """Markdown of a document of sections (the build's report, the pilot report); `plots_in` names the HTML page."""
     lines = [f"# {title}", ""]
     for heading, blocks in sections:
         if heading:
@@ -241,14 +287,19 @@ def markdown(manifest: dict[str, Any]) -> str:
                 header, rows = content
                 lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                 lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
-            elif kind == "image":
-                lines += [f"(plot in report.html: {content[1]})", ""]
+            elif kind in ("image", "svg"):
+                lines += [f"(plot in {plots_in}: {content[1]})", ""]
     return "\n".join(lines)
 
 
 def html(manifest: dict[str, Any], images: dict[str, bytes]) -> str:
     """report.html: one self-contained file, its plots embedded as PNG data, no external resources."""
-    title, sections = _document(manifest)
+    return render_html(*_document(manifest), images)
+
+
+def render_html(title: str, sections: list[tuple[str, list[Block]]], images: dict[str, bytes]) -> str:
+    """One self-contained HTML page: "image" blocks embed `images[key]` as PNG data, "svg" blocks their own
+    markup (generated by edgecc, not taken from input), so the page loads nothing and runs no script."""
     esc = html_lib.escape
     body = [f"<h1>{esc(title)}</h1>"]
     for heading, blocks in sections:
@@ -268,6 +319,8 @@ def html(manifest: dict[str, Any], images: dict[str, bytes]) -> str:
                 data = base64.b64encode(images[content[0]]).decode("ascii")
                 body.append(f'<figure><img alt="{esc(content[1])}" src="data:image/png;base64,{data}">'
                             f"<figcaption>{esc(content[1])}</figcaption></figure>")
+            elif kind == "svg":
+                body.append(f"<figure>{content[0]}<figcaption>{esc(content[1])}</figcaption></figure>")
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
              "text-align:left;vertical-align:top}img{max-width:100%}figcaption{color:#666;font-size:90%}")

@@ -16,6 +16,7 @@ Every stage ends with an int8 TFLite model, so each can be measured the same way
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,11 +48,13 @@ def _weights(section: CompressSection, classes: tuple[float, ...], hidden: bool)
 
 
 def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: TrainSection, seed: int,
-               calibration: np.ndarray, reporter: Reporter) -> list[Stage]:
+               calibration: np.ndarray, reporter: Reporter,
+               after_stage: Callable[[str, Any], None] | None = None) -> list[Stage]:
     """Apply `section.stages` to a copy of `teacher`; the last stage's int8 model is the build's result.
 
     Every distillation balances the classes by `train.balance` and augments its inputs by the train section,
-    as the teacher's training does.
+    as the teacher's training does. `after_stage(name, student)` sees each stage's student before its int8
+    conversion and may raise to stop there (edgecc tune stops a hopeless trial after its first stage).
     """
     x, y = dataset.x[dataset.train_index], dataset.y[dataset.train_index]
     classes = tuple(class_weights(y, dataset.num_classes, train.balance).tolist())
@@ -94,6 +97,8 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
                               section.qat_learning_rate or section.distill_learning_rate,
                               _weights(section, classes, hidden=False), seed, reporter,
                               "quantization-aware distillation", **feed)
+        if after_stage is not None:
+            after_stage(name, student)
         # a `ptq` stage after prune or sparsify quantizes the student that stage already quantized the same way
         int8 = stages[-1].int8 if name == "ptq" and stages else _int8(student, name, calibration, section.per_channel)
         stages.append(Stage(name, student, int8, int(student.count_params()), tuple(losses)))

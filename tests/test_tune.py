@@ -1,0 +1,231 @@
+"""`edgecc tune`: a real search on digits with a tiny transformer (a few trials of seconds), resumed from its
+SQLite study, its best.toml built again, the same search through a local Ray cluster, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import edgecc, needs_train_extra
+
+RECIPE = """
+name = "tiny-digits"
+seed = 0
+
+[model]
+architecture = "vit"
+stem_filters = [16]
+stem_strides = [2]
+dim = 32
+depth = 1
+heads = 2
+mlp_dim = 64
+
+[data]
+source = "sklearn-digits"
+
+[train]
+epochs = 4
+learning_rate = 0.005
+validation_fraction = 0.0
+patience = 0
+
+[compress]
+stages = ["prune", "ptq"]
+calibration_samples = 32
+distill_epochs = 0
+
+[budgets]
+min_accuracy = {min_accuracy}
+max_accuracy_drop = {max_drop}
+
+[tune]
+trials = 2
+stages = [["prune", "ptq"]]
+distill_epochs = [0, 0]
+distill_learning_rate = [0.001, 0.001]
+{extra}
+"""
+
+
+def write_recipe(folder: Path, name: str, *, min_accuracy: float = 0.3, max_drop: float = 60.0,
+                 extra: str = "") -> Path:
+    path = folder / name
+    path.write_text(RECIPE.format(min_accuracy=min_accuracy, max_drop=max_drop, extra=extra))
+    return path
+
+
+def finished(out: Path) -> list:
+    import optuna
+
+    study = optuna.load_study(study_name="tiny-digits@rpi4", storage=f"sqlite:///{out / 'study.sqlite3'}")
+    return study.get_trials()
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory: pytest.TempPathFactory):
+    """Two trials in this process; the teacher is trained into `cache` and every trial's stages kept there."""
+    needs_train_extra()
+    pytest.importorskip("optuna")
+    from edgecc.tune import TuneOptions, tune
+
+    work = tmp_path_factory.mktemp("tune")
+    options = TuneOptions(target="rpi4", recipe=write_recipe(work, "tiny.toml"), out=work / "out",
+                          cache=work / "cache")
+    return work, options, tune(options)
+
+
+def test_search_writes_the_front_every_trial_and_best_toml(search) -> None:
+    work, options, result = search
+    out = options.out
+    assert [r["number"] for r in result.rows] == [0, 1]
+    for row in result.rows:
+        folder = out / "trials" / row["key"]
+        assert json.loads((folder / "figures.json").read_text()) == {k: v for k, v in row.items() if k != "number"}
+        assert 'stages = ["prune", "ptq"]' in (folder / "recipe.toml").read_text()
+        assert row["status"] == "complete" and 0 < row["task_metric"] <= 1 and row["latency_ms"] > 0
+        assert {b["name"] for b in row["budgets"]} >= {"int8 accuracy", "latency on rpi4", "RAM on rpi4", "flash on rpi4"}
+    assert result.front and set(result.front) <= {0, 1}
+    fitting = [r for r in result.rows if r["failed"] == 0]
+    assert result.chosen == min(fitting, key=lambda r: r["latency_ms"])
+    summary = json.loads((out / "pareto.json").read_text())
+    assert summary["chosen"]["number"] == result.chosen["number"] and "smallest estimated latency" in summary["rule"]
+    assert "<svg" in (out / "pareto.html").read_text() and "Choice rule" in (out / "pareto.md").read_text()
+    assert 'select = "last"' in (out / "best.toml").read_text()
+
+
+def test_resume_adds_trials_to_the_study(search) -> None:
+    from edgecc.tune import tune
+
+    work, options, first = search
+    before = {t.number: t.params for t in finished(options.out)}
+    result = tune(replace(options, trials=3))
+    trials = finished(options.out)
+    assert len(trials) == 3 and {t.number: t.params for t in trials[:2]} == before
+    assert [r["number"] for r in result.rows] == [0, 1, 2] and result.rows[:2] == first.rows
+
+
+def test_best_toml_builds_and_reproduces_its_trial(search) -> None:
+    """Built again from best.toml with the teacher cached but not the stages: the same figures, by training."""
+    from edgecc.build import build
+
+    work, options, _ = search
+    cache = work / "teacher-only"
+    shutil.copytree(options.cache / "teachers", cache / "teachers")
+    manifest = build("rpi4", options.out / "best.toml", work / "best-build", cache=cache).manifest
+    chosen = json.loads((options.out / "pareto.json").read_text())["chosen"]  # the resumed study's choice
+    final = manifest["metrics"]["stages"][-1]
+    assert manifest["selection"]["chosen"] == final["name"] and final["file"] == "model.tflite"
+    assert manifest["metrics"]["task_metric"]["int8"] == chosen["task_metric"]
+    assert manifest["target_check"]["latency"]["estimate_ms"] == pytest.approx(chosen["latency_ms"], rel=1e-9)
+    assert final["bytes"] == chosen["bytes"] and manifest["budgets"] == chosen["budgets"]
+
+
+def test_a_hopeless_trial_stops_after_its_first_stage(search) -> None:
+    """No accuracy may be lost and almost every neuron goes: the pruned float student is out of budget at once."""
+    import optuna
+    from edgecc.tune import tune
+
+    work, options, _ = search
+    recipe = write_recipe(work, "hopeless.toml", max_drop=0.0,
+                          extra="trials = 1\nhead_fraction = [0.5, 0.5]\nneuron_fraction = [0.02, 0.02]")
+    recipe.write_text(recipe.read_text().replace("trials = 2\n", ""))
+    out = work / "hopeless"
+    result = tune(replace(options, recipe=recipe, out=out))
+    (row,) = result.rows
+    assert row["status"] == "stopped" and "below the teacher" in row["reason"] and result.chosen is None
+    assert [t.state for t in finished(out)] == [optuna.trial.TrialState.PRUNED]
+
+
+def test_no_trial_within_budget_exits_1_listing_the_closest(search) -> None:
+    """The same trials (their stages from the cache) judged against a floor none reaches."""
+    from typer.testing import CliRunner
+
+    from edgecc.cli import app
+
+    work, options, _ = search
+    recipe = write_recipe(work, "strict.toml", min_accuracy=0.9999)
+    out = work / "strict"
+    run = CliRunner().invoke(app, ["tune", "--target", "rpi4", "--recipe", str(recipe), "--out", str(out),
+                                   "--cache", str(options.cache), "--quiet"])
+    assert run.exit_code == 1, run.output
+    assert "no trial meets every budget" in run.output and run.output.count("closest: trial") == 2
+    assert not (out / "best.toml").exists() and "Chosen: none" in (out / "pareto.md").read_text()
+
+
+def test_interrupted_trial_leaves_the_study_consistent(search, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during a trial: the study records it as failed and keeps the finished ones for the next run."""
+    import optuna
+    from edgecc import tune as tuning
+
+    work, options, _ = search
+    out = work / "interrupted"
+    shutil.copytree(options.out, out, ignore=shutil.ignore_patterns("trials"))
+    shutil.copytree(options.out / "trials", out / "trials")
+    interrupted = replace(options, out=out, trials=4)
+
+    def interrupt(self, params):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tuning.Workbench, "run", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            tuning.tune(interrupted)
+    states = [t.state for t in finished(out)]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 3 + [optuna.trial.TrialState.FAIL]
+    result = tuning.tune(replace(interrupted, trials=3))  # the study reads back whole; nothing is left to run
+    assert [r["number"] for r in result.rows] == [0, 1, 2] and (out / "best.toml").exists()
+
+
+def test_ray_runs_the_same_trials(search) -> None:
+    """The same study through a local 2-CPU Ray cluster: the same configurations in the same order, and the same
+    figures (their stages come from the cache the in-process run filled)."""
+    ray = pytest.importorskip("ray")
+    from edgecc.tune import tune
+
+    work, options, here = search
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        result = tune(replace(options, out=work / "ray", ray_address="local"))
+    finally:
+        ray.shutdown()
+    assert [r["compress"] for r in result.rows] == [r["compress"] for r in here.rows[:2]]
+    assert [r["task_metric"] for r in result.rows] == [r["task_metric"] for r in here.rows[:2]]
+
+
+def test_bad_space_exits_2_naming_every_field(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    recipe = write_recipe(tmp_path, "bad.toml", extra="head_fraction = [0.9, 0.2]")
+    recipe.write_text(recipe.read_text().replace('stages = [["prune", "ptq"]]', 'stages = [["sparsify"], ["prune"]]'))
+    result = edgecc("tune", "--target", "rpi4", "--recipe", str(recipe), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and "tune.head_fraction: low 0.9 is above high 0.2" in line
+    assert "tune.stages[0]: ['sparsify']" in line and "tune.stages[1]: ['prune']" in line
+    assert not (tmp_path / "out").exists()
+    result = edgecc("tune", "--target", "rpi4", "--recipe", str(write_recipe(tmp_path, "ok.toml")), "--out",
+                    str(tmp_path / "out"), "--ray-address", "127.0.0.1:9")
+    assert result.returncode == 2 and "--ray-address: no Ray cluster reachable at '127.0.0.1:9'" in result.stderr
+
+
+def test_missing_extra_exits_2_with_the_install_line(tmp_path: Path) -> None:
+    """optuna blocked as on an install without edgecc[scale]."""
+    blocker = ("import importlib.abc, sys\n"
+               "class NoOptuna(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('optuna', 'ray'):\n"
+               "            raise ImportError(name)\n"
+               "sys.meta_path.insert(0, NoOptuna())\n"
+               "sys.argv = ['edgecc', 'tune', '--target', 'rpi4', '--recipe', sys.argv[1], '--out', sys.argv[2]]\n"
+               "from edgecc.cli import main\nmain()\n")
+    recipe = write_recipe(tmp_path, "ok.toml")
+    result = subprocess.run([sys.executable, "-c", blocker, str(recipe), str(tmp_path / "out")], capture_output=True,
+                            text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert result.returncode == 2 and "pip install 'edgecc[scale]'" in result.stderr
