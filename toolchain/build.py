@@ -35,9 +35,9 @@ from edgecc.cache import (DamagedEntry, StagesCache, TeacherCache, check_cache_f
 from edgecc.edgetpu import plan_edgetpu
 from edgecc.errors import EdgeccError, one_line
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
-from edgecc.graphpass import optimize_verified
+from edgecc.graphpass import PassReport, optimize_verified
 from edgecc.lower import lower_for_edgetpu
-from edgecc.memplan import memory_plan_line, plan_for_micro
+from edgecc.memplan import OfflinePlan, memory_plan_line, plan_for_micro
 from edgecc.micro_eval import evaluate_micro
 from edgecc.progress import Reporter
 from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
@@ -200,6 +200,26 @@ def _micro_accuracy(content: bytes, x: np.ndarray, y: np.ndarray, reporter: Repo
         return {"error": one_line(err)}
 
 
+@dataclass(frozen=True)
+class BoardForm:
+    """An int8 model in the form the board runs, and what the steps that made it did."""
+
+    content: bytes
+    passes: PassReport | None  # None: the graph passes were not run
+    memory_plan: OfflinePlan | None  # TFLite Micro targets only
+
+
+def board_form(int8: bytes, target: Target, *, graph_passes: bool = True) -> BoardForm:
+    """`int8` as the target runs it, every step exact: the graph passes (edgecc.graphpass), then on an Edge TPU
+    target the lowering it maps (edgecc.lower), on a TFLite Micro target the offline memory plan (edgecc.memplan).
+    Builds and `edgecc tune` trials both judge this form, so a tune trial and the build of its recipe agree."""
+    content, passes = optimize_verified(int8) if graph_passes else (int8, None)
+    if target.edgetpu is not None:
+        content = lower_for_edgetpu(content)
+    plan = plan_for_micro(content) if target.runtime == "tflite-micro" else None
+    return BoardForm(plan.content if plan else content, passes, plan)
+
+
 def starting_teacher(loaded: LoadedRecipe, dataset: Dataset, given: Path | None) -> Any:
     """The user's `given` teacher, else the recipe's untrained model: either validated against the data (bad input)
     from a reproducible start, before the build prints a line."""
@@ -345,12 +365,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
                                key=teacher_record.get("cache_key"))
     if recipe.compress.stages != ("ptq",):
         stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
-    passed = [optimize_verified(stage.int8) if graph_passes else (stage.int8, None) for stage in stages]
-    stages = [replace(stage, int8=content) for stage, (content, _) in zip(stages, passed)]
-    if target.edgetpu is not None:  # the form of the int8 graph the Edge TPU maps (exact: edgecc.lower)
-        stages = [replace(stage, int8=lower_for_edgetpu(stage.int8)) for stage in stages]
-    plans = [plan_for_micro(stage.int8) if target.runtime == "tflite-micro" else None for stage in stages]
-    stages = [replace(stage, int8=plan.content) if plan else stage for stage, plan in zip(stages, plans)]
+    forms = [board_form(stage.int8, target, graph_passes=graph_passes) for stage in stages]
+    stages = [replace(stage, int8=form.content) for stage, form in zip(stages, forms)]
     models = distinct_models(stages)
     names = [model_name(group) for group in models]
 
@@ -374,8 +390,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     chosen = selection.index
     reporter.info(escape(f"model.tflite is {names[chosen]} (compress.select = '{selection.rule}'): {selection.reason}"))
     int8_bytes, int8_model, fit = models[chosen][0].int8, int8_models[chosen], fits[chosen]
-    pass_report = next(report for stage, (_, report) in zip(stages, passed) if stage is models[chosen][0])
-    memory_plan = next(plan for stage, plan in zip(stages, plans) if stage is models[chosen][0])
+    form = next(form for stage, form in zip(stages, forms) if stage is models[chosen][0])
+    pass_report, memory_plan = form.passes, form.memory_plan
     if memory_plan is not None:
         reporter.info(escape(memory_plan_line(memory_plan)))
     micro = _micro_accuracy(int8_bytes, x_test, y_test, reporter) if target.runtime == "tflite-micro" else None

@@ -343,12 +343,10 @@ class Workbench:
     def run(self, params: dict[str, Any]) -> dict[str, Any]:
         """One trial: its recipe written and validated, its stages run (or taken from the cache), its int8 model
         measured and judged as a build judges it. Returns (and writes to figures.json) the trial's figures."""
-        from edgecc.build import compressed_stages
+        from edgecc.build import board_form, compressed_stages
         from edgecc.check import assess
         from edgecc.classmetrics import class_metrics
         from edgecc.evaluate import predictions
-        from edgecc.graphpass import optimize_verified
-        from edgecc.lower import lower_for_edgetpu
         from edgecc.runtime import Model
         from edgecc.selection import budget_verdicts
 
@@ -386,9 +384,7 @@ class Workbench:
                                        cache=self.options.cache, key=self.cache_key, after_stage=after_stage)
         except _Hopeless as err:
             return self._write(folder, {**figures, "status": "stopped", "reason": str(err)}, started)
-        int8, _ = optimize_verified(stages[-1].int8)  # the form a build gives its int8 models
-        if self.target.edgetpu is not None:
-            int8 = lower_for_edgetpu(int8)
+        int8 = board_form(stages[-1].int8, self.target).content  # the form a build gives its int8 models
         student = class_metrics(y, predictions(Model(int8), x, Reporter(quiet=True), ""), self.dataset.label_names)
         fit = assess(int8, self.target, latency_ms=recipe.budgets.max_latency_ms or None)
         budgets = budget_verdicts(recipe, self.teacher_metrics, student, fit)
