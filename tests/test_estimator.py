@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,10 +15,6 @@ from edgecc.errors import EdgeccError
 from edgecc.latency import MODEL_FILE, class_models, load_measurements, read_models
 from edgecc.targets import Figure, load_target
 from test_targets import profile
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench_estimator  # noqa: E402
-from bench_estimator import CPU_FEATURES, TPU_FEATURES, Fit, Row, estimate, fit  # noqa: E402
 
 DATASET = Path(__file__).parents[1] / "benchmarks" / "latency_measurements.toml"
 MODEL = (Path(__file__).parent / "fixtures" / "vit_int8.tflite").read_bytes()
@@ -147,17 +144,27 @@ def test_a_bad_fp32_rate_is_refused_by_field(tmp_path: Path, value: str, message
         load_target(str(profile(tmp_path, "rpi4", fp32_macs_per_cycle=value)))
 
 
-def _synthetic_rows(cls: str, truth: dict[str, float], outlier: int, off_by: float) -> list[Row]:
+@pytest.fixture(scope="module")
+def estimator() -> Any:
+    """scripts/bench_estimator.py, whose fit needs scipy (in the training extra, not in the base install)."""
+    pytest.importorskip("scipy")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_estimator
+
+    return bench_estimator
+
+
+def _synthetic_rows(estimator: Any, cls: str, truth: dict[str, float], outlier: int, off_by: float) -> list[Any]:
     """Twelve models whose published latency is `truth`'s estimate, each term's share spread over two decades, but
     for one row `off_by` times slower (as Coral's Inception-ResNet v2 against our rebuild's parameter count)."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(12):
         shares = {name: 10 ** rng.uniform(-1, 1) / c for name, c in truth.items()}  # a term's ms at coefficient 1
-        work = dict.fromkeys(TPU_FEATURES if cls == "edgetpu" else CPU_FEATURES, 0.0) | shares
+        work = dict.fromkeys(estimator.TPU_FEATURES if cls == "edgetpu" else estimator.CPU_FEATURES, 0.0) | shares
         cpu, tpu = ({"op_cycles": 0.5}, work) if cls == "edgetpu" else (work, {})
         ms = sum(truth[n] * v for n, v in shares.items()) + (0.5 if tpu else 0)
-        rows.append(Row(i, "board", f"model{i}", "int8", "tflite", ms * (off_by if i == outlier else 1), cls,
+        rows.append(estimator.Row(i, "board", f"model{i}", "int8", "tflite", ms * (off_by if i == outlier else 1), cls,
                         "cortex-a" if tpu else cls, "tflite" if tpu else "tflite-micro", cpu, tpu))
     return rows
 
@@ -166,22 +173,22 @@ def _synthetic_rows(cls: str, truth: dict[str, float], outlier: int, off_by: flo
     ("cortex-m", {"op_cycles": 2000, "gemm_int8": 3, "depthwise_int8": 5}),
     ("edgetpu", {"tpu_macs": 2, "invoke_ms": 1, "link": 1.2}),
 ])
-def test_one_gross_outlier_cannot_drag_the_fit_of_the_other_rows(monkeypatch: pytest.MonkeyPatch, cls: str,
-                                                                  truth: dict[str, float]) -> None:
+def test_one_gross_outlier_cannot_drag_the_fit_of_the_other_rows(estimator: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                  cls: str, truth: dict[str, float]) -> None:
     """The same rule in every class: a row 2.2 times off leaves the others' coefficients and estimates where they are,
     where least squares (of the log ratio here) would move them all."""
-    rows = _synthetic_rows(cls, truth, outlier=3, off_by=2.2)
-    host = {"cortex-a": Fit({"op_cycles": 1.0})}  # an Edge TPU row's CPU part: 0.5 ms
+    rows = _synthetic_rows(estimator, cls, truth, outlier=3, off_by=2.2)
+    host = {"cortex-a": estimator.Fit({"op_cycles": 1.0})}  # an Edge TPU row's CPU part: 0.5 ms
 
     def fitted() -> tuple[dict[str, float], list[float]]:
-        fits = host | {cls: fit(rows, cls, host)}
+        fits = host | {cls: estimator.fit(rows, cls, host)}
         return ({n: fits[cls].coefficients[n] / c - 1 for n, c in truth.items()},
-                [estimate(r, fits) / r.published_ms - 1 for r in rows])
+                [estimator.estimate(r, fits) / r.published_ms - 1 for r in rows])
 
     coefficients, errors = fitted()
     assert max(map(abs, coefficients.values())) < 0.03, coefficients
     assert max(abs(e) for i, e in enumerate(errors) if i != 3) < 0.02
     assert errors[3] == pytest.approx(1 / 2.2 - 1, abs=0.02)  # the outlier stays as far off as it is
-    monkeypatch.setattr(bench_estimator, "ROBUST", {"loss": "linear"})
+    monkeypatch.setattr(estimator, "ROBUST", {"loss": "linear"})
     coefficients, errors = fitted()
     assert max(map(abs, coefficients.values())) > 0.1 and max(abs(e) for i, e in enumerate(errors) if i != 3) > 0.1
