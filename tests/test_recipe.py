@@ -240,6 +240,19 @@ vocabulary_fraction = 0.5
     assert "vocabulary_fraction" not in message and message.count("applies to") == 8
 
 
+@pytest.mark.parametrize("metric, written, resolved", [
+    ("accuracy", None, "none"),  # accuracy weighs the classes by their frequency: balancing would cost it
+    ("balanced_accuracy", None, "sampling"),
+    ("macro_f1", None, "sampling"),
+    ("recall", None, "sampling"),
+    ("accuracy", "sampling", "sampling"),  # a balance the recipe names is kept
+    ("balanced_accuracy", "weights", "weights"),
+])
+def test_balance_auto_follows_the_metric(tmp_path: Path, metric: str, written: str | None, resolved: str) -> None:
+    text = f"[task]\nmetric = '{metric}'\n" + (f"[train]\nbalance = '{written}'\n" if written else "")
+    assert load_recipe(write(tmp_path, text)).recipe.train.balance == resolved
+
+
 def test_applicability_follows_the_recipe_and_ignores_defaults(tmp_path: Path) -> None:
     with pytest.raises(EdgeccError, match=r"compress\.head_fraction: 0\.5 applies to compress\.stages with 'prune'"):
         load_recipe(write(tmp_path, "[compress]\nhead_fraction = 0.5"))
