@@ -59,6 +59,7 @@ ERROR_EXAMPLES = 32  # test examples compared operator by operator between the f
 class BuildResult:
     out: Path
     manifest: dict[str, Any]
+    written: bool = True  # False on a multi-worker build's non-chief worker, which writes nothing
 
     @property
     def failed_budgets(self) -> list[dict[str, Any]]:
@@ -345,26 +346,41 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         raise EdgeccError(f"--teacher: {teacher_file} does not exist")
     user_model = model_path(loaded)
 
+    from edgecc.train import distribute
+
+    writes_files = distribute.writes_files(recipe.train.distribute)  # checks TF_CONFIG before any work
     dataset = load_dataset(recipe.data, recipe.seed, loaded.path.parent)
     check_class_names(recipe, dataset.label_names)
 
     from edgecc.train.convert import to_float_tflite
     from edgecc.train.teacher import inference_graph
 
-    model = starting_teacher(loaded, dataset, teacher_file)
-    reporter.info(f"[bold]edgecc build[/bold] {recipe.name} for {target.name}: {dataset.name}, "
-                  f"{len(dataset.train_index)} training / {len(dataset.test_index)} test examples")
-    for line in dataset.summary():
-        reporter.info(escape(line))
-    teacher, teacher_record = float_teacher(model, loaded, dataset, reporter, given=teacher_file, cache=cache)
-    calibration = calibration_examples(dataset, recipe)
-    reporter.info(f"compressing: {' -> '.join(recipe.compress.stages)} (int8 calibrated on {len(calibration)} "
-                  "training examples)")
-    float_bytes = to_float_tflite(inference_graph(teacher))
-    stages = compressed_stages(teacher, dataset, recipe, calibration, reporter, cache=cache,
-                               key=teacher_record.get("cache_key"))
-    if recipe.compress.stages != ("ptq",):
-        stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
+    mode = recipe.train.distribute
+    if mode == "multi-worker" and cache is not None:
+        reporter.info("multi-worker training: the teacher cache is not used (every worker must run the same steps)")
+        cache = None
+    with distribute.scope(mode):  # models, compiles and optimizers of the strategy the recipe names
+        if mode != "none":
+            replicas = distribute.strategy(mode).num_replicas_in_sync
+            reporter.info(f"train.distribute = '{mode}': {replicas} replicas share each global batch of "
+                          f"{recipe.train.batch_size}")
+        model = starting_teacher(loaded, dataset, teacher_file)
+        reporter.info(f"[bold]edgecc build[/bold] {recipe.name} for {target.name}: {dataset.name}, "
+                      f"{len(dataset.train_index)} training / {len(dataset.test_index)} test examples")
+        for line in dataset.summary():
+            reporter.info(escape(line))
+        teacher, teacher_record = float_teacher(model, loaded, dataset, reporter, given=teacher_file, cache=cache)
+        calibration = calibration_examples(dataset, recipe)
+        reporter.info(f"compressing: {' -> '.join(recipe.compress.stages)} (int8 calibrated on {len(calibration)} "
+                      "training examples)")
+        float_bytes = to_float_tflite(inference_graph(teacher))
+        stages = compressed_stages(teacher, dataset, recipe, calibration, reporter, cache=cache,
+                                   key=teacher_record.get("cache_key"))
+        if recipe.compress.stages != ("ptq",):
+            stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
+    if not writes_files:
+        reporter.info("this worker's share of the training is done; the chief writes the build")
+        return BuildResult(out, {}, written=False)
     forms = [board_form(stage.int8, target, graph_passes=graph_passes) for stage in stages]
     stages = [replace(stage, int8=form.content) for stage, form in zip(stages, forms)]
     models = distinct_models(stages)

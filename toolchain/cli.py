@@ -125,6 +125,8 @@ def build(
 
     result = _run(lambda: run_build(target, recipe, out, Reporter(quiet=quiet or as_json), sign_key=sign_key,
                                     teacher_file=teacher, cache=None if no_cache else cache))
+    if not result.written:  # a multi-worker build's non-chief worker: the chief prints and writes
+        return
     if as_json:
         stdout.print_json(dumps(result.manifest))
     elif not quiet:

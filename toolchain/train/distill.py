@@ -24,6 +24,7 @@ import numpy as np
 from edgecc.data import epoch_length, epoch_order
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
+from edgecc.train import distribute
 from edgecc.train.tf import keras as _keras, tensorflow
 
 BLOCK_OUTPUT_SUFFIX = "_mlp_residual"  # the last layer of each edgecc encoder block
@@ -73,7 +74,8 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
 
     `hidden_blocks` limits the hidden-state loss to the first blocks (progressive QAT); `balance` orders each
     epoch (data.epoch_order); `augment` gives each epoch's inputs (teacher.augmented), teacher and student
-    seeing the same.
+    seeing the same. Inside a tf.distribute scope (edgecc.train.distribute), where `student` and `teacher` were
+    created, each batch of `batch_size` (the global batch) is split across the replicas and their gradients summed.
     """
     tf = tensorflow()
     keras = _keras()
@@ -86,26 +88,42 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
     optimizer = keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(learning_rate, steps), weight_decay=0.01)
     temperature = weights.temperature
     class_weights = tf.constant(weights.classes or (1.0,) * classes, dtype=tf.float32)
+    strategy = distribute.active()  # the caller's tf.distribute scope, if any ([train] distribute)
 
-    @tf.function
-    def step(batch_x: Any, batch_y: Any) -> Any:
+    def train_step(batch_x: Any, batch_y: Any, mean: Callable[[Any], Any]) -> Any:
+        """One optimizer step; `mean` averages a per-example (or per-element) loss over the whole batch."""
         teacher_out = tf.nest.flatten(teacher_view(batch_x, training=False))  # a lone output comes unwrapped
         with tf.GradientTape() as tape:
             student_out = tf.nest.flatten(student_view(batch_x, training=True))
             logits, teacher_logits = student_out[0], teacher_out[0]
             example_weights = tf.gather(class_weights, batch_y)
-            task = tf.reduce_mean(example_weights * keras.losses.categorical_crossentropy(
+            task = mean(example_weights * keras.losses.categorical_crossentropy(
                 tf.one_hot(batch_y, classes), logits, from_logits=True))
             soft_teacher = tf.nn.softmax(teacher_logits / temperature)
             log_student = tf.nn.log_softmax(logits / temperature)
-            kl = tf.reduce_mean(example_weights * tf.reduce_sum(
+            kl = mean(example_weights * tf.reduce_sum(
                 soft_teacher * (tf.math.log(soft_teacher + 1e-9) - log_student), axis=-1)) * temperature**2
-            hidden = tf.add_n([tf.reduce_mean(tf.square(s - t)) for s, t in zip(student_out[1:], teacher_out[1:])]) \
+            hidden = tf.add_n([mean(tf.square(s - t)) for s, t in zip(student_out[1:], teacher_out[1:])]) \
                 if pairs else 0.0
             loss = weights.task * task + weights.logits * kl + weights.hidden * hidden
         variables = student.trainable_variables
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
+
+    @tf.function
+    def step(batch_x: Any, batch_y: Any) -> Any:
+        return train_step(batch_x, batch_y, tf.reduce_mean)
+
+    @tf.function
+    def replicated_step(batch_x: Any, batch_y: Any, total: Any) -> Any:
+        """Each replica's share of the global batch's mean loss (its sum over `total` examples), summed across
+        replicas, as the optimizer sums their gradients: the same step as on one machine."""
+        def mean(value: Any) -> Any:
+            per_example = tf.cast(tf.reduce_prod(tf.shape(value)[1:]), tf.float32)
+            return tf.reduce_sum(value) / (total * per_example)
+
+        losses = strategy.run(train_step, args=(batch_x, batch_y, mean))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
     rng = np.random.default_rng(seed)
     history = []
@@ -118,7 +136,11 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
             losses = []
             for b in range(batches):
                 part = slice(b * batch_size, (b + 1) * batch_size)
-                losses.append(float(step(tf.constant(epoch_x[part]), tf.constant(epoch_y[part]))))
+                if strategy is None:
+                    losses.append(float(step(tf.constant(epoch_x[part]), tf.constant(epoch_y[part]))))
+                else:
+                    shares = distribute.replica_batches(strategy, epoch_x[part], epoch_y[part])
+                    losses.append(float(replicated_step(*shares, tf.constant(len(epoch_y[part]), tf.float32))))
                 if b + 1 < batches:  # the epoch's own advance follows the last batch
                     advance(0, f"batch {b + 1}/{batches} loss {np.mean(losses):.4f}", partial=(b + 1) / batches)
             history.append(float(np.mean(losses)))

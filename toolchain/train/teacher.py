@@ -22,7 +22,7 @@ from edgecc.data import Dataset, class_weights, epoch_length, epoch_order, valid
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.recipe import ModelSection, TaskSection, TrainSection
-from edgecc.train.tf import keras as _keras
+from edgecc.train.tf import keras as _keras, tensorflow
 
 SPECIAL_TOKENS = frozenset({"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"})  # never dropped to [UNK]
 
@@ -272,6 +272,10 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
     the learning-rate schedule), the augmentation and shuffling generator and the best epoch: without
     dropout it ends with the same weights as an uninterrupted run (tests/test_imbalance.py). TensorFlow's
     dropout generator is not restored, so with dropout the bytes differ, trained as long.
+
+    Inside a tf.distribute scope (edgecc.train.distribute, `[train] distribute`), where `model` was created, the
+    optimizer and compile belong to that strategy and `fit` splits each global batch of `section.batch_size`
+    across the replicas.
     """
     keras = _keras()
     if section.epochs == 0:
@@ -350,7 +354,8 @@ def make_reproducible(seed: int) -> None:
     since it only matters on GPUs and makes every tf.data pipeline of `fit` log errors to stderr.
     """
     keras = _keras()
-    keras.backend.clear_session()
+    if not tensorflow().distribute.has_strategy():  # clearing would drop the scope ([train] distribute) it is in
+        keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
 
 
