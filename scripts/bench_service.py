@@ -1,23 +1,31 @@
 """The board service's cost per input on this host, against the bare interpreter call, for the committed models.
 
 For each fixture model, a bundle as tests/test_rollout.py makes it (the model, its manifest, the board scripts),
+and for each `--bundle` folder `edgecc build` wrote (e.g. a reference task's), its model.tflite and manifest.json;
 then per input: the bare call (set the int8 input, invoke, read the output) against the service's whole handling
-of one .npy input file in the `full` stage (read, preprocess, quantize, invoke, one fsynced audit record, the
-gates) and in the `shadow` stage (both models). The table goes to BENCHMARKS.md.
+of one .npy input file (read, preprocess, quantize, invoke, one audit record, the gates) in the `full` stage
+(the candidate alone) with each fsync policy and with the log in memory, and in the `shadow` stage (both models).
+`--before REF` also measures the board scripts as they were at git revision REF. The overhead is set against
+edgecc check's latency estimate of the same model on a Raspberry Pi 4. The tables go to BENCHMARKS.md.
 
-    python scripts/bench_service.py [--inputs 2000]
+    python scripts/bench_service.py [--inputs 2000] [--before REF] [--bundle BUILD_DIR ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import shutil
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -28,16 +36,23 @@ from bench_imbalance import host  # noqa: E402
 from test_rollout import make_bundle  # noqa: E402
 
 from edgecc.board import serve  # noqa: E402
-from edgecc.board.gates import load  # noqa: E402
+from edgecc.bundle import BOARD_FILES  # noqa: E402
+from edgecc.check import assess  # noqa: E402
 from edgecc.data import Dataset, Preprocessing  # noqa: E402
 from edgecc.runtime import Model  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 MEMORY = "/dev/shm"  # a tmpfs on Linux
 MODELS = {"vit_int8": ((8, 8, 1), 10), "gelu_int8": ((8, 8, 1), 10), "text_int8": ((8,), 3)}
+INTERVAL_S = 1.0
+# column: (stage, log in memory, fsync interval in seconds (0: every record)); "before" columns run --before's scripts
+NOW = {"every record, disk": ("full", False, 0.0), f"interval {INTERVAL_S:g} s, disk": ("full", False, INTERVAL_S),
+       "every record, log in memory": ("full", True, 0.0),
+       f"shadow, interval {INTERVAL_S:g} s, disk": ("shadow", False, INTERVAL_S)}
+BEFORE = {"every record, disk": ("full", False, 0.0), "every record, log in memory": ("full", True, 0.0)}
 
 
-def bundle(work: Path, name: str) -> Path:
+def fixture_bundle(work: Path, name: str) -> Path:
     shape, classes = MODELS[name]
     text = len(shape) == 1
     pre = Preprocessing(raw="token ids" if text else "sensor values", layout="NL token ids" if text else "NHWC",
@@ -45,31 +60,81 @@ def bundle(work: Path, name: str) -> Path:
     labels = tuple(f"c{i}" for i in range(classes))
     dataset = Dataset(name, np.zeros((1, *shape), np.float32), np.zeros(1, np.int64), labels, np.arange(1),
                       np.arange(0), pre)
-    folder = make_bundle(work / name, FIXTURES / f"{name}.tflite", dataset)
-    shutil.copyfile(FIXTURES / f"{name}.tflite", work / f"{name}_baseline.tflite")
-    (folder / "rollout.toml").write_text(f'baseline = "../{name}_baseline.tflite"\nautomatic = false\n')
+    return make_bundle(work / name, FIXTURES / f"{name}.tflite", dataset)
+
+
+def built_bundle(work: Path, source: Path) -> Path:
+    """A copy of what the service reads from a build folder: its model and manifest."""
+    folder = work / source.resolve().name
+    folder.mkdir()
+    for name in ("model.tflite", "manifest.json"):
+        shutil.copyfile(source / name, folder / name)
     return folder
 
 
-def per_input_ms(run: callable, inputs: int) -> float:
-    """Median of 5 batches of the mean wall time per call (the median resists a busy neighbour)."""
+def example_input(folder: Path) -> np.ndarray:
+    """One raw input of the bundle's shape: token ids for a model that takes them, else values in 0..1."""
+    pre = json.loads((folder / "manifest.json").read_text())["preprocessing"]
+    shape, rng = tuple(pre["model_input_shape"][1:]), np.random.default_rng(0)
+    if np.dtype(pre["input_dtype"]).kind == "i" and not pre["input_quantization"]["scale"]:
+        return rng.integers(0, min(50, len(pre.get("vocabulary", range(50)))), shape).astype(np.int32)
+    return rng.random(shape, np.float32)
+
+
+def board_at(revision: str, work: Path) -> ModuleType:
+    """serve.py as it was at git `revision`, imported with that revision's sibling board scripts (a package, so
+    its relative imports find them and not today's)."""
+    package = work / "before" / f"board_{revision.replace('-', '_').replace('.', '_')}"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name in BOARD_FILES:
+        source = subprocess.run(["git", "show", f"{revision}:toolchain/board/{name}"], cwd=ROOT, check=True,
+                                capture_output=True).stdout
+        (package / name).write_bytes(source)
+    sys.path.insert(0, str(package.parent))
+    return importlib.import_module(f"{package.name}.serve")
+
+
+def per_input_ms(run: Callable[[int], Any], inputs: int) -> float:
+    """The fastest of 10 batches' mean wall time per call: on a shared machine a neighbour only ever adds time
+    (as timeit's advice has it), and a median still moved by half from run to run here."""
     batches = []
-    for _ in range(5):
+    for _ in range(10):
         start = time.perf_counter()
-        for i in range(inputs // 5):
+        for i in range(inputs // 10):
             run(i)
-        batches.append((time.perf_counter() - start) * 1000 / (inputs // 5))
-    return statistics.median(batches)
+        batches.append((time.perf_counter() - start) * 1000 / (inputs // 10))
+    return min(batches)
 
 
-def measure(name: str, work: Path, inputs: int) -> str:
-    folder = bundle(work, name)
-    shape, _ = MODELS[name]
-    rng = np.random.default_rng(0)
-    example = rng.integers(0, 50, shape).astype(np.int32) if len(shape) == 1 else rng.random(shape, np.float32)
-    np.save(work / f"{name}_in.npy", example)
+def service_ms(board: ModuleType, folder: Path, column: tuple[str, bool, float], job_path: Path, inputs: int) -> float:
+    """`board`'s serve.py handling the input file per input, in the column's stage, log place and fsync policy."""
+    stage, in_memory, interval = column
+    with tempfile.TemporaryDirectory(dir=MEMORY if in_memory else folder) as logs:
+        toml = folder / "rollout.toml"
+        toml.write_text(f'baseline = "../{folder.name}_baseline.tflite"\nautomatic = false\n'
+                        f'log = "{logs}/audit.jsonl"\nstate = "{logs}/state.json"\n')
+        options = {"fsync_interval_s": interval} if interval else {}  # the scripts before --fsync fsync every record
+        rollout = board.Rollout(board.gating.load(toml), **options)
+        service = board.Service(rollout)
+        if rollout.state["stage"] != stage:
+            rollout.decide(stage, "command", "benchmark", {})
+        job = board.Job(job_path.name, path=job_path)
+        try:
+            return per_input_ms(lambda _: service.handle(job), inputs)
+        finally:
+            rollout.log.close()
 
-    model = Model((FIXTURES / f"{name}.tflite").read_bytes())
+
+def measure(folder: Path, inputs: int, before: ModuleType | None) -> dict[str, Any]:
+    """The bare call and the service per input on the bundle `folder`, its own model as the baseline."""
+    shutil.copyfile(folder / "model.tflite", folder.parent / f"{folder.name}_baseline.tflite")
+    example = example_input(folder)
+    job_path = folder.parent / f"{folder.name}_in.npy"
+    np.save(job_path, example)
+
+    content = (folder / "model.tflite").read_bytes()
+    model = Model(content)
     q = model.input_quantization.quantize(example[np.newaxis], model.input["dtype"])
     interpreter, source, sink = model.interpreter, model.input["index"], model.output["index"]
 
@@ -78,58 +143,69 @@ def measure(name: str, work: Path, inputs: int) -> str:
         interpreter.invoke()
         interpreter.get_tensor(sink)
 
-    job = serve.Job("in.npy", path=work / f"{name}_in.npy")
-    figures = {"bare": per_input_ms(bare, inputs)}
-    for stage, log in (("full", "disk"), ("shadow", "disk"), ("full", "memory")):
-        if log == "memory":  # fsync on tmpfs returns at once: what is left is the service's own work
-            with tempfile.TemporaryDirectory(dir=MEMORY) as memory:
-                toml = folder / "rollout.toml"
-                toml.write_text(toml.read_text() + f'log = "{memory}/audit.jsonl"\n')
-                figures[f"{stage}, {log}"] = service_ms(folder, stage, job, inputs)
-        else:
-            figures[f"{stage}, {log}"] = service_ms(folder, stage, job, inputs)
-    bare_ms, full_ms, memory_ms = figures["bare"], figures["full, disk"], figures["full, memory"]
-    return (f"| {name} | {bare_ms:.3f} | {full_ms:.3f} ({(full_ms - bare_ms) / bare_ms:+.0%}) | "
-            f"{memory_ms:.3f} ({(memory_ms - bare_ms) / bare_ms:+.0%}) | {figures['shadow, disk']:.3f} |")
+    return {"name": folder.name, "bare": per_input_ms(bare, inputs),
+            "now": {label: service_ms(serve, folder, column, job_path, inputs) for label, column in NOW.items()},
+            "before": {label: service_ms(before, folder, column, job_path, inputs) for label, column in BEFORE.items()}
+            if before else {},
+            "rpi4": assess(content, "rpi4", measure_arena=False).latency}
 
 
-def service_ms(folder: Path, stage: str, job: serve.Job, inputs: int) -> float:
-    """serve.py's handling of `job` per input, in `stage`."""
-    rollout = serve.Rollout(load(folder / "rollout.toml"))
-    service = serve.Service(rollout)
-    if rollout.state["stage"] != stage:
-        rollout.decide(stage, "command", "benchmark", {})
-    try:
-        return per_input_ms(lambda _: service.handle(job), inputs)
-    finally:
-        rollout.log.close()
+def tables(rows: list[dict[str, Any]], revision: str | None) -> list[str]:
+    """Per-input times, then the overhead against the bare call and against the rpi4 estimate."""
+    before = [f"before ({revision}): {label}" for label in BEFORE] if revision else []
+    now = [f"now: {label}" for label in NOW]
+    chosen = f"interval {INTERVAL_S:g} s, disk"
+    lines = [f"| model | bare call | {' | '.join([*before, *now])} |", "|---|" + "---|" * (1 + len(before) + len(now))]
+    for row in rows:
+        figures = [*row["before"].values(), *row["now"].values()]
+        lines.append(f"| {row['name']} | {row['bare']:.3f} | " + " | ".join(f"{ms:.3f}" for ms in figures) + " |")
+    lines += ["", f"| model | overhead per input, now: {chosen} (ms) | against the bare host call | rpi4 estimate of "
+              "the model (ms, band) | overhead against the rpi4 estimate |", "|---|---|---|---|---|"]
+    for row in rows:
+        overhead, estimate = row["now"][chosen] - row["bare"], row["rpi4"]
+        lines.append(f"| {row['name']} | {overhead:.3f} | {overhead / row['bare']:+.0%} | {estimate.total_ms:.4f} "
+                     f"({estimate.low_ms:.4f}-{estimate.high_ms:.4f}) | {overhead / estimate.total_ms:+.0%} |")
+    worst = max(row["now"][chosen] - row["bare"] for row in rows)
+    return [*lines, "", f"The issue's target, under 10%, holds on this host for a model whose call takes at least "
+                        f"{10 * worst:.1f} ms (ten times the largest overhead above, `--fsync interval {INTERVAL_S:g}`)."]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inputs", type=int, default=2000)
+    parser.add_argument("--before", metavar="REF", help="also measure the board scripts at this git revision")
+    parser.add_argument("--bundle", type=Path, action="append", default=[], metavar="BUILD_DIR",
+                        help="also a folder `edgecc build` wrote (model.tflite and manifest.json)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edgecc-bench-service-"))
     try:
-        rows = [measure(name, work, args.inputs) for name in MODELS]
+        before = board_at(args.before, work) if args.before else None
+        folders = [fixture_bundle(work, name) for name in MODELS] + [built_bundle(work, b) for b in args.bundle]
+        rows = [measure(folder, args.inputs, before) for folder in folders]
     finally:
         shutil.rmtree(work)
     body = "\n".join([
         "## Board service overhead per input",
         "",
-        f"`python scripts/bench_service.py --inputs {args.inputs}`, {date.today().isoformat()}, on {host()}, "
-        f"Python {sys.version.split()[0]}, one interpreter thread. Per input, median of 5 batches: the bare "
-        "interpreter call (set the int8 input, invoke, read the output) against serve.py's whole handling of one .npy input file: "
-        "read, preprocess, quantize, invoke, dequantize, one audit record written with one os.write and fsynced, "
-        "the gates; `full` runs the candidate alone, `shadow` both models. The audit log is on the temp directory's "
-        f"disk, or in memory ({MEMORY}, where fsync returns at once). The overhead is a fixed cost per input (about "
-        "1 ms of Python and numpy, most of it reading the .npy header, plus the disk's fsync), so it is the share of "
-        "the model's time that shrinks as the model grows: these fixture models take well under 1 ms.",
+        f"`python scripts/bench_service.py {' '.join(sys.argv[1:])}`, "
+        f"{date.today().isoformat()}, on {host()}, Python {sys.version.split()[0]}, one interpreter thread. Per input "
+        "in ms, the fastest of 10 batches: the bare interpreter call (set the int8 input, invoke, read the output) against "
+        "serve.py's whole handling of one .npy input file: read, preprocess, quantize, invoke, dequantize, one audit "
+        "record written with one os.write, the gates; `full` runs the candidate alone, `shadow` both models. The audit "
+        "log is on the temp directory's disk or in memory "
+        f"({MEMORY}, where fsync returns at once), fsynced after every record (`--fsync every`, the default: a power "
+        f"cut loses nothing answered) or at most every {INTERVAL_S:g} s (`--fsync interval {INTERVAL_S:g}`: a power "
+        "cut loses at most that last second; a kill -9 loses nothing either way). "
+        + (f"`before ({args.before})` is serve.py and its sibling scripts at that revision. " if args.before else "")
+        + ("A row named after a `--bundle` folder is that build's own model.tflite and manifest.json. "
+           if args.bundle else "")
+        + "The overhead is a fixed cost per input (Python and numpy, plus the disk's fsync with `every`), so its share "
+        "shrinks as the model grows; the fixture models, like the reference tasks' built models (see the compression "
+        "table's host latencies), take microseconds, so the issue's 10% target is out of reach for them in Python. "
+        "The last column sets the host-measured overhead against edgecc check's rpi4 latency "
+        "estimate of the model (an estimate, not a measurement on a Pi; the Pi's Python is slower too).",
         "",
-        "| model | bare call (ms) | service, full (ms, overhead) | service, full, log in memory (ms, overhead) "
-        "| service, shadow (ms) |",
-        "|---|---|---|---|---|",
-        *rows,
+        *tables(rows, args.before),
     ])
     print(body)
     write_section(ROOT / "BENCHMARKS.md", "bench_service", body)

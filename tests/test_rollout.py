@@ -3,6 +3,7 @@ kill -9 during switches, raw text answered as the build evaluates it, and bad in
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -17,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, needs_train_extra
 from edgecc.board import serve
 from edgecc.board.gates import ClassLimits, Gates, RolloutError, Tally, judge, load
+from edgecc.board.preprocess import npy_array
 from edgecc.build import _preprocessing
 from edgecc.bundle import write_linux_bundle
 from edgecc.data import Dataset, Preprocessing, load_dataset
@@ -92,7 +94,8 @@ def test_a_whole_rollout_goes_shadow_canary_full_by_the_gates(vit_rollout: Path,
     assert all(r["answered_by"] == "baseline" and r["candidate"]["class"] is not None for r in by_stage["shadow"])
     answered = {r["answered_by"] for r in by_stage["canary"]}
     assert answered == {"baseline", "candidate"} and all(r["agree"] is not None for r in by_stage["canary"])
-    assert by_stage["full"] and all(r["answered_by"] == "candidate" and r["baseline"] is None for r in by_stage["full"])
+    assert by_stage["full"] and all(r["answered_by"] == "candidate" and r["baseline"] is None and r["agree"] is None
+                                    for r in by_stage["full"])
     assert json.loads((vit_rollout / "rollout-state.json").read_text())["stage"] == "full"
     answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [a["input"] for a in answers] == sorted(f"in{i:04d}.npy" for i in range(130))  # in name order
@@ -305,3 +308,111 @@ def test_per_class_gates_roll_back_a_candidate_that_misses_defects_and_wait_for_
         agreeing.add(prediction("c1", "c1"), gates.ok_class)
     verdict = judge(agreeing, gates, compare=True)  # c2 never seen: its bound is 0..1, so no promotion yet
     assert verdict.action == "wait" and "c2.disagreement 0/0" in verdict.reason
+
+
+def test_fsync_interval_loses_no_answered_record_to_kill_9(vit_rollout: Path) -> None:
+    """Without an fsync per record, what os.write gave the kernel survives the process: kill -9 loses nothing."""
+    inbox = vit_rollout.parent / "inbox"
+    drop_inputs(inbox, 20, scale=1.0)
+    process = subprocess.Popen([sys.executable, "serve.py", "--rollout", "rollout.toml", "--stdin",
+                                "--fsync", "interval", "3600"], cwd=vit_rollout, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        for path in sorted(inbox.iterdir()):
+            process.stdin.write(f"{path}\n")
+        process.stdin.flush()
+        answered = [json.loads(process.stdout.readline()) for _ in range(20)]
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    logged = records(vit_rollout / "rollout-audit.jsonl")
+    assert [r["id"] for r in logged] == [a["id"] for a in answered]
+    assert all(r["kind"] == "prediction" and r["agree"] is not None for r in logged)
+    bad = serve.main(["--rollout", str(vit_rollout / "rollout.toml"), "--fsync", "interval", "0"])
+    assert bad == 2
+
+
+def tiny_keras(path: Path, lambda_layer: bool = False) -> object:
+    """A tf_keras classifier of 8x8x1 inputs into 10 classes, saved as .keras at `path` (a Lambda: code in the file)."""
+    from edgecc.train.tf import keras
+
+    tf_keras = keras()
+    tf_keras.utils.set_random_seed(0)
+    inputs = tf_keras.Input((8, 8, 1))
+    x = tf_keras.layers.Flatten()(inputs)
+    if lambda_layer:
+        x = tf_keras.layers.Lambda(lambda t: t * 2.0)(x)
+    model = tf_keras.Model(inputs, tf_keras.layers.Dense(10)(x))
+    model.save(path)
+    return model
+
+
+def test_a_keras_baseline_runs_in_safe_mode_with_the_bundles_preprocessing(vit_rollout: Path) -> None:
+    needs_train_extra()
+    toml = vit_rollout / "rollout.toml"
+    model = tiny_keras(vit_rollout.parent / "v0.keras")
+    toml.write_text(toml.read_text().replace("v1.tflite", "v0.keras"))
+    inbox = vit_rollout.parent / "inbox"
+    drop_inputs(inbox, 8, scale=1.0)
+    rollout = serve.Rollout(load(toml))
+    service = serve.Service(rollout)
+    answers = [service.handle(serve.Job(path.name, path=path)) for path in sorted(inbox.iterdir())]
+    expected = [int(np.argmax(model(np.load(path)[np.newaxis]))) for path in sorted(inbox.iterdir())]
+    logged = records(rollout.config.log)
+    assert [r["baseline"]["class"] for r in logged] == expected == [a["class"] for a in answers]
+    assert all(r["candidate"]["error"] is None and r["agree"] is not None for r in logged)
+    assert logged[0]["baseline"]["model_sha256"] == serve.sha256_file(vit_rollout.parent / "v0.keras")
+
+    tiny_keras(vit_rollout.parent / "v0.keras", lambda_layer=True)  # code in the file: refused, never run
+    with pytest.raises(RolloutError, match="v0.keras is not a Keras model this service can load in safe mode"):
+        serve.Service(serve.Rollout(load(toml)))
+
+
+def test_a_keras_baseline_without_tensorflow_is_refused_in_one_line(vit_rollout: Path) -> None:
+    (vit_rollout.parent / "v0.keras").write_bytes(b"a .keras file")
+    toml = vit_rollout / "rollout.toml"
+    toml.write_text(toml.read_text().replace("v1.tflite", "v0.keras"))
+    board = (f"{BLOCKER}import runpy, sys\n"  # the bundle on a board without TensorFlow
+             "sys.argv = ['serve.py', '--rollout', 'rollout.toml', '--stdin', '--once']\n"
+             "runpy.run_path('serve.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", board], input="", capture_output=True, text=True, cwd=vit_rollout,
+                            timeout=60)
+    assert result.returncode == 2  # one line, after LiteRT's own note on loading the candidate
+    assert result.stderr.splitlines()[-1].startswith("serve.py: ../v0.keras: a .keras model needs TensorFlow and "
+                                                     "tf_keras, which this machine lacks")
+
+
+def test_npy_inputs_read_from_their_cached_header_equal_numpys_reading() -> None:
+    arrays = [np.arange(64, dtype=">f4").reshape(8, 8, 1), np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+              np.arange(5, dtype=np.int16)]
+    for array in arrays:
+        for version in ((1, 0), (2, 0)):
+            stream = io.BytesIO()
+            np.lib.format.write_array(stream, array, version=version)
+            for _ in range(2):  # numpy parses the header, then the bytes are read behind the cached one
+                read = npy_array(stream.getvalue())
+                assert read.dtype == array.dtype and read.shape == array.shape and (read == array).all()
+            with pytest.raises(ValueError):
+                npy_array(stream.getvalue()[:-2])  # cut short: rejected, not read past its end
+
+
+def test_a_runtime_error_is_logged_with_agree_null_and_counted_as_an_error_not_a_comparison(tmp_path: Path) -> None:
+    pre = Preprocessing(raw="token ids", layout="NL token ids", input_shape=(8,), scale=1.0, offset=0.0)
+    dataset = Dataset("ids", np.zeros((1, 8), np.float32), np.zeros(1, np.int64), ("a", "b", "c"), np.arange(1),
+                      np.arange(0), pre)
+    bundle = make_bundle(tmp_path / "bundle", FIXTURES / "text_int8.tflite", dataset)
+    shutil.copyfile(FIXTURES / "text_int8.tflite", tmp_path / "v1.tflite")
+    (bundle / "rollout.toml").write_text('baseline = "../v1.tflite"\nautomatic = false\n')
+    np.save(tmp_path / "ok.npy", np.arange(8, dtype=np.int32))
+    np.save(tmp_path / "unknown.npy", np.full(8, 10**6, np.int32))  # ids past the vocabulary: GATHER fails
+    rollout = serve.Rollout(load(bundle / "rollout.toml"))
+    service = serve.Service(rollout)
+    answers = [service.handle(serve.Job(name, path=tmp_path / name)) for name in ("ok.npy", "unknown.npy", "ok.npy")]
+    assert [a["error"] is None for a in answers] == [True, False, True] and "gather" in answers[1]["error"]
+    logged = records(rollout.config.log)
+    assert [r["agree"] for r in logged] == [True, None, True]
+    assert logged[1]["baseline"]["class"] is None and logged[1]["candidate"]["latency_ms"] is None
+    verdict = rollout.verdict()  # the tally the gates judge, and one rebuilt from the log by a restart
+    restarted = serve.Rollout(load(bundle / "rollout.toml"))
+    for evidence in (verdict.evidence, restarted.verdict().evidence):
+        assert (evidence["inputs"], evidence["errors"], evidence["compared"], evidence["disagreements"]) == (3, 1, 2, 0)

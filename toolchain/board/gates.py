@@ -3,7 +3,7 @@
 Plain Python (tomllib, no edgecc), so it runs on the board as it is. Validation follows edgecc's schema
 rules: every problem in the file at once, each named by its field, an unknown field is an error.
 
-    baseline = "../v1"            # an earlier edgecc bundle folder, or a .tflite file
+    baseline = "../v1"            # an earlier edgecc bundle folder, a .tflite or a .keras file
     candidate = "."               # this bundle (default: the folder of rollout.toml)
     canary_share = 0.1            # share of inputs the candidate answers in the canary stage
     automatic = true              # promote and roll back when the gates say so
@@ -172,7 +172,7 @@ class Tally:
 
     inputs: int = 0  # inputs the candidate ran on
     errors: int = 0
-    compared: int = 0  # both models answered
+    compared: int = 0  # both models answered without error (the record's `agree` is not null)
     disagreements: int = 0
     latencies: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes an input on a long stage
     by_class: dict[str, list[int]] = field(default_factory=dict)  # baseline's label -> [compared, disagreed, missed]

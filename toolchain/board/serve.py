@@ -1,13 +1,18 @@
 """The board service: answer raw inputs as the line produces them, and roll a candidate model out in stages.
 
     python serve.py --rollout rollout.toml [--watch DIR] [--stdin] [--http PORT [--bind ADDR --allow-remote]] [--once]
+                    [--fsync every|interval SECONDS]
     python serve.py --rollout rollout.toml promote|rollback|status
 
 Inputs: image files, .npy arrays and .txt texts dropped into a watched folder (each processed once, in name
 order; write them elsewhere and rename them in), lines on standard input (a file path, or for a text model
 the text itself), or POSTs to a local HTTP endpoint (text/plain, application/x-npy or image/*). Each input
 gets the manifest's preprocessing (preprocess.py), one JSON answer on stdout (or in the HTTP reply), and one
-record in the append-only audit log.
+record in the append-only audit log (`--fsync`: when it reaches the disk, see AuditLog). A record's `agree` is
+null unless both models answered without error, as the gates count comparisons.
+
+Models: this bundle, an earlier bundle, a .tflite file, or a tf_keras .keras file (loaded in safe mode, on a machine
+with TensorFlow and tf_keras); a file takes the bundle's preprocessing and class names.
 
 Stages (rollout.toml's gates, see gates.py): shadow (the baseline answers, the candidate runs on the same
 input), canary (the candidate answers `canary_share` of the inputs, chosen by a hash of the record id; both
@@ -51,6 +56,7 @@ except ImportError:  # run from the bundle folder as a script
 
 STAGES = ("baseline", "shadow", "canary", "full")  # promote moves one step right, rollback goes to "baseline"
 MAX_HTTP_BYTES = 64 << 20
+ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # strict JSON, built once
 HTTP_KINDS = {"text/plain": ".txt", "application/x-npy": ".npy", "image/png": ".png", "image/jpeg": ".jpg",
               "image/bmp": ".bmp"}
 
@@ -70,31 +76,48 @@ def _ends_mid_line(fd: int) -> bool:
 
 
 class AuditLog:
-    """Append-only JSON Lines: each record one `os.write` of a whole line on an O_APPEND file, then fsync.
+    """Append-only JSON Lines: each record one `os.write` of a whole line on an O_APPEND file.
 
     A record is never split across writes, so a killed process leaves whole records only, and several
     processes (the service, a promote command) can append to one log. A torn last line is kept as it is;
     the next record starts on a fresh line after it.
+
+    Once `os.write` returns, the record is the kernel's: kill -9 or a crash of the service never loses it. Only
+    a power cut (or a kernel crash) loses what is not yet fsynced, so `fsync_interval_s` chooses: 0 (the
+    default) fsyncs every record before the service answers, and a power cut loses nothing answered, at the
+    cost of one disk flush per input; N > 0 fsyncs at most every N seconds and on `sync()`, and a power cut
+    loses at most the last N seconds of records. A `durable` record (a decision) is always fsynced at once.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fsync_interval_s: float = 0.0) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: its last byte
         self.prefix = b"\n" if _ends_mid_line(self.fd) else b""
+        self.fsync_interval_s = fsync_interval_s
+        self.synced = time.monotonic()
+        self.unsynced = False
 
     def encode(self, record: dict[str, Any]) -> bytes:
         """Strict JSON on one line (ValueError for NaN or infinity; edgecc.shadow writes them as null)."""
-        return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+        return ENCODER.encode(record).encode()
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Write `record` whole (OSError on a full disk)."""
+    def append(self, record: dict[str, Any], *, durable: bool = False) -> None:
+        """Write `record` whole (OSError on a full disk), fsynced as `fsync_interval_s` says."""
         line = self.prefix + self.encode(record) + b"\n"
         if os.write(self.fd, line) != len(line):
             raise OSError(f"audit log {self.path}: short write (disk full?)")
-        os.fsync(self.fd)
-        self.prefix = b""
+        self.prefix, self.unsynced = b"", True
+        if durable or time.monotonic() - self.synced >= self.fsync_interval_s:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync what is written but not yet on the disk."""
+        if self.unsynced:
+            os.fsync(self.fd)
+            self.unsynced, self.synced = False, time.monotonic()
 
     def close(self) -> None:
+        self.sync()
         os.close(self.fd)
 
 
@@ -124,7 +147,7 @@ class Model:
     sha256: str
     labels: list[str]
     prepare: Preprocessor
-    run: Callable[[np.ndarray], np.ndarray]  # quantized input -> quantized output
+    run: Callable[[np.ndarray], np.ndarray]  # quantized input -> quantized output (float: scale 0)
     input_quantization: tuple[float, int, Any, list[int]]  # scale, zero point, dtype, shape
     output_quantization: tuple[float, int]
 
@@ -146,16 +169,21 @@ def bundle_model(folder: Path) -> Model:
                                         pre["model_input_shape"]), (out["scale"], out["zero_point"]))
 
 
+def check_fits(path: Path, input_shape: list[int | None], outputs: int, bundle: Model) -> None:
+    """A model fed the bundle's preprocessing must take as many values as the bundle's and give one per class."""
+    if None not in input_shape and int(np.prod(input_shape)) != int(np.prod(bundle.input_quantization[3])):
+        raise gating.RolloutError(f"{path} takes inputs of shape {input_shape}; "
+                                  f"{bundle.path} takes {bundle.input_quantization[3]}")
+    if outputs != len(bundle.labels):
+        raise gating.RolloutError(f"{path} has {outputs} outputs; {bundle.path} has "
+                                  f"{len(bundle.labels)} classes ({', '.join(bundle.labels)})")
+
+
 def tflite_model(path: Path, bundle: Model) -> Model:
     """A plain .tflite file: its quantization read from the model, the bundle's preprocessing and class names."""
     model = interpreter(path, threads=1)
     source, sink = model.get_input_details()[0], model.get_output_details()[0]
-    if int(np.prod(source["shape"])) != int(np.prod(bundle.input_quantization[3])):
-        raise gating.RolloutError(f"{path} takes inputs of shape {list(source['shape'])}; "
-                                  f"{bundle.path} takes {bundle.input_quantization[3]}")
-    if int(sink["shape"][-1]) != len(bundle.labels):
-        raise gating.RolloutError(f"{path} has {int(sink['shape'][-1])} outputs; {bundle.path} has "
-                                  f"{len(bundle.labels)} classes ({', '.join(bundle.labels)})")
+    check_fits(path, [int(d) for d in source["shape"]], int(sink["shape"][-1]), bundle)
 
     def run(q: np.ndarray) -> np.ndarray:
         model.set_tensor(source["index"], q)
@@ -167,26 +195,58 @@ def tflite_model(path: Path, bundle: Model) -> Model:
                  (in_scale, in_zero, source["dtype"], [int(d) for d in source["shape"]]), sink["quantization"])
 
 
+def keras_model(path: Path, bundle: Model) -> Model:
+    """A tf_keras .keras file (a baseline the plant already has, on a machine that has TensorFlow): loaded in safe
+    mode, so nothing in the file can run code, and fed the bundle's preprocessing in float."""
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tf_keras (Keras 2), as edgecc builds with
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import tensorflow as tf
+        import tf_keras
+    except ImportError:
+        raise gating.RolloutError(f"{path}: a .keras model needs TensorFlow and tf_keras, which this machine lacks "
+                                  "(pip install tensorflow tf-keras); give its int8 .tflite or edgecc bundle "
+                                  "instead") from None
+    with contextlib.suppress(ImportError):  # edgecc's own layers, where edgecc is installed beside the bundle
+        import edgecc.train.layers  # noqa: F401
+    try:
+        model = tf_keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as err:  # Keras raises many types for a file it cannot read
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise gating.RolloutError(f"{path} is not a Keras model this service can load in safe mode: {reason}") from None
+    takes = [1, *model.input_shape[1:]]
+    check_fits(path, takes, int(model.output_shape[-1]), bundle)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(model(x, training=False))
+        except tf.errors.OpError as err:  # as the interpreter's RuntimeError: this input refused, the service goes on
+            raise RuntimeError(err.message) from None
+
+    shape = takes if None not in takes else bundle.input_quantization[3]
+    return Model(path, sha256_file(path), bundle.labels, bundle.prepare, run,
+                 (0.0, 0, np.dtype(model.inputs[0].dtype.as_numpy_dtype), shape), (0.0, 0))
+
+
 def check_paths(rollout: gating.RolloutConfig) -> None:
-    """Each model an edgecc bundle folder or a .tflite file, named by its field."""
+    """Each model an edgecc bundle folder, a .tflite or a .keras file, named by its field."""
     for role, path in (("baseline", rollout.baseline), ("candidate", rollout.candidate)):
-        if path.suffix == ".keras":
-            raise gating.RolloutError(f"{rollout.path}: {role}: {path}: a .keras model needs TensorFlow, which this "
-                                      "board service does not use; give its int8 .tflite or edgecc bundle instead")
-        if not (path / "manifest.json").is_file() and not (path.suffix == ".tflite" and path.is_file()):
+        if not (path / "manifest.json").is_file() and not (path.suffix in (".tflite", ".keras") and path.is_file()):
             raise gating.RolloutError(f"{rollout.path}: {role}: {path} is neither an edgecc bundle folder (with "
-                                      "manifest.json) nor a .tflite file")
+                                      "manifest.json), a .tflite nor a .keras file")
 
 
 def load_models(rollout: gating.RolloutConfig) -> tuple[Model, Model]:
-    """(baseline, candidate): bundle folders with their own manifests, a .tflite with the other's preprocessing."""
+    """(baseline, candidate): bundle folders with their own manifests, a .tflite or .keras file with the other's
+    preprocessing."""
     paths = {"baseline": rollout.baseline, "candidate": rollout.candidate}
     bundles = {role: bundle_model(path) for role, path in paths.items() if path.is_dir()}
     if not bundles:
         raise gating.RolloutError(f"{rollout.path}: baseline or candidate must be an edgecc bundle folder "
                                   "(its manifest.json gives the preprocessing and the class names)")
     first = next(iter(bundles.values()))
-    models = {role: bundles.get(role) or tflite_model(paths[role], first) for role in paths}
+    models = {role: bundles.get(role) or (keras_model if paths[role].suffix == ".keras" else tflite_model)(
+        paths[role], first) for role in paths}
     if models["baseline"].labels != models["candidate"].labels:
         raise gating.RolloutError(f"the baseline's classes {models['baseline'].labels} are not the candidate's "
                                   f"{models['candidate'].labels}: their answers cannot be compared")
@@ -229,14 +289,15 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
 class Rollout:
     """The rollout's state, log and gates, without the models: what the service and the commands share."""
 
-    def __init__(self, rollout: gating.RolloutConfig) -> None:
+    def __init__(self, rollout: gating.RolloutConfig, *, fsync_interval_s: float = 0.0) -> None:
+        """`fsync_interval_s`: the audit log's durability against a power cut (AuditLog)."""
         check_paths(rollout)
         self.config = rollout
         self.lock = rollout.state.with_name(f".{rollout.state.name}.lock")
         self.started = time.time_ns()
         self.counter = 0
         records, self.bad_lines = read_log(rollout.log)
-        self.log = AuditLog(rollout.log)
+        self.log = AuditLog(rollout.log, fsync_interval_s=fsync_interval_s)
         self.processed = {r.get("input") for r in records if r["kind"] in ("prediction", "rejected")}
         decisions = [r for r in records if r["kind"] == "decision"]
         last = decisions[-1] if decisions else None
@@ -288,7 +349,7 @@ class Rollout:
         """Log the decision, then replace the state file (callers hold the lock)."""
         record = {"kind": "decision", "id": self.next_id(), "time": now(), "from": state["stage"], "to": to,
                   "by": by, "reason": reason, "evidence": evidence}
-        self.log.append(record)
+        self.log.append(record, durable=True)  # on the disk before the state file names it
         state = {**state, "stage": to, "decision": record["id"], "time": record["time"],
                  "candidate_sha256": model_sha256(self.config.candidate),
                  "baseline_sha256": model_sha256(self.config.baseline)}
@@ -504,22 +565,39 @@ def serve(service: Service, args: argparse.Namespace) -> None:
         feeder.start()
     if args.once and server is None:  # stop when every source is exhausted
         threading.Thread(target=lambda: ([f.join() for f in feeders], jobs.put(None)), daemon=True).start()
-    while True:
-        try:
-            job = jobs.get(timeout=0.5)  # a blocked get() would not see SIGTERM
-        except queue.Empty:
-            continue
-        if job is None:
-            break
-        answer = service.handle(job)
-        if job.reply is not None:
-            job.reply.put(answer)
-        else:
-            print(json.dumps(answer), flush=True)
+    log = service.rollout.log
+    try:
+        while True:
+            try:  # a blocked get() would not see SIGTERM; idle, the log's records go to the disk
+                job = jobs.get(timeout=min(0.5, log.fsync_interval_s or 0.5))
+            except queue.Empty:
+                log.sync()
+                continue
+            if job is None:
+                break
+            answer = service.handle(job)
+            if job.reply is not None:
+                job.reply.put(answer)
+            else:
+                print(json.dumps(answer), flush=True)
+    finally:
+        log.sync()
 
 
 def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def fsync_interval(words: list[str]) -> float:
+    """--fsync every (0) or --fsync interval SECONDS; ValueError naming the option."""
+    if words == ["every"]:
+        return 0.0
+    if len(words) == 2 and words[0] == "interval":
+        with contextlib.suppress(ValueError):
+            seconds = float(words[1])
+            if 0 < seconds < float("inf"):
+                return seconds
+    raise ValueError(f"--fsync {' '.join(words)}: expected `every` or `interval SECONDS` (SECONDS above 0)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,7 +611,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-remote", action="store_true", help="allow a --bind address other machines reach")
     parser.add_argument("--once", action="store_true", help="stop when the folder's files and stdin are done")
     parser.add_argument("--poll", type=float, default=0.5, help="seconds between looks at the watched folder")
+    parser.add_argument("--fsync", nargs="+", default=["every"], metavar=("every|interval", "SECONDS"),
+                        help="when the audit log goes to the disk: `every` record before its answer (the default: a "
+                             "power cut loses nothing answered), or at most every SECONDS and when idle (a power cut "
+                             "loses at most the last SECONDS; cheaper on slow storage). Either way a killed service "
+                             "loses no record, and a decision is on the disk before the stage switches")
     args = parser.parse_args(argv)
+    try:
+        interval = fsync_interval(args.fsync)
+    except ValueError as err:
+        print(f"serve.py: {err}", file=sys.stderr)
+        return 2
     if args.bind not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote:
         print(f"serve.py: --bind {args.bind} answers other machines; add --allow-remote to mean it", file=sys.stderr)
         return 2
@@ -542,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _interrupted)
     try:
-        rollout = Rollout(gating.load(args.rollout))
+        rollout = Rollout(gating.load(args.rollout), fsync_interval_s=interval)
         if rollout.bad_lines:
             print(f"serve.py: {rollout.config.log}: line(s) {', '.join(map(str, rollout.bad_lines[:10]))} are not "
                   "whole records (from an older crash); left as they are", file=sys.stderr, flush=True)
