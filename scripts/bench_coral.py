@@ -8,13 +8,15 @@ the build under `benchmarks/models/coral_<task>/` (git-ignored) and reads its ma
 accuracy of the float teacher and of model.tflite on the task's test split, the share of
 operators and MACs the bundle's pipeline runs on the Edge TPU, its segments, parameter
 bytes cached on chip vs streamed, and the coral-usb estimate beside the rpi4 estimate of
-the same model (edgecc's cost model, not measurements). Writes `benchmarks/coral.json`
-and the BENCHMARKS.md section; tasks not run keep their last rows.
+the same model (edgecc's cost model, not measurements). Each task's verdicts judge the
+issue's goals and say what stays on the CPU and why (its share of the MACs and the Edge
+TPU rule it breaks) and how much of the coral-usb estimate is the Edge TPU invokes, so a
+missed goal names its cause. Writes `benchmarks/coral.json` and the BENCHMARKS.md section;
+tasks not run keep their last rows.
 """
 
 from __future__ import annotations
 
-import platform
 import sys
 import tempfile
 import time
@@ -25,9 +27,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compression import parse_cached_tasks, table, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
+from bench_imbalance import host  # noqa: E402
 
 from edgecc.build import build  # noqa: E402
-from edgecc.check import assess  # noqa: E402
+from edgecc.check import Assessment, assess  # noqa: E402
+from edgecc.edgetpu import EDGETPU_OPS, operator_problem  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
 from edgecc.recipe import load_recipe  # noqa: E402
@@ -89,8 +93,10 @@ def run_task(task: str, recipe: Path | None, cache: Path) -> dict[str, Any]:
     stages = manifest["metrics"]["stages"]
     final = next(s for s in stages if s["file"] == "model.tflite")
     pipeline = manifest["edgetpu_pipeline"]
-    rpi4 = assess((out / "model.tflite").read_bytes(), "rpi4", measure_arena=False).latency
-    coral = manifest["target_check"]["latency"]
+    content = (out / "model.tflite").read_bytes()
+    rpi4 = assess(content, "rpi4", measure_arena=False).latency
+    checked = assess(content, "coral-usb", measure_arena=False)
+    coral = checked.latency
     row = {
         "task": task, "model": final["name"], "teacher_accuracy": stages[0]["accuracy"],
         "accuracy": final["accuracy"], "drop_points": round((stages[0]["accuracy"] - final["accuracy"]) * 100, 2),
@@ -99,12 +105,29 @@ def run_task(task: str, recipe: Path | None, cache: Path) -> dict[str, Any]:
         "operators": pipeline["operators"], "edgetpu_segments": pipeline["edgetpu_segments"],
         "cpu_segments": pipeline["cpu_segments"], "cached_bytes": pipeline["cached_parameter_bytes"],
         "streamed_bytes": pipeline["streamed_parameter_bytes"], "crossing_bytes": pipeline["crossing_bytes"],
-        "coral_ms": coral["estimate_ms"], "coral_low_ms": coral["low_ms"], "coral_high_ms": coral["high_ms"],
-        "rpi4_ms": rpi4.total_ms,
+        "coral_ms": coral.total_ms, "coral_low_ms": coral.low_ms, "coral_high_ms": coral.high_ms,
+        "coral_invoke_ms": coral.fixed_ms, "rpi4_ms": rpi4.total_ms, "on_cpu": on_cpu(checked),
     }
     return {"task": task, "rows": [row], "build_seconds": round(time.perf_counter() - started),
             "date": date.today().isoformat(), "recipe": manifest["recipe"]["name"],
             "test_size": manifest["data"]["test_size"]}
+
+
+def on_cpu(checked: Assessment) -> list[dict[str, Any]]:
+    """Per operator kind the pipeline leaves on the CPU: its share of the model's MACs and why (the Edge TPU
+    compiler's rule it breaks, or none: then it sits between CPU operators, where an Edge TPU trip would cost an
+    invoke for no matrix work); largest share first."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for op, estimate, where in zip(checked.graph.operators, checked.latency.ops, checked.placement):
+        if where != "cpu":
+            continue
+        why = operator_problem(checked.graph, op, tuple(checked.target.legal_ops or EDGETPU_OPS))
+        entry = kinds.setdefault(op.kind, {"kind": op.kind, "operators": 0, "macs": 0, "why": why or "in a CPU island"})
+        entry["operators"] += 1
+        entry["macs"] += estimate.macs
+    for entry in kinds.values():
+        entry["share"] = entry.pop("macs") / max(checked.total_macs, 1)
+    return sorted(kinds.values(), key=lambda e: -e["share"])
 
 
 def verdicts(result: dict[str, Any]) -> list[str]:
@@ -122,6 +145,11 @@ def verdicts(result: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"{row['drop_points']:+.2f} points from the teacher ({'yes' if row['drop_points'] <= 1.0 else 'NO'}, "
                      "within 1 point)")
+    lines.append("on the CPU: " + ", ".join(f"{e['operators']} {e['kind']} {e['share']:.1%} of the MACs ({e['why']})"
+                                             for e in row["on_cpu"]))
+    lines.append(f"coral-usb estimate {row['coral_ms'] / row['rpi4_ms']:.1f}x the rpi4 estimate, of which "
+                 f"{row['coral_invoke_ms']:.2f} ms are the {row['edgetpu_segments']} Edge TPU invokes and the host "
+                 "link")
     return lines
 
 
@@ -141,7 +169,7 @@ def main() -> None:
         "## Transformers on the Coral Edge TPU",
         "",
         f"`python scripts/bench_coral.py --tasks {' '.join(args.tasks)}` (the tasks run; each note dates its rows), on "
-        f"{platform.machine()} ({platform.processor() or platform.system()}). Each task is `edgecc build --target "
+        f"{host()}. Each task is `edgecc build --target "
         "coral-usb`: every int8 model lowered for the Edge TPU (each Dense as an exact CONV_2D 1x1) and split into Edge "
         "TPU segments, co-compiled, and CPU islands (the attention core, a text model's embedding lookup), which the "
         "bundle's run.py chains. Accuracy is model.tflite's on the task's test split (TFLite interpreter; the "

@@ -13,7 +13,9 @@ from edgecc.arena import measure_arena
 from edgecc.check import assess
 from edgecc.errors import EdgeccError
 from edgecc.graphpass import PASSES, EditGraph, optimize, optimize_verified, random_inputs, same_outputs
+from edgecc.liveness import plan_memory
 from edgecc.lower import lower_for_edgetpu
+from edgecc.memplan import offline_offsets, write_offline_plan
 from edgecc.micro_eval import MicroModel, evaluate_micro
 from edgecc.reader import read_graph
 from edgecc.tflite_edit import add_tensor, opcode, pack, tflite_schema, unpack
@@ -142,6 +144,16 @@ def test_a_pass_that_changes_an_output_is_not_kept(models: dict[str, bytes]) -> 
     content = models["vit_int8"]
     kept, report = optimize_verified(content, passes=(sharper_softmax,))
     assert kept is content and report.skipped and "differed" in report.skipped
+
+
+def test_a_model_carrying_an_offline_plan_is_left_as_it_is(models: dict[str, bytes]) -> None:
+    content = models["vit_int8"]
+    graph = read_graph(content)
+    planned = write_offline_plan(content, offline_offsets(graph, plan_memory(graph)))
+    assert optimize(content)[0] is not content  # the passes would renumber the tensors the plan's offsets index
+    kept, report = optimize(planned)
+    assert kept is planned and report.skipped and "offline memory plan" in report.skipped
+    assert report.operators_after == report.operators_before
 
 
 def test_the_build_records_the_passes(default_build) -> None:

@@ -8,6 +8,9 @@ with fewer operators, copies and tensors, so the outputs stay bit-exact;
 `same_outputs` checks that with LiteRT (and the build keeps a rewrite only then). One pass makes a model runnable rather than smaller: TFLite Micro's
 GATHER takes only float32 or int8 tables, so a constant int32 id map (a text
 model's trimmed vocabulary) becomes a float32 table and a CAST back.
+Attention's per-head products stay FULLY_CONNECTEDs: one BATCH_MATMUL over the heads is bit-exact on TFLite
+Micro (both kernels rescale alike there) but not on LiteRT, whose FULLY_CONNECTED with an activation as weights
+rounds the rescaled sums differently from its BATCH_MATMUL (off by one on a few values in a thousand).
 Nothing here needs TensorFlow.
 """
 
@@ -20,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecc.memplan import METADATA_NAME
 from edgecc.tflite_edit import add_tensor, opcode, pack, pruned, tflite_schema, unpack
 
 FLOAT_EXACT_LIMIT = 2**24  # every integer up to this magnitude is exact in float32
@@ -396,6 +400,10 @@ def optimize(content: bytes, passes: tuple[Pass, ...] = PASSES) -> tuple[bytes, 
     report.operators_after, report.tensors_after = report.operators_before, report.tensors_before
     if len(model.subgraphs) != 1:
         report.skipped = f"{len(model.subgraphs)} subgraphs: the passes rewrite single-subgraph models only"
+        return content, report
+    if any(entry.name == METADATA_NAME.encode() for entry in model.metadata or []):
+        # its offsets are indexed by tensor number: renumbered tensors would share buffers they must not
+        report.skipped = f"the model carries an offline memory plan ({METADATA_NAME}): plan after the passes"
         return content, report
     for _ in range(MAX_ROUNDS):
         changed = 0
