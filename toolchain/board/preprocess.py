@@ -119,8 +119,11 @@ class Preprocessor:
             if suffix == TEXT_SUFFIX and self.is_text:
                 return self.text(data.decode("utf-8"))
             if suffix in IMAGE_SUFFIXES and not self.is_text and len(self.shape) == 3:
-                from PIL import Image
-
+                try:
+                    from PIL import Image
+                except ImportError:
+                    raise BadInput("is an image; reading images on this board needs Pillow: pip install pillow") \
+                        from None
                 with Image.open(io.BytesIO(data)) as opened:
                     return self.array(pixels(opened, *self.shape))
         except BadInput:
