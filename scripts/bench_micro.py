@@ -71,10 +71,11 @@ def run_task(task: str, recipe: Path | None, cache: Path) -> dict[str, Any]:
         for target in TARGETS:
             out = OUT / "models" / f"micro_{task}_{target}"
             manifest, after = _build(target, recipe, out, cache, passes=True)
-            _, before = _build(target, recipe, out.with_name(out.name + "_nopasses"), cache, passes=False)
+            plain, before = _build(target, recipe, out.with_name(out.name + "_nopasses"), cache, passes=False)
             micro = manifest["metrics"]["tflite_micro"] or {"error": "not a TFLite Micro target"}
             fit_before, fit_after = assess(before, target), assess(after, target)
             rows.append({"task": task, "target": target, "rewrites": manifest["model"]["graph_passes"]["rewrites"],
+                         "chosen": [plain["selection"]["chosen"], manifest["selection"]["chosen"]],
                          **figures(fit_before, fit_after),
                          "persistent_after": fit_after.arena.persistent if fit_after.arena else {},
                          "litert_accuracy": manifest["metrics"]["int8_accuracy"], "tflite_micro": micro})
@@ -123,7 +124,10 @@ def verdicts(result: dict[str, Any]) -> list[str]:
         if smaller < ARENA_GOAL and before and after:
             goal += f": {after - int(before * (1 - ARENA_GOAL)):,} B short of {int(before * (1 - ARENA_GOAL)):,} B"
         rewrites = ", ".join(f"{k} x{v}" for k, v in r["rewrites"].items()) or "none"
-        lines.append(f"{r['target']}: arena {smaller:.1%} smaller with the passes alone ({goal}, at least "
+        chosen = r.get("chosen", [None, None])
+        which = (f" (not the same model: without the passes the build chose {chosen[0]}, with them {chosen[1]}, "
+                 "the figures compare the two builds' model.tflite)" if chosen[0] != chosen[1] else "")
+        lines.append(f"{r['target']}: arena {smaller:.1%} smaller than the build's without the passes{which} ({goal}, at least "
                      f"{ARENA_GOAL:.0%}); persistent structures left (B): "
                      f"{_persistent(r.get('persistent_after', {})) or 'not measured'}; TFLite Micro accuracy equal "
                      f"to LiteRT's: {'yes' if equal else 'NO'}; rewrites {rewrites}")
