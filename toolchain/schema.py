@@ -214,12 +214,13 @@ BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _toml_key(key: str) -> str:
-    return key if BARE_KEY.fullmatch(key) else _toml_value(key)
+    return key if BARE_KEY.fullmatch(key) else toml_value(key)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """One value in TOML: a schema dataclass or dict inline, a tuple or list (as tomllib reads arrays) an array."""
     if dataclasses.is_dataclass(value):
-        inner = ", ".join(f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        inner = ", ".join(f"{f.name} = {toml_value(getattr(value, f.name))}" for f in dataclasses.fields(value))
         return "{ " + inner + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -227,10 +228,10 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -243,9 +244,9 @@ def dump(obj: Any, tables: tuple[str, ...]) -> str:
         if value is None:
             continue
         if f.name in tables:
-            body = [f"{g.name} = {_toml_value(getattr(value, g.name))}" for g in dataclasses.fields(value)
+            body = [f"{g.name} = {toml_value(getattr(value, g.name))}" for g in dataclasses.fields(value)
                     if getattr(value, g.name) is not None]
             sections.append("\n".join([f"[{f.name}]", *body]))
         else:
-            top.append(f"{f.name} = {_toml_value(value)}")
+            top.append(f"{f.name} = {toml_value(value)}")
     return "\n\n".join(["\n".join(top), *sections]) + "\n"

@@ -248,23 +248,14 @@ def trial_key(fields: dict[str, Any]) -> str:
 
 # ---- recipes -------------------------------------------------------------------------------------------------
 
-def _toml_value(value: Any) -> Any:
-    """TOML data as schema's writer takes it: lists as tuples, at any depth."""
-    if isinstance(value, list):
-        return tuple(_toml_value(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _toml_value(v) for k, v in value.items()}
-    return value
-
-
 def recipe_toml(data: dict[str, Any], header: str) -> str:
     """A recipe's TOML text from its data: top-level values first, then one [table] per section."""
     lines = [f"# {line}" for line in header.splitlines()]
-    lines += [f"{key} = {schema._toml_value(_toml_value(value))}" for key, value in data.items()
+    lines += [f"{key} = {schema.toml_value(value)}" for key, value in data.items()
               if not isinstance(value, dict)]
     for key, table in data.items():
         if isinstance(table, dict):
-            lines += ["", f"[{key}]", *(f"{name} = {schema._toml_value(_toml_value(value))}"
+            lines += ["", f"[{key}]", *(f"{name} = {schema.toml_value(value)}"
                                         for name, value in table.items())]
     return "\n".join(lines) + "\n"
 
