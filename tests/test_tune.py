@@ -229,3 +229,21 @@ def test_missing_extra_exits_2_with_the_install_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", blocker, str(recipe), str(tmp_path / "out")], capture_output=True,
                             text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120)
     assert result.returncode == 2 and "pip install 'edgecc[scale]'" in result.stderr
+
+
+def test_the_sampler_pickles_and_samples_the_same_after_its_locks_are_swapped() -> None:
+    """Ray Tune pickles the search; Optuna 5.1's NSGA-II sampler holds a threading.Lock that does not pickle."""
+    import pickle
+
+    optuna = pytest.importorskip("optuna")
+    from edgecc.tune import _picklable_locks
+
+    def asked(sampler) -> list[float]:
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), n_trials=6)
+        return [t.params["x"] for t in study.trials]
+
+    sampler = optuna.samplers.NSGAIISampler(seed=3, population_size=2)
+    _picklable_locks(sampler)
+    copy = pickle.loads(pickle.dumps(sampler))
+    assert asked(copy) == asked(optuna.samplers.NSGAIISampler(seed=3, population_size=2))

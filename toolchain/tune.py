@@ -25,6 +25,7 @@ import html
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -561,6 +562,36 @@ def _connect_ray(address: str) -> None:
         raise EdgeccError(f"--ray-address: no Ray cluster reachable at {address!r} ({one_line(err)[:200]})") from None
 
 
+class _Lock:
+    """A threading.Lock that pickles as a new, unlocked lock (a lock held across a pickle means nothing)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.__exit__(*exc)
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return _Lock, ()
+
+
+def _picklable_locks(sampler: Any) -> None:
+    """Swap the sampler's thread locks for ones that pickle (Optuna 5.1's NSGA-II sampler holds a threading.Lock,
+    so Ray Tune could not pickle the search; subclassing would change the generation key Optuna stores)."""
+    for name, value in vars(sampler).items():
+        if isinstance(value, type(threading.Lock())):
+            setattr(sampler, name, _Lock())
+
+
 def _run_on_ray(options: TuneOptions, bench: Workbench, sampler: Any, url: str, remaining: int,
                 reporter: Reporter) -> None:
     """The trials as Ray Tune trials, asked by OptunaSearch with the same sampler and the same study storage."""
@@ -582,6 +613,7 @@ def _run_on_ray(options: TuneOptions, bench: Workbench, sampler: Any, url: str, 
             Reporter(quiet=quiet).info(escape(f"Ray trial {trial.trial_id}: "
                                               + (_line(figures, metric) if figures else "no result")))
 
+    _picklable_locks(sampler)  # Ray Tune pickles the searcher with the tuner's state
     searcher = OptunaSearch(space=partial(ask, searched=bench.searched), metric=list(OBJECTIVES),
                             mode=["max" if d == "maximize" else "min" for d in OBJECTIVES.values()],
                             sampler=sampler, study_name=study_name(bench),
