@@ -94,6 +94,34 @@ def test_manifest_records_provenance(default_build) -> None:
     assert len(set(test)) == len(test) == manifest["data"]["test_size"] and len(test) + train_size == 1797
 
 
+def test_the_default_build_prunes_heads_and_neurons_and_trains_quantization_aware(default_build) -> None:
+    """Read from each stage's kept int8 file: the teacher's PTQ has every head, the pruned and QAT students half
+    (recipe defaults: head_fraction = neuron_fraction = 0.5); every activation is int8 and attention is one
+    FULLY_CONNECTED per head and product (never BATCH_MATMUL); each distillation's loss fell."""
+    import tomllib
+
+    out, manifest, _ = default_build
+    model = tomllib.loads((ROOT / "models" / "digits.toml").read_text())["model"]
+    heads, depth, mlp = model["heads"], model["depth"], model["mlp_dim"]
+    records = {r["name"]: r for r in manifest["metrics"]["stages"]}
+    kept = {"int8 after ptq of the teacher": heads, "int8 after prune": heads // 2, "int8 after qat": heads // 2}
+    for name, kept_heads in kept.items():
+        graph = read_graph((out / records[name]["file"]).read_bytes())
+        ops = graph.op_counts()
+        assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}, name
+        assert "BATCH_MATMUL" not in ops and ops["SOFTMAX"] == kept_heads * depth, (name, ops)
+        products = [op for op in graph.operators
+                    if op.kind == "FULLY_CONNECTED" and not graph.tensors[op.inputs[1]].constant]
+        assert len(products) == 2 * kept_heads * depth, name
+        widths = {graph.tensors[op.outputs[0]].shape[-1] for op in graph.operators
+                  if op.kind == "FULLY_CONNECTED" and graph.tensors[op.inputs[1]].constant}
+        assert (mlp in widths) == (kept_heads == heads), (name, widths)  # the feed-forward layer's neurons
+    assert records["int8 after prune"]["parameters"] < records["int8 after ptq of the teacher"]["parameters"]
+    for name in ("int8 after prune", "int8 after qat"):
+        losses = records[name]["distill_losses"]
+        assert len(losses) == 10 and np.isfinite(losses).all() and losses[-1] < losses[0], (name, losses)
+
+
 def test_build_checks_the_target_budgets(default_build) -> None:
     out, manifest, _ = default_build
     check = manifest["target_check"]

@@ -1,4 +1,5 @@
-"""The compression stages run in the recipe's order and change what they should."""
+"""The compression stages run in the recipe's order and change what they should (the default build, in
+test_build.py, runs prune and QAT end to end on digits)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def test_prune_then_ptq(teacher: keras.Model) -> None:
     section = CompressSection(stages=("prune", "ptq"), head_fraction=0.5, neuron_fraction=0.5, distill_epochs=2,
                               hidden_weight=0.5, calibration_samples=32)
     calibration = DIGITS.x[DIGITS.train_index[:32]]
-    pruned, final = run_stages(teacher, DIGITS, section, TrainSection(batch_size=64), 0, calibration,
+    few = replace(DIGITS, train_index=DIGITS.train_index[:256])  # what pruning removes is tested, not what it learns
+    pruned, final = run_stages(teacher, few, section, TrainSection(batch_size=64), 0, calibration,
                                Reporter(quiet=True))
     assert [pruned.name, final.name] == ["prune", "ptq"]
     heads = [layer.heads for layer in pruned.student.layers if isinstance(layer, AttentionScores)]
@@ -42,27 +44,6 @@ def test_prune_then_ptq(teacher: keras.Model) -> None:
     assert len(pruned.distill_losses) == 2 and np.isfinite(pruned.distill_losses).all()
     graph = read_graph(final.int8)
     assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}
-
-
-def test_quantization_aware_distillation(teacher: keras.Model) -> None:
-    section = CompressSection(stages=("qat",), distill_epochs=1, calibration_samples=64)
-    calibration = DIGITS.x[DIGITS.train_index[:64]]
-    (stage,) = run_stages(teacher, DIGITS, section, TrainSection(batch_size=64), 0, calibration, Reporter(quiet=True))
-    graph = read_graph(stage.int8)
-    assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}
-    ops = graph.op_counts()
-    assert {"SOFTMAX", "RSQRT", "FULLY_CONNECTED"} <= set(ops) and "BATCH_MATMUL" not in ops, ops
-    # attention as one FULLY_CONNECTED per head with an activation as its weights: Q·Kᵀ and the context
-    products = [op for op in graph.operators
-                if op.kind == "FULLY_CONNECTED" and not graph.tensors[op.inputs[1]].constant]
-    assert len(products) == 2 * 4 * 2  # 2 products x 4 heads x 2 blocks
-    from edgecc.runtime import Model
-
-    int8 = Model(stage.int8)
-    x, y = DIGITS.x[DIGITS.test_index], DIGITS.y[DIGITS.test_index]
-    int8_accuracy = np.mean([np.argmax(int8.invoke(example)) == label for example, label in zip(x, y)])
-    float_accuracy = np.mean(np.argmax(teacher.predict(x, verbose=0), -1) == y)
-    assert int8_accuracy > float_accuracy - 0.05, (int8_accuracy, float_accuracy)
 
 
 def test_progressive_qat_quantizes_block_by_block_then_the_whole_model(teacher: keras.Model) -> None:

@@ -423,7 +423,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     # which operators would leave an Edge TPU, for every build: the first question about moving to a Coral
     edgetpu_target = target if fit.edgetpu else load_target(EDGETPU_REFERENCE)
     edgetpu = fit.edgetpu or plan_edgetpu(graph, edgetpu_target.edgetpu, edgetpu_target.legal_ops, int8_bytes)
-    reporter.info("comparing every int8 operator output with the float model")
+    reporter.info("comparing every int8 operator output with the float teacher")
     quantization_error = layer_errors(float_bytes, int8_bytes, x_test[:ERROR_EXAMPLES])
     if report.errors_all_zero(quantization_error):
         warnings.append(report.EMPTY_ERROR_PLOT)

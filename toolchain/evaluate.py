@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -11,6 +12,8 @@ import numpy as np
 from edgecc.progress import Reporter, native_output_silenced
 from edgecc.reader import read_graph
 from edgecc.runtime import Model, Quantization, interpreter_class
+
+QAT_WRAPPER = re.compile(r"(?<![^/])quant_")  # TF-MOT's QuantizeWrapper names a layer quant_<name>
 
 
 def predictions(model: Model, x: np.ndarray, reporter: Reporter, description: str) -> np.ndarray:
@@ -59,15 +62,18 @@ def host_latency(models: dict[str, Model], example: np.ndarray, runs: int = 300,
 
 
 def layer_errors(float_content: bytes, int8_content: bytes, examples: np.ndarray) -> list[dict[str, object]]:
-    """Relative RMS error of each int8 operator's output against the float model's same tensor.
+    """Relative RMS error of each int8 operator's output against the float teacher's same tensor.
 
-    Both graphs come from the same Keras model, so an operator's output tensor
-    has the same name in both; this shows where along the graph precision is lost.
+    Both graphs come from the same Keras layers, so an operator's output tensor has the same name in both (a
+    QAT student's layers are wrapped as quant_<name>: matched without that prefix); this shows where along the
+    graph the int8 model departs from the teacher. For a pruned or distilled student that is compression and
+    int8 rounding together; outputs that pruning narrowed differ in shape and are left out.
     """
     from ai_edge_litert.interpreter import OpResolverType
 
     graph = read_graph(int8_content)
     names = [(op.kind, graph.tensors[op.outputs[0]].name) for op in graph.operators if op.outputs]
+    float_names = {name: QAT_WRAPPER.sub("", name) for _, name in names}
     models = {}
     cls = interpreter_class()
     for key, content in (("float", float_content), ("int8", int8_content)):
@@ -87,8 +93,9 @@ def layer_errors(float_content: bytes, int8_content: bytes, examples: np.ndarray
             quantization = Quantization(*source["quantization"])
             interpreter.set_tensor(source["index"], quantization.quantize(example[np.newaxis], source["dtype"]))
             interpreter.invoke()
-            values[key] = {name: Quantization(*details[name]["quantization"]).dequantize(
-                interpreter.get_tensor(details[name]["index"])) for _, name in names if name in details}
+            own = {name: name for _, name in names} if key == "int8" else float_names
+            values[key] = {name: Quantization(*details[own[name]]["quantization"]).dequantize(
+                interpreter.get_tensor(details[own[name]]["index"])) for _, name in names if own[name] in details}
         for i, (_, name) in enumerate(names):
             # the int8 graph splits attention per head, so a few same-named tensors differ in shape
             if name in values["float"] and name in values["int8"] and values["float"][name].shape == values["int8"][name].shape:

@@ -216,10 +216,11 @@ class CompressSection:
     hidden_weight: float = spec(0.0, minimum=0.0, applies={"compress.stages": ("prune", "sparsify")}, doc="weight of the per-block hidden-state loss (prune, sparsify)")
     select: str = spec("fastest", choices=SELECT_RULES,
                        doc="which int8 model becomes model.tflite, among every stage's (ptq of the teacher included) "
-                           "that meets every budget: 'fastest' (smallest estimated latency on the target; ties: higher "
-                           "task.metric, then the later stage), 'best' (highest task.metric), 'smallest' (fewest bytes) "
-                           "or 'last' (the latest stage); when none meets every budget, the last stage, and the build "
-                           "fails")
+                           "that meets every budget: 'fastest' (smallest estimated latency on the target; estimates "
+                           "within 2% of it are ties: higher task.metric, then the later stage), 'best' (highest "
+                           "task.metric), 'smallest' (fewest bytes) or 'last' (the latest stage); when none meets "
+                           "every budget, the one that fails the fewest (then the highest task.metric), and the "
+                           "build fails")
 
 
 @dataclass(frozen=True)

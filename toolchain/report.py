@@ -13,7 +13,7 @@ from typing import Any
 Block = tuple[str, Any]  # ("p", text) | ("table", (header, rows)) | ("list", items) | ("image", (key, caption))
 #                         | ("svg", (markup, caption))
 EMPTY_ERROR_PLOT = ("the per-operator error plot is empty: every int8 operator output's error against the float "
-                    "model is 0 (no operator output could be matched by tensor name, or every output agrees exactly), "
+                    "teacher is 0 (no operator output could be matched by tensor name, or every output agrees exactly), "
                     "so the report cannot show where int8 loses precision")
 
 
@@ -141,9 +141,10 @@ def _error_blocks(errors: list[dict[str, Any]]) -> list[Block]:
     """The per-operator error plot, or why there is none."""
     if errors_all_zero(errors):
         return [("p", f"No plot: {EMPTY_ERROR_PLOT}.")]
-    return [("image", ("layer_error", "Relative RMS error of each int8 operator output against the float model")),
-            ("p", "Each bar compares one operator's int8 output with the same tensor of the float model on test "
-                  "examples; a step up shows where rounding to 8 bits costs precision.")]
+    return [("image", ("layer_error", "Relative RMS error of each int8 operator output against the float teacher")),
+            ("p", "Each bar compares one operator's output in model.tflite with the same tensor of the float teacher "
+                  "on test examples; a step up shows where precision is lost. For a pruned or distilled student "
+                  "that is compression and int8 rounding together; outputs that pruning narrowed are left out.")]
 
 
 def _stages_section(manifest: dict[str, Any]) -> list[tuple[str, list[Block]]]:

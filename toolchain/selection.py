@@ -96,9 +96,15 @@ class Selection:
                 "reason": self.reason}
 
 
+# Estimated latencies closer than this share are one latency to the "fastest" rule: two students of one
+# architecture differ in the estimate's inputs by a few hundred bytes, far below what it resolves (its held-out
+# error on Cortex-A is about 13%, BENCHMARKS.md), so a 0.3% faster estimate must not outweigh a point of accuracy.
+LATENCY_TIE = 0.02
+
 # Per rule (recipe.SELECT_RULES), the order that puts the chosen candidate first; a later candidate wins a tie.
+# "fastest" orders only the candidates within LATENCY_TIE of the smallest estimate (see `select`).
 RULES: dict[str, Callable[[Candidate], tuple[float, ...]]] = {
-    "fastest": lambda c: (c.latency_ms, -c.metric),
+    "fastest": lambda c: (-c.metric, c.latency_ms, c.bytes),
     "best": lambda c: (-c.metric, c.latency_ms),
     "smallest": lambda c: (c.bytes, -c.metric),
     "last": lambda c: (),
@@ -121,9 +127,15 @@ def select(candidates: list[Candidate], rule: str) -> Selection:
         return Selection(index=index, rule=rule, met=(),
                          reason=f"no model meets every budget: the highest task.metric ({candidates[index].metric:.4g}) "
                                 f"of the {len(closest)} model(s) that fail the fewest ({fewest})")
-    index = min(met, key=lambda i: (*RULES[rule](candidates[i]), -i))
+    fastest = min(candidates[i].latency_ms for i in met)
+    pool = [i for i in met if rule != "fastest" or candidates[i].latency_ms <= fastest * (1 + LATENCY_TIE)]
+    index = min(pool, key=lambda i: (*RULES[rule](candidates[i]), -i))
     c = candidates[index]
-    why = {"fastest": f"the smallest estimated latency on the target ({c.latency_ms:.4g} ms)",
+    why = {"fastest": f"the smallest estimated latency on the target ({c.latency_ms:.4g} ms)"
+                      if c.latency_ms == fastest else
+                      f"the highest task.metric ({c.metric:.4g}) of the {len(pool)} whose estimated latency on the "
+                      f"target ({c.latency_ms:.4g} ms) is within {LATENCY_TIE:.0%} of the smallest ({fastest:.4g} ms), "
+                      "closer than the estimate resolves,",
            "best": f"the highest task.metric ({c.metric:.4g})",
            "smallest": f"the fewest bytes ({c.bytes:,})",
            "last": "the latest stage"}[rule]

@@ -40,6 +40,7 @@ from edgecc.errors import EdgeccError, one_line
 from edgecc.progress import Reporter
 from edgecc.recipe import SPARSITY_PATTERNS, CompressSection, Recipe, load_recipe
 from edgecc.schema import spec
+from edgecc.selection import LATENCY_TIE, Candidate, select
 
 SCALE_HINT = "pip install 'edgecc[scale]'"
 STUDY_FILE = "study.sqlite3"
@@ -53,8 +54,8 @@ SEARCHED = ("stages", *RANGES, "sparsity_pattern", "select")  # compress fields 
 STAGE_JOIN = "+"
 PATH_FIELDS = (("data", "path"), ("data", "test_path"), ("model", "path"))
 RULE = ("the smallest estimated latency on the target among the trials that meet every budget (the recipe's "
-        "accuracy budgets and the target's operators, RAM, flash and latency); ties: the higher task.metric, "
-        "then the smaller file")
+        "accuracy budgets and the target's operators, RAM, flash and latency); ties, estimates within "
+        f"{LATENCY_TIE:.0%} of the smallest: the higher task.metric, then the smaller file")
 
 
 @dataclass(frozen=True)
@@ -477,7 +478,11 @@ def _line(figures: dict[str, Any], metric: str) -> str:
 def _choose(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The module's RULE over the completed rows."""
     fitting = [r for r in rows if r["status"] == "complete" and r["failed"] == 0]
-    return min(fitting, key=lambda r: (r["latency_ms"], -r["task_metric"], r["bytes"]), default=None)
+    if not fitting:
+        return None
+    candidates = [Candidate(name=str(r["number"]), failed=0, latency_ms=r["latency_ms"], metric=r["task_metric"],
+                            bytes=r["bytes"]) for r in fitting]
+    return fitting[select(candidates, "fastest").index]  # a build's own rule, so best.toml's build keeps the trial
 
 
 def _best_so_far(rows: list[dict[str, Any]]) -> str:
