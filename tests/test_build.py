@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +189,9 @@ def test_interrupted_build_keeps_the_previous_result(default_build, tmp_path: Pa
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     process = subprocess.Popen([edgecc_command(), "build", "--target", "rpi4", "--out", str(target), "--no-cache"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    time.sleep(12)
+    for line in process.stderr:  # SIGTERM once the teacher is training: the build is under way, nothing written
+        if "training float teacher" in line:
+            break
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

