@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import edgecc, edgecc_command, needs_train_extra
+from edgecc.cost import op_costs
 from edgecc.reader import read_graph
 from edgecc.report import markdown
 
@@ -104,8 +105,10 @@ def test_the_default_build_prunes_heads_and_neurons_and_trains_quantization_awar
     heads, depth, mlp = model["heads"], model["depth"], model["mlp_dim"]
     records = {r["name"]: r for r in manifest["metrics"]["stages"]}
     kept = {"int8 after ptq of the teacher": heads, "int8 after prune": heads // 2, "int8 after qat": heads // 2}
+    macs = {}
     for name, kept_heads in kept.items():
         graph = read_graph((out / records[name]["file"]).read_bytes())
+        macs[name] = sum(cost.macs for cost in op_costs(graph))
         ops = graph.op_counts()
         assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}, name
         assert "BATCH_MATMUL" not in ops and ops["SOFTMAX"] == kept_heads * depth, (name, ops)
@@ -115,7 +118,10 @@ def test_the_default_build_prunes_heads_and_neurons_and_trains_quantization_awar
         widths = {graph.tensors[op.outputs[0]].shape[-1] for op in graph.operators
                   if op.kind == "FULLY_CONNECTED" and graph.tensors[op.inputs[1]].constant}
         assert (mlp in widths) == (kept_heads == heads), (name, widths)  # the feed-forward layer's neurons
-    assert records["int8 after prune"]["parameters"] < records["int8 after ptq of the teacher"]["parameters"]
+    teacher = records["int8 after ptq of the teacher"]
+    for name in ("int8 after prune", "int8 after qat"):
+        assert records[name]["parameters"] < teacher["parameters"] and records[name]["bytes"] < teacher["bytes"]
+        assert macs[name] < 0.8 * macs["int8 after ptq of the teacher"], macs
     for name in ("int8 after prune", "int8 after qat"):
         losses = records[name]["distill_losses"]
         assert len(losses) == 10 and np.isfinite(losses).all() and losses[-1] < losses[0], (name, losses)
@@ -216,7 +222,8 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
     keras.Model(inputs, outputs).save(tmp_path / "mine.keras")
     (tmp_path / "recipe.toml").write_text(
         'name = "mine"\n[model]\npath = "mine.keras"\n[train]\nepochs = 2\n[compress]\ncalibration_samples = 32\n'
-        'stages = ["prune", "ptq"]\nhead_fraction = 1.0\ndistill_epochs = 1\n[budgets]\nmin_accuracy = 1.0\n'
+        'stages = ["prune", "ptq"]\nhead_fraction = 1.0\ndistill_epochs = 1\nhidden_weight = 0.5\n'
+        '[budgets]\nmin_accuracy = 1.0\n'
     )
     result = edgecc("build", "--target", "rpi4", "--recipe", str(tmp_path / "recipe.toml"),
                     "--out", str(tmp_path / "out"), "--quiet")

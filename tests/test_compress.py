@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("tf_keras")
 from edgecc.train.compress import run_stages  # noqa: E402
 from edgecc.data import load_dataset  # noqa: E402
-from edgecc.train.layers import AttentionScores, keras  # noqa: E402
+from edgecc.train.layers import keras  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
 from edgecc.recipe import CompressSection, DataSection, TrainSection  # noqa: E402
@@ -30,22 +30,6 @@ def teacher() -> keras.Model:
     return model
 
 
-def test_prune_then_ptq(teacher: keras.Model) -> None:
-    section = CompressSection(stages=("prune", "ptq"), head_fraction=0.5, neuron_fraction=0.5, distill_epochs=2,
-                              hidden_weight=0.5, calibration_samples=32)
-    calibration = DIGITS.x[DIGITS.train_index[:32]]
-    few = replace(DIGITS, train_index=DIGITS.train_index[:256])  # what pruning removes is tested, not what it learns
-    pruned, final = run_stages(teacher, few, section, TrainSection(batch_size=64), 0, calibration,
-                               Reporter(quiet=True))
-    assert [pruned.name, final.name] == ["prune", "ptq"]
-    heads = [layer.heads for layer in pruned.student.layers if isinstance(layer, AttentionScores)]
-    assert heads == [2, 2]
-    assert pruned.parameters < teacher.count_params()
-    assert len(pruned.distill_losses) == 2 and np.isfinite(pruned.distill_losses).all()
-    graph = read_graph(final.int8)
-    assert {t.dtype for t in graph.activation_tensors()} == {"INT8"}
-
-
 def test_progressive_qat_quantizes_block_by_block_then_the_whole_model(teacher: keras.Model) -> None:
     """With two blocks: a hidden-state phase per block (1 epoch each), then the whole model (1 epoch)."""
     section = CompressSection(stages=("qat",), distill_epochs=2, progressive=True, calibration_samples=64)
@@ -57,7 +41,7 @@ def test_progressive_qat_quantizes_block_by_block_then_the_whole_model(teacher: 
     from edgecc.runtime import Model
 
     int8 = Model(stage.int8)
-    x, y = DIGITS.x[DIGITS.test_index[:100]], DIGITS.y[DIGITS.test_index[:100]]
+    x = DIGITS.x[DIGITS.test_index[:100]]
     agree = np.mean([np.argmax(int8.invoke(e)) for e in x] == np.argmax(stage.student.predict(x, verbose=0), axis=1))
     assert agree >= 0.9, agree
 

@@ -94,7 +94,9 @@ def test_search_writes_the_front_every_trial_and_best_toml(search) -> None:
         assert {b["name"] for b in row["budgets"]} >= {"int8 accuracy", "latency on rpi4", "RAM on rpi4", "flash on rpi4"}
     assert result.front and set(result.front) <= {0, 1}
     fitting = [r for r in result.rows if r["failed"] == 0]
-    assert result.chosen == min(fitting, key=lambda r: r["latency_ms"])
+    fastest = min(r["latency_ms"] for r in fitting)  # estimates within 2% of the smallest are ties
+    near = [r for r in fitting if r["latency_ms"] <= fastest * 1.02]
+    assert result.chosen == min(near, key=lambda r: (-r["task_metric"], r["latency_ms"], r["bytes"], -r["number"]))
     summary = json.loads((out / "pareto.json").read_text())
     assert summary["chosen"]["number"] == result.chosen["number"] and "smallest estimated latency" in summary["rule"]
     assert "<svg" in (out / "pareto.html").read_text() and "Choice rule" in (out / "pareto.md").read_text()
