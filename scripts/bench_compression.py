@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from datetime import date
@@ -23,6 +22,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_estimator import ROOT, write_section  # noqa: E402
+from bench_imbalance import host  # noqa: E402
 
 from edgecc.build import build  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
@@ -63,7 +63,7 @@ def run_task(task: str, recipe_path: Path | None = None, out: Path | None = None
             "int8_weight_sparsity": _mean_sparsity(record.get("weight_sparsity", {})),
         })
     return {"task": task, "rows": rows, "build_seconds": round(time.perf_counter() - started),
-            "date": date.today().isoformat(),
+            "date": date.today().isoformat(), "host": host(),
             "recipe": str(recipe_path.relative_to(ROOT)), "test_size": result.manifest["data"]["test_size"]}
 
 
@@ -109,7 +109,8 @@ def table(results: list[dict[str, Any]], header: list[str], row: Callable[[dict[
             continue
         lines += ["| " + " | ".join(row(r)) + " |" for r in result["rows"]]
         notes.append(f"- **{result['task']}** ({result['recipe']}, {result['test_size']} test examples, "
-                     f"built in {result['build_seconds']} s on {result.get('date', 'an earlier day')}): "
+                     f"built in {result['build_seconds']} s on {result.get('date', 'an earlier day')}"
+                     + (f" on {result['host']}" if "host" in result else "") + "): "
                      + "; ".join(verdicts(result)) + ".")
     return "\n".join(lines + [""] + notes)
 
@@ -165,8 +166,9 @@ def main() -> None:
     body = "\n".join([
         "## Compression on real tasks",
         "",
-        f"`python scripts/bench_compression.py {' '.join(args.tasks)}` (the tasks run; each note dates its rows), on "
-        f"{platform.machine()} ({platform.processor() or platform.system()}), 2 cores. Each task is "
+        f"`python scripts/bench_compression.py {' '.join(args.tasks)}` (the tasks run), on {host()}; each note dates "
+        "its rows and names the machine where it was recorded (host speed depends on its int8 instructions). "
+        "Each task is "
         "`edgecc build --target rpi4 --recipe models/<task>.toml`; accuracy is on the task's fixed test split "
         "with the TFLite interpreter. File sizes are TFLite files; 'smaller than float' divides the float "
         "teacher's TFLite file by the row's. Host latency is the median of 300 interleaved `invoke()` calls on "
