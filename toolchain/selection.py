@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgecc.check import Assessment
 from edgecc.classmetrics import ClassMetrics
-from edgecc.recipe import Recipe
+from edgecc.recipe import LATENCY_TIE, Recipe
 
 if TYPE_CHECKING:
     from edgecc.train.compress import Stage
@@ -95,11 +95,6 @@ class Selection:
         return {"rule": self.rule, "chosen": chosen, "file": INT8_MODEL, "meeting_every_budget": list(self.met),
                 "reason": self.reason}
 
-
-# Estimated latencies closer than this share are one latency to the "fastest" rule: two students of one
-# architecture differ in the estimate's inputs by a few hundred bytes, far below what it resolves (its held-out
-# error on Cortex-A is about 13%, BENCHMARKS.md), so a 0.3% faster estimate must not outweigh a point of accuracy.
-LATENCY_TIE = 0.02
 
 # Per rule (recipe.SELECT_RULES), the order that puts the chosen candidate first; a later candidate wins a tie.
 # "fastest" orders only the candidates within LATENCY_TIE of the smallest estimate (see `select`).

@@ -38,9 +38,9 @@ from edgecc import schema
 from edgecc.emit import write_json
 from edgecc.errors import EdgeccError, one_line
 from edgecc.progress import Reporter
-from edgecc.recipe import SPARSITY_PATTERNS, CompressSection, Recipe, load_recipe
+from edgecc.recipe import LATENCY_TIE, SPARSITY_PATTERNS, CompressSection, Recipe, load_recipe
 from edgecc.schema import spec
-from edgecc.selection import LATENCY_TIE, Candidate, select
+from edgecc.selection import Candidate, select
 
 SCALE_HINT = "pip install 'edgecc[scale]'"
 STUDY_FILE = "study.sqlite3"
