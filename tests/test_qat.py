@@ -12,7 +12,7 @@ from edgecc.errors import EdgeccError  # noqa: E402
 from edgecc.train.layers import keras  # noqa: E402
 from edgecc.train.qat import qat_model, quantize_scope, to_int8_tflite_from_qat  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
-from edgecc.runtime import Model, interpreter_class  # noqa: E402
+from edgecc.runtime import Model  # noqa: E402
 from edgecc.train.teacher import inference_graph  # noqa: E402
 from edgecc.train.transformer import VitConfig, vision_transformer  # noqa: E402
 
@@ -93,31 +93,6 @@ def test_unsupported_layer_is_refused_by_name(make_layer: Any) -> None:
     model = keras.Model(inputs, keras.layers.Dense(2)(make_layer()(inputs)))
     with pytest.raises(EdgeccError, match="'refused'"):
         qat_model(model, np.zeros((1, 4, 8), np.float32))
-
-
-def test_sparsity_preserving_qat_keeps_pruned_zeros_in_int8(digits: tuple[np.ndarray, np.ndarray]) -> None:
-    x, y = digits
-    keras.utils.set_random_seed(2)
-    model = vision_transformer(TINY, (8, 8, 1), 10)
-    layer = model.get_layer("block0_mlp_up")
-    kernel = layer.kernel.numpy()
-    pruned = np.random.default_rng(0).random(kernel.shape) < 0.5
-    kernel[pruned] = 0.0
-    layer.kernel.assign(kernel)
-
-    qat = qat_model(model, x[:64], preserve_sparsity=True)
-    _compile(qat, 1e-2)
-    qat.fit(x[:160], y[:160], batch_size=32, epochs=1, verbose=0)
-    (trained_kernel,) = [w.numpy() for w in qat.get_layer("quant_block0_mlp_up").trainable_weights if "kernel" in w.name]
-    assert not np.allclose(trained_kernel[~pruned], kernel[~pruned])
-
-    interpreter = interpreter_class()(model_content=to_int8_tflite_from_qat(qat, x[:16]))
-    (weights,) = [
-        interpreter.get_tensor(t["index"]) for t in interpreter.get_tensor_details()
-        if "block0_mlp_up" in t["name"] and tuple(t["shape"]) == kernel.T.shape and t["dtype"] == np.int8
-    ]
-    assert np.all(weights.T[pruned] == 0)
-    assert np.count_nonzero(weights.T[~pruned]) > 0.9 * np.count_nonzero(~pruned)
 
 
 def test_text_transformer_quantizes_with_int32_token_ids() -> None:

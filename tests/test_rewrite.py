@@ -15,11 +15,8 @@ from edgecc.train.tf import keras as load_keras, tensorflow as load_tensorflow  
 keras = load_keras()
 tf = load_tensorflow()
 import edgecc.train.layers  # noqa: E402,F401  (registers edgecc's layers for loading)
-from edgecc.train.convert import to_int8_tflite  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
-from edgecc.reader import read_graph  # noqa: E402
 from edgecc.train.rewrite import rewrite_model  # noqa: E402
-from edgecc.train.teacher import inference_graph  # noqa: E402
 
 layers = keras.layers
 TOKENS, DIM, CLASSES = 6, 32, 5
@@ -85,18 +82,6 @@ def test_pre_norm_transformer_is_rewritten_exactly(pre_norm: tuple[Any, Any]) ->
     assert rewritten.input_shape == model.input_shape and rewritten.count_params() == model.count_params() + TOKENS * DIM
     names = {layer.name for layer in rewritten.layers}
     assert {"attn0_query", "attn0_scores", "attn1_output", "ln0_a"} <= names
-
-
-def test_rewritten_model_converts_to_float_and_int8_tflite(pre_norm: tuple[Any, Any]) -> None:
-    """Float: attention as BATCH_MATMUL; int8: one FULLY_CONNECTED per head with an activation as its weights."""
-    batch_one = inference_graph(pre_norm[1])
-    ops = read_graph(tf.lite.TFLiteConverter.from_keras_model(batch_one).convert()).op_counts()
-    assert ops.get("BATCH_MATMUL") == 2 * 2 and "FULLY_CONNECTED" in ops, ops  # Q·Kᵀ and context, 2 blocks
-    calibration = np.random.default_rng(5).normal(size=(8, TOKENS, DIM)).astype(np.float32)
-    graph = read_graph(to_int8_tflite(batch_one, calibration, per_channel=False))
-    assert "BATCH_MATMUL" not in graph.op_counts() and {t.dtype for t in graph.activation_tensors()} == {"INT8"}
-    products = [op for op in graph.operators if op.kind == "FULLY_CONNECTED" and not graph.tensors[op.inputs[1]].constant]
-    assert len(products) == 2 * 4 * 2, graph.op_counts()  # 2 products x 4 heads x 2 blocks
 
 
 def test_rewritten_model_round_trips_through_a_safe_keras_file(pre_norm: tuple[Any, Any], tmp_path: Path) -> None:
