@@ -73,7 +73,6 @@ def layer_errors(float_content: bytes, int8_content: bytes, examples: np.ndarray
 
     graph = read_graph(int8_content)
     names = [(op.kind, graph.tensors[op.outputs[0]].name) for op in graph.operators if op.outputs]
-    float_names = {name: QAT_WRAPPER.sub("", name) for _, name in names}
     models = {}
     cls = interpreter_class()
     for key, content in (("float", float_content), ("int8", int8_content)):
@@ -83,19 +82,21 @@ def layer_errors(float_content: bytes, int8_content: bytes, examples: np.ndarray
             interpreter = cls(model_content=content, experimental_preserve_all_tensors=True,
                               experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
             interpreter.allocate_tensors()
-        models[key] = (interpreter, {d["name"]: d for d in interpreter.get_tensor_details()})
+        details = {d["name"]: d for d in interpreter.get_tensor_details()}
+        # each int8 operator output's tensor in this model, found once: in the float model, by its unwrapped name
+        own = {name: name if key == "int8" else QAT_WRAPPER.sub("", name) for _, name in names}
+        models[key] = (interpreter, {name: details[own[name]] for _, name in names if own[name] in details})
     squared_error = np.zeros(len(names))
     squared_signal = np.zeros(len(names))
     for example in examples:
         values = {}
-        for key, (interpreter, details) in models.items():
+        for key, (interpreter, outputs) in models.items():
             source = interpreter.get_input_details()[0]
             quantization = Quantization(*source["quantization"])
             interpreter.set_tensor(source["index"], quantization.quantize(example[np.newaxis], source["dtype"]))
             interpreter.invoke()
-            own = {name: name for _, name in names} if key == "int8" else float_names
-            values[key] = {name: Quantization(*details[own[name]]["quantization"]).dequantize(
-                interpreter.get_tensor(details[own[name]]["index"])) for _, name in names if own[name] in details}
+            values[key] = {name: Quantization(*d["quantization"]).dequantize(interpreter.get_tensor(d["index"]))
+                           for name, d in outputs.items()}
         for i, (_, name) in enumerate(names):
             # the int8 graph splits attention per head, so a few same-named tensors differ in shape
             if name in values["float"] and name in values["int8"] and values["float"][name].shape == values["int8"][name].shape:
