@@ -126,25 +126,6 @@ def test_balanced_sampling_gives_every_class_the_largest_ones_share_of_each_epoc
         assert sorted(epoch_order(y, 4, rule, rng)) == list(range(77)) and epoch_length(y, 4, rule) == 77
 
 
-def test_quarter_turns_and_flips_give_the_eight_views_of_a_square_image() -> None:
-    """A rare class's few images, freshly augmented each epoch, show every symmetry of the square (as texture
-    defects allow): turns alone the four rotations, with flips all eight, and never another image."""
-    needs_train_extra()
-    from edgecc.train.teacher import augmented
-
-    image = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
-    pre = Preprocessing(raw="grey pixels", layout="NHWC", input_shape=(4, 4, 1), scale=1.0, offset=0.0)
-    data = Dataset("square", image[None], np.zeros(1, dtype=np.int64), ("a",), np.zeros(1, dtype=np.int64),
-                   np.zeros(0, dtype=np.int64), pre)
-    batch = np.repeat(image[None], 64, axis=0)
-    turns = {np.rot90(image, k).tobytes() for k in range(4)}
-    views = turns | {np.rot90(image[::-1], k).tobytes() for k in range(4)}
-    for fields, expected in (({"augment_rotate": True}, turns), ({"augment_rotate": True, "augment_flip": True}, views)):
-        section = TrainSection(augment_shift=0, **fields)
-        seen = {view.tobytes() for view in augmented(batch, section, data, np.random.default_rng(0))}
-        assert seen == expected and len(expected) == (4 if len(fields) == 1 else 8)
-
-
 @pytest.fixture(scope="module")
 def by_balance(digits: Dataset) -> dict[str, Any]:
     """'0' keeps its training examples, every other digit a tenth of them: each train.balance's per-class

@@ -158,9 +158,6 @@ class TrainSection:
     label_smoothing: float = spec(0.1, minimum=0.0, maximum=0.5)
     augment_shift: int = spec(1, minimum=0, maximum=8, applies=PIXELS, doc="images: random translation in pixels, training only")
     augment_flip: bool = spec(False, applies=PIXELS, doc="images: random horizontal and vertical flips, training only")
-    augment_rotate: bool = spec(False, applies=PIXELS,
-                                doc="images: random quarter turns, training only (for textures, where a turned "
-                                    "defect is the same defect); with augment_flip, all eight views of a square")
     augment_brightness: float = spec(0.0, minimum=0.0, maximum=1.0, applies=PIXELS,
                                      doc="images: random offset of up to this much (in model input units) per image")
     augment_contrast: float = spec(0.0, minimum=0.0, maximum=0.9, applies=PIXELS,

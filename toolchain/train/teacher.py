@@ -125,7 +125,7 @@ def _shifted(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.nda
 
 
 def augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.random.Generator) -> np.ndarray:
-    """One epoch's training inputs: images shifted, flipped, turned, brightened and contrasted, or words dropped to [UNK].
+    """One epoch's training inputs: images shifted, flipped, brightened and contrasted, or words dropped to [UNK].
 
     Token dropout leaves the special tokens ([PAD], [CLS], [SEP], ...) in place: only words and word pieces
     become [UNK].
@@ -148,9 +148,6 @@ def augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.ra
         flips = rng.integers(0, 2, size=(2, n)).astype(bool)
         x = np.where(flips[0, :, None, None, None], x[:, ::-1], x)
         x = np.where(flips[1, :, None, None, None], x[:, :, ::-1], x)
-    if section.augment_rotate:  # images are square (data.image_size), so a quarter turn keeps the shape
-        turns = rng.integers(0, 4, size=n)
-        x = np.stack([np.rot90(image, k) for image, k in zip(x, turns)])
     if section.augment_contrast:
         factor = rng.uniform(1 - section.augment_contrast, 1 + section.augment_contrast, size=(n, 1, 1, 1))
         mean = x.mean(axis=(1, 2, 3), keepdims=True)
