@@ -86,6 +86,7 @@ def test_every_figure_matches_a_count_made_from_the_records(tmp_path: Path) -> N
         {"line": 101, "reason": "not a whole JSON record"}, {"line": 201, "reason": "not a whole JSON record"},
         {"line": 301, "reason": "not a whole JSON record"}]}
     assert data["records"] == dict(Counter(r["kind"] for r in records))
+    assert data["repeated_ids"] == {"count": 0, "first": []}
     dis = data["disagreement"]
     assert (dis["count"], dis["of"]) == (disagree, len(compared))
     assert (dis["low"], dis["high"]) == pytest.approx(wilson(disagree, len(compared)))
@@ -238,6 +239,32 @@ def test_the_gate_exits_1_above_the_limit_and_still_reports(tmp_path: Path) -> N
     assert result.returncode == 1, result.stderr
     assert "Limit 1.00% on the upper bound: ABOVE (exit 1)." in result.stdout
     assert "## Gate decisions" in result.stdout and "| shadow | canary | gate | every gate holds |" in result.stdout
+
+
+def test_a_log_joined_with_part_of_itself_names_every_repeated_id(tmp_path: Path) -> None:
+    """The first 120 lines appended again: each prediction among them is named as repeating its line, and counted
+    again, as the notes say."""
+    log = tmp_path / "audit.jsonl"
+    board_log(log)
+    clean = report(log, ReportOptions()).to_json()
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines + lines[:120]) + "\n")
+    data = report(log, ReportOptions()).to_json()
+
+    def prediction(line: str) -> bool:
+        try:
+            return json.loads(line)["kind"] == "prediction"
+        except ValueError:  # line 101 is torn
+            return False
+
+    again = [(len(lines) + n, n) for n, line in enumerate(lines[:120], 1) if prediction(line)]
+    assert data["repeated_ids"] == {"count": len(again), "first": [
+        {"line": line, "repeats_line": earlier} for line, earlier in again[:20]]}
+    assert sum(s["predictions"] for s in data["stages"].values()) == \
+        sum(s["predictions"] for s in clean["stages"].values()) + len(again)
+    assert any(note.startswith(f"{len(again)} prediction(s) repeat the id of an earlier one (line {again[0][0]} "
+                               f"repeats line {again[0][1]}, ") for note in data["notes"])
+    assert not any("repeat" in note for note in clean["notes"])
 
 
 def test_mangled_records_are_skipped_or_reported_never_a_crash(tmp_path: Path) -> None:

@@ -1,17 +1,20 @@
 """`edgecc pilot report`: a rollout's audit log made into evidence for people, and field metrics.
 
 The log (JSON Lines, written by the board service or by `edgecc shadow`) is read once, line by line, into
-running tallies: memory grows with the classes, windows, gate decisions and the latencies (8 bytes per timed
-call, kept for exact percentiles), never with whole records. A line that is not a whole record (an older
+running tallies: memory grows with the classes, windows, gate decisions, the latencies (8 bytes per timed
+call, kept for exact percentiles) and 12 bytes per prediction for the id check below, never with whole records. A line that is not a whole record (an older
 crash's torn write) is skipped and named by its line number; a file without one valid record is not a log.
 Labels that arrive later (an inspector's verdict) are joined to the predictions by record id; an `edgecc shadow`
 record has no id, so its index stands for one (and its own label, when the data had one, is used where the labels
-file has none). Ids are not checked for uniqueness: that would keep every id in memory.
+file has none). A prediction that repeats an earlier one's id (a log joined with itself, a shadow run restarted
+from its first example) is counted again, as it appears, and named in the report's notes: ids are kept as 8-byte
+hashes with their line numbers and compared once the log is read.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import io
 import math
@@ -251,6 +254,7 @@ class _Tally:
         self.labels = labels
         self.matched: set[str] = set()
         self.joined = 0
+        self.id_hashes, self.id_lines = array("Q"), array("I")  # of every counted prediction, for repeats
 
     def line(self, number: int, raw: bytes) -> None:
         self.lines = number
@@ -320,6 +324,8 @@ class _Tally:
             raise _Bad("'agree' contradicts the two classes")
 
         self._when(when)
+        self.id_hashes.append(int.from_bytes(hashlib.blake2b(f"{legacy}:{rid}".encode(), digest_size=8).digest(), "big"))
+        self.id_lines.append(self.lines)
         self.stages[stage] += 1
         self.answered_by[answered_by] += 1
         if agree is not None:
@@ -364,6 +370,21 @@ class _Tally:
             raise _Bad("rejected record without a 'reason'")
         self._when(when)
         self.rejected[reason] += 1
+
+
+def _repeats(hashes: array, lines: array) -> tuple[int, list[tuple[int, int]]]:
+    """How many predictions carry an earlier prediction's id, and the first few as (line, earlier line)."""
+    ids = np.frombuffer(hashes, dtype=np.uint64)
+    order = np.argsort(ids, kind="stable")  # stable: within one id, file order
+    ordered = ids[order]
+    starts = np.concatenate(([True], ordered[1:] != ordered[:-1]))
+    repeats = np.flatnonzero(~starts)
+    if not len(repeats):
+        return 0, []
+    first = np.maximum.accumulate(np.where(starts, np.arange(len(ids)), 0))  # each id's first position
+    at = np.frombuffer(lines, dtype=np.uint32)
+    shown = sorted((int(at[order[i]]), int(at[order[first[i]]])) for i in repeats)[:SHOWN]
+    return len(repeats), shown
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:
@@ -476,6 +497,13 @@ def _summary(log: Path, t: _Tally, spec: WindowSpec, options: ReportOptions,
     if t.name_conflicts:
         notes.append(f"class indices {sorted(t.name_conflicts)} carry different names in different records; "
                      "the first name seen is used")
+    repeated, pairs = _repeats(t.id_hashes, t.id_lines)
+    if repeated:
+        notes.append(f"{repeated} prediction(s) repeat the id of an earlier one ("
+                     + ", ".join(f"line {line} repeats line {earlier}" for line, earlier in pairs)
+                     + (" ..." if repeated > len(pairs) else "") + "; an `edgecc shadow` record's id is its example "
+                     "index): a log joined with itself, or a shadow run restarted from its start? Every repeat is "
+                     "counted, in every figure, and labels join to each")
     for raw, number in label_lines.items():
         if _resolve(raw, index_of) is None:
             known = ", ".join(sorted(index_of)) or "none, the log names no class"
@@ -512,6 +540,7 @@ def _summary(log: Path, t: _Tally, spec: WindowSpec, options: ReportOptions,
     return {
         "log": str(log), "lines": t.lines, "records": dict(t.kinds),
         "skipped": {"count": t.skipped_count, "first": [{"line": n, "reason": r} for n, r in t.skipped]},
+        "repeated_ids": {"count": repeated, "first": [{"line": n, "repeats_line": e} for n, e in pairs]},
         "time": {"first": t.first.isoformat() if t.first else None, "last": t.last.isoformat() if t.last else None},
         "stages": {stage: {"predictions": t.stages[stage],
                            "disagreement": _rate(t.stage_disagreements[stage], t.stage_compared[stage])}
