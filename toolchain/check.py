@@ -397,7 +397,13 @@ def _budgets(target: Target, model_bytes: int, graph: Graph, memory: MemoryPlan,
                       f"repacked weights {weights:,} B + activation plan {memory.planned_bytes:,} B")
         flash = model_bytes + mem.runtime_flash_bytes.value
         flash_detail = f"model {model_bytes:,} B + runtime {mem.runtime_flash_bytes.value:,.0f} B"
-    budgets.append(_budget("RAM", ram, mem.ram_bytes.value, "bytes", ram_detail))
+    if arena_failure and target.arena is not None and vela is None:
+        # no verdict on a figure nothing could measure: the board's interpreter stops before allocating
+        # (the operators budget above fails, so the model does not fit either way)
+        budgets.append(Budget("RAM", ram, mem.ram_bytes.value, "bytes", False,
+                              f"{ram_detail}; uncertain: unmeasured, as the interpreter cannot run the model", True))
+    else:
+        budgets.append(_budget("RAM", ram, mem.ram_bytes.value, "bytes", ram_detail))
     budgets.append(_budget("flash", flash, mem.flash_bytes.value, "bytes", flash_detail))
     return budgets
 
