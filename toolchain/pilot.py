@@ -2,8 +2,9 @@
 
 The log (JSON Lines, written by the board service or by `edgecc shadow`) is read once, line by line, into
 running tallies: memory grows with the classes, windows, gate decisions, the latencies (8 bytes per timed
-call, kept for exact percentiles) and 12 bytes per prediction for the id check below, never with whole records. A line that is not a whole record (an older
-crash's torn write) is skipped and named by its line number; a file without one valid record is not a log.
+call, kept for exact percentiles) and the ids (12 bytes per prediction, see below), never with whole records.
+A line that is not a whole record (an older crash's torn write) is skipped and named by its line number; a file
+without one valid record is not a log.
 Labels that arrive later (an inspector's verdict) are joined to the predictions by record id; an `edgecc shadow`
 record has no id, so its index stands for one (and its own label, when the data had one, is used where the labels
 file has none). A prediction that repeats an earlier one's id (a log joined with itself, a shadow run restarted
@@ -324,7 +325,7 @@ class _Tally:
             raise _Bad("'agree' contradicts the two classes")
 
         self._when(when)
-        self.id_hashes.append(int.from_bytes(hashlib.blake2b(f"{legacy}:{rid}".encode(), digest_size=8).digest(), "big"))
+        self.id_hashes.append(int.from_bytes(hashlib.blake2b(f"{legacy}:{rid}".encode(), digest_size=8).digest()))
         self.id_lines.append(self.lines)
         self.stages[stage] += 1
         self.answered_by[answered_by] += 1
@@ -383,8 +384,8 @@ def _repeats(hashes: array, lines: array) -> tuple[int, list[tuple[int, int]]]:
         return 0, []
     first = np.maximum.accumulate(np.where(starts, np.arange(len(ids)), 0))  # each id's first position
     at = np.frombuffer(lines, dtype=np.uint32)
-    shown = sorted((int(at[order[i]]), int(at[order[first[i]]])) for i in repeats)[:SHOWN]
-    return len(repeats), shown
+    earliest = repeats[np.argsort(at[order[repeats]], kind="stable")[:SHOWN]]
+    return len(repeats), [(int(at[order[i]]), int(at[order[first[i]]])) for i in earliest]
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:
