@@ -31,9 +31,8 @@ PIPELINE_SCOPE = ("the pipeline an edgecc bundle runs: the model lowered (edgecc
 class Budget:
     """One budget: the figure, its limit and whether it holds.
 
-    An estimate whose error band holds the limit, or a figure nothing could measure (the RAM of a model the
-    TFLite Micro interpreter cannot run), is `uncertain`: the model may or may not fit, and `ok` says how the
-    caller chose to count it (assess's `uncertain_passes`).
+    An estimate whose error band holds the limit is `uncertain`: the model may or may not fit, and
+    `ok` says how the caller chose to count it (assess's `uncertain_passes`).
     """
 
     name: str
@@ -321,8 +320,7 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
         arena_failure = abort_cause(graph) or arena_failure
     parts = tuple(arena_split(arena, memory.lower_bound_bytes, carried_plan_bytes(content, graph))) if arena else ()
 
-    budgets = _budgets(target, len(content), graph, memory, arena, arena_failure, missing, vela_result,
-                       uncertain_passes)
+    budgets = _budgets(target, len(content), graph, memory, arena, arena_failure, missing, vela_result)
     budgets.append(_latency_budget(latency, latency_ms, target, uncertain_passes))
     if edgetpu_plan is not None and target.edgetpu is not None:
         operators = (_pipeline_operators(pipeline, edgetpu_plan, costs) if pipeline is not None
@@ -361,8 +359,7 @@ class _ArenaWorker:
 
 
 def _budgets(target: Target, model_bytes: int, graph: Graph, memory: MemoryPlan, arena: ArenaMeasurement | None,
-             arena_failure: str | None, missing: tuple[str, ...], vela: Any | None, uncertain_passes: bool
-             ) -> list[Budget]:
+             arena_failure: str | None, missing: tuple[str, ...], vela: Any | None) -> list[Budget]:
     """Operators, RAM and flash; the latency budget is _latency_budget's."""
     mem = target.memory
     budgets = []
@@ -400,12 +397,7 @@ def _budgets(target: Target, model_bytes: int, graph: Graph, memory: MemoryPlan,
                       f"repacked weights {weights:,} B + activation plan {memory.planned_bytes:,} B")
         flash = model_bytes + mem.runtime_flash_bytes.value
         flash_detail = f"model {model_bytes:,} B + runtime {mem.runtime_flash_bytes.value:,.0f} B"
-    if arena_failure and target.arena is not None and vela is None:
-        # no verdict on a figure nothing could measure: the board's interpreter stops before allocating
-        # (the operators budget above fails, so the model does not fit either way)
-        budgets.append(Budget("RAM", ram, mem.ram_bytes.value, "bytes", uncertain_passes, ram_detail, True))
-    else:
-        budgets.append(_budget("RAM", ram, mem.ram_bytes.value, "bytes", ram_detail))
+    budgets.append(_budget("RAM", ram, mem.ram_bytes.value, "bytes", ram_detail))
     budgets.append(_budget("flash", flash, mem.flash_bytes.value, "bytes", flash_detail))
     return budgets
 
