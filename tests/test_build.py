@@ -46,30 +46,58 @@ def test_every_activation_tensor_is_int8(default_build) -> None:
         assert tensor.type == schema.TensorType.INT8, tensor.name
 
 
-def test_third_party_reproduces_int8_accuracy(default_build) -> None:
-    """Only model.tflite, manifest.json, the public dataset and the interpreter: no edgecc code."""
+def _accuracy(model: Path, indices: list[int], pre: dict) -> float:
+    """A model file's accuracy on digits examples, fed as the manifest's preprocessing says, with LiteRT alone."""
     from ai_edge_litert.interpreter import Interpreter
     from sklearn.datasets import load_digits
 
-    out, manifest, _ = default_build
-    pre = manifest["preprocessing"]
-    assert manifest["data"]["dataset"] == "sklearn-digits"
     digits = load_digits()
-    test = np.array(manifest["data"]["test_indices"])
-    interpreter = Interpreter(model_path=str(out / "model.tflite"), num_threads=1)
+    interpreter = Interpreter(model_path=str(model), num_threads=1)
     interpreter.allocate_tensors()
     inp, outp = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     assert list(inp["shape"]) == pre["model_input_shape"] and pre["layout"] == "NHWC"
-    in_q, out_q = pre["input_quantization"], pre["output_quantization"]
+    (in_scale, in_zero), (out_scale, out_zero) = inp["quantization"], outp["quantization"]
     correct = 0
-    for i in test:
-        x = digits.images[i].astype(np.float32) * pre["scale"] + pre["offset"]
-        q = np.clip(np.round(x / in_q["scale"]) + in_q["zero_point"], -128, 127).astype(np.int8)
-        interpreter.set_tensor(inp["index"], q.reshape(pre["model_input_shape"]))
+    for i in indices:
+        x = (digits.images[i].astype(np.float32) * pre["scale"] + pre["offset"]).reshape(pre["model_input_shape"])
+        if inp["dtype"] == np.int8:
+            x = np.clip(np.round(x / in_scale) + in_zero, -128, 127).astype(np.int8)
+        interpreter.set_tensor(inp["index"], x)
         interpreter.invoke()
-        logits = (interpreter.get_tensor(outp["index"])[0].astype(np.float32) - out_q["zero_point"]) * out_q["scale"]
+        logits = interpreter.get_tensor(outp["index"])[0].astype(np.float32)
+        if outp["dtype"] == np.int8:
+            logits = (logits - out_zero) * out_scale
         correct += pre["label_names"][int(np.argmax(logits))] == str(digits.target[i])
-    assert correct / len(test) == pytest.approx(manifest["metrics"]["int8_accuracy"], abs=1e-12)
+    return correct / len(indices)
+
+
+def test_third_party_reproduces_int8_accuracy(default_build) -> None:
+    """Only model.tflite, manifest.json, the public dataset and the interpreter: no edgecc code."""
+    out, manifest, _ = default_build
+    pre = manifest["preprocessing"]
+    assert manifest["data"]["dataset"] == "sklearn-digits"
+    quantization = [pre["input_quantization"][k] for k in ("scale", "zero_point")]
+    from ai_edge_litert.interpreter import Interpreter
+
+    assert list(Interpreter(model_path=str(out / "model.tflite")).get_input_details()[0]["quantization"]) == \
+        pytest.approx(quantization)
+    assert _accuracy(out / "model.tflite", manifest["data"]["test_indices"], pre) == \
+        pytest.approx(manifest["metrics"]["int8_accuracy"], abs=1e-12)
+
+
+def test_the_choice_is_made_on_a_validation_split_held_out_of_training_not_on_the_test_split(default_build) -> None:
+    """The validation examples are training examples (never test ones), about train.validation_fraction of them;
+    every kept model's accuracy on them, recomputed from its file with LiteRT, is the figure the choice used."""
+    out, manifest, _ = default_build
+    data = manifest["data"]
+    validation, test = data["validation_indices"], set(data["test_indices"])
+    assert len(set(validation)) == len(validation) and not test & set(validation)
+    assert set(validation) <= set(range(1797)) and len(validation) == pytest.approx(0.1 * data["train_size"], abs=10)
+    for record in manifest["metrics"]["stages"]:
+        assert _accuracy(out / record["file"], validation, manifest["preprocessing"]) == \
+            pytest.approx(record["validation"]["accuracy"], abs=1e-12), record["name"]
+        assert _accuracy(out / record["file"], data["test_indices"], manifest["preprocessing"]) == \
+            pytest.approx(record["accuracy"], abs=1e-12), record["name"]
 
 
 def test_manifest_records_provenance(default_build) -> None:
@@ -156,8 +184,8 @@ def test_per_class_figures_agree_with_the_predictions(default_build) -> None:
     labels = [names.index(str(target[i])) for i in manifest["data"]["test_indices"]]
     predicted = manifest["data"]["int8_test_predictions"]
     records = manifest["metrics"]["stages"]
-    final = records[-1]["classes"]
-    assert records[-1]["file"] == "model.tflite"
+    chosen = next(r for r in records if r["file"] == "model.tflite")
+    final = chosen["classes"]
     for c, figures in enumerate(final["per_class"]):
         pairs = list(zip(labels, predicted))
         hits = sum(t == p == c for t, p in pairs)
@@ -176,7 +204,7 @@ def test_per_class_figures_agree_with_the_predictions(default_build) -> None:
     assert "edgecc: warning" not in result.stderr
     report = (out / "report.md").read_text()
     assert "## Warnings" not in report
-    assert f"## Per class ({records[-1]['name']}, model.tflite)" in report
+    assert f"## Per class ({chosen['name']}, model.tflite)" in report
     assert f"balanced accuracy (mean recall over classes) {final['balanced_accuracy']:.4f}" in report
     first = final["per_class"][0]
     assert (f"| {first['name']} | {first['support']} | {first['predicted']} | {first['precision']:.3f} | "
@@ -250,11 +278,13 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
     assert records[0]["file"] == "float.tflite" and {r["file"] for r in records} <= set(manifest["artifacts"])
     assert all((tmp_path / "out" / r["file"]).is_file() for r in records)
     students = records[1:]
-    assert not any(r["meets_budgets"] for r in students)
-    failed = [sum(b["status"] != "pass" for b in r["budgets"]) for r in students]
-    closest = [r for r, n in zip(students, failed) if n == min(failed)]
+    assert not any(r["meets_budgets"] or r["validation"]["meets_budgets"] for r in students)
+    assert manifest["selection"]["judged_on"] == "validation"
+    # the choice by the validation figures: the highest task.metric of those failing the fewest budgets there
+    fewest = min(r["validation"]["failed_budgets"] for r in students)
+    closest = [r for r in students if r["validation"]["failed_budgets"] == fewest]
     chosen = next(r for r in students if r["file"] == "model.tflite")
-    assert chosen in closest and chosen["task_metric"] == max(r["task_metric"] for r in closest)
+    assert chosen in closest and chosen["validation"]["task_metric"] == max(r["validation"]["task_metric"] for r in closest)
     assert chosen["budgets"] == manifest["budgets"] and manifest["selection"]["chosen"] == chosen["name"]
     assert manifest["selection"]["meeting_every_budget"] == []
     report = (tmp_path / "out" / "report.md").read_text()

@@ -122,33 +122,37 @@ def test_budget_lines_are_rounded_for_people() -> None:
 
 
 def test_the_default_build_says_which_model_it_chose_and_why(default_build) -> None:
-    """The default recipe runs the whole method (prune, then QAT) and keeps a compressed student; the choice is
-    recomputed here from each record's figures by the rule as the recipe documents it."""
+    """The default recipe runs the whole method (prune, then QAT) and chooses on the validation split; the choice is
+    recomputed here from each record's validation figures by the rule as the recipe documents it
+    (tests/test_build.py recomputes those figures from the files)."""
     out, manifest, _ = default_build
     records = manifest["metrics"]["stages"]
     assert [r["name"] for r in records] == ["float teacher", "int8 after ptq of the teacher", "int8 after prune",
                                             "int8 after qat"]
     students = records[1:]
-    met = [r for r in students if r["meets_budgets"]]
+    met = [r for r in students if r["validation"]["meets_budgets"]]
     fastest = min(r["target_latency_ms"] for r in met)
     near = [r for r in met if r["target_latency_ms"] <= fastest * 1.02]
-    chosen = max(near, key=lambda r: (r["accuracy"], students.index(r)))  # the later stage wins a full tie
+    chosen = max(near, key=lambda r: (r["validation"]["accuracy"], students.index(r)))  # a full tie: the later stage
     final = next(r for r in records if r["file"] == "model.tflite")
-    assert final is not records[1] and final["name"] == chosen["name"]
-    assert manifest["model"]["student_parameters"] < manifest["model"]["parameters"]
+    assert final["name"] == chosen["name"]
     selection = manifest["selection"]
-    assert (selection["rule"], selection["chosen"], selection["meeting_every_budget"]) == \
-        ("fastest", final["name"], [r["name"] for r in met])
+    assert (selection["rule"], selection["chosen"], selection["meeting_every_budget"], selection["judged_on"]) == \
+        ("fastest", final["name"], [r["name"] for r in met], "validation")
+    assert selection["judged_on_size"] == len(manifest["data"]["validation_indices"]) > 0
     assert selection["reason"].endswith(f"of the {len(met)} model(s) that meet every budget")
-    assert final["meets_budgets"] is True and final["budgets"] == manifest["budgets"]
+    assert final["budgets"] == manifest["budgets"]
+    assert final["meets_budgets"] == all(b["status"] == "pass" for b in final["budgets"])
     assert final["target_latency_ms"] == manifest["target_check"]["latency"]["estimate_ms"]
     assert manifest["metrics"]["task_metric"] == {"name": "accuracy", "classes": [],
                                                   "float": manifest["metrics"]["float_accuracy"],
                                                   "int8": manifest["metrics"]["int8_accuracy"]}
     report = (out / "report.md").read_text()
-    assert f"model.tflite is {final['name']} (compress.select = 'fastest'): {selection['reason']}" in report
-    assert f"| {final['name']} | model.tflite | {final['accuracy']:.4f} | {final['target_latency_ms']:.4g} ms | yes |" \
-        in report
+    assert (f"model.tflite is {final['name']} (compress.select = 'fastest'), judged on the "
+            f"{selection['judged_on_note']}: {selection['reason']}") in report
+    verdicts = f"{'yes' if final['validation']['meets_budgets'] else 'no'} / {'yes' if final['meets_budgets'] else 'no'}"
+    assert (f"| {final['name']} | model.tflite | {final['validation']['task_metric']:.4f} | {final['accuracy']:.4f} | "
+            f"{final['target_latency_ms']:.4g} ms | {verdicts} |") in report
     html = (out / "report.html").read_text()
     assert '<img alt="Confusion matrix of the final model' in html
     assert '<img alt="Relative RMS error of each int8 operator output' in html and EMPTY_ERROR_PLOT not in html
@@ -173,3 +177,22 @@ def test_fastest_counts_estimates_within_two_percent_as_ties() -> None:
                                 "resolves, of the 2 model(s) that meet every budget")
     apart = [near[0], replace(near[1], latency_ms=0.8279 * 1.03)]
     assert select(apart, "fastest").index == 0
+
+
+def test_without_a_validation_split_the_choice_is_made_on_the_test_split_and_says_so(tmp_path) -> None:
+    """train.validation_fraction = 0 leaves nothing to choose on but the test split: the build still chooses,
+    and the manifest and report say that the chosen model's test figures are then optimistic."""
+    needs_train_extra()
+    from edgecc.build import build
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('name = "no-validation"\n[model]\nstem_filters = [8]\nstem_strides = [2]\ndim = 16\ndepth = 1\n'
+                      'heads = 2\nmlp_dim = 32\n[data]\nsource = "sklearn-digits"\n[train]\nepochs = 1\n'
+                      'validation_fraction = 0.0\n[compress]\nstages = ["prune", "ptq"]\ncalibration_samples = 16\n'
+                      'distill_epochs = 0\n[budgets]\nmin_accuracy = 0.0\nmax_accuracy_drop = 100.0\n')
+    manifest = build("rpi4", recipe, tmp_path / "out").manifest
+    selection = manifest["selection"]
+    assert (selection["judged_on"], selection["judged_on_size"]) == ("test", manifest["data"]["test_size"])
+    assert "optimistic" in selection["judged_on_note"] and manifest["data"]["validation_indices"] == []
+    assert not any("validation" in record for record in manifest["metrics"]["stages"])
+    assert f"judged on the {selection['judged_on_note']}" in (tmp_path / "out" / "report.md").read_text()

@@ -25,7 +25,7 @@ import edgecc
 from edgecc import emit, report
 from edgecc.check import Assessment, assess, edgetpu_json, pipeline_json
 from edgecc.classmetrics import ClassMetrics, class_metrics, student_warning
-from edgecc.data import Dataset, load_dataset
+from edgecc.data import Dataset, load_dataset, validation_split
 
 if TYPE_CHECKING:
     from edgecc.train.compress import Stage
@@ -43,7 +43,7 @@ from edgecc.progress import Reporter
 from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
 from edgecc.recipe import LoadedRecipe, Recipe, TaskSection, check_class_names, load_recipe, model_path
 from edgecc.runtime import Model
-from edgecc.selection import (INT8_MODEL, Candidate, budget_verdicts, distinct_models, model_name, select,
+from edgecc.selection import (INT8_MODEL, Candidate, budget_verdicts, distinct_models, failures, model_name, select,
                               stage_files)
 from edgecc.sign import load_private_key, sign_manifest
 from edgecc.targets import Target, load_target
@@ -202,6 +202,33 @@ def _micro_accuracy(content: bytes, x: np.ndarray, y: np.ndarray, reporter: Repo
 
 
 @dataclass(frozen=True)
+class Judged:
+    """The figures the choice of model.tflite is made on: the float model's first, then each int8 model's."""
+
+    split: str  # "validation", or "test" when there is no validation split
+    size: int
+    figures: list[ClassMetrics]
+    budgets: list[list[dict[str, Any]]]  # each int8 model's budgets on this split
+
+    def describe(self) -> str:
+        if self.split == "validation":
+            return f"validation split ({self.size} training examples held out of the teacher's and every stage's training)"
+        return (f"test split ({self.size} examples; train.validation_fraction is 0, so there is no validation split "
+                "and the test figures of the chosen model are optimistic)")
+
+
+def _on_validation(recipe: Recipe, dataset: Dataset, index: np.ndarray, models: list[Model], fits: list[Assessment],
+                   reporter: Reporter) -> Judged:
+    """Every model's figures (the float model's first) and each int8 model's budgets on the validation split."""
+    x, y = dataset.x[index], dataset.y[index]
+    figures = [class_metrics(y, predictions(model, x, reporter, "evaluating on the validation split"),
+                             dataset.label_names) for model in models]
+    budgets = [budget_verdicts(recipe, figures[0], student, fit, split="validation")
+               for student, fit in zip(figures[1:], fits)]
+    return Judged("validation", len(index), figures, budgets)
+
+
+@dataclass(frozen=True)
 class BoardForm:
     """An int8 model in the form the board runs, and what the steps that made it did."""
 
@@ -279,6 +306,17 @@ def float_teacher(model: Any, loaded: LoadedRecipe, dataset: Dataset, reporter: 
                 reporter.warning(f"the teacher could not be stored in the cache {cache}: {one_line(err)}")
     keras().utils.set_random_seed(recipe.seed)
     return model, {**record, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def held_out(dataset: Dataset, recipe: Recipe) -> tuple[Dataset, np.ndarray]:
+    """The data the compression stages train and calibrate on, and the validation split that chooses among them.
+
+    The validation split is the one the teacher stops on (data.validation_split, train.validation_fraction, the
+    seed), held out of every stage's training and calibration too, so that choosing model.tflite (and a tune
+    trial) never looks at the test split and the test figures stay out of sample. Empty when the fraction is 0.
+    """
+    fit, validation = validation_split(dataset, recipe.train.validation_fraction, recipe.seed)
+    return replace(dataset, train_index=fit), validation
 
 
 def calibration_examples(dataset: Dataset, recipe: Recipe) -> np.ndarray:
@@ -370,11 +408,12 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         for line in dataset.summary():
             reporter.info(escape(line))
         teacher, teacher_record = float_teacher(model, loaded, dataset, reporter, given=teacher_file, cache=cache)
-        calibration = calibration_examples(dataset, recipe)
+        students, validation_index = held_out(dataset, recipe)
+        calibration = calibration_examples(students, recipe)
         reporter.info(f"compressing: {' -> '.join(recipe.compress.stages)} (int8 calibrated on {len(calibration)} "
-                      "training examples)")
+                      f"training examples; {len(validation_index)} validation examples held out to choose the model)")
         float_bytes = to_float_tflite(inference_graph(teacher))
-        stages = compressed_stages(teacher, dataset, recipe, calibration, reporter, cache=cache,
+        stages = compressed_stages(teacher, students, recipe, calibration, reporter, cache=cache,
                                    key=teacher_record.get("cache_key"))
         if recipe.compress.stages != ("ptq",):
             stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
@@ -398,13 +437,16 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     latency_budget = recipe.budgets.max_latency_ms or None
     fits = [assess(group[0].int8, target, latency_ms=latency_budget) for group in models]
     budgets = [budget_verdicts(recipe, figures[0], student, fit) for student, fit in zip(figures[1:], fits)]
-    failed = [sum(b["status"] != "pass" for b in model_budgets) for model_budgets in budgets]
-    candidates = [Candidate(name=name, failed=count, latency_ms=fit.latency.total_ms, bytes=len(group[0].int8),
-                            metric=student.score(recipe.task.metric, recipe.task.classes))
-                  for name, count, fit, group, student in zip(names, failed, fits, models, figures[1:])]
+    judged = (_on_validation(recipe, dataset, validation_index, [float_model, *int8_models], fits, reporter)
+              if len(validation_index) else Judged("test", len(y_test), figures, budgets))
+    candidates = [Candidate(name=name, failed=failures(split_budgets, judged.split), latency_ms=fit.latency.total_ms,
+                            bytes=len(group[0].int8), metric=student.score(recipe.task.metric, recipe.task.classes))
+                  for name, split_budgets, fit, group, student in
+                  zip(names, judged.budgets, fits, models, judged.figures[1:])]
     selection = select(candidates, recipe.compress.select)
     chosen = selection.index
-    reporter.info(escape(f"model.tflite is {names[chosen]} (compress.select = '{selection.rule}'): {selection.reason}"))
+    reporter.info(escape(f"model.tflite is {names[chosen]} (compress.select = '{selection.rule}', judged on the "
+                         f"{judged.describe()}): {selection.reason}"))
     int8_bytes, int8_model, fit = models[chosen][0].int8, int8_models[chosen], fits[chosen]
     form = next(form for stage, form in zip(stages, forms) if stage is models[chosen][0])
     pass_report, memory_plan = form.passes, form.memory_plan
@@ -417,8 +459,14 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     stage_records = _stage_records(teacher, float_bytes, models, files, latency)
     warnings = _add_class_metrics(stage_records, figures, recipe.task, chosen + 1)
     for record, candidate, model_budgets in zip(stage_records[1:], candidates, budgets):
-        record.update(target_latency_ms=candidate.latency_ms, meets_budgets=candidate.meets_budgets,
-                      budgets=model_budgets)
+        record.update(target_latency_ms=candidate.latency_ms, budgets=model_budgets,
+                      meets_budgets=not failures(model_budgets, "test"))
+    if judged.split == "validation":
+        for record, metrics, candidate in zip(stage_records, judged.figures, [None, *candidates]):
+            record["validation"] = {"accuracy": metrics.score("accuracy"),
+                                    "task_metric": metrics.score(recipe.task.metric, recipe.task.classes),
+                                    **({"failed_budgets": candidate.failed, "meets_budgets": candidate.meets_budgets}
+                                       if candidate else {})}
     graph = fit.graph
     # which operators would leave an Edge TPU, for every build: the first question about moving to a Coral
     edgetpu_target = target if fit.edgetpu else load_target(EDGETPU_REFERENCE)
@@ -439,6 +487,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "versions": library_versions(),
         "reproducibility": _reproducibility(recipe.seed),
         "data": {**dataset.split_json(), "test_size": len(dataset.test_index),
+                 "validation_indices": validation_index.tolist(),
                  "int8_test_predictions": model_predictions[chosen].tolist()},
         "preprocessing": _preprocessing(dataset, int8_model),
         "teacher": teacher_record,
@@ -468,7 +517,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         },
         "latency_budget_ms": latency_budget,
         "target_check": fit.to_json(),
-        "selection": selection.to_json(names[chosen]),
+        "selection": {**selection.to_json(names[chosen]), "judged_on": judged.split, "judged_on_size": judged.size,
+                      "judged_on_note": judged.describe()},
         "budgets": budgets[chosen],
         "quantization_error": quantization_error,
         "edgetpu_partition": {"target": edgetpu_target.name, **edgetpu_json(edgetpu)},

@@ -152,12 +152,15 @@ class CachedStage:
     student: None = None
 
 
+STUDENTS_TRAIN_ON = "the training split less the validation split"  # build.held_out; part of every stages key
+
+
 def stages_key(teacher: str, compress: dict[str, Any]) -> str:
-    """The stages depend on the teacher (whose key covers seed, data, train section and versions) and on
-    the compress section; `select` only chooses among them, so it is left out."""
+    """The stages depend on the teacher (whose key covers seed, data, train section and versions), on the
+    examples they train on, and on the compress section; `select` only chooses among them, so it is left out."""
     stages = {name: value for name, value in compress.items() if name != "select"}
-    return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages},
-                                     sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages,
+                                      "students_train_on": STUDENTS_TRAIN_ON}, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

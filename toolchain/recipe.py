@@ -174,9 +174,11 @@ class TrainSection:
                             "alike (balanced_accuracy, macro_f1, recall), 'none' for accuracy, which weighs them "
                             "by their frequency in the test split")
     validation_fraction: float = spec(0.1, minimum=0.0, maximum=0.5,
-                                      doc="share of the training split held out to judge the teacher by task.metric "
-                                          "after each epoch (stratified, seeded; signals: the end of each "
-                                          "recording's training part); the best epoch of the second half is kept; 0: off")
+                                      doc="share of the training split held out of all training (stratified, "
+                                          "seeded; signals: the end of each recording's training part): it judges "
+                                          "the teacher by task.metric after each epoch (the best epoch of the second "
+                                          "half is kept) and the int8 models for the choice of model.tflite; 0: off "
+                                          "(the choice is then made on the test split)")
     patience: int = spec(10, minimum=0, doc="stop the teacher after this many epochs without a better "
                                             "validation figure, counted from half way through the epochs "
                                             "(the first half runs at a high learning rate); 0: run every epoch")

@@ -153,27 +153,40 @@ def _stages_section(manifest: dict[str, Any]) -> list[tuple[str, list[Block]]]:
     metric = manifest["metrics"]["task_metric"]["name"]
     extra = [metric.replace("_", " ")] if metric != "accuracy" else []
     target = manifest["target"]["name"]
+    validated = "validation" in records[0]
     rows = []
     for st in records:
         on_target = "-" if "target_latency_ms" not in st else f"{st['target_latency_ms']:.4g} ms"
-        verdict = "-" if "meets_budgets" not in st else ("yes" if st["meets_budgets"] else "no")
+        verdict = "-" if "meets_budgets" not in st else _yes(st["meets_budgets"])
+        if validated and "meets_budgets" in st:
+            verdict = f"{_yes(st['validation']['meets_budgets'])} / {verdict}"
         host = f"{st['host_latency_ms']:.3f} ms"
         if "speedup_vs_float" in st:
             host += f" ({st['speedup_vs_float']:.2f}x float)"
-        rows.append([st["name"], st["file"], f"{st['accuracy']:.4f}", *([_figure(st["task_metric"], 4)] if extra else []),
-                     on_target, verdict, _kib(st["bytes"]), _kib(st["gzip_bytes"]), f"{st['parameters']:,}", host])
+        chosen_on = [_figure(st["validation"]["task_metric"], 4)] if validated else []
+        rows.append([st["name"], st["file"], *chosen_on, f"{st['accuracy']:.4f}",
+                     *([_figure(st["task_metric"], 4)] if extra else []), on_target, verdict, _kib(st["bytes"]),
+                     _kib(st["gzip_bytes"]), f"{st['parameters']:,}", host])
     met = ", ".join(selection["meeting_every_budget"]) or "none"
+    judged = selection.get("judged_on_note", "test split")
     return [("Stages", [
-        ("p", f"model.tflite is {selection['chosen']} (compress.select = '{selection['rule']}'): "
-              f"{selection['reason']}. Models that meet every budget: {met}. A model that several stages produced "
-              "byte for byte is one row naming them all."),
-        ("table", (["model", "file", "test accuracy", *extra, f"estimated latency on {target}", "every budget", "size",
-                    "gzip", "parameters", "host latency (1 thread)"], rows)),
+        ("p", f"model.tflite is {selection['chosen']} (compress.select = '{selection['rule']}'), judged on the "
+              f"{judged}: {selection['reason']}. Models that meet every budget there: {met}. The test figures "
+              "are measured after the choice. A model that several stages produced byte for byte is one row naming "
+              "them all."),
+        ("table", (["model", "file", *([f"validation {metric.replace('_', ' ')}"] if validated else []),
+                    "test accuracy", *[f"test {e}" for e in extra], f"estimated latency on {target}",
+                    "every budget (validation / test)" if validated else "every budget", "size", "gzip", "parameters",
+                    "host latency (1 thread)"], rows)),
         ("p", "Share of zeros in each int8 weight matrix of model.tflite (pruned weights are exact zeros; a dense "
               "matrix shows about 1%):"),
         ("table", (["weight tensor", "zeros"], [
             [name, f"{share:.1%}"] for name, share in final_record(records).get("weight_sparsity", {}).items()])),
     ])]
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 def _teacher_source(teacher: dict[str, Any] | None) -> str:

@@ -4,6 +4,8 @@ The stages can leave the same bytes twice (`ptq` after `prune` quantizes the stu
 quantized): those are one model, named after every stage that made it. Each distinct model gets the
 recipe's budgets and the target's; the recipe's rule (compress.select) chooses among the models that
 meet them all, so a later stage that loses accuracy does not replace an earlier one that met every budget.
+The choice is made on the validation split (build.held_out), never on the test split, whose figures are then
+reported out of sample; the test split's budgets give the build's verdict.
 """
 
 from __future__ import annotations
@@ -36,13 +38,16 @@ def _drop(name: str, teacher: float, student: float, limit: float, detail: str) 
             "status": "pass" if drop <= limit + 1e-9 else "fail", "detail": detail}
 
 
-def budget_verdicts(recipe: Recipe, teacher: ClassMetrics, student: ClassMetrics, fit: Assessment) -> list[dict[str, Any]]:
+def budget_verdicts(recipe: Recipe, teacher: ClassMetrics, student: ClassMetrics, fit: Assessment, *,
+                    split: str = "test") -> list[dict[str, Any]]:
     """The recipe's budgets on one int8 model and the target check's, each with its figure and verdict.
 
     The accuracy floor and drop are always listed; the other budgets of the recipe when it sets them.
+    `split` names the examples `teacher` and `student` were measured on.
     """
     b, task = recipe.budgets, recipe.task
-    split = "test split, TFLite interpreter"
+    missing = f"no {split} example of this class to measure it"
+    split = f"{split} split, TFLite interpreter"
     budgets = [_floor("int8 accuracy", student.score("accuracy"), b.min_accuracy, split),
                _drop("accuracy drop", teacher.score("accuracy"), student.score("accuracy"), b.max_accuracy_drop,
                      "float minus int8 TFLite")]
@@ -55,7 +60,7 @@ def budget_verdicts(recipe: Recipe, teacher: ClassMetrics, student: ClassMetrics
     recalls = {c.name: c.recall for c in student.classes}
     for name, limit in b.min_recall.items():
         budgets.append(_floor(f"int8 recall of '{name}'", recalls[name], limit,
-                              split if recalls[name] is not None else "no test example of this class to measure it"))
+                              split if recalls[name] is not None else missing))
     if b.max_metric_drop is not None:
         budgets.append(_drop(f"{task.metric} drop", teacher.score(task.metric, task.classes),
                              student.score(task.metric, task.classes), b.max_metric_drop,
@@ -67,6 +72,13 @@ def budget_verdicts(recipe: Recipe, teacher: ClassMetrics, student: ClassMetrics
     return budgets
 
 
+def failures(budgets: list[dict[str, Any]], split: str) -> int:
+    """How many budgets a model fails. On the validation split, where the choice is made, a budget that cannot be
+    measured there (no validation example of a named class) is not counted: it tells no model from another, and
+    the test split still judges the chosen model by it."""
+    return sum(b["status"] != "pass" and (split == "test" or b["value"] is not None) for b in budgets)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Candidate:
     """One distinct int8 model of the build, as the choice of the final model sees it."""
@@ -74,7 +86,7 @@ class Candidate:
     name: str
     failed: int  # how many of its budgets it fails
     latency_ms: float  # estimated on the target
-    metric: float  # task.metric on the test split
+    metric: float  # task.metric on the split the choice is made on (the validation split)
     bytes: int
 
     @property

@@ -3,8 +3,10 @@
 The float teacher is trained once (or loaded from the build cache); each trial is one configuration of the
 recipe's [compress] section (stage list, block/head/neuron/vocabulary fractions, sparsity and its pattern,
 distillation and QAT epochs and learning rates), run as a build runs its stages, and measured as a build
-measures its int8 model: task.metric on the test split with the TFLite interpreter, and the target's
-estimated latency, flash and RAM with every budget of the recipe and the target judged (edgecc.selection).
+measures its int8 model: task.metric with the TFLite interpreter on the validation split (build.held_out: held
+out of the teacher's and every stage's training), and the target's estimated latency, flash and RAM, with every
+budget of the recipe and the target judged (edgecc.selection). The search and the choice never see the test
+split; each trial's test figures are recorded beside, for the report only.
 
 Optuna's multi-objective sampler (NSGA-II by default) proposes the configurations; its study lives in a SQLite
 file in the output folder, so an interrupted search resumes (same study name) and adds trials. A trial whose
@@ -302,12 +304,16 @@ class Workbench:
     teacher: Any = None
     cache_key: str | None = None
     calibration: Any = None
-    teacher_metrics: Any = None
+    teacher_metrics: Any = None  # on the split the trials are judged on (the validation split)
+    teacher_test: Any = None  # on the test split, reported beside each trial's, never searched on
+    students: Any = None  # what the stages train on (build.held_out)
+    judged_index: Any = None  # the validation split, or the test split when there is none
+    judged_on: str = "validation"
     float_bytes: int = 0
 
     def prepare(self, reporter: Reporter) -> None:
         """Load the data and the teacher (trained and stored in the cache the first time) and measure it."""
-        from edgecc.build import calibration_examples, float_teacher, starting_teacher
+        from edgecc.build import calibration_examples, float_teacher, held_out, starting_teacher
         from edgecc.classmetrics import class_metrics
         from edgecc.data import load_dataset
         from edgecc.evaluate import predictions
@@ -323,15 +329,20 @@ class Workbench:
         self.teacher, record = float_teacher(model, self.loaded, self.dataset, reporter, given=None,
                                              cache=self.options.cache)
         self.cache_key = record.get("cache_key")
-        self.calibration = calibration_examples(self.dataset, recipe)
-        float_model = to_float_tflite(inference_graph(self.teacher))
-        self.float_bytes = len(float_model)
-        x, y = self._test()
-        self.teacher_metrics = class_metrics(y, predictions(Model(float_model), x, Reporter(quiet=True), ""),
-                                             self.dataset.label_names)
+        self.students, validation = held_out(self.dataset, recipe)
+        self.judged_index = validation if len(validation) else self.dataset.test_index
+        self.judged_on = "validation" if len(validation) else "test"
+        self.calibration = calibration_examples(self.students, recipe)
+        content = to_float_tflite(inference_graph(self.teacher))
+        self.float_bytes, float_model = len(content), Model(content)
+        self.teacher_metrics, self.teacher_test = (
+            class_metrics(self.dataset.y[index], predictions(float_model, self.dataset.x[index], Reporter(quiet=True), ""),
+                          self.dataset.label_names) for index in (self.judged_index, self.dataset.test_index))
 
-    def _test(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.dataset.x[self.dataset.test_index], self.dataset.y[self.dataset.test_index]
+    def split(self, test: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The examples trials are judged and chosen on (the validation split), or with `test` the test split."""
+        index = self.dataset.test_index if test else self.judged_index
+        return self.dataset.x[index], self.dataset.y[index]
 
     def run(self, params: dict[str, Any]) -> dict[str, Any]:
         """One trial: its recipe written and validated, its stages run (or taken from the cache), its int8 model
@@ -341,7 +352,7 @@ class Workbench:
         from edgecc.classmetrics import class_metrics
         from edgecc.evaluate import predictions
         from edgecc.runtime import Model
-        from edgecc.selection import budget_verdicts
+        from edgecc.selection import budget_verdicts, failures
 
         started = time.perf_counter()
         fields = overrides(params, self.searched)
@@ -355,7 +366,7 @@ class Workbench:
         except EdgeccError as err:
             return self._write(folder, {**figures, "status": "invalid", "reason": str(err)}, started)
         recipe = loaded.recipe
-        x, y = self._test()
+        x, y = self.split()
         teacher_accuracy = self.teacher_metrics.score("accuracy")
         limit = recipe.budgets.max_accuracy_drop
 
@@ -373,24 +384,27 @@ class Workbench:
                                 f"{teacher_accuracy:.4f} (budgets.max_accuracy_drop {limit})")
 
         try:
-            stages = compressed_stages(self.teacher, self.dataset, recipe, self.calibration, Reporter(quiet=True),
+            stages = compressed_stages(self.teacher, self.students, recipe, self.calibration, Reporter(quiet=True),
                                        cache=self.options.cache, key=self.cache_key, after_stage=after_stage)
         except _Hopeless as err:
             return self._write(folder, {**figures, "status": "stopped", "reason": str(err)}, started)
         int8 = board_form(stages[-1].int8, self.target).content  # the form a build gives its int8 models
-        student = class_metrics(y, predictions(Model(int8), x, Reporter(quiet=True), ""), self.dataset.label_names)
+        student, test = (class_metrics(labels, predictions(Model(int8), examples, Reporter(quiet=True), ""),
+                                       self.dataset.label_names) for examples, labels in (self.split(), self.split(True)))
         fit = assess(int8, self.target, latency_ms=recipe.budgets.max_latency_ms or None)
-        budgets = budget_verdicts(recipe, self.teacher_metrics, student, fit)
+        budgets = budget_verdicts(recipe, self.teacher_metrics, student, fit, split=self.judged_on)
         measured = {b.name: b.value for b in fit.budgets}
         return self._write(folder, {
-            **figures, "status": "complete",
+            **figures, "status": "complete", "judged_on": self.judged_on,
             "task_metric": student.score(recipe.task.metric, recipe.task.classes),
             "accuracy": student.score("accuracy"),
+            "test_task_metric": test.score(recipe.task.metric, recipe.task.classes),
+            "test_accuracy": test.score("accuracy"),
             "latency_ms": fit.latency.total_ms,
             "flash_bytes": int(measured.get("flash", len(int8))),
             "ram_bytes": int(measured.get("RAM", fit.memory.planned_bytes)),
             "bytes": len(int8), "parameters": stages[-1].parameters,
-            "failed": sum(b["status"] != "pass" for b in budgets), "budgets": budgets,
+            "failed": failures(budgets, self.judged_on), "budgets": budgets,
         }, started)
 
     @staticmethod
@@ -657,6 +671,7 @@ def report(study: Any, bench: Workbench) -> TuneResult:
     summary = {"study": study_name(bench), "storage": str(out / STUDY_FILE), "recipe": str(bench.loaded.path),
                "target": bench.target.name, "objectives": OBJECTIVES, "task_metric": bench.loaded.recipe.task.metric,
                "teacher": {"accuracy": bench.teacher_metrics.score("accuracy") if bench.teacher_metrics else None,
+                           "test_accuracy": bench.teacher_test.score("accuracy") if bench.teacher_test else None,
                            "float_tflite_bytes": bench.float_bytes or None},
                **result.to_json()}
     write_json(out / "pareto.json", summary)
@@ -673,14 +688,17 @@ def report(study: Any, bench: Workbench) -> TuneResult:
     return result
 
 
+COLUMNS = ("trial", "budgets", "metric", "test metric", "latency ms", "flash B", "RAM B", "s", "configuration")
+
+
 def _cells(r: dict[str, Any], front: set[int]) -> list[str]:
     c = r["compress"]
     config = " ".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in c.items() if k != "select")
     if r["status"] != "complete":
-        return [str(r["number"]), r["status"], "", "", "", "", "", config]
+        return [str(r["number"]), r["status"], "", "", "", "", "", "", config]
     return [str(r["number"]) + (" *" if r["number"] in front else ""), "meets all" if r["failed"] == 0
-            else f"fails {r['failed']}", f"{r['task_metric']:.4f}", f"{r['latency_ms']:.3g}", f"{r['flash_bytes']:,}",
-            f"{r['ram_bytes']:,}", f"{r['seconds']:.1f}", config]
+            else f"fails {r['failed']}", f"{r['task_metric']:.4f}", f"{r['test_task_metric']:.4f}",
+            f"{r['latency_ms']:.3g}", f"{r['flash_bytes']:,}", f"{r['ram_bytes']:,}", f"{r['seconds']:.1f}", config]
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -688,15 +706,15 @@ def _markdown(summary: dict[str, Any]) -> str:
     chosen = summary["chosen"]
     lines = [f"# edgecc tune: {summary['study']}", "",
              f"Recipe {summary['recipe']}, target {summary['target']}; study {summary['storage']} "
-             f"({len(summary['trials'])} finished trials). Figures: {summary['task_metric']} of the int8 model on the "
-             "test split (TFLite interpreter); latency, flash and RAM estimated for the target. `*`: on the Pareto "
+             f"({len(summary['trials'])} finished trials). Figures: {summary['task_metric']} of the int8 model "
+             "(TFLite interpreter) on the validation split, which the search, the budgets and the choice use, and on "
+             "the test split, reported only; latency, flash and RAM estimated for the target. `*`: on the Pareto "
              "front (no other trial is at least as good on all four and better on one).", "",
              f"Choice rule: {RULE}.", "",
              f"Chosen: trial {chosen['number']} [{chosen['key']}], written to best.toml." if chosen else
              "Chosen: none; no trial meets every budget. Closest: " + ", ".join(
                  f"trial {r['number']} (fails {r['failed']}, {r['task_metric']:.4f})" for r in summary["closest"]),
-             "", "| trial | budgets | metric | latency ms | flash B | RAM B | s | configuration |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
     lines += ["| " + " | ".join(_cells(r, front)) + " |" for r in summary["trials"]]
     return "\n".join(lines) + "\n"
 
@@ -735,11 +753,10 @@ def _svg(rows: list[dict[str, Any]], front: set[int], chosen: int | None) -> str
 def _html(summary: dict[str, Any]) -> str:
     front = set(summary["front"])
     chosen = summary["chosen"]["number"] if summary["chosen"] else None
-    head = ["trial", "budgets", "metric", "latency ms", "flash B", "RAM B", "s", "configuration"]
     table = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r, front)) + "</tr>"
                     for r in summary["trials"])
     return (f"<!doctype html><meta charset=utf-8><title>edgecc tune {html.escape(summary['study'])}</title>"
             f"<h1>edgecc tune: {html.escape(summary['study'])}</h1>"
             f"<p>Filled: the Pareto front; ringed: the chosen trial ({html.escape(RULE)}).</p>"
             f"{_svg(summary['trials'], front, chosen)}"
-            f"<table border=1 cellpadding=3><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr>{table}</table>")
+            f"<table border=1 cellpadding=3><tr>{''.join(f'<th>{h}</th>' for h in COLUMNS)}</tr>{table}</table>")
