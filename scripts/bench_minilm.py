@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_compression import parse_tasks, run_task, table, with_earlier_rows  # noqa: E402
+from bench_compression import final_row, parse_tasks, run_task, table, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
 
 from edgecc.check import assess  # noqa: E402
@@ -68,7 +68,7 @@ def _estimate(entry: dict[str, Any]) -> str:
 
 def verdicts(result: dict[str, Any]) -> list[str]:
     """The issue's acceptance checks for one task, each with the figures it compares."""
-    teacher, final = result["rows"][0], result["rows"][-1]
+    teacher, final = result["rows"][0], final_row(result)
     kept = final["accuracy"] / teacher["accuracy"]
     rpi4 = final["estimates"]["rpi4"]["ms"]
     lines = [f"float teacher accuracy {teacher['accuracy']:.4f}"
