@@ -196,3 +196,26 @@ def test_without_a_validation_split_the_choice_is_made_on_the_test_split_and_say
     assert "optimistic" in selection["judged_on_note"] and manifest["data"]["validation_indices"] == []
     assert not any("validation" in record for record in manifest["metrics"]["stages"])
     assert f"judged on the {selection['judged_on_note']}" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_validation_split_too_small_for_a_drop_budget_is_warned_about() -> None:
+    """One example of 50 is 2 points of accuracy, more than a 1-point drop budget; of 200, half a point. A metric
+    that weighs 3 classes alike moves by 100 / (3 * 5) = 6.67 points per example of a 5-example class."""
+    from edgecc.selection import resolution_warning
+
+    names = ("crack", "dent", "ok")
+    small = np.array([0] * 5 + [1] * 5 + [2] * 40)
+    large = np.repeat(small, 4)
+    accuracy = Recipe(budgets=BudgetsSection(max_accuracy_drop=1.0))
+    warning = resolution_warning(accuracy, class_metrics(small, small, names))
+    assert warning is not None and "budgets.max_accuracy_drop (1 points; one example of 50 is 2.00)" in warning
+    assert resolution_warning(accuracy, class_metrics(large, large, names)) is None
+    balanced = Recipe(task=TaskSection(metric="balanced_accuracy"),
+                      budgets=BudgetsSection(max_accuracy_drop=5.0, max_metric_drop=5.0))
+    warning = resolution_warning(balanced, class_metrics(large, large, names))  # 20 of the smallest: 1.67 points
+    assert warning is None
+    warning = resolution_warning(balanced, class_metrics(small, small, names))
+    assert "max_accuracy_drop" not in warning and "5 there, moves it by about 6.67" in warning
+    recall = Recipe(task=TaskSection(metric="recall", classes=("ok",)),
+                    budgets=BudgetsSection(max_accuracy_drop=5.0, max_metric_drop=5.0))
+    assert resolution_warning(recall, class_metrics(small, small, names)) is None  # 40 of 'ok': 2.5 points

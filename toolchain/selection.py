@@ -72,6 +72,35 @@ def budget_verdicts(recipe: Recipe, teacher: ClassMetrics, student: ClassMetrics
     return budgets
 
 
+def resolution_warning(recipe: Recipe, validation: ClassMetrics) -> str | None:
+    """Why the choice may be a guess: one validation example moves a drop budget's figure by more than its limit.
+
+    Accuracy moves by 100 / n points per example; a metric that weighs the classes alike (balanced accuracy,
+    macro-F1) by about 100 / (k * the smallest class's count), the recall of named classes by 100 / the smallest
+    named class's count. None when every drop budget can be resolved.
+    """
+    b, task = recipe.budgets, recipe.task
+    counts = {c.name: c.support for c in validation.classes}
+    found = []
+    total = sum(counts.values())
+    if total and 100 / total > b.max_accuracy_drop:
+        found.append(f"budgets.max_accuracy_drop ({b.max_accuracy_drop:g} points; one example of {total} is "
+                     f"{100 / total:.2f})")
+    if b.max_metric_drop is not None and task.metric != "accuracy":
+        named = task.classes if task.metric == "recall" and task.classes else tuple(counts)
+        present = [counts[name] for name in named if counts.get(name)]
+        if present:
+            step = 100 / min(present) / (1 if task.metric == "recall" else len(counts))
+            if step > b.max_metric_drop:
+                found.append(f"budgets.max_metric_drop ({b.max_metric_drop:g} points of {task.metric}; one example "
+                             f"of the smallest class, {min(present)} there, moves it by about {step:.2f})")
+    if not found:
+        return None
+    return (f"the validation split that chooses model.tflite is too small to resolve {' or '.join(found)}, so the "
+            "choice between models close to the budget is a guess; the test figures still judge the chosen model. "
+            "Raise train.validation_fraction or add data")
+
+
 def failures(budgets: list[dict[str, Any]], split: str) -> int:
     """How many budgets a model fails. On the validation split, where the choice is made, a budget that cannot be
     measured there (no validation example of a named class) is not counted: it tells no model from another, and

@@ -319,6 +319,7 @@ class Workbench:
         from edgecc.evaluate import predictions
         from edgecc.recipe import check_class_names
         from edgecc.runtime import Model
+        from edgecc.selection import resolution_warning
         from edgecc.train.convert import to_float_tflite
         from edgecc.train.teacher import inference_graph
 
@@ -338,6 +339,9 @@ class Workbench:
         self.teacher_metrics, self.teacher_test = (
             class_metrics(self.dataset.y[index], predictions(float_model, self.dataset.x[index], Reporter(quiet=True), ""),
                           self.dataset.label_names) for index in (self.judged_index, self.dataset.test_index))
+        unresolved = resolution_warning(recipe, self.teacher_metrics) if self.judged_on == "validation" else None
+        if unresolved:
+            reporter.warning(unresolved)
 
     def split(self, test: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The examples trials are judged and chosen on (the validation split), or with `test` the test split."""
