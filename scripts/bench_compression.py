@@ -170,8 +170,8 @@ def _row(r: dict[str, Any]) -> list[str]:
 def main() -> None:
     args = parse_tasks(__doc__.splitlines()[0], TASKS)
     results = with_earlier_rows([run_task(task) for task in args.tasks], OUT / "compression.json", TASKS)
-    header = ["task", "stage", "validation accuracy", "test accuracy", "drop (points)", "file bytes", "gzip bytes", "params", "smaller than float",
-              "int8 speed-up vs float", "int8 weight sparsity"]
+    header = ["task", "stage", "validation accuracy", "test accuracy", "drop (points)", "file bytes", "gzip bytes",
+              "params", "smaller than float", "int8 speed-up vs float", "int8 weight sparsity"]
     body = "\n".join([
         "## Compression on real tasks",
         "",
@@ -180,9 +180,9 @@ def main() -> None:
         "Each task is "
         "`edgecc build --target rpi4 --recipe models/<task>.toml`; the build chooses model.tflite on the "
         "validation split (held out of all training), then measures the task's fixed test split, both with the "
-        "TFLite interpreter; the drop and the verdicts are on the test split. File sizes are TFLite files; 'smaller than float' divides the float "
-        "teacher's TFLite file by the row's. Host latency is the median of 300 interleaved `invoke()` calls on "
-        "1 thread, float and every int8 model in the same process; the speed-up divides the float teacher's "
+        "TFLite interpreter; the drop and the verdicts are on the test split. File sizes are TFLite files; "
+        "'smaller than float' divides the float teacher's TFLite file by the row's. Host latency is the median "
+        "of 300 interleaved `invoke()` calls on 1 thread, float and every int8 model in the same process; the speed-up divides the float teacher's "
         "latency by the row's. Sparsity is the mean share of zeros in the int8 weight matrices of the file. "
         "Models and manifests are kept under `benchmarks/models/<task>/`; rows in `benchmarks/compression.json`.",
         "",

@@ -76,11 +76,12 @@ def test_third_party_reproduces_int8_accuracy(default_build) -> None:
     out, manifest, _ = default_build
     pre = manifest["preprocessing"]
     assert manifest["data"]["dataset"] == "sklearn-digits"
-    quantization = [pre["input_quantization"][k] for k in ("scale", "zero_point")]
     from ai_edge_litert.interpreter import Interpreter
 
-    assert list(Interpreter(model_path=str(out / "model.tflite")).get_input_details()[0]["quantization"]) == \
-        pytest.approx(quantization)
+    interpreter = Interpreter(model_path=str(out / "model.tflite"))  # _accuracy reads these from the file itself
+    for details, key in ((interpreter.get_input_details(), "input_quantization"),
+                         (interpreter.get_output_details(), "output_quantization")):
+        assert list(details[0]["quantization"]) == pytest.approx([pre[key]["scale"], pre[key]["zero_point"]])
     assert _accuracy(out / "model.tflite", manifest["data"]["test_indices"], pre) == \
         pytest.approx(manifest["metrics"]["int8_accuracy"], abs=1e-12)
 

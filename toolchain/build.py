@@ -213,8 +213,8 @@ class Judged:
     def describe(self) -> str:
         if self.split == "validation":
             return f"validation split ({self.size} training examples held out of the teacher's and every stage's training)"
-        return (f"test split ({self.size} examples; train.validation_fraction is 0, so there is no validation split "
-                "and the test figures of the chosen model are optimistic)")
+        return (f"test split ({self.size} examples; there is no validation split (train.validation_fraction is 0, or "
+                "the data too small to hold one), so the test figures of the chosen model are optimistic)")
 
 
 def _on_validation(recipe: Recipe, dataset: Dataset, index: np.ndarray, models: list[Model], fits: list[Assessment],

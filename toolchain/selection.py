@@ -47,20 +47,20 @@ def budget_verdicts(recipe: Recipe, teacher: ClassMetrics, student: ClassMetrics
     """
     b, task = recipe.budgets, recipe.task
     missing = f"no {split} example of this class to measure it"
-    split = f"{split} split, TFLite interpreter"
-    budgets = [_floor("int8 accuracy", student.score("accuracy"), b.min_accuracy, split),
+    measured = f"{split} split, TFLite interpreter"
+    budgets = [_floor("int8 accuracy", student.score("accuracy"), b.min_accuracy, measured),
                _drop("accuracy drop", teacher.score("accuracy"), student.score("accuracy"), b.max_accuracy_drop,
                      "float minus int8 TFLite")]
     if b.min_balanced_accuracy:
         budgets.append(_floor("int8 balanced accuracy", student.score("balanced_accuracy"), b.min_balanced_accuracy,
-                              f"mean recall over the classes, {split}"))
+                              f"mean recall over the classes, {measured}"))
     if b.min_macro_f1:
         budgets.append(_floor("int8 macro-F1", student.score("macro_f1"), b.min_macro_f1,
-                              f"mean F1 over the classes, {split}"))
+                              f"mean F1 over the classes, {measured}"))
     recalls = {c.name: c.recall for c in student.classes}
     for name, limit in b.min_recall.items():
         budgets.append(_floor(f"int8 recall of '{name}'", recalls[name], limit,
-                              split if recalls[name] is not None else missing))
+                              measured if recalls[name] is not None else missing))
     if b.max_metric_drop is not None:
         budgets.append(_drop(f"{task.metric} drop", teacher.score(task.metric, task.classes),
                              student.score(task.metric, task.classes), b.max_metric_drop,

@@ -307,9 +307,12 @@ class Workbench:
     teacher_metrics: Any = None  # on the split the trials are judged on (the validation split)
     teacher_test: Any = None  # on the test split, reported beside each trial's, never searched on
     students: Any = None  # what the stages train on (build.held_out)
-    judged_index: Any = None  # the validation split, or the test split when there is none
-    judged_on: str = "validation"
+    validation: Any = None  # the validation split's positions (build.held_out); empty: trials are judged on test
     float_bytes: int = 0
+
+    @property
+    def judged_on(self) -> str:
+        return "validation" if len(self.validation) else "test"
 
     def prepare(self, reporter: Reporter) -> None:
         """Load the data and the teacher (trained and stored in the cache the first time) and measure it."""
@@ -330,22 +333,20 @@ class Workbench:
         self.teacher, record = float_teacher(model, self.loaded, self.dataset, reporter, given=None,
                                              cache=self.options.cache)
         self.cache_key = record.get("cache_key")
-        self.students, validation = held_out(self.dataset, recipe)
-        self.judged_index = validation if len(validation) else self.dataset.test_index
-        self.judged_on = "validation" if len(validation) else "test"
+        self.students, self.validation = held_out(self.dataset, recipe)
         self.calibration = calibration_examples(self.students, recipe)
         content = to_float_tflite(inference_graph(self.teacher))
         self.float_bytes, float_model = len(content), Model(content)
         self.teacher_metrics, self.teacher_test = (
-            class_metrics(self.dataset.y[index], predictions(float_model, self.dataset.x[index], Reporter(quiet=True), ""),
-                          self.dataset.label_names) for index in (self.judged_index, self.dataset.test_index))
+            class_metrics(y, predictions(float_model, x, Reporter(quiet=True), ""), self.dataset.label_names)
+            for x, y in (self.split(), self.split(test=True)))
         unresolved = resolution_warning(recipe, self.teacher_metrics) if self.judged_on == "validation" else None
         if unresolved:
             reporter.warning(unresolved)
 
     def split(self, test: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The examples trials are judged and chosen on (the validation split), or with `test` the test split."""
-        index = self.dataset.test_index if test else self.judged_index
+        index = self.validation if self.judged_on == "validation" and not test else self.dataset.test_index
         return self.dataset.x[index], self.dataset.y[index]
 
     def run(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -394,7 +395,8 @@ class Workbench:
             return self._write(folder, {**figures, "status": "stopped", "reason": str(err)}, started)
         int8 = board_form(stages[-1].int8, self.target).content  # the form a build gives its int8 models
         student, test = (class_metrics(labels, predictions(Model(int8), examples, Reporter(quiet=True), ""),
-                                       self.dataset.label_names) for examples, labels in (self.split(), self.split(True)))
+                                       self.dataset.label_names)
+                         for examples, labels in ((x, y), self.split(test=True)))
         fit = assess(int8, self.target, latency_ms=recipe.budgets.max_latency_ms or None)
         budgets = budget_verdicts(recipe, self.teacher_metrics, student, fit, split=self.judged_on)
         measured = {b.name: b.value for b in fit.budgets}
