@@ -18,8 +18,9 @@ Data sets (read by path from ../shared/data; nothing is copied):
 teacher, distillation and QAT draws each class as often as the largest; task.metric = balanced_accuracy
 for early stopping and the choice of the final stage); "without" sets train.balance = "none" and
 task.metric = "accuracy", which is what every build did before issue 12.
-Every build is `edgecc build --target rpi4` through `edgecc.build.build`; figures are on the test split
-with the TFLite interpreter. One rebuild of neu_det_10pct with the cache its first build filled (teacher and
+Every build is `edgecc build --target rpi4` through `edgecc.build.build`; model.tflite is chosen on the
+validation split (train.validation_fraction 0.1 of the training split, at least train.validation_min_per_class
+= 5 images of each class), and figures are on the test split with the TFLite interpreter. One rebuild of neu_det_10pct with the cache its first build filled (teacher and
 stages) times the cache.
 
     python scripts/bench_imbalance.py [--out BENCHMARKS.md] [--from-json]
@@ -130,7 +131,8 @@ def run_one(data_set: str, handling: str, recipe: dict[str, Any], work: Path, ca
             "seconds": round(seconds), "final_stage": final["name"], "train_counts": manifest["data"].get("examples_per_class"),
             "teacher": _figures(stages[0]), "final": _figures(final),
             "budgets_failed": [b["name"] for b in manifest["budgets"] if b["status"] == "fail"],
-            "warnings": manifest["warnings"], "teacher_source": manifest.get("teacher", {}).get("source")}
+            "warnings": manifest["warnings"], "teacher_source": manifest.get("teacher", {}).get("source"),
+            "judged_on": manifest["selection"]["judged_on"], "judged_on_size": manifest["selection"]["judged_on_size"]}
 
 
 def cached_rebuild(data_set: str, handling: str, recipe: dict[str, Any], work: Path, cache: Path) -> dict[str, Any]:
@@ -168,8 +170,9 @@ def verdicts(rows: list[dict[str, Any]], rebuild: dict[str, Any], first_seconds:
         metric = r["metric"]
         drop = (r["teacher"][metric] - r["final"][metric]) * 100
         lines.append(f"{r['data_set']}: final int8 {metric} {r['final'][metric]:.4f} against the teacher's "
-                     f"{r['teacher'][metric]:.4f}, {drop:+.2f} points ({'yes' if drop <= 1 else 'NO'}, within 1 "
-                     "required)")
+                     f"{r['teacher'][metric]:.4f}, {abs(drop):.2f} points {'lower' if drop > 0 else 'higher'} "
+                     f"({'yes' if drop <= 1 else 'NO'}, within 1 required); chosen on {r['judged_on_size']} "
+                     f"{r['judged_on']} examples")
     ratio = rebuild["seconds"] / max(first_seconds, 1)
     lines.append(f"rebuild of neu_det_10pct from the cache (teacher from: {rebuild['teacher_source']}): "
                  f"{rebuild['seconds']} s against {first_seconds} s, {ratio:.2f} of the first build "

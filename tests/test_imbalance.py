@@ -94,6 +94,12 @@ def test_validation_is_stratified_and_never_overlaps_a_training_window(tmp_path:
                      Preprocessing("pixels", "NHWC", (4, 4, 1), 1.0, 0.0))
     fit, held = validation_split(images, 0.1, seed=0)
     assert np.bincount(y[held]).tolist() == [10, 2] and sorted([*fit, *held]) == list(range(120))
+    # a floor per class lifts the rare class's 2 to 5; a class of 9 gives a third of itself, 3, not 5
+    y_rare = np.repeat([0, 1, 2], [100, 20, 9])
+    rare = Dataset("images", np.zeros((129, 4, 4, 1), np.float32), y_rare, ("a", "b", "c"), np.arange(129),
+                   np.arange(0), Preprocessing("pixels", "NHWC", (4, 4, 1), 1.0, 0.0))
+    fit, held = validation_split(rare, 0.1, seed=0, min_per_class=5)
+    assert np.bincount(y_rare[held]).tolist() == [10, 5, 3] and sorted([*fit, *held]) == list(range(129))
 
     for name, label in (("healthy_0.npy", 0), ("fault_0.npy", 1)):
         np.save(tmp_path / name, np.sin(np.arange(400) * (0.1 + label)))
@@ -166,7 +172,7 @@ def test_an_interrupted_teacher_resumes_from_its_last_epoch(digits: Dataset, tmp
     """Interrupted (KeyboardInterrupt from the progress call) after epoch 2 of 3, then run again on the same
     checkpoint: only epoch 3 runs, and the weights equal an uninterrupted run's (the model has no dropout)."""
     data = replace(digits, train_index=digits.train_index[:300])
-    fields = {"epochs": 3, "validation_fraction": 0.1, "patience": 0}
+    fields = {"epochs": 3, "validation_fraction": 0.1, "validation_min_per_class": 0, "patience": 0}
     whole = teacher(data, **fields)
     checkpoint = tmp_path / "teacher-checkpoint"
     interrupted = Recording(interrupt_after=2)

@@ -315,7 +315,8 @@ def held_out(dataset: Dataset, recipe: Recipe) -> tuple[Dataset, np.ndarray]:
     seed), held out of every stage's training and calibration too, so that choosing model.tflite (and a tune
     trial) never looks at the test split and the test figures stay out of sample. Empty when the fraction is 0.
     """
-    fit, validation = validation_split(dataset, recipe.train.validation_fraction, recipe.seed)
+    fit, validation = validation_split(dataset, recipe.train.validation_fraction, recipe.seed,
+                                       min_per_class=recipe.train.validation_min_per_class)
     return replace(dataset, train_index=fit), validation
 
 

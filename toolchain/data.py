@@ -111,13 +111,18 @@ class Dataset:
         return lines + [f"  {note}" for note in self.notes]
 
 
-def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split that keeps each class's share in both parts (indices sorted)."""
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int, *,
+                     min_per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split that keeps each class's share in both parts (indices sorted).
+
+    With `min_per_class`, a class whose share would be smaller puts that many examples in the second part, but
+    never more than a third of its examples (see TrainSection.validation_min_per_class for why).
+    """
     rng = np.random.default_rng(seed)
     train, test = [], []
     for label in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == label))
-        cut = int(round(len(members) * test_fraction))
+        cut = max(int(round(len(members) * test_fraction)), min(min_per_class, len(members) // 3))
         test.append(members[:cut])
         train.append(members[cut:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -169,19 +174,22 @@ def epoch_length(labels: np.ndarray, num_classes: int, balance: str) -> int:
 WINDOW_ID = re.compile(r"(.+\.np[yz])@(\d+)")  # a signals example: `<recording>@<first sample>` (see _signals)
 
 
-def validation_split(dataset: Dataset, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def validation_split(dataset: Dataset, fraction: float, seed: int, *,
+                     min_per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The training split less a validation share, and that share (positions in dataset.x, sorted).
 
-    Stratified and seeded. Signals' windows overlap, so a random share would judge the model on samples it
-    trained on: there the share is the last windows of each recording's training part, and the training
-    windows that overlap them are left out of both. A recording too short to give both keeps all for training.
+    Stratified and seeded, with at least `min_per_class` examples of each class (at most a third of the class;
+    TrainSection.validation_min_per_class). Signals' windows overlap, so a random share would judge the model on
+    samples it trained on: there the share is the last windows of each recording's training part (a fraction of
+    each recording, whose windows are many), and the training windows that overlap them are left out of both. A
+    recording too short to give both keeps all for training.
     """
     train = dataset.train_index
     if not fraction:
         return train, train[:0]
     windows = [WINDOW_ID.fullmatch(dataset.example_ids[i]) for i in train] if dataset.example_ids else []
     if not windows or not all(windows):
-        fit, held = stratified_split(dataset.y[train], fraction, seed)
+        fit, held = stratified_split(dataset.y[train], fraction, seed, min_per_class=min_per_class)
         return train[fit], train[held]
     length = dataset.x.shape[2]  # signals are (N, 1, window, 1)
     recordings: dict[str, list[tuple[int, int]]] = {}

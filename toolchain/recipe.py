@@ -179,6 +179,13 @@ class TrainSection:
                                           "the teacher by task.metric after each epoch (the best epoch of the second "
                                           "half is kept) and the int8 models for the choice of model.tflite; 0: off "
                                           "(the choice is then made on the test split)")
+    validation_min_per_class: int = spec(5, minimum=0,
+                                         doc="the validation split holds at least this many examples of each class "
+                                             "(never more than a third of the class's training examples; not for "
+                                             "signals, whose share is a fraction of every recording): a recall judged "
+                                             "on 2 examples moves 50 points per example, so a rare class's share of "
+                                             "train.validation_fraction alone cannot tell two models apart; 0: the "
+                                             "fraction alone")
     patience: int = spec(10, minimum=0, doc="stop the teacher after this many epochs without a better "
                                             "validation figure, counted from half way through the epochs "
                                             "(the first half runs at a high learning rate); 0: run every epoch")

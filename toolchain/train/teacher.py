@@ -280,7 +280,8 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
     keras = _keras()
     if section.epochs == 0:
         return model
-    fit_index, validation_index = validation_split(dataset, section.validation_fraction, seed)
+    fit_index, validation_index = validation_split(dataset, section.validation_fraction, seed,
+                                                    min_per_class=section.validation_min_per_class)
     x, y = dataset.x[fit_index], dataset.y[fit_index]
     targets = np.eye(dataset.num_classes, dtype=np.float32)[y]
     weights = class_weights(y, dataset.num_classes, section.balance)[y]
