@@ -62,7 +62,7 @@ WITHOUT = {"train": {"balance": "none"}, "task": {"metric": "accuracy"}}
 WITH = {"task": {"metric": "balanced_accuracy"}}
 
 
-def _merged(base: dict[str, Any], *changes: dict[str, Any]) -> dict[str, Any]:
+def merged(base: dict[str, Any], *changes: dict[str, Any]) -> dict[str, Any]:
     """The base recipe's tables with each change's fields set; a None value removes a field."""
     merged = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
     for change in changes:
@@ -76,7 +76,7 @@ def _merged(base: dict[str, Any], *changes: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _toml(recipe: dict[str, Any]) -> str:
+def to_toml(recipe: dict[str, Any]) -> str:
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -95,16 +95,16 @@ def recipes() -> list[tuple[str, str, dict[str, Any]]]:
     neu = tomllib.loads((ROOT / "models" / "neu_det.toml").read_text())
     neu["data"]["path"] = str(DATA / "neu_det" / "images")
     trec = tomllib.loads((ROOT / "models" / "trec.toml").read_text())
-    sms = _merged(trec, {"data": {**SMS_DATA, "test_path": None, "label_pattern": None}})
+    sms = merged(trec, {"data": {**SMS_DATA, "test_path": None, "label_pattern": None}})
     sms["name"] = "sms-spam-transformer"
     few = {"data": {"exclude": NEU_DROPPED}}
     return [
-        ("neu_det", "with", _merged(neu, WITH)),
-        ("neu_det_10pct", "with", _merged(neu, few, WITH)),
-        ("neu_det_10pct", "without", _merged(neu, few, WITHOUT)),
-        ("neu_det_first24", "with", _merged(neu, {"data": {"exclude": NEU_DROPPED_BLOCK}}, WITH)),
-        ("sms_spam", "with", _merged(sms, WITH)),
-        ("sms_spam", "without", _merged(sms, WITHOUT)),
+        ("neu_det", "with", merged(neu, WITH)),
+        ("neu_det_10pct", "with", merged(neu, few, WITH)),
+        ("neu_det_10pct", "without", merged(neu, few, WITHOUT)),
+        ("neu_det_first24", "with", merged(neu, {"data": {"exclude": NEU_DROPPED_BLOCK}}, WITH)),
+        ("sms_spam", "with", merged(sms, WITH)),
+        ("sms_spam", "without", merged(sms, WITHOUT)),
     ]
 
 
@@ -119,7 +119,7 @@ def _figures(record: dict[str, Any]) -> dict[str, Any]:
 def run_one(data_set: str, handling: str, recipe: dict[str, Any], work: Path, cache: Path) -> dict[str, Any]:
     """Build one recipe for rpi4; the teacher's and the final model's figures."""
     path = work / f"{data_set}_{handling}.toml"
-    path.write_text(_toml(recipe))
+    path.write_text(to_toml(recipe))
     out = OUT / "models" / f"imbalance_{data_set}_{handling}"
     started = time.perf_counter()
     result = build("rpi4", path, out, Reporter(), cache=cache)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tf_keras")
-from edgecc.train.compress import run_stages  # noqa: E402
+from edgecc.train.compress import PASSES, run_stages  # noqa: E402
 from edgecc.data import load_dataset  # noqa: E402
 from edgecc.train.layers import keras  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
-from edgecc.recipe import CompressSection, DataSection, TrainSection  # noqa: E402
+from edgecc.recipe import STAGES, CompressSection, DataSection, TrainSection  # noqa: E402
 from edgecc.train.transformer import VitConfig, vision_transformer  # noqa: E402
 
 DIGITS = load_dataset(DataSection(), seed=0)
@@ -28,6 +28,10 @@ def teacher() -> keras.Model:
     model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(DIGITS.x[DIGITS.train_index], DIGITS.y[DIGITS.train_index], epochs=3, batch_size=32, verbose=0)
     return model
+
+
+def test_every_stage_a_recipe_may_name_has_a_pass_and_every_pass_a_name() -> None:
+    assert set(PASSES) == set(STAGES)
 
 
 def test_progressive_qat_quantizes_block_by_block_then_the_whole_model(teacher: keras.Model) -> None:

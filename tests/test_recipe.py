@@ -66,7 +66,7 @@ stages = ["magic"]
     assert "\n" not in message
     for expected in ("seed: -1 is below the minimum 0", "train.epochs: expected an integer, got 'ten'",
                      "train.batch_sise: unknown field", "model.stem_filters[1]: expected an integer",
-                     "compress.stages[0]: 'magic' is not one of 'prune', 'qat', 'ptq'"):
+                     "compress.stages[0]: 'magic' is not one of 'prune', 'mix', 'qat', 'ptq'"):
         assert expected in message
 
 
@@ -90,10 +90,14 @@ def test_cross_field_checks(tmp_path: Path) -> None:
 def test_stages_must_end_with_one_quantization(tmp_path: Path) -> None:
     for stages, problem in ((["prune"], "must end with exactly one of 'qat' or 'ptq'"),
                             (["qat", "ptq"], "must end with exactly one of 'qat' or 'ptq'"),
-                            (["prune", "prune", "ptq"], "names a stage twice")):
+                            (["prune", "prune", "ptq"], "names a stage twice"),
+                            (["mix", "prune", "ptq"], "'prune' must come before 'mix'"),
+                            (["sparsify", "mix", "qat"], "'mix' must come before 'sparsify'")):
         with pytest.raises(EdgeccError, match=problem):
             load_recipe(write(tmp_path, f"[compress]\nstages = {stages}"))
     assert load_recipe(write(tmp_path, "[compress]\nstages = ['prune', 'qat']")).recipe.compress.stages == ("prune", "qat")
+    mixed = load_recipe(write(tmp_path, "[compress]\nstages = ['prune', 'mix', 'sparsify', 'qat']")).recipe.compress
+    assert mixed.stages == ("prune", "mix", "sparsify", "qat")
 
 
 def test_nan_and_infinity_are_refused_by_field(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ ARCHITECTURES = ("vit", "text", "minilm")
 TOKENIZERS = ("words", "minilm")
 DATA_SOURCES = ("sklearn-digits", "images", "text", "signals")
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "recall")
-STAGES = ("prune", "qat", "ptq", "sparsify")
+STAGES = ("prune", "mix", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
 SPARSITY_PATTERNS = ("magnitude", "2:4")
 BALANCE = ("auto", "sampling", "weights", "none")
@@ -47,7 +47,7 @@ TEXT = {"data.source": ("text",)}
 SIGNALS = {"data.source": ("signals",)}
 COLUMNS = {**TEXT, "data.format": ("csv", "tsv")}
 WORDS = {**TEXT, "data.tokenizer": ("words",)}
-DISTILLED = {"compress.stages": ("prune", "sparsify", "qat")}
+DISTILLED = {"compress.stages": ("prune", "mix", "sparsify", "qat")}
 PRUNE = {"compress.stages": ("prune",)}
 SPARSIFY = {"compress.stages": ("sparsify",)}
 QAT = {"compress.stages": ("qat",)}
@@ -199,7 +199,8 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class CompressSection:
-    """Stages in order: optional structured `prune`, optional `sparsify` (zeros in the kernels), then `qat`
+    """Stages in order: optional structured `prune`, optional `mix` (constant token mixing instead of attention, so
+    that a transformer maps to the Edge TPU whole), optional `sparsify` (zeros in the kernels), then `qat`
     (quantization-aware distillation, which keeps the zeros) or `ptq`."""
 
     stages: tuple[str, ...] = spec(("ptq",), choices=STAGES, doc="compression stages, in order; the last quantizes")
@@ -222,7 +223,7 @@ class CompressSection:
                                  doc="sparsify: smallest weights anywhere, or 2 of every 4 along the input axis")
     progressive: bool = spec(False, applies=QAT, doc="qat: first quantize the blocks one by one from the input side, each "
                              "distilled against the teacher's hidden states")
-    distill_epochs: int = spec(10, minimum=0, applies=DISTILLED, doc="distillation epochs of each prune, sparsify or qat stage")
+    distill_epochs: int = spec(10, minimum=0, applies=DISTILLED, doc="distillation epochs of each prune, mix, sparsify or qat stage")
     distill_learning_rate: float = spec(1e-3, positive=True, maximum=1.0, applies=DISTILLED)
     qat_epochs: int = spec(0, minimum=0, applies=QAT, doc="epochs of the qat stage's distillation (0: distill_epochs)")
     qat_learning_rate: float = spec(0.0, minimum=0.0, maximum=1.0, applies=QAT,
@@ -230,7 +231,7 @@ class CompressSection:
     temperature: float = spec(2.0, minimum=0.1, maximum=20.0, applies=DISTILLED, doc="softening of the logits in the KL term")
     task_weight: float = spec(1.0, minimum=0.0, applies=DISTILLED, doc="weight of the cross-entropy on the labels")
     logits_weight: float = spec(1.0, minimum=0.0, applies=DISTILLED, doc="weight of the KL divergence to the teacher's logits")
-    hidden_weight: float = spec(0.0, minimum=0.0, applies={"compress.stages": ("prune", "sparsify")}, doc="weight of the per-block hidden-state loss (prune, sparsify)")
+    hidden_weight: float = spec(0.0, minimum=0.0, applies={"compress.stages": ("prune", "mix", "sparsify")}, doc="weight of the per-block hidden-state loss (prune, mix, sparsify)")
     select: str = spec("fastest", choices=SELECT_RULES,
                        doc="which int8 model becomes model.tflite, among every stage's (ptq of the teacher included) "
                            "that meets every budget: 'fastest' (smallest estimated latency on the target; estimates "
@@ -315,6 +316,10 @@ def load_recipe(path: Path | None = None) -> LoadedRecipe:
         problems.append(f"compress.stages: {list(stages)} names a stage twice")
     if "sparsify" in stages and "prune" in stages[stages.index("sparsify"):]:
         problems.append("compress.stages: 'prune' must come before 'sparsify' (its distillation would refill the zeros)")
+    if "mix" in stages and "prune" in stages[stages.index("mix"):]:
+        problems.append("compress.stages: 'prune' must come before 'mix' (a mixed block has no attention heads to prune)")
+    if "sparsify" in stages and "mix" in stages[stages.index("sparsify"):]:
+        problems.append("compress.stages: 'mix' must come before 'sparsify' (its distillation would refill the zeros)")
     c = recipe.compress
     if "sparsify" in stages and c.distill_epochs < 1:
         problems.append("compress.distill_epochs: 'sparsify' needs at least 1 (its masks are set while training)")

@@ -3,6 +3,9 @@
 - `prune`: remove the least important encoder blocks, attention heads and feed-forward neurons
   (a physically smaller dense model), and for text the embedding rows of the
   rarest tokens; optionally freeze the norms (they then fold away); then distil.
+- `mix`: replace each self-attention's softmax(q·kᵀ)·v by a constant token-mixing matrix times v (initialised
+  from the model's mean attention, edgecc.train.mixing), then distil: every matrix product then multiplies by
+  constant weights, so the whole encoder maps to the Edge TPU.
 - `sparsify`: TF-MOT magnitude pruning of the Dense and Conv2D kernels to a
   target share of zeros, or to 2:4 sparsity, then distil. The matrices keep
   their size: the zeros shrink the compressed file and suit sparse kernels.
@@ -12,6 +15,20 @@
 - `ptq`: post-training quantization of the current student (the fast baseline).
 
 Every stage ends with an int8 TFLite model, so each can be measured the same way.
+
+Each stage is a pass with one signature, `(student, context) -> (student, distillation losses)`, and
+`run_stages` runs the recipe's passes in order (as Vela's graph optimiser runs its list of passes). A new
+stage is a function of that signature, an entry in `PASSES` and its name in `edgecc.recipe.STAGES` (which
+tests/test_compress.py keeps equal to `PASSES`). For example, a stage that distils the current student
+for twice the usual epochs, under the name "polish":
+
+    def _polish(student: Any, c: StageContext) -> tuple[Any, list[float]]:
+        # more distillation of the current student, for twice compress.distill_epochs
+        return student, c.distil(student, 2 * c.section.distill_epochs, "polishing the student", hidden=True)
+
+    PASSES["polish"] = _polish  # and "polish" added to recipe.STAGES
+
+Its int8 model then comes by post-training quantization (`_int8`), as every stage's but `qat`'s.
 """
 
 from __future__ import annotations
@@ -47,56 +64,111 @@ def _weights(section: CompressSection, classes: tuple[float, ...], hidden: bool)
                           classes=classes)
 
 
+@dataclass(frozen=True, kw_only=True)
+class StageContext:
+    """What every stage pass reads: the teacher, the examples the students train on, the recipe's sections."""
+
+    teacher: Any
+    x: np.ndarray  # the training examples (the training split less the validation split, in a build)
+    y: np.ndarray
+    dataset: Dataset
+    section: CompressSection
+    train: TrainSection
+    seed: int
+    calibration: np.ndarray
+    reporter: Reporter
+    earlier: tuple[str, ...]  # the stages already run, in order
+
+    def distil(self, student: Any, epochs: int, description: str, *, hidden: bool,
+               learning_rate: float | None = None) -> list[float]:
+        """Distil `student` from the teacher, each epoch balanced by train.balance and augmented as the teacher's."""
+        return distill(student, self.teacher, self.x, self.y, epochs, self.train.batch_size,
+                       learning_rate or self.section.distill_learning_rate, self.weights(hidden=hidden), self.seed,
+                       self.reporter, description, **self.feed())
+
+    def weights(self, *, hidden: bool) -> DistillWeights:
+        """The recipe's loss weights, each class weighted by train.balance; `hidden`: with the hidden-state loss."""
+        classes = tuple(class_weights(self.y, self.dataset.num_classes, self.train.balance).tolist())
+        return _weights(self.section, classes, hidden)
+
+    def feed(self) -> dict[str, Any]:
+        """distill's balance and augmentation arguments: each epoch as the teacher's."""
+        return {"balance": self.train.balance, "augment": _augment(self.train, self.dataset)}
+
+
+StagePass = Callable[[Any, StageContext], tuple[Any, list[float]]]
+
+
+def _prune(student: Any, c: StageContext) -> tuple[Any, list[float]]:
+    from edgecc.train.prune import prune_to, trim_vocabulary
+
+    s = c.section
+    reference = c.teacher.predict(c.calibration, verbose=0)
+    student = prune_to(student, s.head_fraction, s.neuron_fraction, c.calibration, reference, s.block_fraction,
+                       s.first_blocks)
+    if s.vocabulary_fraction < 1.0:
+        student = trim_vocabulary(student, c.x, s.vocabulary_fraction, c.dataset.preprocessing.unknown_id)
+    if s.freeze_norms:
+        from edgecc.train.fold import freeze_norms
+
+        student = freeze_norms(student, c.x)
+    return student, c.distil(student, s.distill_epochs, "distilling the pruned student", hidden=True)
+
+
+def _mix(student: Any, c: StageContext) -> tuple[Any, list[float]]:
+    from edgecc.train.mixing import constant_mixing
+
+    student = constant_mixing(student, c.calibration)
+    return student, c.distil(student, c.section.distill_epochs, "distilling the constant-mixing student", hidden=True)
+
+
+def _sparsify(student: Any, c: StageContext) -> tuple[Any, list[float]]:
+    from edgecc.train.sparsity import sparsify
+
+    s = c.section
+    student, losses = sparsify(student, c.teacher, c.x, c.y, s.sparsity, s.sparsity_pattern, s.distill_epochs,
+                               c.train.batch_size, s.distill_learning_rate, c.weights(hidden=True), c.seed,
+                               c.reporter, **c.feed())
+    return student, list(losses)
+
+
+def _qat(student: Any, c: StageContext) -> tuple[Any, list[float]]:
+    from edgecc.train.fold import fold_norms
+    from edgecc.train.qat import qat_model
+
+    s = c.section
+    sparse = "sparsify" in c.earlier  # QAT keeps the zeros of an earlier sparsify
+    student = fold_norms(student)
+    losses = _progressive(student, c, sparse) if s.progressive else []
+    student = qat_model(student, c.calibration, preserve_sparsity=sparse)
+    losses += c.distil(student, s.qat_epochs or s.distill_epochs, "quantization-aware distillation", hidden=False,
+                       learning_rate=s.qat_learning_rate or s.distill_learning_rate)
+    return student, losses
+
+
+def _ptq(student: Any, c: StageContext) -> tuple[Any, list[float]]:
+    """No training: the student is quantized as it is (_int8)."""
+    return student, []
+
+
+PASSES: dict[str, StagePass] = {"prune": _prune, "mix": _mix, "sparsify": _sparsify, "qat": _qat, "ptq": _ptq}
+
+
 def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: TrainSection, seed: int,
                calibration: np.ndarray, reporter: Reporter,
                after_stage: Callable[[str, Any], None] | None = None) -> list[Stage]:
-    """Apply `section.stages` to a copy of `teacher`; the last stage's int8 model is the build's result.
+    """Apply `section.stages` (PASSES, in order) to a copy of `teacher`; the last stage's int8 model is the build's.
 
-    Every distillation balances the classes by `train.balance` and augments its inputs by the train section,
-    as the teacher's training does. `after_stage(name, student)` sees each stage's student before its int8
-    conversion and may raise to stop there (edgecc tune stops a hopeless trial after its first stage).
+    `after_stage(name, student)` sees each stage's student before its int8 conversion and may raise to stop
+    there (edgecc tune stops a hopeless trial after its first stage).
     """
-    x, y = dataset.x[dataset.train_index], dataset.y[dataset.train_index]
-    classes = tuple(class_weights(y, dataset.num_classes, train.balance).tolist())
-    feed = {"balance": train.balance, "augment": _augment(train, dataset)}  # each epoch as the teacher's
     student = teacher
-    stages = []
+    stages: list[Stage] = []
     for name in section.stages:
-        losses: list[float] = []
-        if name == "prune":
-            from edgecc.train.prune import prune_to, trim_vocabulary
-
-            reference = teacher.predict(calibration, verbose=0)
-            student = prune_to(student, section.head_fraction, section.neuron_fraction, calibration, reference,
-                               section.block_fraction, section.first_blocks)
-            if section.vocabulary_fraction < 1.0:
-                student = trim_vocabulary(student, x, section.vocabulary_fraction, dataset.preprocessing.unknown_id)
-            if section.freeze_norms:
-                from edgecc.train.fold import freeze_norms
-
-                student = freeze_norms(student, x)
-            losses = distill(student, teacher, x, y, section.distill_epochs, train.batch_size,
-                             section.distill_learning_rate, _weights(section, classes, hidden=True), seed, reporter,
-                             "distilling the pruned student", **feed)
-        elif name == "sparsify":
-            from edgecc.train.sparsity import sparsify
-
-            student, losses = sparsify(student, teacher, x, y, section.sparsity, section.sparsity_pattern,
-                                       section.distill_epochs, train.batch_size, section.distill_learning_rate,
-                                       _weights(section, classes, hidden=True), seed, reporter, **feed)
-        elif name == "qat":
-            from edgecc.train.fold import fold_norms
-            from edgecc.train.qat import qat_model
-
-            sparse = any(stage.name == "sparsify" for stage in stages)
-            student = fold_norms(student)
-            if section.progressive:
-                losses = _progressive(student, teacher, x, y, section, train, seed, calibration, sparse, reporter, feed)
-            student = qat_model(student, calibration, preserve_sparsity=sparse)
-            losses += distill(student, teacher, x, y, section.qat_epochs or section.distill_epochs, train.batch_size,
-                              section.qat_learning_rate or section.distill_learning_rate,
-                              _weights(section, classes, hidden=False), seed, reporter,
-                              "quantization-aware distillation", **feed)
+        context = StageContext(teacher=teacher, x=dataset.x[dataset.train_index], y=dataset.y[dataset.train_index],
+                               dataset=dataset, section=section, train=train, seed=seed, calibration=calibration,
+                               reporter=reporter, earlier=tuple(stage.name for stage in stages))
+        student, losses = PASSES[name](student, context)
         if after_stage is not None:
             after_stage(name, student)
         # a `ptq` stage after prune or sparsify quantizes the student that stage already quantized the same way
@@ -109,9 +181,7 @@ def _augment(train: TrainSection, dataset: Dataset) -> Augment:
     return lambda x, rng: augmented(x, train, dataset, rng)
 
 
-def _progressive(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, section: CompressSection,
-                 train: TrainSection, seed: int, calibration: np.ndarray, sparse: bool, reporter: Reporter,
-                 feed: dict[str, Any]) -> list[float]:
+def _progressive(student: Any, c: StageContext, sparse: bool) -> list[float]:
     """Quantize the blocks one after another from the input side, each retrained against the teacher's hidden states.
 
     Phase k quantizes everything up to the end of block k and distils only the
@@ -122,15 +192,15 @@ def _progressive(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, secti
     from edgecc.train.distill import block_outputs
     from edgecc.train.qat import float_weights_from, qat_model
 
+    s = c.section
     names = [layer.name for layer in student.layers]
     losses: list[float] = []
-    hidden_only = DistillWeights(task=0.0, logits=0.0, hidden=1.0, temperature=section.temperature)
+    hidden_only = DistillWeights(task=0.0, logits=0.0, hidden=1.0, temperature=s.temperature)
     for k, end in enumerate(block_outputs(student)):
-        partial = qat_model(student, calibration, preserve_sparsity=sparse, only=set(names[: names.index(end) + 1]))
-        losses += distill(partial, teacher, x, y, max(1, (section.qat_epochs or section.distill_epochs) // 2),
-                          train.batch_size, section.qat_learning_rate or section.distill_learning_rate, hidden_only,
-                          seed, reporter,
-                          f"progressive QAT: blocks 0..{k}", hidden_blocks=k + 1, **feed)
+        partial = qat_model(student, c.calibration, preserve_sparsity=sparse, only=set(names[: names.index(end) + 1]))
+        losses += distill(partial, c.teacher, c.x, c.y, max(1, (s.qat_epochs or s.distill_epochs) // 2),
+                          c.train.batch_size, s.qat_learning_rate or s.distill_learning_rate, hidden_only,
+                          c.seed, c.reporter, f"progressive QAT: blocks 0..{k}", hidden_blocks=k + 1, **c.feed())
         float_weights_from(partial, student)
     return losses
 
