@@ -55,6 +55,19 @@ def test_a_model_without_attention_is_refused_by_name() -> None:
         constant_mixing(plain, DIGITS.x[:4])
 
 
+def test_attention_with_a_padding_mask_is_refused_rather_than_mixed_without_it() -> None:
+    from edgecc.train.minilm import MaskedSoftmax, PaddingBias
+
+    ids = keras.Input((6,), dtype="int32")
+    x = keras.layers.Embedding(20, 8)(ids)
+    q, k, v = (keras.layers.Dense(8, name=name)(x) for name in ("query", "key", "value"))
+    scores = AttentionScores(2, name="scores")([q, k])
+    probs = MaskedSoftmax(axis=-1, name="softmax")([scores, PaddingBias(0, -10.0, name="padding_bias")(ids)])
+    out = keras.layers.Dense(3)(keras.layers.Dense(8, name="output")(AttentionContext(2, name="context")([probs, v])))
+    with pytest.raises(EdgeccError, match="'softmax' also reads 'padding_bias'"):
+        constant_mixing(keras.Model(ids, out), np.ones((4, 6), np.int32))
+
+
 @pytest.mark.parametrize("kind", ["vit", "text"])
 def test_the_mixed_int8_model_maps_to_the_edge_tpu_whole(kind: str) -> None:
     """After 'mix' and 'ptq', no operator multiplies two activations: lowered for coral-usb, the pipeline is one

@@ -41,6 +41,7 @@ def constant_mixing(model: Any, x: np.ndarray) -> Any:
     wiring = Wiring(model)
     nodes = {node.layer.name: node for node in wiring.nodes}
     probs = [nodes[unit.context].call_args[0][0] for unit in attention]
+    chains = [_chain(nodes[unit.scores].outputs, tensor) for unit, tensor in zip(attention, probs)]  # refuses a mask
     averaged = keras.Model(model.inputs, probs).predict(x, batch_size=256, verbose=0)
     averaged = averaged if isinstance(averaged, list) else [averaged]
     config = model.get_config()
@@ -48,10 +49,8 @@ def constant_mixing(model: Any, x: np.ndarray) -> Any:
     sources: dict[str, tuple[str, int, int]] = {}
     added: dict[str, list[dict[str, Any]]] = {}  # the new layers, by the output projection that reads them
     weights: dict[str, list[np.ndarray]] = {}
-    for unit, p in zip(attention, averaged):
-        probs_tensor = nodes[unit.context].call_args[0][0]
-        gone |= {unit.query, unit.key, unit.scores, unit.context,
-                 *_chain(nodes[unit.scores].outputs, probs_tensor)}
+    for unit, chain, p in zip(attention, chains, averaged):
+        gone |= {unit.query, unit.key, unit.scores, unit.context, *chain}
         names = (f"{unit.context}_to_features", unit.context + MIXING_SUFFIX, f"{unit.context}_to_tokens")
         new = (layers.Permute((2, 1), name=names[0]), layers.Dense(p.shape[-1], use_bias=False, name=names[1]),
                layers.Permute((2, 1), name=names[2]))
@@ -67,10 +66,17 @@ def constant_mixing(model: Any, x: np.ndarray) -> Any:
 
 
 def _chain(start: Any, end: Any) -> list[str]:
-    """The layers from tensor `start` to tensor `end` (a single-input chain: softmax, dropout), `end`'s first."""
+    """The layers from tensor `start` to tensor `end` (softmax, dropout), `end`'s first. A layer with a second input
+    (a padding mask added to the scores, as MiniLM's MaskedSoftmax does) is refused: a constant mixing matrix would
+    drop the mask and mix padding into every token."""
     names = []
     while end is not start:
         layer, node_index, _ = end._keras_history
+        inputs = layer._inbound_nodes[node_index].keras_inputs
+        if len(inputs) != 1:
+            raise EdgeccError(f"compress.stages 'mix': attention layer '{layer.name}' also reads "
+                              f"{', '.join(repr(t._keras_history.layer.name) for t in inputs[1:])} (a padding mask?); "
+                              "a constant token mixing cannot keep it, so 'mix' applies only to attention without one")
         names.append(layer.name)
-        end = layer._inbound_nodes[node_index].keras_inputs[0]
+        end = inputs[0]
     return names
