@@ -40,7 +40,7 @@ from edgecc import schema
 from edgecc.emit import write_json
 from edgecc.errors import EdgeccError, one_line
 from edgecc.progress import Reporter
-from edgecc.recipe import LATENCY_TIE, SPARSITY_PATTERNS, CompressSection, Recipe, load_recipe
+from edgecc.recipe import DISTILLED, LATENCY_TIE, SPARSITY_PATTERNS, CompressSection, Recipe, load_recipe
 from edgecc.schema import spec
 from edgecc.selection import Candidate, select
 
@@ -203,7 +203,7 @@ def _applicable(stages: tuple[str, ...], ranges: dict[str, tuple[float, float]])
     names = []
     if "prune" in stages:
         names += [name for name in FRACTIONS if name in ranges]
-    if {"prune", "sparsify", "qat"} & set(stages):
+    if set(DISTILLED["compress.stages"]) & set(stages):  # every stage that distils (mix too)
         names += ["distill_epochs", "distill_learning_rate"]
     if "qat" in stages:
         names += ["qat_epochs", "qat_learning_rate"]
