@@ -254,3 +254,25 @@ def test_the_sampler_pickles_and_samples_the_same_after_its_locks_are_swapped() 
     _picklable_locks(sampler)
     copy = pickle.loads(pickle.dumps(sampler))
     assert asked(copy) == asked(optuna.samplers.NSGAIISampler(seed=3, population_size=2))
+
+
+def test_a_log_gets_heartbeat_lines_during_a_trial_not_only_when_it_ends(search) -> None:
+    """Written to a log (not a terminal), the tuning task's timed lines come from each trial's training steps too:
+    with the interval at 0, a one-trial search whose prune stage distils prints a line per step, not just its ends."""
+    import io
+
+    from rich.console import Console
+
+    from edgecc.progress import Reporter
+    from edgecc.tune import TuneOptions, tune
+
+    work, options, _ = search
+    log = io.StringIO()
+    recipe = write_recipe(work, "heartbeat.toml", extra="").read_text().replace(
+        "distill_epochs = [0, 0]", "distill_epochs = [1, 1]").replace("trials = 2", "trials = 1")
+    (work / "heartbeat.toml").write_text(recipe)
+    tune(replace(options, recipe=work / "heartbeat.toml", out=work / "heartbeat"),
+         Reporter(console=Console(file=log, force_terminal=False, width=200), interval=0.0))
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("tuning:")]
+    assert len(lines) > 3 and "done" in lines[-1], log.getvalue()
+    assert any("0/1" in line and "ETA" in line and "ETA unknown" not in line for line in lines), lines

@@ -29,6 +29,8 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,9 +351,10 @@ class Workbench:
         index = self.validation if self.judged_on == "validation" and not test else self.dataset.test_index
         return self.dataset.x[index], self.dataset.y[index]
 
-    def run(self, params: dict[str, Any]) -> dict[str, Any]:
+    def run(self, params: dict[str, Any], progress: Reporter | None = None) -> dict[str, Any]:
         """One trial: its recipe written and validated, its stages run (or taken from the cache), its int8 model
-        measured and judged as a build judges it. Returns (and writes to figures.json) the trial's figures."""
+        measured and judged as a build judges it. Returns (and writes to figures.json) the trial's figures.
+        `progress` sees the stages' training (a _Heartbeat keeps a log moving during a long trial)."""
         from edgecc.build import board_form, compressed_stages
         from edgecc.check import assess
         from edgecc.classmetrics import class_metrics
@@ -389,7 +392,8 @@ class Workbench:
                                 f"{teacher_accuracy:.4f} (budgets.max_accuracy_drop {limit})")
 
         try:
-            stages = compressed_stages(self.teacher, self.students, recipe, self.calibration, Reporter(quiet=True),
+            stages = compressed_stages(self.teacher, self.students, recipe, self.calibration,
+                                       progress or Reporter(quiet=True),
                                        cache=self.options.cache, key=self.cache_key, after_stage=after_stage)
         except _Hopeless as err:
             return self._write(folder, {**figures, "status": "stopped", "reason": str(err)}, started)
@@ -540,6 +544,26 @@ def tune(options: TuneOptions, reporter: Reporter | None = None) -> TuneResult:
     return report(study, bench)
 
 
+class _Heartbeat(Reporter):
+    """A trial's own reporter: silent, but each step of its training is a heartbeat of the tuning task, so a log
+    gets its timed line (with the ETA) during a trial of many minutes too, not only when a trial ends."""
+
+    def __init__(self, advance: Callable[..., None]) -> None:
+        super().__init__(quiet=True)
+        self.advance = advance
+
+    @contextmanager
+    def task(self, description: str, total: int, *, unit: str = "step") -> Iterator[Callable[..., None]]:
+        done = 0
+
+        def beat(steps: int = 1, status: str = "", *, partial: float = 0.0) -> None:
+            nonlocal done
+            done += steps
+            self.advance(0, partial=min(0.99, (done + partial) / max(total, 1)))
+
+        yield beat
+
+
 def _run_here(study: Any, bench: Workbench, remaining: int, reporter: Reporter) -> None:
     """The trials in this process, one after another; a Ctrl-C leaves the running trial FAILED in the study."""
     optuna = _require("optuna")
@@ -549,7 +573,7 @@ def _run_here(study: Any, bench: Workbench, remaining: int, reporter: Reporter) 
 
         def objective(trial: Any) -> tuple[float, ...]:
             ask(trial, bench.searched)
-            figures = bench.run(dict(trial.params))
+            figures = bench.run(dict(trial.params), _Heartbeat(advance))
             rows.append({**figures, "number": trial.number})
             best = _best_so_far(rows)
             reporter.info(escape(f"trial {trial.number} [{figures['key']}]: {_line(figures, metric)}; {best}"))
