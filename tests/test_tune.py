@@ -178,7 +178,7 @@ def test_interrupted_trial_leaves_the_study_consistent(search, monkeypatch: pyte
     shutil.copytree(options.out / "trials", out / "trials")
     interrupted = replace(options, out=out, trials=4)
 
-    def interrupt(self, params):
+    def interrupt(self, params, progress=None):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
