@@ -1,7 +1,7 @@
 """edgecc's transformers built for a Coral USB Accelerator: what runs on the Edge TPU, and how fast it is estimated.
 
-For each task chosen with `--tasks` (default: neu_det, cwru_bearing, trec, trec_mix and
-the two MiniLM tasks; also `digits`, the built-in default recipe, and `trec_tiny`, a one-block
+For each task chosen with `--tasks` (default: neu_det, cwru_bearing, trec, trec_mix,
+trec_mix_unpruned and the two MiniLM tasks; also `digits`, the built-in default recipe, and `trec_tiny`, a one-block
 text model trained for 2 epochs, both for a quick run) this runs `edgecc build --target
 coral-usb` (teachers and stages from `--cache`, shared with the rpi4 benchmarks), keeps
 the build under `benchmarks/models/coral_<task>/` (git-ignored) and reads its manifest:
@@ -34,10 +34,8 @@ from edgecc.build import build  # noqa: E402
 from edgecc.check import Assessment, assess  # noqa: E402
 from edgecc.edgetpu import EDGETPU_OPS, operator_problem  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
-from edgecc.lower import split_for_edgetpu  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
 from edgecc.recipe import load_recipe  # noqa: E402
-from edgecc.targets import load_target  # noqa: E402
 
 OUT = ROOT / "benchmarks"
 MODELS = ROOT / "models"
@@ -135,9 +133,8 @@ def run_task(task: str, recipe: Path | None, cache: Path) -> dict[str, Any]:
 
 def mixed(out: Path, stage: dict[str, Any], teacher_accuracy: float) -> dict[str, Any]:
     """A model of the `mix` stage, chosen or not: its accuracy, where its MACs run and its coral-usb estimate."""
-    content = (out / stage["file"]).read_bytes()
-    pipeline = split_for_edgetpu(content, load_target("coral-usb"))
-    coral = assess(content, "coral-usb", measure_arena=False).latency
+    checked = assess((out / stage["file"]).read_bytes(), "coral-usb", measure_arena=False)
+    pipeline, coral = checked.pipeline, checked.latency  # the pipeline the verdict judges, split once
     return {"name": stage["name"], "accuracy": stage["accuracy"],
             "validation_accuracy": stage.get("validation", {}).get("accuracy"),
             "drop_points": round((teacher_accuracy - stage["accuracy"]) * 100, 2),

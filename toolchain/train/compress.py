@@ -34,7 +34,7 @@ Its int8 model then comes by post-training quantization (`_int8`), as every stag
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -162,12 +162,13 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
     `after_stage(name, student)` sees each stage's student before its int8 conversion and may raise to stop
     there (edgecc tune stops a hopeless trial after its first stage).
     """
+    context = StageContext(teacher=teacher, x=dataset.x[dataset.train_index], y=dataset.y[dataset.train_index],
+                           dataset=dataset, section=section, train=train, seed=seed, calibration=calibration,
+                           reporter=reporter, earlier=())
     student = teacher
     stages: list[Stage] = []
     for name in section.stages:
-        context = StageContext(teacher=teacher, x=dataset.x[dataset.train_index], y=dataset.y[dataset.train_index],
-                               dataset=dataset, section=section, train=train, seed=seed, calibration=calibration,
-                               reporter=reporter, earlier=tuple(stage.name for stage in stages))
+        context = replace(context, earlier=tuple(stage.name for stage in stages))  # the examples are taken once
         student, losses = PASSES[name](student, context)
         if after_stage is not None:
             after_stage(name, student)
