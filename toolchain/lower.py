@@ -231,6 +231,29 @@ def _schedule(graph: Graph, on_cpu: list[bool]) -> list[tuple[bool, list[int]]]:
     return runs
 
 
+def _host_side(graph: Graph, runs: list[tuple[bool, list[int]]]) -> list[int]:
+    """Edge TPU operators that a later CPU island needs when that island reads only what the model's inputs give
+    without a matrix operator (a text model's mask arithmetic: GATHER on the ids, then SUM and DIV): on the CPU they
+    let the island join the host pre-step instead of cutting the Edge TPU's work in two."""
+    producer = {t: i for i, op in enumerate(graph.operators) for t in op.outputs}
+    host: list[bool] = []  # no matrix operator in it or before it (operators come in execution order)
+    for op in graph.operators:
+        host.append(op.kind not in MATRIX_OPS and all(host[producer[t]] for t in op.inputs if t in producer))
+
+    def ancestors(i: int) -> set[int]:
+        found, todo = set(), [i]
+        while todo:
+            for t in graph.operators[todo.pop()].inputs:
+                if t in producer and producer[t] not in found:
+                    found.add(producer[t])
+                    todo.append(producer[t])
+        return found
+
+    tpu = {i for cpu, ops in runs if not cpu for i in ops}
+    return sorted({j for k, (cpu, ops) in enumerate(runs) if cpu and k > 0 and all(host[i] for i in ops)
+                   for i in ops for j in ancestors(i) & tpu})
+
+
 def _segment_model(content: bytes, graph: Graph, index: int, edgetpu: bool, operators: list[int],
                    later: set[int], macs: int) -> Segment:
     """The operators as a model of their own: inputs are what they read from before, outputs what is read after."""
@@ -261,7 +284,7 @@ def split_for_edgetpu(content: bytes, target: Target) -> Pipeline:
     while True:
         runs = _schedule(graph, on_cpu)
         idle = [i for cpu, ops in runs if not cpu and not any(graph.operators[j].kind in MATRIX_OPS for j in ops)
-                for i in ops]
+                for i in ops] + _host_side(graph, runs)
         if not idle:
             break
         for i in idle:

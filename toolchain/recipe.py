@@ -24,6 +24,7 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "recall")
 STAGES = ("prune", "mix", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
 SPARSITY_PATTERNS = ("magnitude", "2:4")
+GELU_FORMS = ("exact", "sigmoid")
 BALANCE = ("auto", "sampling", "weights", "none")
 CLASS_EQUAL_METRICS = ("balanced_accuracy", "macro_f1", "recall")  # metrics that weigh the classes alike
 AUTO_IMAGE_SIZE_LIMIT = 128
@@ -218,6 +219,10 @@ class CompressSection:
                                           "training; the others share the [UNK] row")
     freeze_norms: bool = spec(False, applies=PRUNE, doc="prune: replace each LayerNorm's per-token 1/sigma by its training mean "
                               "before distilling, so that the norms fold into the Dense layers after them")
+    gelu: str = spec("exact", choices=GELU_FORMS,
+                     doc="'exact' keeps the model's GELU; 'sigmoid' gives the student x·sigmoid(1.702x) instead, before "
+                         "its first stage (distilled from the exact teacher): the Edge TPU maps that, where the GELU "
+                         "builtin leaves one CPU island per encoder block")
     sparsity: float = spec(0.5, minimum=0.0, maximum=0.95, applies=SPARSIFY, doc="sparsify: share of zero weights in each pruned kernel")
     sparsity_pattern: str = spec("magnitude", choices=SPARSITY_PATTERNS, applies=SPARSIFY,
                                  doc="sparsify: smallest weights anywhere, or 2 of every 4 along the input axis")

@@ -42,6 +42,7 @@ import numpy as np
 from edgecc.train.convert import to_int8_tflite
 from edgecc.data import Dataset, class_weights
 from edgecc.train.distill import Augment, DistillWeights, distill
+from edgecc.train.gelu import sigmoid_gelu
 from edgecc.progress import Reporter
 from edgecc.recipe import CompressSection, TrainSection
 from edgecc.train.teacher import augmented, inference_graph
@@ -165,7 +166,7 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
     context = StageContext(teacher=teacher, x=dataset.x[dataset.train_index], y=dataset.y[dataset.train_index],
                            dataset=dataset, section=section, train=train, seed=seed, calibration=calibration,
                            reporter=reporter, earlier=())
-    student = teacher
+    student = sigmoid_gelu(teacher) if section.gelu == "sigmoid" else teacher
     stages: list[Stage] = []
     for name in section.stages:
         context = replace(context, earlier=tuple(stage.name for stage in stages))  # the examples are taken once

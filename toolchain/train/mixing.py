@@ -9,6 +9,13 @@ into a CONV_2D 1x1 like every other Dense: the whole encoder maps.
 M starts as the model's own attention averaged over the examples and the heads (what the block attends to
 on average), and the compression stage then distils the mixed student from the teacher. The query and key
 projections go: they only fed the scores. The value and output projections stay.
+
+A softmax that adds a padding bias over the keys (MiniLM's MaskedSoftmax: 0 on real tokens, a negative value on
+padding) keeps its mask as a per-token weight on the values, M·(w ⊙ v) with w 1 on real tokens and 0 on padding:
+a MUL the Edge TPU maps, where exp(bias) would need EXP (whose int8 version the Edge TPU compiler refuses). w is
+read off the bias by a constant rescaling, so the bias must take only 0 and one negative value on the examples
+(read from them); anything else is refused by name. The rows of M are not renormalised for the padding (that
+would divide by an activation); distillation adapts M to it.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ layers = keras.layers
 MIXING_SUFFIX = "_mixing"  # the Dense over tokens that replaces AttentionContext `<context>`: `<context>_mixing`
 
 
-def _entry(layer: Any, source: str) -> dict[str, Any]:
-    """A functional-model config entry for `layer`, reading the first output of layer `source`."""
-    return {**layers.serialize(layer), "name": layer.name, "inbound_nodes": [[[source, 0, 0, {}]]]}
+def _entry(layer: Any, *sources: str | list[Any]) -> dict[str, Any]:
+    """A functional-model config entry for `layer`, reading the first output of each layer named in `sources` (or a
+    [layer, node, tensor] reference)."""
+    inbound = [[source, 0, 0, {}] if isinstance(source, str) else [*source, {}] for source in sources]
+    return {**layers.serialize(layer), "name": layer.name, "inbound_nodes": [inbound]}
 
 
 def constant_mixing(model: Any, x: np.ndarray) -> Any:
@@ -41,20 +50,32 @@ def constant_mixing(model: Any, x: np.ndarray) -> Any:
     wiring = Wiring(model)
     nodes = {node.layer.name: node for node in wiring.nodes}
     probs = [nodes[unit.context].call_args[0][0] for unit in attention]
-    chains = [_chain(nodes[unit.scores].outputs, tensor) for unit, tensor in zip(attention, probs)]  # refuses a mask
-    averaged = keras.Model(model.inputs, probs).predict(x, batch_size=256, verbose=0)
-    averaged = averaged if isinstance(averaged, list) else [averaged]
+    chains = [_chain(nodes[unit.scores].outputs, tensor) for unit, tensor in zip(attention, probs)]
+    biases = {id(bias[0]): bias[0] for _, bias in chains if bias is not None}
+    computed = keras.Model(model.inputs, probs + list(biases.values())).predict(x, batch_size=256, verbose=0)
+    computed = computed if isinstance(computed, list) else [computed]
+    averaged, bias_values = computed[:len(probs)], dict(zip(biases, computed[len(probs):]))
     config = model.get_config()
     gone: set[str] = set()
     sources: dict[str, tuple[str, int, int]] = {}
     added: dict[str, list[dict[str, Any]]] = {}  # the new layers, by the output projection that reads them
     weights: dict[str, list[np.ndarray]] = {}
-    for unit, chain, p in zip(attention, chains, averaged):
+    keeps: dict[int, str] = {}  # the per-token weight layer made from each padding bias
+    for unit, (chain, bias), p in zip(attention, chains, averaged):
         gone |= {unit.query, unit.key, unit.scores, unit.context, *chain}
         names = (f"{unit.context}_to_features", unit.context + MIXING_SUFFIX, f"{unit.context}_to_tokens")
         new = (layers.Permute((2, 1), name=names[0]), layers.Dense(p.shape[-1], use_bias=False, name=names[1]),
                layers.Permute((2, 1), name=names[2]))
-        added[unit.output] = [_entry(new[0], unit.value), _entry(new[1], names[0]), _entry(new[2], names[1])]
+        values, entries = unit.value, []
+        if bias is not None:
+            tensor, softmax = bias
+            if id(tensor) not in keeps:
+                entries += _token_weight(tensor, bias_values[id(tensor)], softmax, config)
+                keeps[id(tensor)] = entries[-1]["name"]
+            values = f"{unit.context}_masked_values"
+            entries.append(_entry(layers.Multiply(name=values), unit.value, keeps[id(tensor)]))
+        weights |= {entry["name"]: [] for entry in entries}
+        added[unit.output] = entries + [_entry(new[0], values), _entry(new[1], names[0]), _entry(new[2], names[1])]
         # context[i] = sum_j P[i, j] v[j]; the Dense over tokens computes out[i] = sum_j v[j] K[j, i]: K = Pᵀ
         weights |= {names[0]: [], names[1]: [p.mean(axis=(0, 1)).T], names[2]: []}
         sources[unit.context] = (names[2], 0, 0)
@@ -65,18 +86,42 @@ def constant_mixing(model: Any, x: np.ndarray) -> Any:
     return rebuilt(model, {}, weights, {**config, "layers": entries})
 
 
-def _chain(start: Any, end: Any) -> list[str]:
-    """The layers from tensor `start` to tensor `end` (softmax, dropout), `end`'s first. A layer with a second input
-    (a padding mask added to the scores, as MiniLM's MaskedSoftmax does) is refused: a constant mixing matrix would
-    drop the mask and mix padding into every token."""
-    names = []
+def _token_weight(bias: Any, values: np.ndarray, softmax: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The config entries of the layers that turn a padding bias (batch, 1, 1, tokens), 0 or one negative value, into
+    the weight of each token (batch, tokens, 1), 1 or 0; the last gives it. `values` is the bias on the examples."""
+    levels = np.unique(values)
+    if len(levels) != 2 or levels[1] != 0 or not levels[0] < 0:
+        found = ", ".join(f"{v:g}" for v in levels[:5]) + (", ..." if len(levels) > 5 else "")
+        raise EdgeccError(f"compress.stages 'mix': softmax '{softmax}' adds a key bias that takes the values {found} "
+                          "on the calibration examples; 'mix' keeps a padding mask only as 0 on real tokens and one "
+                          "negative value on padding, seen in at least one example")
+    source = next(entry for entry in config["layers"] if entry["name"] == softmax)["inbound_nodes"][0][1][:3]
+    name = f"{source[0]}_token_weight"
+    rescale = layers.Rescaling(scale=-1.0 / float(levels[0]), offset=1.0, name=f"{name}_levels")
+    reshape = layers.Reshape((bias.shape[-1], 1), name=name)
+    return [_entry(rescale, source), _entry(reshape, rescale.name)]
+
+
+def _chain(start: Any, end: Any) -> tuple[list[str], tuple[Any, str] | None]:
+    """The layers from tensor `start` to tensor `end` (softmax, dropout), `end`'s first, and the key bias a softmax
+    adds with that softmax's name (a padding mask, as MiniLM's MaskedSoftmax takes [scores, bias]), or None. Any
+    other layer with a second input is refused: a constant mixing matrix would drop what it reads."""
+    names, bias = [], None
     while end is not start:
         layer, node_index, _ = end._keras_history
         inputs = layer._inbound_nodes[node_index].keras_inputs
-        if len(inputs) != 1:
+        if len(inputs) == 2 and isinstance(layer, layers.Softmax) and _is_key_bias(inputs[1], inputs[0]):
+            bias = (inputs[1], layer.name)
+        elif len(inputs) != 1:
             raise EdgeccError(f"compress.stages 'mix': attention layer '{layer.name}' also reads "
-                              f"{', '.join(repr(t._keras_history.layer.name) for t in inputs[1:])} (a padding mask?); "
-                              "a constant token mixing cannot keep it, so 'mix' applies only to attention without one")
+                              f"{', '.join(repr(t._keras_history.layer.name) for t in inputs[1:])}, which is not a "
+                              "padding bias over the keys (batch, 1, 1, tokens); a constant token mixing cannot keep it")
         names.append(layer.name)
         end = inputs[0]
-    return names
+    return names, bias
+
+
+def _is_key_bias(bias: Any, scores: Any) -> bool:
+    """Whether `bias` varies only along the keys of `scores` (batch, heads, queries, keys): one weight per token."""
+    return (len(bias.shape) == len(scores.shape) and bias.shape[-1] == scores.shape[-1]
+            and all(d == 1 for d in bias.shape[1:-1]))
