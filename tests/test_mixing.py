@@ -134,8 +134,8 @@ def test_a_gelu_read_by_more_than_one_layer_is_refused_by_name() -> None:
 def test_the_mixed_int8_model_maps_to_the_edge_tpu_whole(kind: str) -> None:
     """After 'mix' and 'ptq', no operator multiplies two activations: lowered for coral-usb, the pipeline is one
     Edge TPU segment (after a text model's embedding lookup, the host pre-step) with every MAC but the lookup's.
-    MiniLM's form ('masked': padding mask, GELU with compress.gelu = 'sigmoid', mean over the real tokens) too: the
-    mask's arithmetic on the ids joins the pre-step."""
+    MiniLM's form ('masked': padding mask, GELU with compress.gelu = 'sigmoid', mean over the real tokens, then QAT)
+    too: the mask's arithmetic on the ids joins the pre-step."""
     keras.utils.set_random_seed(0)
     config = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=16, depth=2, heads=2, mlp_dim=32, dropout=0.0)
     if kind == "vit":
@@ -144,17 +144,17 @@ def test_the_mixed_int8_model_maps_to_the_edge_tpu_whole(kind: str) -> None:
         model = text_transformer(config, 12, 40, 10) if kind == "text" else _masked_text_model(2, 12, 16, 10)
         ids = np.random.default_rng(0).integers(0, 40, (200, 12)).astype(np.int32) if kind == "text" else _padded_ids(200, 12)
         data = replace(DIGITS, x=ids, y=DIGITS.y[:200], train_index=np.arange(150), test_index=np.arange(150, 200))
-    section = CompressSection(stages=("mix", "ptq"), distill_epochs=1, calibration_samples=32,
-                              gelu="sigmoid" if kind == "masked" else "exact")
+    section = CompressSection(stages=("mix", "qat" if kind == "masked" else "ptq"), distill_epochs=1,  # QAT keeps them
+                              calibration_samples=32, gelu="sigmoid" if kind == "masked" else "exact")
     calibration = data.x[data.train_index[:32]]
-    (mix, _) = run_stages(model, replace(data, train_index=data.train_index[:128]), section,
-                          TrainSection(batch_size=64, augment_shift=0), 0, calibration, Reporter(quiet=True))
-    graph = read_graph(mix.int8)
+    (_, final) = run_stages(model, replace(data, train_index=data.train_index[:128]), section,
+                            TrainSection(batch_size=64, augment_shift=0), 0, calibration, Reporter(quiet=True))
+    graph = read_graph(final.int8)
     assert "BATCH_MATMUL" not in graph.op_counts() and "SOFTMAX" not in graph.op_counts()
     assert all(graph.tensors[op.inputs[1]].constant for op in graph.operators if op.kind == "FULLY_CONNECTED")
-    pipeline = split_for_edgetpu(mix.int8, load_target("coral-usb"))
+    pipeline = split_for_edgetpu(final.int8, load_target("coral-usb"))
     assert [s.edgetpu for s in pipeline.segments] == ([True] if kind == "vit" else [False, True])
     assert pipeline.edgetpu_mac_share > (0.98 if kind == "masked" else 0.99)  # the toy's pre-step: 16 wide
-    lowered, original = Model(lower_for_edgetpu(mix.int8)), Model(mix.int8)
+    lowered, original = Model(lower_for_edgetpu(final.int8)), Model(final.int8)
     for example in data.x[data.test_index[:8]]:  # the lowering stays exact
         assert np.array_equal(lowered.invoke(example), original.invoke(example))

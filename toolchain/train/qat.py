@@ -232,6 +232,8 @@ CONFIGS: dict[type, type] = {
     MaskedSoftmax: SoftmaxQuantizeConfig,
     PaddingBias: OutputQuantizeConfig,
     TokenMean: OutputQuantizeConfig,
+    keras.layers.Rescaling: OutputQuantizeConfig,  # mix's token weight from a padding bias: 0 or 1, exact in int8
+    keras.layers.Multiply: OutputQuantizeConfig,  # mix's masked values: TFLite's MUL rounds its output
 }
 
 
