@@ -7,7 +7,7 @@ import io
 import json
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +159,47 @@ def test_the_stages_key_follows_the_teacher_and_the_compress_section_but_not_sel
     changed = [stages_key("teacher-b", asdict(compress)), stages_key("teacher-a", asdict(replace(compress, head_fraction=0.75))),
                stages_key("teacher-a", asdict(replace(compress, stages=("prune", "ptq"))))]
     assert len({key, *changed}) == 4
+
+
+def test_interrupted_stages_continue_after_the_last_finished_one_and_train_what_an_uninterrupted_run_does(
+        tmp_path: Path) -> None:
+    """Stopped (KeyboardInterrupt, as Ctrl-C) in `mix`, the second of three stages: the rerun takes `prune` from the
+    checkpoint and runs only `mix` and `ptq`, and every stage's int8 model equals a run without a cache's."""
+    needs_train_extra()
+    from edgecc.build import compressed_stages
+    from edgecc.cache import StagesCache, stages_key
+    from edgecc.data import load_dataset
+    from edgecc.recipe import load_recipe
+    from edgecc.train.teacher import starting_model
+
+    (tmp_path / "r.toml").write_text(TINY.replace("[compress]\n", '[compress]\nstages = ["prune", "mix", "ptq"]\n'
+                                                  "distill_epochs = 1\n"))
+    recipe = load_recipe(tmp_path / "r.toml").recipe
+    dataset = load_dataset(recipe.data, seed=recipe.seed)
+    teacher = starting_model(recipe.model, None, dataset, recipe.seed)
+    calibration = dataset.x[dataset.train_index[:32]]
+    ran: list[str] = []
+
+    def record(name: str, student: Any) -> None:
+        ran.append(name)
+        if name == "mix" and ran.count("mix") == 1:
+            raise KeyboardInterrupt
+
+    def stages(cache: Path | None, log: io.StringIO | None = None) -> list[Any]:
+        reporter = Reporter(console=Console(file=log or io.StringIO(), width=300))
+        return compressed_stages(teacher, dataset, recipe, calibration, reporter, cache=cache, key="teacher-key",
+                                 after_stage=record)
+
+    with pytest.raises(KeyboardInterrupt):
+        stages(tmp_path / "cache")
+    entry = StagesCache(tmp_path / "cache", stages_key("teacher-key", asdict(recipe.compress)))
+    assert [stage.name for stage in entry.progress()[0]] == ["prune"] and entry.lookup() is None
+    log = io.StringIO()
+    resumed = stages(tmp_path / "cache", log)
+    assert ran == ["prune", "mix", "mix", "ptq"]
+    assert "compression stages: prune from an interrupted run" in log.getvalue()
+    assert entry.lookup() is not None and not entry.checkpoint.exists()
+    uninterrupted = stages(None)
+    assert [s.name for s in resumed] == [s.name for s in uninterrupted] == ["prune", "mix", "ptq"]
+    for one, other in zip(resumed, uninterrupted):
+        assert one.int8 == other.int8, one.name

