@@ -18,6 +18,7 @@ from edgecc.lower import lower_for_edgetpu
 from edgecc.memplan import offline_offsets, write_offline_plan
 from edgecc.micro_eval import MicroModel, evaluate_micro
 from edgecc.reader import read_graph
+from edgecc.runtime import Model
 from edgecc.tflite_edit import add_tensor, opcode, pack, tflite_schema, unpack
 
 # what each pass removes on the committed models (operators), where its pattern exists there
@@ -163,3 +164,33 @@ def test_the_build_records_the_passes(default_build) -> None:
     assert len(read_graph((out / "model.tflite").read_bytes()).operators) == passes["operators"][1]
     assert "Graph passes (bit-exact)" in (out / "report.md").read_text()
     assert manifest["metrics"]["tflite_micro"] is None  # rpi4 runs LiteRT
+
+
+def test_the_first_operator_where_the_runtimes_part_is_named(models: dict[str, bytes]) -> None:
+    """evaluate_micro names the first example whose outputs differ and the first operator whose output differs on
+    it; checked here prefix by prefix with both interpreters."""
+    from edgecc.micro_eval import prefix_model
+
+    content = optimize(models["vit_int8"])[0]
+    x = np.random.default_rng(4).standard_normal((6, 8, 8, 1)).astype(np.float32)
+    result = evaluate_micro(content, x, np.zeros(6, np.int64))
+    first = result.first_difference
+    assert result.identical_outputs < 6 and first is not None
+    micro, litert = MicroModel(content), Model(content)
+    identical = []
+    for e in x:
+        litert.invoke(e)
+        identical.append(np.array_equal(micro.raw(e), litert.interpreter.get_tensor(litert.output["index"])))
+    assert first["example"] == identical.index(False)
+    example, k = x[first["example"]], first["operator"]
+
+    def parts(prefix: bytes) -> np.ndarray:
+        lite = Model(prefix)
+        lite.invoke(example)
+        return MicroModel(prefix).raw(example).astype(int) - lite.interpreter.get_tensor(lite.output["index"]).astype(int)
+
+    assert not any(parts(prefix_model(content, i)).any() for i in range(k))
+    differences = parts(prefix_model(content, k))
+    assert read_graph(content).operators[k].kind == first["kind"]
+    assert (np.count_nonzero(differences), differences.size, np.abs(differences).max()) == (
+        first["elements_differing"], first["elements"], first["max_steps"])

@@ -178,3 +178,52 @@ def test_the_table_is_tflite_micros_builtin_list() -> None:
 def test_no_tensorflow_import() -> None:
     code = "import sys, edgecc.micro; sys.exit(any(m.split('.')[0] == 'tensorflow' for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+TINY_RECIPE = """name = "tiny"
+[model]
+stem_filters = [8]
+stem_strides = [2]
+dim = 16
+depth = 1
+heads = 2
+mlp_dim = 32
+[data]
+test_fraction = 0.5
+[train]
+epochs = 1
+batch_size = 64
+[compress]
+calibration_samples = 32
+"""
+
+
+def test_a_microcontroller_build_measures_its_test_accuracy_with_tflite_micro(tmp_path: Path) -> None:
+    """The manifest's TFLite Micro accuracy is model.tflite's run example by example by the TFLite Micro interpreter
+    here, and the report says where that interpreter's outputs first part from LiteRT's."""
+    from conftest import needs_train_extra
+
+    needs_train_extra()
+    import numpy as np
+
+    from edgecc.build import build
+    from edgecc.data import load_dataset
+    from edgecc.micro_eval import MicroModel
+    from edgecc.progress import Reporter
+    from edgecc.recipe import load_recipe
+
+    (tmp_path / "tiny.toml").write_text(TINY_RECIPE)
+    result = build("stm32h7", tmp_path / "tiny.toml", tmp_path / "out", Reporter(quiet=True))
+    micro = result.manifest["metrics"]["tflite_micro"]
+    dataset = load_dataset(load_recipe(tmp_path / "tiny.toml").recipe.data, seed=0)
+    model = MicroModel((tmp_path / "out" / "model.tflite").read_bytes())
+    x, y = dataset.x[dataset.test_index], dataset.y[dataset.test_index]
+    assert micro["examples"] == len(y)
+    assert micro["accuracy"] == pytest.approx(np.mean([int(np.argmax(model.raw(e))) == label for e, label in zip(x, y)]))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"the int8 accuracy is {micro['accuracy']:.4f} (LiteRT {micro['litert_accuracy']:.4f})" in report
+    first = micro["first_difference"]
+    if micro["identical_outputs"] == micro["examples"]:
+        assert first is None and "They first part" not in report
+    else:
+        assert f"They first part at operator {first['operator']} ({first['kind']}) on test example {first['example']}" in report

@@ -3,7 +3,10 @@
 The board runs TFLite Micro's kernels, not LiteRT's, so a microcontroller build's
 accuracy is measured with them (the `tflite_micro` package's host interpreter,
 reference kernels), example by example, and compared with LiteRT's outputs: the
-accuracy of each and how many outputs are bit-for-bit the same.
+accuracy of each and how many outputs are bit-for-bit the same. Where they are not, the first operator whose output
+differs is found (each prefix of the graph run as a model of its own by both), so a user sees that the two runtimes'
+kernels round that operator differently (by how many quantization steps, on how many elements) rather than
+suspecting the port.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import numpy as np
 
 from edgecc.arena import PROBE_ARENA, abort_cause
 from edgecc.errors import EdgeccError, one_line
+from edgecc.memplan import METADATA_NAME
 from edgecc.modelcheck import check_model_file
 from edgecc.progress import Reporter, native_output_silenced
 from edgecc.reader import read_graph
 from edgecc.runtime import Model, Quantization
+from edgecc.tflite_edit import pack, pruned, unpack
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class MicroEvaluation:
     litert_accuracy: float
     same_predictions: int  # examples where both predict the same class
     identical_outputs: int  # examples whose quantized outputs are bit-for-bit equal
+    first_difference: dict[str, Any] | None = None  # on the first example that differs: first_difference()'s
     method: str = "tflite-micro Python interpreter (host reference kernels), one example at a time"
 
     def to_json(self) -> dict[str, Any]:
@@ -68,18 +74,50 @@ def evaluate_micro(content: bytes, x: np.ndarray, y: np.ndarray, reporter: Repor
     """Run every example of (`x`, `y`) with TFLite Micro and with LiteRT and compare."""
     micro, litert = MicroModel(content), Model(content)
     same_predictions = identical = micro_right = litert_right = 0
+    differing: int | None = None  # the first example whose outputs differ
     reporter = reporter or Reporter(quiet=True)
     with reporter.task("evaluating with TFLite Micro", len(x)) as advance:
-        for example, label in zip(x, y):
+        for i, (example, label) in enumerate(zip(x, y)):
             ours = micro.raw(example)
             litert.invoke(example)
             theirs = litert.interpreter.get_tensor(litert.output["index"])
             ours_class, theirs_class = int(np.argmax(ours)), int(np.argmax(theirs))
-            identical += int(ours.dtype == theirs.dtype and np.array_equal(ours, theirs))
+            same = ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+            identical += int(same)
+            differing = i if differing is None and not same else differing
             same_predictions += int(ours_class == theirs_class)
             micro_right += int(ours_class == int(label))
             litert_right += int(theirs_class == int(label))
             advance()
     count = max(len(x), 1)
+    first = None if differing is None else {"example": differing, **(first_difference(content, x[differing]) or {})}
     return MicroEvaluation(examples=len(x), accuracy=micro_right / count, litert_accuracy=litert_right / count,
-                           same_predictions=same_predictions, identical_outputs=identical)
+                           same_predictions=same_predictions, identical_outputs=identical, first_difference=first)
+
+
+def first_difference(content: bytes, example: np.ndarray) -> dict[str, Any] | None:
+    """The first operator, in execution order, whose output TFLite Micro and LiteRT compute differently on `example`
+    (one float example, no batch axis): its index and kind, how many elements of its first output differ, of how
+    many, and by at most how many quantization steps; None when every operator agrees."""
+    graph = read_graph(content)
+    for index, op in enumerate(graph.operators):
+        prefix = prefix_model(content, index)
+        litert = Model(prefix)
+        litert.invoke(example)
+        theirs = litert.interpreter.get_tensor(litert.output["index"]).astype(np.int64)
+        ours = MicroModel(prefix).raw(example).astype(np.int64)
+        if not np.array_equal(ours, theirs):
+            return {"operator": index, "kind": op.kind, "elements_differing": int((ours != theirs).sum()),
+                    "elements": int(ours.size), "max_steps": int(np.abs(ours - theirs).max())}
+    return None
+
+
+def prefix_model(content: bytes, last: int) -> bytes:
+    """The model's operators up to `last` (execution order), as a model whose output is that operator's first output
+    (without an offline memory plan: its offsets were for the whole graph)."""
+    model = unpack(content)
+    subgraph = model.subgraphs[0]
+    subgraph.operators = subgraph.operators[: last + 1]
+    subgraph.outputs = np.array(subgraph.operators[last].outputs[:1], np.int32)
+    model.metadata = [entry for entry in model.metadata or [] if entry.name != METADATA_NAME.encode()] or None
+    return pack(pruned(model))

@@ -198,6 +198,17 @@ def _teacher_source(teacher: dict[str, Any] | None) -> str:
     return f"Float teacher: {where}, {teacher['seconds']:.0f} s."
 
 
+def _first_difference(first: dict[str, Any] | None) -> str:
+    """Where the two runtimes' outputs part, on the first test example where they do (micro_eval.first_difference)."""
+    if not first or "operator" not in first:
+        return ""
+    steps = "step" if first["max_steps"] == 1 else "steps"
+    return (f" They first part at operator {first['operator']} ({first['kind']}) on test example {first['example']}: "
+            f"{first['elements_differing']:,} of its {first['elements']:,} output elements differ, by at most "
+            f"{first['max_steps']} quantization {steps} (the two runtimes' kernels round it differently; the "
+            "operators before it agree bit for bit).")
+
+
 def _micro_blocks(micro: dict[str, Any] | None, passes: dict[str, Any] | None) -> list[Block]:
     """The TFLite Micro interpreter's accuracy beside LiteRT's, and what the graph passes removed."""
     blocks: list[Block] = []
@@ -207,7 +218,7 @@ def _micro_blocks(micro: dict[str, Any] | None, passes: dict[str, Any] | None) -
         blocks.append(("p", f"With the TFLite Micro interpreter (the board's kernels) the int8 accuracy is "
                             f"{micro['accuracy']:.4f} (LiteRT {micro['litert_accuracy']:.4f}): the same class on "
                             f"{micro['same_predictions']} of {micro['examples']} examples, bit-identical outputs on "
-                            f"{micro['identical_outputs']}."))
+                            f"{micro['identical_outputs']}." + _first_difference(micro.get("first_difference"))))
     if passes and passes["rewrites"]:
         (ops_before, ops_after), (tensors_before, tensors_after) = passes["operators"], passes["tensors"]
         blocks.append(("p", f"Graph passes (bit-exact): {ops_before} -> {ops_after} operators, {tensors_before} -> "
