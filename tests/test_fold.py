@@ -71,3 +71,29 @@ def test_frozen_norms_fold_away_entirely() -> None:
     np.testing.assert_allclose(folded(x).numpy(), frozen(x).numpy(), atol=1e-5)
     ops = read_graph(to_int8_tflite(inference_graph(frozen), x, per_channel=False)).op_counts()
     assert "RSQRT" not in ops, ops
+
+
+def test_frozen_norms_fold_in_a_model_whose_layers_another_model_called_first() -> None:
+    """TF-MOT's strip_pruning leaves a sparsified student whose layers were called first in the pruning wrapper's
+    model, so a tensor's own history numbers its node 1 where this model's config numbers it 0. Folding refers to
+    each bypassed norm's input as the config does; with the history's number, from_config waited for ever."""
+    import signal
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(1).normal(size=(16, 8, 8, 1)).astype(np.float32)
+    frozen = freeze_norms(vision_transformer(SMALL, (8, 8, 1), 5), x)
+    again = keras.models.clone_model(frozen, clone_function=lambda layer: layer)  # the same layers, called again
+    assert again.get_layer("final_norm").get_input_at(1)._keras_history.node_index == 1  # its input in `again`
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("fold_norms did not finish in 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        folded = fold_norms(again)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not any(isinstance(layer, LayerNorm) for layer in folded.layers)
+    np.testing.assert_allclose(folded(x).numpy(), again(x).numpy(), atol=1e-5)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.train.layers import LayerNorm, keras
-from edgecc.train.prune import Wiring, bypassed, rebuilt
+from edgecc.train.prune import Wiring, bypassed, config_source, rebuilt
 
 
 def _dense_readers(wiring: Wiring, node: Any) -> list[Any] | None:
@@ -42,7 +42,7 @@ def fold_norms(model: Any) -> Any:
     changes: dict[str, dict[str, Any]] = {}
     weights: dict[str, list[np.ndarray]] = {}
     sources: dict[str, tuple[str, int, int]] = {}
-    wiring = Wiring(model)
+    wiring, config = Wiring(model), model.get_config()
     for node in wiring.nodes:
         layer = node.layer
         foldable = isinstance(layer, LayerNorm) and (layer.affine or layer.frozen_scale)
@@ -53,8 +53,7 @@ def fold_norms(model: Any) -> Any:
         gamma, beta = ((w.numpy() for w in (layer.gamma, layer.beta)) if layer.affine
                        else (np.ones(width, np.float32), np.zeros(width, np.float32)))
         if layer.frozen_scale:
-            source, node_index, tensor_index = node.keras_inputs[0]._keras_history
-            sources[layer.name] = (source.name, node_index, tensor_index)
+            sources[layer.name] = config_source(config, layer.name)
             gamma = gamma * layer.frozen_scale
         else:
             changes[layer.name] = {"affine": False}
@@ -69,7 +68,7 @@ def fold_norms(model: Any) -> Any:
             weights[dense.name] = [folded, bias + beta @ kernel]
     if not changes:
         return model
-    return rebuilt(model, changes, weights, bypassed(model.get_config(), set(sources), sources))
+    return rebuilt(model, changes, weights, bypassed(config, set(sources), sources))
 
 
 def freeze_norms(model: Any, x: np.ndarray) -> Any:

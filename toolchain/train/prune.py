@@ -189,6 +189,7 @@ def find_blocks(model: Any) -> list[Block]:
     wiring = Wiring(model)
     by_name = {node.layer.name: node for node in wiring.nodes}
     attention, feed_forward = find_units(model)
+    config = model.get_config()
     blocks = []
     for unit in attention:
         first = _residual_add(wiring, by_name[unit.output].outputs)
@@ -205,9 +206,8 @@ def find_blocks(model: Any) -> list[Block]:
         members = _between(wiring, start, end) if end else None
         if members is None:
             continue
-        layer, node_index, tensor_index = start._keras_history
-        blocks.append(Block(end.layer.name, tuple(node.layer.name for node in members),
-                            (layer.name, node_index, tensor_index)))
+        source = config_source(config, middle.layer.name, [id(t) for t in middle.keras_inputs].index(id(start)))
+        blocks.append(Block(end.layer.name, tuple(node.layer.name for node in members), source))
     return blocks
 
 
@@ -232,6 +232,16 @@ def remove_blocks(model: Any, removed: list[Block]) -> Any:
     """A new model without the `removed` blocks; what read a block's output reads its input instead."""
     gone = {name for block in removed for name in block.members}
     return rebuilt(model, {}, {}, bypassed(model.get_config(), gone, {block.output: block.source for block in removed}))
+
+
+def config_source(config: dict[str, Any], reader: str, position: int = 0) -> tuple[str, int, int]:
+    """How layer `reader` (called once) refers to its input `position` in `config`: (layer, node, tensor), numbered
+    as the config numbers them. A tensor's own _keras_history also counts its layer's calls in other models (a
+    pruning wrapper's), which this model's config does not: a reference taken from it can name a node the config
+    lacks, and tf_keras' from_config then waits for that node for ever (a hang, not an error)."""
+    entry = next(e for e in config["layers"] if e["name"] == reader)
+    name, node, tensor = entry["inbound_nodes"][0][position][:3]
+    return name, node, tensor
 
 
 def bypassed(config: dict[str, Any], gone: set[str], sources: dict[str, tuple[str, int, int]]) -> dict[str, Any]:
