@@ -98,8 +98,11 @@ def _micro(r: dict[str, Any]) -> str:
     micro = r["tflite_micro"]
     if "error" in micro:
         return f"does not run: {micro['error']}"
+    first = micro.get("first_difference") or {}
+    parted = (f"; they first part at {first['kind']} (operator {first['operator']}), {first['elements_differing']} of "
+              f"{first['elements']} elements by at most {first['max_steps']} step(s)" if "operator" in first else "")
     return (f"{micro['accuracy']:.4f} (LiteRT {micro['litert_accuracy']:.4f}; same class on {micro['same_predictions']}"
-            f"/{micro['examples']}, bit-identical {micro['identical_outputs']})")
+            f"/{micro['examples']}, bit-identical {micro['identical_outputs']}{parted})")
 
 
 def _row(r: dict[str, Any]) -> list[str]:
