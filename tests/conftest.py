@@ -57,6 +57,24 @@ def default_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict,
     return out, json.loads((out / "manifest.json").read_text()), result
 
 
+TINY_RECIPE = """name = "tiny"
+[model]
+stem_filters = [8]
+stem_strides = [2]
+dim = 16
+depth = 1
+heads = 2
+mlp_dim = 32
+[data]
+test_fraction = 0.5
+[train]
+epochs = 1
+batch_size = 64
+[compress]
+calibration_samples = 32
+"""  # the built-in digits data, a one-block model, one epoch: a whole build in seconds
+
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

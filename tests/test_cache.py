@@ -14,29 +14,13 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from conftest import edgecc, needs_train_extra
+from conftest import TINY_RECIPE, edgecc, needs_train_extra
 from edgecc.cache import TeacherCache, key_parts, teacher_key
 from edgecc.data import Dataset
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.recipe import Recipe
 
-TINY = """name = "tiny"
-[model]
-stem_filters = [8]
-stem_strides = [2]
-dim = 16
-depth = 1
-heads = 2
-mlp_dim = 32
-[data]
-test_fraction = 0.5
-[train]
-epochs = 1
-batch_size = 64
-[compress]
-calibration_samples = 32
-"""
 TRAINING = "training float teacher"
 
 
@@ -45,7 +29,7 @@ def tiny_build(work: Path, name: str, **options: Any) -> tuple[dict[str, Any], s
     from edgecc.build import build
 
     recipe = work / f"{name}.toml"
-    recipe.write_text(TINY)
+    recipe.write_text(TINY_RECIPE)
     log = io.StringIO()
     started = time.perf_counter()
     result = build("rpi4", recipe, work / name, Reporter(console=Console(file=log, width=300)), **options)
@@ -172,7 +156,7 @@ def test_interrupted_stages_continue_after_the_last_finished_one_and_train_what_
     from edgecc.recipe import load_recipe
     from edgecc.train.teacher import starting_model
 
-    (tmp_path / "r.toml").write_text(TINY.replace("[compress]\n", '[compress]\nstages = ["prune", "mix", "ptq"]\n'
+    (tmp_path / "r.toml").write_text(TINY_RECIPE.replace("[compress]\n", '[compress]\nstages = ["prune", "mix", "ptq"]\n'
                                                   "distill_epochs = 1\n"))
     recipe = load_recipe(tmp_path / "r.toml").recipe
     dataset = load_dataset(recipe.data, seed=recipe.seed)

@@ -180,28 +180,11 @@ def test_no_tensorflow_import() -> None:
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-TINY_RECIPE = """name = "tiny"
-[model]
-stem_filters = [8]
-stem_strides = [2]
-dim = 16
-depth = 1
-heads = 2
-mlp_dim = 32
-[data]
-test_fraction = 0.5
-[train]
-epochs = 1
-batch_size = 64
-[compress]
-calibration_samples = 32
-"""
-
 
 def test_a_microcontroller_build_measures_its_test_accuracy_with_tflite_micro(tmp_path: Path) -> None:
     """The manifest's TFLite Micro accuracy is model.tflite's run example by example by the TFLite Micro interpreter
     here, and the report says where that interpreter's outputs first part from LiteRT's."""
-    from conftest import needs_train_extra
+    from conftest import TINY_RECIPE, needs_train_extra
 
     needs_train_extra()
     import numpy as np
