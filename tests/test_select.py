@@ -219,3 +219,22 @@ def test_a_validation_split_too_small_for_a_drop_budget_is_warned_about() -> Non
     recall = Recipe(task=TaskSection(metric="recall", classes=("ok",)),
                     budgets=BudgetsSection(max_accuracy_drop=5.0, max_metric_drop=5.0))
     assert resolution_warning(recall, class_metrics(small, small, names)) is None  # 40 of 'ok': 2.5 points
+
+
+def test_a_floor_the_teacher_itself_misses_on_the_validation_split_is_warned_about() -> None:
+    """The teacher predicts 45 of 50 right (0.9), 'crack' 3 of 5 (0.6): a 0.92 accuracy floor and a 0.8 recall
+    floor on 'crack' are above it and named with the teacher's figure; the floors it meets are not."""
+    from edgecc.selection import floor_warning
+
+    names = ("crack", "dent", "ok")
+    truth = np.array([0] * 5 + [1] * 5 + [2] * 40)
+    predicted = truth.copy()
+    predicted[[0, 1]] = 2  # two cracks called ok
+    predicted[[10, 11, 12]] = [0, 1, 1]  # three oks called crack or dent
+    teacher = class_metrics(truth, predicted, names)
+    assert teacher.score("accuracy") == 0.9 and {c.name: c.recall for c in teacher.classes}["crack"] == 0.6
+    missed = Recipe(budgets=BudgetsSection(min_accuracy=0.92, min_recall={"crack": 0.8, "ok": 0.9}))
+    warning = floor_warning(missed, teacher)
+    assert "budgets.min_accuracy 0.92 (the teacher: 0.9000), budgets.min_recall.crack 0.8 (the teacher: 0.6000)" in warning
+    assert "min_recall.ok" not in warning
+    assert floor_warning(Recipe(budgets=BudgetsSection(min_accuracy=0.9)), teacher) is None

@@ -101,6 +101,30 @@ def resolution_warning(recipe: Recipe, validation: ClassMetrics) -> str | None:
             "Raise train.validation_fraction or add data")
 
 
+def floor_warning(recipe: Recipe, teacher: ClassMetrics) -> str | None:
+    """The recipe's absolute floors that the float teacher itself misses on the validation split, or None.
+
+    No int8 model is then likely to meet them there, so every candidate fails them: the build's choice falls back
+    to the fewest failed budgets and edgecc tune chooses no trial. A floor set from the test split's figures does
+    this wherever the validation split is harder than the test split.
+    """
+    b = recipe.budgets
+    recalls = {c.name: c.recall for c in teacher.classes}
+    floors = [("min_accuracy", b.min_accuracy, teacher.score("accuracy")),
+              ("min_balanced_accuracy", b.min_balanced_accuracy, teacher.score("balanced_accuracy")),
+              ("min_macro_f1", b.min_macro_f1, teacher.score("macro_f1")),
+              *((f"min_recall.{name}", limit, recalls.get(name)) for name, limit in b.min_recall.items())]
+    missed = [f"budgets.{field} {limit:g} (the teacher: {value:.4f})" for field, limit, value in floors
+              if limit and value is not None and value < limit]
+    if not missed:
+        return None
+    return (f"the float teacher itself is below {', '.join(missed)} on the validation split that chooses the model, so "
+            "no int8 model is likely to meet it there: the build's choice falls back to the fewest failed budgets "
+            "and edgecc tune chooses no trial (the test split still judges the chosen model by it). Set the floor "
+            "from validation figures, or give it as a drop against the teacher (budgets.max_accuracy_drop, "
+            "max_metric_drop)")
+
+
 def failures(budgets: list[dict[str, Any]], split: str) -> int:
     """How many budgets a model fails. On the validation split, where the choice is made, a budget that cannot be
     measured there (no validation example of a named class) is not counted: it tells no model from another, and
