@@ -20,7 +20,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-import tomllib
 from datetime import date
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +27,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compression import parse_cached_tasks, table, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
-from bench_imbalance import host, merged, to_toml  # noqa: E402
+from bench_imbalance import host, merged, relocatable, to_toml  # noqa: E402
 
 from edgecc.build import build  # noqa: E402
 from edgecc.check import Assessment, assess  # noqa: E402
@@ -97,11 +96,8 @@ def recipe_for(task: str, scratch: Path) -> Path | None:
         path.write_text(TREC_TINY.format(data=TRAIN_DATA.as_posix()), encoding="utf-8")
         return path
     base, change, fields = DERIVED[task]
-    recipe = tomllib.loads(TASKS[base].read_text(encoding="utf-8"))
+    recipe = relocatable(TASKS[base])
     stages = change(recipe["compress"]["stages"])
-    for field in ("path", "test_path"):
-        if field in recipe["data"]:
-            recipe["data"][field] = (TASKS[base].parent / recipe["data"][field]).resolve().as_posix()
     dropped = {} if "prune" in stages else dict.fromkeys(PRUNE_FIELDS)
     path.write_text(to_toml(merged(recipe, {"compress": {"stages": stages, **dropped, **fields}})), encoding="utf-8")
     return path

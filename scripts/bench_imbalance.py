@@ -76,6 +76,16 @@ def merged(base: dict[str, Any], *changes: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def relocatable(recipe_file: Path) -> dict[str, Any]:
+    """The recipe file's tables with its data paths made absolute, so that a copy written elsewhere reads the same
+    data."""
+    recipe = tomllib.loads(recipe_file.read_text(encoding="utf-8"))
+    for field in ("path", "test_path"):
+        if field in recipe.get("data", {}):
+            recipe["data"][field] = (recipe_file.parent / recipe["data"][field]).resolve().as_posix()
+    return recipe
+
+
 def to_toml(recipe: dict[str, Any]) -> str:
     def value(v: Any) -> str:
         if isinstance(v, bool):

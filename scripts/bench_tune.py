@@ -23,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compression import TASKS, run_task, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
-from bench_imbalance import host  # noqa: E402
+from bench_imbalance import host, merged, relocatable, to_toml  # noqa: E402
 
 from edgecc.errors import EdgeccError  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
@@ -32,6 +32,10 @@ from edgecc.tune import RULE, TuneOptions, TuneResult, tune  # noqa: E402
 
 OUT = ROOT / "benchmarks"
 CACHE = OUT / "models" / "cache"
+# The search keeps the recipe's relative budgets (max_accuracy_drop: the issue's "within 1 point") and drops its
+# absolute floor: the reference recipes' min_accuracy was set from test figures, and the search is judged on the
+# validation split, where trec's teacher itself scores 0.839 against its 0.85 floor (no trial could be chosen).
+SEARCHED = {"budgets": {"min_accuracy": None}}
 
 
 def _final(built: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +54,10 @@ def run(task: str, recipe: Path, trials: int, ray_address: str | None, time_budg
     if data.path and not (recipe.parent / data.path).exists():
         return {"task": task, "skipped": f"data not found at {(recipe.parent / data.path).resolve()}"}
     out = OUT / "models" / "tune" / task
-    options = TuneOptions(target="rpi4", recipe=recipe, out=out / "study", cache=CACHE, trials=trials,
+    out.mkdir(parents=True, exist_ok=True)
+    searched = out / f"{task}.toml"
+    searched.write_text(to_toml(merged(relocatable(recipe), SEARCHED)), encoding="utf-8")
+    options = TuneOptions(target="rpi4", recipe=searched, out=out / "study", cache=CACHE, trials=trials,
                           time_budget_s=time_budget_s)
     runs = {}
     for name, opts in [("in-process", options),
@@ -95,7 +102,8 @@ def _verdicts(r: dict[str, Any]) -> str:
 def section(results: list[dict[str, Any]], command: str) -> str:
     lines = ["## Tuning the compression (edgecc tune)", "",
              f"`{command}`, on {host()}. "
-             "Each task's reference recipe is searched by `edgecc tune --target rpi4` (Optuna NSGA-II, the [tune] "
+             "Each task's reference recipe, without its min_accuracy floor (set from test figures; the search keeps "
+             "max_accuracy_drop), is searched by `edgecc tune --target rpi4` (Optuna NSGA-II, the [tune] "
              "space derived from the recipe); objectives: task.metric on the validation split (TFLite interpreter; "
              "build.held_out, the split each build chooses its model on) and the rpi4 estimates of latency, flash "
              "and RAM. Choice rule: " + RULE + ". The chosen best.toml and the reference recipe are then built "
