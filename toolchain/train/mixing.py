@@ -26,7 +26,7 @@ import numpy as np
 
 from edgecc.errors import EdgeccError
 from edgecc.train.layers import keras
-from edgecc.train.prune import Wiring, bypassed, find_units, rebuilt
+from edgecc.train.prune import Wiring, bypassed, config_source, find_units, rebuilt
 
 layers = keras.layers
 
@@ -95,11 +95,11 @@ def _token_weight(bias: Any, values: np.ndarray, softmax: str, config: dict[str,
         raise EdgeccError(f"compress.stages 'mix': softmax '{softmax}' adds a key bias that takes the values {found} "
                           "on the calibration examples; 'mix' keeps a padding mask only as 0 on real tokens and one "
                           "negative value on padding, seen in at least one example")
-    source = next(entry for entry in config["layers"] if entry["name"] == softmax)["inbound_nodes"][0][1][:3]
+    source = config_source(config, softmax, 1)
     name = f"{source[0]}_token_weight"
     rescale = layers.Rescaling(scale=-1.0 / float(levels[0]), offset=1.0, name=f"{name}_levels")
     reshape = layers.Reshape((bias.shape[-1], 1), name=name)
-    return [_entry(rescale, source), _entry(reshape, rescale.name)]
+    return [_entry(rescale, list(source)), _entry(reshape, rescale.name)]
 
 
 def _chain(start: Any, end: Any) -> tuple[list[str], tuple[Any, str] | None]:
