@@ -192,3 +192,18 @@ def test_one_gross_outlier_cannot_drag_the_fit_of_the_other_rows(estimator: Any,
     monkeypatch.setattr(estimator, "ROBUST", {"loss": "linear"})
     coefficients, errors = fitted()
     assert max(map(abs, coefficients.values())) > 0.1 and max(abs(e) for i, e in enumerate(errors) if i != 3) > 0.1
+
+
+def test_a_lookup_moves_the_rows_it_gathers_not_its_whole_table() -> None:
+    """The text fixture's embedding GATHER reads one table row per token: the bytes it moves are the ids, the rows
+    and its output, however many rows the table has."""
+    from edgecc.cost import op_costs
+    from edgecc.reader import read_graph
+
+    graph = read_graph((Path(__file__).parent / "fixtures" / "text_int8.tflite").read_bytes())
+    (index, op), = [(i, op) for i, op in enumerate(graph.operators) if op.kind == "GATHER"
+                    and graph.tensors[op.inputs[0]].constant and graph.tensors[op.inputs[0]].shape[0] > 2]
+    table, ids, out = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
+    cost = op_costs(graph)[index]
+    assert out.nbytes < table.nbytes
+    assert (cost.weight_bytes, cost.bytes_moved) == (out.nbytes, ids.nbytes + 2 * out.nbytes)
