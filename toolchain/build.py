@@ -45,7 +45,7 @@ from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
 from edgecc.recipe import LoadedRecipe, Recipe, TaskSection, check_class_names, load_recipe, model_path
 from edgecc.runtime import Model
 from edgecc.selection import (INT8_MODEL, Candidate, budget_verdicts, distinct_models, failures, model_name,
-                              floor_warning, resolution_warning, select, stage_files)
+                              select, stage_files, validation_warnings)
 from edgecc.sign import load_private_key, sign_manifest
 from edgecc.targets import Target, load_target
 
@@ -488,8 +488,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     stage_records = _stage_records(teacher, float_bytes, models, files, latency)
     warnings = _add_class_metrics(stage_records, figures, recipe.task, chosen + 1)
     if judged.split == "validation":
-        warnings += [w for w in (resolution_warning(recipe, judged.figures[0]), floor_warning(recipe, judged.figures[0]))
-                     if w]
+        warnings += validation_warnings(recipe, judged.figures[0])
     for record, candidate, model_budgets in zip(stage_records[1:], candidates, budgets):
         record.update(target_latency_ms=candidate.latency_ms, budgets=model_budgets,
                       meets_budgets=not failures(model_budgets, "test"))

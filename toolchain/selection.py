@@ -125,6 +125,12 @@ def floor_warning(recipe: Recipe, teacher: ClassMetrics) -> str | None:
             "max_metric_drop)")
 
 
+def validation_warnings(recipe: Recipe, teacher: ClassMetrics) -> list[str]:
+    """What a person must know about choosing on this validation split (the teacher's figures on it): drop budgets it
+    cannot resolve and floors the teacher itself misses. Build and tune both say these."""
+    return [w for w in (resolution_warning(recipe, teacher), floor_warning(recipe, teacher)) if w]
+
+
 def failures(budgets: list[dict[str, Any]], split: str) -> int:
     """How many budgets a model fails. On the validation split, where the choice is made, a budget that cannot be
     measured there (no validation example of a named class) is not counted: it tells no model from another, and

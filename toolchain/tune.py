@@ -324,7 +324,7 @@ class Workbench:
         from edgecc.evaluate import predictions
         from edgecc.recipe import check_class_names
         from edgecc.runtime import Model
-        from edgecc.selection import floor_warning, resolution_warning
+        from edgecc.selection import validation_warnings
         from edgecc.train.convert import to_float_tflite
         from edgecc.train.teacher import inference_graph
 
@@ -342,10 +342,8 @@ class Workbench:
         self.teacher_metrics, self.teacher_test = (
             class_metrics(y, predictions(float_model, x, Reporter(quiet=True), ""), self.dataset.label_names)
             for x, y in (self.split(), self.split(test=True)))
-        if self.judged_on == "validation":
-            for warning in (resolution_warning(recipe, self.teacher_metrics), floor_warning(recipe, self.teacher_metrics)):
-                if warning:
-                    reporter.warning(warning)
+        for warning in validation_warnings(recipe, self.teacher_metrics) if self.judged_on == "validation" else []:
+            reporter.warning(warning)
 
     def split(self, test: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The examples trials are judged and chosen on (the validation split), or with `test` the test split."""
