@@ -31,21 +31,28 @@ def _vit(heads: int) -> keras.Model:
     return vision_transformer(config, (8, 8, 1), 10)
 
 
-def test_one_example_of_a_one_head_model_gives_its_own_attention_so_the_mixed_model_answers_it_alike() -> None:
-    """With one head and one example, the mean attention is that example's attention (not symmetric), so the mixed
-    model must give the model's outputs on it exactly; on another example it differs (the mixing is constant)."""
-    model = _vit(heads=1)
+@pytest.mark.parametrize(("heads", "form", "exact"), [(1, "shared", True), (4, "per_head", True), (4, "shared", False)])
+def test_one_example_gives_the_mixing_its_own_attention_so_the_mixed_model_answers_it_alike(
+        heads: int, form: str, exact: bool) -> None:
+    """With one example, the mean attention is that example's attention (not symmetric): 'per_head' keeps every head's,
+    so the mixed model must give the model's outputs on it exactly; 'shared' only with one head (four heads' mean is
+    none of them). On another example it differs (the mixing is constant)."""
+    model = _vit(heads=heads)
     x = DIGITS.x[DIGITS.train_index[:2]]
-    mixed = constant_mixing(model, x[:1])
+    mixed = constant_mixing(model, x[:1], form)
     names = {layer.name for layer in mixed.layers}
     assert not [layer for layer in mixed.layers if isinstance(layer, (AttentionScores, AttentionContext))]
     assert not names & {"block0_query", "block0_key", "block1_query", "block1_key"}
     assert {"block0_context_mixing", "block1_context_mixing", "block0_value", "block0_attn_output"} <= names
     kernel = mixed.get_layer("block0_context_mixing").get_weights()[0]
+    tokens = model.get_layer("block0_value").output.shape[1]
+    assert kernel.shape == ((heads if form == "per_head" else 1) * tokens,) * 2
     assert not np.allclose(kernel, kernel.T) and np.allclose(kernel.sum(axis=0), 1.0, atol=1e-5)  # rows of softmax
-    np.testing.assert_allclose(mixed.predict(x[:1], verbose=0), model.predict(x[:1], verbose=0), rtol=1e-4, atol=1e-5)
+    same = np.allclose(mixed.predict(x[:1], verbose=0), model.predict(x[:1], verbose=0), rtol=1e-4, atol=1e-5)
+    assert same == exact
     assert not np.allclose(mixed.predict(x[1:], verbose=0), model.predict(x[1:], verbose=0), atol=1e-4)
-    assert mixed.count_params() < model.count_params()  # the query and key projections are gone
+    gone = sum(model.get_layer(f"block{i}_{name}").count_params() for i in (0, 1) for name in ("query", "key"))
+    assert mixed.count_params() == model.count_params() - gone + 2 * kernel.size  # q, k projections out, mixing in
 
 
 def test_a_model_without_attention_is_refused_by_name() -> None:

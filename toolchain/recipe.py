@@ -25,6 +25,7 @@ STAGES = ("prune", "mix", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
 SPARSITY_PATTERNS = ("magnitude", "2:4")
 GELU_FORMS = ("exact", "sigmoid")
+MIXING_FORMS = ("per_head", "shared")
 BALANCE = ("auto", "sampling", "weights", "none")
 CLASS_EQUAL_METRICS = ("balanced_accuracy", "macro_f1", "recall")  # metrics that weigh the classes alike
 AUTO_IMAGE_SIZE_LIMIT = 128
@@ -52,6 +53,7 @@ DISTILLED = {"compress.stages": ("prune", "mix", "sparsify", "qat")}
 PRUNE = {"compress.stages": ("prune",)}
 SPARSIFY = {"compress.stages": ("sparsify",)}
 QAT = {"compress.stages": ("qat",)}
+MIX = {"compress.stages": ("mix",)}
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,10 @@ class CompressSection:
                                           "training; the others share the [UNK] row")
     freeze_norms: bool = spec(False, applies=PRUNE, doc="prune: replace each LayerNorm's per-token 1/sigma by its training mean "
                               "before distilling, so that the norms fold into the Dense layers after them")
+    mixing: str = spec("per_head", choices=MIXING_FORMS, applies=MIX,
+                       doc="mix: 'per_head' starts each head from its own mean attention, in one Dense over (head, "
+                           "token) whose off-diagonal blocks distillation may fill; 'shared' uses one matrix per block, "
+                           "the heads' mean (heads times fewer mixing weights)")
     gelu: str = spec("exact", choices=GELU_FORMS,
                      doc="'exact' keeps the model's GELU; 'sigmoid' gives the student x·sigmoid(1.702x) instead, before "
                          "its first stage (distilled from the exact teacher): the Edge TPU maps that, where the GELU "

@@ -120,7 +120,7 @@ def _prune(student: Any, c: StageContext) -> tuple[Any, list[float]]:
 def _mix(student: Any, c: StageContext) -> tuple[Any, list[float]]:
     from edgecc.train.mixing import constant_mixing
 
-    student = constant_mixing(student, c.calibration)
+    student = constant_mixing(student, c.calibration, c.section.mixing)
     return student, c.distil(student, c.section.distill_epochs, "distilling the constant-mixing student", hidden=True)
 
 

@@ -40,9 +40,10 @@ def _entry(layer: Any, *sources: str | list[Any]) -> dict[str, Any]:
     return {**layers.serialize(layer), "name": layer.name, "inbound_nodes": [inbound]}
 
 
-def constant_mixing(model: Any, x: np.ndarray) -> Any:
-    """A new model in which every self-attention (prune.find_units) mixes its values' tokens by a constant matrix,
-    the model's mean attention over `x` and its heads. Every other weight is copied."""
+def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head") -> Any:
+    """A new model in which every self-attention (prune.find_units) mixes its values' tokens by constant matrices,
+    the model's mean attention over `x`: each head's own (`form` 'per_head') or one averaged over the heads
+    ('shared'). Every other weight is copied."""
     attention, _ = find_units(model)
     if not attention:
         raise EdgeccError("compress.stages 'mix': the model has no self-attention that edgecc can replace "
@@ -50,6 +51,7 @@ def constant_mixing(model: Any, x: np.ndarray) -> Any:
     wiring = Wiring(model)
     nodes = {node.layer.name: node for node in wiring.nodes}
     probs = [nodes[unit.context].call_args[0][0] for unit in attention]
+    unit_width = {unit.context: nodes[unit.context].call_args[0][1].shape[-1] for unit in attention}
     chains = [_chain(nodes[unit.scores].outputs, tensor) for unit, tensor in zip(attention, probs)]
     biases = {id(bias[0]): bias[0] for _, bias in chains if bias is not None}
     computed = keras.Model(model.inputs, probs + list(biases.values())).predict(x, batch_size=256, verbose=0)
@@ -63,9 +65,6 @@ def constant_mixing(model: Any, x: np.ndarray) -> Any:
     keeps: dict[int, str] = {}  # the per-token weight layer made from each padding bias
     for unit, (chain, bias), p in zip(attention, chains, averaged):
         gone |= {unit.query, unit.key, unit.scores, unit.context, *chain}
-        names = (f"{unit.context}_to_features", unit.context + MIXING_SUFFIX, f"{unit.context}_to_tokens")
-        new = (layers.Permute((2, 1), name=names[0]), layers.Dense(p.shape[-1], use_bias=False, name=names[1]),
-               layers.Permute((2, 1), name=names[2]))
         values, entries = unit.value, []
         if bias is not None:
             tensor, softmax = bias
@@ -74,16 +73,44 @@ def constant_mixing(model: Any, x: np.ndarray) -> Any:
                 keeps[id(tensor)] = entries[-1]["name"]
             values = f"{unit.context}_masked_values"
             entries.append(_entry(layers.Multiply(name=values), unit.value, keeps[id(tensor)]))
-        weights |= {entry["name"]: [] for entry in entries}
-        added[unit.output] = entries + [_entry(new[0], values), _entry(new[1], names[0]), _entry(new[2], names[1])]
-        # context[i] = sum_j P[i, j] v[j]; the Dense over tokens computes out[i] = sum_j v[j] K[j, i]: K = Pᵀ
-        weights |= {names[0]: [], names[1]: [p.mean(axis=(0, 1)).T], names[2]: []}
-        sources[unit.context] = (names[2], 0, 0)
+        new, kernel = _mixing_layers(unit.context, p.mean(axis=0), int(unit_width[unit.context]), form)
+        entries += [_entry(layer, source) for layer, source in zip(new, [values] + [layer.name for layer in new])]
+        weights |= {entry["name"]: [] for entry in entries} | {unit.context + MIXING_SUFFIX: [kernel]}
+        added[unit.output] = entries
+        sources[unit.context] = (new[-1].name, 0, 0)
     config = bypassed(config, gone, sources)
     entries = []
     for entry in config["layers"]:
         entries += added.get(entry["name"], []) + [entry]  # each new chain just before the layer that reads it
     return rebuilt(model, {}, weights, {**config, "layers": entries})
+
+
+def _mixing_layers(context: str, attention: np.ndarray, width: int, form: str) -> tuple[list[Any], np.ndarray]:
+    """The layers that mix the values' tokens (batch, tokens, heads * head_dim) by the mean `attention` (heads,
+    tokens, tokens), in order, and the kernel of their Dense (named `<context>_mixing`).
+
+    context[i] = sum_j P[i, j] v[j], and a Dense over tokens computes out[i] = sum_j v[j] K[j, i]: K = Pᵀ. 'shared'
+    puts the tokens last (TRANSPOSE) and multiplies by the heads' mean P. 'per_head' puts (head, token) last and
+    multiplies by the block-diagonal K of every head's own P, which distillation may then fill in (a head's values
+    mixed into another's), all in one FULLY_CONNECTED that the Edge TPU maps."""
+    heads, tokens = attention.shape[0], attention.shape[-1]
+    mixing = layers.Dense(tokens * (heads if form == "per_head" else 1), use_bias=False, name=context + MIXING_SUFFIX)
+    if form == "shared":
+        return [layers.Permute((2, 1), name=f"{context}_to_features"), mixing,
+                layers.Permute((2, 1), name=f"{context}_to_tokens")], attention.mean(axis=0).T
+    split = (tokens, heads, width // heads)
+    return [layers.Reshape(split, name=f"{context}_split_heads"), layers.Permute((3, 2, 1), name=f"{context}_heads_last"),
+            layers.Reshape((width // heads, heads * tokens), name=f"{context}_to_features"), mixing,
+            layers.Reshape(split[::-1], name=f"{context}_per_head"), layers.Permute((3, 2, 1), name=f"{context}_tokens_first"),
+            layers.Reshape((tokens, width), name=f"{context}_to_tokens")], _block_diagonal([a.T for a in attention])
+
+
+def _block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
+    size = blocks[0].shape[0]
+    kernel = np.zeros((size * len(blocks),) * 2, np.float32)
+    for i, block in enumerate(blocks):
+        kernel[i * size:(i + 1) * size, i * size:(i + 1) * size] = block
+    return kernel
 
 
 def _token_weight(bias: Any, values: np.ndarray, softmax: str, config: dict[str, Any]) -> list[dict[str, Any]]:
