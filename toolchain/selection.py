@@ -38,6 +38,31 @@ def _drop(name: str, teacher: float, student: float, limit: float, detail: str) 
             "status": "pass" if drop <= limit + 1e-9 else "fail", "detail": detail}
 
 
+@dataclass(frozen=True)
+class Floor:
+    """One absolute floor of the budgets with a model's figure; 0 is no floor."""
+
+    field: str  # under [budgets]
+    name: str  # as the verdicts list it
+    limit: float
+    value: float | None
+    what: str  # what the figure is, said before where it was measured
+
+
+def floors(recipe: Recipe, metrics: ClassMetrics) -> list[Floor]:
+    """Every absolute floor (the accuracy floor first), with `metrics`' figures: the verdicts and the teacher's
+    warning read the same list."""
+    b = recipe.budgets
+    recalls = {c.name: c.recall for c in metrics.classes}
+    return [Floor("min_accuracy", "int8 accuracy", b.min_accuracy, metrics.score("accuracy"), ""),
+            Floor("min_balanced_accuracy", "int8 balanced accuracy", b.min_balanced_accuracy,
+                  metrics.score("balanced_accuracy"), "mean recall over the classes, "),
+            Floor("min_macro_f1", "int8 macro-F1", b.min_macro_f1, metrics.score("macro_f1"),
+                  "mean F1 over the classes, "),
+            *(Floor(f"min_recall.{name}", f"int8 recall of '{name}'", limit, recalls.get(name), "")
+              for name, limit in b.min_recall.items())]
+
+
 def budget_verdicts(recipe: Recipe, teacher: ClassMetrics, student: ClassMetrics, fit: Assessment, *,
                     split: str = "test") -> list[dict[str, Any]]:
     """The recipe's budgets on one int8 model and the target check's, each with its figure and verdict.
@@ -48,19 +73,12 @@ def budget_verdicts(recipe: Recipe, teacher: ClassMetrics, student: ClassMetrics
     b, task = recipe.budgets, recipe.task
     missing = f"no {split} example of this class to measure it"
     measured = f"{split} split, TFLite interpreter"
-    budgets = [_floor("int8 accuracy", student.score("accuracy"), b.min_accuracy, measured),
+    accuracy, *others = floors(recipe, student)
+    budgets = [_floor(accuracy.name, accuracy.value, accuracy.limit, measured),
                _drop("accuracy drop", teacher.score("accuracy"), student.score("accuracy"), b.max_accuracy_drop,
                      "float minus int8 TFLite")]
-    if b.min_balanced_accuracy:
-        budgets.append(_floor("int8 balanced accuracy", student.score("balanced_accuracy"), b.min_balanced_accuracy,
-                              f"mean recall over the classes, {measured}"))
-    if b.min_macro_f1:
-        budgets.append(_floor("int8 macro-F1", student.score("macro_f1"), b.min_macro_f1,
-                              f"mean F1 over the classes, {measured}"))
-    recalls = {c.name: c.recall for c in student.classes}
-    for name, limit in b.min_recall.items():
-        budgets.append(_floor(f"int8 recall of '{name}'", recalls[name], limit,
-                              measured if recalls[name] is not None else missing))
+    budgets += [_floor(f.name, f.value, f.limit, f.what + measured if f.value is not None else missing)
+                for f in others if f.limit]
     if b.max_metric_drop is not None:
         budgets.append(_drop(f"{task.metric} drop", teacher.score(task.metric, task.classes),
                              student.score(task.metric, task.classes), b.max_metric_drop,
@@ -108,14 +126,8 @@ def floor_warning(recipe: Recipe, teacher: ClassMetrics) -> str | None:
     to the fewest failed budgets and edgecc tune chooses no trial. A floor set from the test split's figures does
     this wherever the validation split is harder than the test split.
     """
-    b = recipe.budgets
-    recalls = {c.name: c.recall for c in teacher.classes}
-    floors = [("min_accuracy", b.min_accuracy, teacher.score("accuracy")),
-              ("min_balanced_accuracy", b.min_balanced_accuracy, teacher.score("balanced_accuracy")),
-              ("min_macro_f1", b.min_macro_f1, teacher.score("macro_f1")),
-              *((f"min_recall.{name}", limit, recalls.get(name)) for name, limit in b.min_recall.items())]
-    missed = [f"budgets.{field} {limit:g} (the teacher: {value:.4f})" for field, limit, value in floors
-              if limit and value is not None and value < limit]
+    missed = [f"budgets.{f.field} {f.limit:g} (the teacher: {f.value:.4f})" for f in floors(recipe, teacher)
+              if f.limit and f.value is not None and f.value < f.limit]
     if not missed:
         return None
     return (f"the float teacher itself is below {', '.join(missed)} on the validation split that chooses the model, so "

@@ -3,12 +3,13 @@
 The Edge TPU multiplies only by constant weights, so the attention core (two activation operands) runs on
 the CPU between Edge TPU segments; in a small text model over 32 tokens that is 10-12% of the MACs and
 three CPU islands (BENCHMARKS.md, Edge TPU section). With M constant, the block's token mixing is a Dense
-over the token axis (TRANSPOSE -> FULLY_CONNECTED -> TRANSPOSE in the int8 graph), which edgecc.lower turns
+over the token axis (TRANSPOSE -> FULLY_CONNECTED -> TRANSPOSE in the int8 graph, with RESHAPEs per head), which edgecc.lower turns
 into a CONV_2D 1x1 like every other Dense: the whole encoder maps.
 
-M starts as the model's own attention averaged over the examples and the heads (what the block attends to
-on average), and the compression stage then distils the mixed student from the teacher. The query and key
-projections go: they only fed the scores. The value and output projections stay.
+M starts as the model's own attention averaged over the examples (what the block attends to on average): each
+head's own (compress.mixing 'per_head', one Dense over the (head, token) axis whose kernel starts block-diagonal)
+or the heads' mean ('shared'); the compression stage then distils the mixed student from the teacher. The query
+and key projections go: they only fed the scores. The value and output projections stay.
 
 A softmax that adds a padding bias over the keys (MiniLM's MaskedSoftmax: 0 on real tokens, a negative value on
 padding) keeps its mask as a per-token weight on the values, M·(w ⊙ v) with w 1 on real tokens and 0 on padding:
