@@ -243,7 +243,7 @@ def main() -> None:
         "its quantizing stage; trec_mix_unpruned has `mix` instead of its `prune`, a variant tried after trec_mix's "
         "mixed model came out 1.4 points below the teacher on the test split (each build chooses on its validation "
         "split). minilm_trec_mix and minilm_sms_spam_mix add `mix` to the MiniLM recipes the same way (the padding "
-        "mask kept as a 0/1 weight on the values) and give the student x·sigmoid(1.702x) for GELU (compress.gelu). Builds are kept under `benchmarks/models/coral_<task>/`; rows in `benchmarks/coral.json`.",
+        "mask kept as a 0/1 weight on the values) and give the student x·sigmoid(1.702x) for GELU (compress.gelu). `mix` starts each head from its own mean attention (compress.mixing 'per_head', the default since 2026-12-03); rows dated earlier mixed every block by one matrix, the heads' mean (now 'shared'). Builds are kept under `benchmarks/models/coral_<task>/`; rows in `benchmarks/coral.json`.",
         "",
         table(results, ["task", "model.tflite", "teacher accuracy", "accuracy (change in points)", "operators on the Edge TPU",
                         "MACs on the Edge TPU", "segments", "parameter bytes cached / streamed",

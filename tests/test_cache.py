@@ -149,6 +149,22 @@ def test_the_stages_key_follows_the_teacher_and_the_compress_section_but_not_sel
     assert len({key, *changed}) == 4
 
 
+def test_a_field_added_later_is_keyed_only_where_its_stage_runs_so_older_cached_stages_stay_valid() -> None:
+    """compress.mixing came after the stages' keys were first made: a recipe without 'mix' keeps the key it had
+    (the section without that field), and one with 'mix' is keyed by it."""
+    from dataclasses import asdict, replace
+
+    from edgecc.cache import stages_key
+    from edgecc.recipe import CompressSection
+
+    for stages in (("ptq",), ("prune", "qat")):
+        section = asdict(CompressSection(stages=stages))
+        before = {name: value for name, value in section.items() if name != "mixing"}
+        assert stages_key("teacher", section) == stages_key("teacher", before)
+    mixed = CompressSection(stages=("mix", "ptq"))
+    assert stages_key("teacher", asdict(mixed)) != stages_key("teacher", asdict(replace(mixed, mixing="shared")))
+
+
 def test_interrupted_stages_continue_after_the_last_finished_one_and_train_what_an_uninterrupted_run_does(
         tmp_path: Path) -> None:
     """Stopped (KeyboardInterrupt, as Ctrl-C) in `mix`, the second of three stages: the rerun takes `prune` from the

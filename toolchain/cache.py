@@ -158,10 +158,16 @@ class CachedStage:
 STUDENTS_TRAIN_ON = "the training split less the validation split"  # build.held_out; part of every stages key
 
 
+# Compress fields added after the stages' keys were first made, each with the stage it applies to: keyed only where
+# it applies, so that adding one keeps every cached stage it cannot change (a user's cache survives the upgrade).
+LATER_FIELDS = {"mixing": "mix"}
+
+
 def stages_key(teacher: str, compress: dict[str, Any]) -> str:
     """The stages depend on the teacher (whose key covers seed, data, train section and versions), on the
     examples they train on, and on the compress section; `select` only chooses among them, so it is left out."""
-    stages = {name: value for name, value in compress.items() if name != "select"}
+    stages = {name: value for name, value in compress.items()
+              if name != "select" and LATER_FIELDS.get(name, compress["stages"][0]) in compress["stages"]}
     return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages,
                                       "students_train_on": STUDENTS_TRAIN_ON}, sort_keys=True).encode()).hexdigest()
 
