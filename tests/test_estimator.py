@@ -35,16 +35,17 @@ def test_a_bad_row_is_named_by_row_and_field(tmp_path: Path) -> None:
            .replace("latency_ms = 10.05", "latency_ms = -1.0"))
     path = tmp_path / "rows.toml"
     path.write_text(text + "\n" + row + "\n" + bad)
+    copy, added = text.count("[[measurement]]"), text.count("[[measurement]]") + 1  # the rows appended, by index
     with pytest.raises(EdgeccError) as err:
         load_measurements(path)
-    assert "measurement[73].latency_ms: -1.0 must be above 0" in str(err.value)
+    assert f"measurement[{added}].latency_ms: -1.0 must be above 0" in str(err.value)
     path.write_text(text + "\n" + row + "\n" + bad.replace("latency_ms = -1.0", "latency_ms = 10.05"))
     with pytest.raises(EdgeccError) as err:
         load_measurements(path)
     message = str(err.value)
-    assert "measurement[72]: the same device" in message
-    assert "measurement[73].device: no built-in profile 'no-such-board'" in message
-    assert "measurement[73].source: an https address" in message
+    assert f"measurement[{copy}]: the same device" in message
+    assert f"measurement[{added}].device: no built-in profile 'no-such-board'" in message
+    assert f"measurement[{added}].source: an https address" in message
 
 
 def test_a_faster_clock_gives_a_shorter_estimate() -> None:
