@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 pytest.importorskip("tf_keras")
 from edgecc.train.tf import keras as load_keras  # noqa: E402
@@ -14,6 +16,7 @@ from edgecc.train.tf import keras as load_keras  # noqa: E402
 keras = load_keras()
 from edgecc.train.convert import to_int8_tflite  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
+from edgecc.progress import Reporter  # noqa: E402
 from edgecc.train.prune import (  # noqa: E402
     AttentionUnit, FeedForwardUnit, find_units, head_importance, neuron_importance, prune, prune_to,
 )
@@ -267,6 +270,11 @@ def test_removing_a_block_keeps_the_rest_of_the_model_exactly() -> None:
     np.testing.assert_allclose(shorter.predict(IMAGES, verbose=0), model.predict(IMAGES, verbose=0), atol=1e-5)
     assert np.mean((shorter.predict(IMAGES, verbose=0) - reference) ** 2) == pytest.approx(bypassed, rel=1e-4)
     assert len(find_blocks(prune_to(vit(), 1.0, 1.0, IMAGES, reference, block_fraction=0.5))) == 1
+    log = io.StringIO()  # each block's and each head's scoring pass is a step of a reported task
+    prune_to(vit(), 0.5, 1.0, IMAGES, reference, block_fraction=0.5, reporter=Reporter(console=Console(file=log)))
+    lines = log.getvalue().splitlines()
+    assert any(line.startswith("scoring encoder blocks: block 2/2, mean squared output change ") for line in lines)
+    assert any(line.startswith(f"scoring attention heads: head {SMALL.heads}/{SMALL.heads}, ") for line in lines)
     (first,) = find_blocks(prune_to(model, 1.0, 1.0, IMAGES, reference, block_fraction=0.5, first_blocks=True))
     assert first.output == "block0_mlp_residual"
 

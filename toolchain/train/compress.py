@@ -107,7 +107,7 @@ def _prune(student: Any, c: StageContext) -> tuple[Any, list[float]]:
     s = c.section
     reference = c.teacher.predict(c.calibration, verbose=0)
     student = prune_to(student, s.head_fraction, s.neuron_fraction, c.calibration, reference, s.block_fraction,
-                       s.first_blocks)
+                       s.first_blocks, reporter=c.reporter)
     if s.vocabulary_fraction < 1.0:
         student = trim_vocabulary(student, c.x, s.vocabulary_fraction, c.dataset.preprocessing.unknown_id)
     if s.freeze_norms:

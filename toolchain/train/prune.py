@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgecc.errors import EdgeccError
+from edgecc.progress import Reporter
 from edgecc.train.layers import AttentionContext, AttentionScores, LayerNorm, TokenEmbedding, keras
 
 layers = keras.layers
@@ -267,7 +268,13 @@ def _head_indices(width: int, heads: int, kept: list[int]) -> np.ndarray:
     return np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
 
 
-def head_importance(model: Any, unit: AttentionUnit, x: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def _advanced(value: float, advance: Callable[..., None]) -> float:
+    advance(1, f"mean squared output change {value:.3g}")
+    return value
+
+
+def head_importance(model: Any, unit: AttentionUnit, x: np.ndarray, reference: np.ndarray,
+                    advance: Callable[..., None] = lambda *args, **kwargs: None) -> np.ndarray:
     """Per head, the mean squared difference from `reference` of the model's outputs with that head ablated.
 
     Zeroing a head's rows of the output projection is exactly what removing the
@@ -283,7 +290,7 @@ def head_importance(model: Any, unit: AttentionUnit, x: np.ndarray, reference: n
             ablated = original.copy()
             ablated[_head_indices(len(original), unit.heads, [head])] = 0.0
             kernel.assign(ablated)
-            importance.append(_deviation(model, x, reference))
+            importance.append(_advanced(_deviation(model, x, reference), advance))
     finally:
         kernel.assign(original)
     return np.asarray(importance)
@@ -412,7 +419,7 @@ def _most_important(importance: np.ndarray, count: int) -> list[int]:
 
 
 def prune_to(model: Any, head_fraction: float, neuron_fraction: float, x: np.ndarray, reference: np.ndarray,
-             block_fraction: float = 1.0, first_blocks: bool = False) -> Any:
+             block_fraction: float = 1.0, first_blocks: bool = False, *, reporter: Reporter | None = None) -> Any:
     """Keep the most important (or, with `first_blocks`, the first) round(blocks * block_fraction) encoder blocks,
     then the most important
     round(heads * head_fraction) heads of every attention and round(width * neuron_fraction) neurons
@@ -426,15 +433,19 @@ def prune_to(model: Any, head_fraction: float, neuron_fraction: float, x: np.nda
                            ("block_fraction", block_fraction)):
         if not 0.0 < fraction <= 1.0:
             raise EdgeccError(f"{what} must be in (0, 1], not {fraction}")
+    reporter = reporter or Reporter(quiet=True)
     blocks = find_blocks(model) if block_fraction < 1.0 else []
     if blocks:
-        scores = (np.arange(len(blocks), 0, -1) if first_blocks
-                  else np.array([block_importance(model, block, x, reference) for block in blocks]))
+        scores = np.arange(len(blocks), 0, -1)
+        if not first_blocks:  # one pass over x per block: minutes for a pretrained encoder, so reported
+            with reporter.task("scoring encoder blocks", len(blocks), unit="block") as advance:
+                scores = np.array([_advanced(block_importance(model, block, x, reference), advance) for block in blocks])
         kept = set(_most_important(scores, round(len(blocks) * block_fraction)))
         model = remove_blocks(model, [block for i, block in enumerate(blocks) if i not in kept])
     attention, feed_forward = find_units(model)
-    keep_heads = {u.scores: _most_important(head_importance(model, u, x, reference), round(u.heads * head_fraction))
-                  for u in attention}
+    with reporter.task("scoring attention heads", sum(u.heads for u in attention), unit="head") as advance:
+        keep_heads = {u.scores: _most_important(head_importance(model, u, x, reference, advance),
+                                                round(u.heads * head_fraction)) for u in attention}
     keep_neurons = {u.up: _most_important(neuron_importance(model, u, x), round(u.width * neuron_fraction))
                     for u in feed_forward}
     return prune(model, keep_heads, keep_neurons)
