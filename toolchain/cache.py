@@ -167,7 +167,7 @@ def stages_key(teacher: str, compress: dict[str, Any]) -> str:
     """The stages depend on the teacher (whose key covers seed, data, train section and versions), on the
     examples they train on, and on the compress section; `select` only chooses among them, so it is left out."""
     stages = {name: value for name, value in compress.items()
-              if name != "select" and LATER_FIELDS.get(name, compress["stages"][0]) in compress["stages"]}
+              if name != "select" and (name not in LATER_FIELDS or LATER_FIELDS[name] in compress["stages"])}
     return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages,
                                       "students_train_on": STUDENTS_TRAIN_ON}, sort_keys=True).encode()).hexdigest()
 

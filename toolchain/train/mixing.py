@@ -3,8 +3,8 @@
 The Edge TPU multiplies only by constant weights, so the attention core (two activation operands) runs on
 the CPU between Edge TPU segments; in a small text model over 32 tokens that is 10-12% of the MACs and
 three CPU islands (BENCHMARKS.md, Edge TPU section). With M constant, the block's token mixing is a Dense
-over the token axis (TRANSPOSE -> FULLY_CONNECTED -> TRANSPOSE in the int8 graph, with RESHAPEs per head), which edgecc.lower turns
-into a CONV_2D 1x1 like every other Dense: the whole encoder maps.
+over the token axis (TRANSPOSE -> FULLY_CONNECTED -> TRANSPOSE in the int8 graph, with RESHAPEs per head),
+which edgecc.lower turns into a CONV_2D 1x1 like every other Dense: the whole encoder maps.
 
 M starts as the model's own attention averaged over the examples (what the block attends to on average): each
 head's own (compress.mixing 'per_head', one Dense over the (head, token) axis whose kernel starts block-diagonal)
@@ -99,10 +99,12 @@ def _mixing_layers(context: str, attention: np.ndarray, width: int, form: str) -
     if form == "shared":
         return [layers.Permute((2, 1), name=f"{context}_to_features"), mixing,
                 layers.Permute((2, 1), name=f"{context}_to_tokens")], attention.mean(axis=0).T
-    split = (tokens, heads, width // heads)
-    return [layers.Reshape(split, name=f"{context}_split_heads"), layers.Permute((3, 2, 1), name=f"{context}_heads_last"),
+    split = (tokens, heads, width // heads)  # (head, head_dim) as AttentionContext merges them
+    return [layers.Reshape(split, name=f"{context}_split_heads"),
+            layers.Permute((3, 2, 1), name=f"{context}_heads_last"),
             layers.Reshape((width // heads, heads * tokens), name=f"{context}_to_features"), mixing,
-            layers.Reshape(split[::-1], name=f"{context}_per_head"), layers.Permute((3, 2, 1), name=f"{context}_tokens_first"),
+            layers.Reshape(split[::-1], name=f"{context}_per_head"),
+            layers.Permute((3, 2, 1), name=f"{context}_tokens_first"),
             layers.Reshape((tokens, width), name=f"{context}_to_tokens")], _block_diagonal([a.T for a in attention])
 
 

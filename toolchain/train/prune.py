@@ -439,7 +439,8 @@ def prune_to(model: Any, head_fraction: float, neuron_fraction: float, x: np.nda
         scores = np.arange(len(blocks), 0, -1)
         if not first_blocks:  # one pass over x per block: minutes for a pretrained encoder, so reported
             with reporter.task("scoring encoder blocks", len(blocks), unit="block") as advance:
-                scores = np.array([_advanced(block_importance(model, block, x, reference), advance) for block in blocks])
+                scores = np.array([_advanced(block_importance(model, block, x, reference), advance)
+                                   for block in blocks])
         kept = set(_most_important(scores, round(len(blocks) * block_fraction)))
         model = remove_blocks(model, [block for i, block in enumerate(blocks) if i not in kept])
     attention, feed_forward = find_units(model)
