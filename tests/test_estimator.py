@@ -35,7 +35,8 @@ def test_a_bad_row_is_named_by_row_and_field(tmp_path: Path) -> None:
            .replace("latency_ms = 10.05", "latency_ms = -1.0"))
     path = tmp_path / "rows.toml"
     path.write_text(text + "\n" + row + "\n" + bad)
-    copy, added = text.count("[[measurement]]"), text.count("[[measurement]]") + 1  # the rows appended, by index
+    copy = text.count("[[measurement]]")  # the appended rows' indices: the copy, then the bad row
+    added = copy + 1
     with pytest.raises(EdgeccError) as err:
         load_measurements(path)
     assert f"measurement[{added}].latency_ms: -1.0 must be above 0" in str(err.value)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ import edgecc
 from edgecc.data import Dataset
 from edgecc.emit import atomic_directory, write_json
 from edgecc.errors import EdgeccError
-from edgecc.recipe import Recipe
+from edgecc.recipe import CompressSection, Recipe
 
 FORMAT = 1  # bump when what an entry holds, or how a key is made, changes
 KEY_VERSIONS = ("python", "numpy", "tensorflow", "tf-keras")
@@ -158,16 +158,23 @@ class CachedStage:
 STUDENTS_TRAIN_ON = "the training split less the validation split"  # build.held_out; part of every stages key
 
 
-# Compress fields added after the stages' keys were first made, each with the stage it applies to: keyed only where
-# it applies, so that adding one keeps every cached stage it cannot change (a user's cache survives the upgrade).
-LATER_FIELDS = {"mixing": "mix"}
+# Compress fields added after the stages' keys were first made: keyed only where they apply (their spec's `applies`
+# stages), so that adding one keeps every cached stage it cannot change (a user's cache survives the upgrade).
+LATER_FIELDS = ("mixing",)
+
+
+def _keyed(name: str, stages: list[str]) -> bool:
+    """Whether a compress field is in the stages key: every one but `select`, a later one only where it applies."""
+    if name not in LATER_FIELDS:
+        return name != "select"
+    applies = next(f for f in fields(CompressSection) if f.name == name).metadata["applies"]["compress.stages"]
+    return bool(set(applies) & set(stages))
 
 
 def stages_key(teacher: str, compress: dict[str, Any]) -> str:
     """The stages depend on the teacher (whose key covers seed, data, train section and versions), on the
     examples they train on, and on the compress section; `select` only chooses among them, so it is left out."""
-    stages = {name: value for name, value in compress.items()
-              if name != "select" and (name not in LATER_FIELDS or LATER_FIELDS[name] in compress["stages"])}
+    stages = {name: value for name, value in compress.items() if _keyed(name, compress["stages"])}
     return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages,
                                       "students_train_on": STUDENTS_TRAIN_ON}, sort_keys=True).encode()).hexdigest()
 

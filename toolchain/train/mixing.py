@@ -52,7 +52,6 @@ def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head") -> Any:
     wiring = Wiring(model)
     nodes = {node.layer.name: node for node in wiring.nodes}
     probs = [nodes[unit.context].call_args[0][0] for unit in attention]
-    unit_width = {unit.context: nodes[unit.context].call_args[0][1].shape[-1] for unit in attention}
     chains = [_chain(nodes[unit.scores].outputs, tensor) for unit, tensor in zip(attention, probs)]
     biases = {id(bias[0]): bias[0] for _, bias in chains if bias is not None}
     computed = keras.Model(model.inputs, probs + list(biases.values())).predict(x, batch_size=256, verbose=0)
@@ -74,7 +73,8 @@ def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head") -> Any:
                 keeps[id(tensor)] = entries[-1]["name"]
             values = f"{unit.context}_masked_values"
             entries.append(_entry(layers.Multiply(name=values), unit.value, keeps[id(tensor)]))
-        new, kernel = _mixing_layers(unit.context, p.mean(axis=0), int(unit_width[unit.context]), form)
+        width = int(nodes[unit.context].call_args[0][1].shape[-1])  # the values' (heads * head_dim)
+        new, kernel = _mixing_layers(unit.context, p.mean(axis=0), width, form)
         entries += [_entry(layer, source) for layer, source in zip(new, [values] + [layer.name for layer in new])]
         weights |= {entry["name"]: [] for entry in entries} | {unit.context + MIXING_SUFFIX: [kernel]}
         added[unit.output] = entries
