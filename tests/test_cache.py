@@ -149,20 +149,27 @@ def test_the_stages_key_follows_the_teacher_and_the_compress_section_but_not_sel
     assert len({key, *changed}) == 4
 
 
-def test_a_field_added_later_is_keyed_only_where_its_stage_runs_so_older_cached_stages_stay_valid() -> None:
-    """compress.mixing came after the stages' keys were first made: a recipe without 'mix' keeps the key it had
-    (the section without that field), and one with 'mix' is keyed by it."""
+def test_a_field_added_later_is_keyed_only_where_it_changes_its_stage_so_older_cached_stages_stay_valid() -> None:
+    """compress.mixing and keep_attention came after the stages' keys were first made: a recipe without 'mix', or
+    with the values that build what 'mix' built before them ('shared', 0), keeps the key it had (the section without
+    those fields); any other value of a field whose stage runs is in the key."""
     from dataclasses import asdict, replace
 
     from edgecc.cache import stages_key
     from edgecc.recipe import CompressSection
 
+    def before(section: CompressSection) -> dict[str, object]:
+        return {name: value for name, value in asdict(section).items() if name not in ("mixing", "keep_attention")}
+
     for stages in (("ptq",), ("prune", "qat")):
-        section = asdict(CompressSection(stages=stages))
-        before = {name: value for name, value in section.items() if name != "mixing"}
-        assert stages_key("teacher", section) == stages_key("teacher", before)
-    mixed = CompressSection(stages=("mix", "ptq"))
-    assert stages_key("teacher", asdict(mixed)) != stages_key("teacher", asdict(replace(mixed, mixing="shared")))
+        section = CompressSection(stages=stages)
+        assert stages_key("teacher", asdict(section)) == stages_key("teacher", before(section))
+        assert stages_key("teacher", asdict(replace(section, keep_attention=2))) == stages_key("teacher", before(section))
+    old = CompressSection(stages=("mix", "ptq"), mixing="shared")
+    assert stages_key("teacher", asdict(old)) == stages_key("teacher", before(old))
+    keys = {stages_key("teacher", asdict(section)) for section in
+            (old, replace(old, mixing="per_head"), replace(old, keep_attention=1), replace(old, keep_attention=2))}
+    assert len(keys) == 4
 
 
 def test_interrupted_stages_continue_after_the_last_finished_one_and_train_what_an_uninterrupted_run_does(

@@ -55,6 +55,29 @@ def test_one_example_gives_the_mixing_its_own_attention_so_the_mixed_model_answe
     assert mixed.count_params() == model.count_params() - gone + 2 * kernel.size  # q, k projections out, mixing in
 
 
+def test_keep_attention_keeps_the_attention_whose_mixing_moves_the_outputs_most() -> None:
+    """block1's query is zeroed, so its attention is uniform whatever the input: its mixing is exact and moves
+    nothing. Keeping one attention must keep block0's (not the last block's), and the model with block1 mixed then
+    answers every example alike. Keeping both leaves nothing to mix: refused by name."""
+    import io
+
+    from rich.console import Console
+
+    model = _vit(heads=2)
+    query = model.get_layer("block1_query")
+    query.set_weights([np.zeros_like(w) for w in query.get_weights()])
+    x = DIGITS.x[DIGITS.train_index[:32]]
+    log = io.StringIO()
+    mixed = constant_mixing(model, x[:8], keep=1, reporter=Reporter(console=Console(file=log)))
+    names = {layer.name for layer in mixed.layers}
+    assert {"block0_scores", "block0_query", "block1_context_mixing"} <= names
+    assert not names & {"block0_context_mixing", "block1_scores", "block1_query"}
+    np.testing.assert_allclose(mixed.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+    assert "mix keeps the attention of block0_context" in log.getvalue()
+    with pytest.raises(EdgeccError, match="compress.keep_attention: 2 of the model's 2 self-attentions"):
+        constant_mixing(model, x[:8], keep=2)
+
+
 def test_a_model_without_attention_is_refused_by_name() -> None:
     inputs = keras.Input((8, 8, 1))
     plain = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs)))

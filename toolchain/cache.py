@@ -158,23 +158,25 @@ class CachedStage:
 STUDENTS_TRAIN_ON = "the training split less the validation split"  # build.held_out; part of every stages key
 
 
-# Compress fields added after the stages' keys were first made: keyed only where they apply (their spec's `applies`
-# stages), so that adding one keeps every cached stage it cannot change (a user's cache survives the upgrade).
-LATER_FIELDS = ("mixing",)
+# Compress fields added after the stages' keys were first made, each with the value that builds what was built
+# before it: such a field is keyed only where its stage runs (its spec's `applies`) with another value, so that
+# adding one keeps every cached stage it cannot change (a user's cache survives the upgrade).
+LATER_FIELDS = {"mixing": "shared", "keep_attention": 0}
 
 
-def _keyed(name: str, stages: list[str]) -> bool:
-    """Whether a compress field is in the stages key: every one but `select`, a later one only where it applies."""
+def _keyed(name: str, value: Any, stages: list[str]) -> bool:
+    """Whether a compress field is in the stages key: every one but `select`, a later one only where it changes
+    what its stage builds."""
     if name not in LATER_FIELDS:
         return name != "select"
     applies = next(f for f in fields(CompressSection) if f.name == name).metadata["applies"]["compress.stages"]
-    return bool(set(applies) & set(stages))
+    return bool(set(applies) & set(stages)) and value != LATER_FIELDS[name]
 
 
 def stages_key(teacher: str, compress: dict[str, Any]) -> str:
     """The stages depend on the teacher (whose key covers seed, data, train section and versions), on the
     examples they train on, and on the compress section; `select` only chooses among them, so it is left out."""
-    stages = {name: value for name, value in compress.items() if _keyed(name, compress["stages"])}
+    stages = {name: value for name, value in compress.items() if _keyed(name, value, compress["stages"])}
     return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages,
                                       "students_train_on": STUDENTS_TRAIN_ON}, sort_keys=True).encode()).hexdigest()
 

@@ -225,6 +225,10 @@ class CompressSection:
                        doc="mix: 'per_head' starts each head from its own mean attention, in one Dense over (head, "
                            "token) whose off-diagonal blocks distillation may fill; 'shared' uses one matrix per block, "
                            "the heads' mean (heads times fewer mixing weights)")
+    keep_attention: int = spec(0, minimum=0, applies=MIX,
+                               doc="mix: how many self-attentions stay as they are, those whose mixing alone changes "
+                                   "the student's outputs on the calibration examples the most; on the Edge TPU each "
+                                   "kept one's core (two activation operands) runs on the CPU between two segments")
     gelu: str = spec("exact", choices=GELU_FORMS,
                      doc="'exact' keeps the model's GELU; 'sigmoid' gives the student x·sigmoid(1.702x) instead, before "
                          "its first stage (distilled from the exact teacher): the Edge TPU maps that, where the GELU "

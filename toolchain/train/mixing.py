@@ -21,11 +21,13 @@ would divide by an activation); distillation adapts M to it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgecc.errors import EdgeccError
+from edgecc.progress import Reporter
 from edgecc.train.layers import keras
 from edgecc.train.prune import Wiring, bypassed, config_source, find_units, rebuilt
 
@@ -41,40 +43,75 @@ def _entry(layer: Any, *sources: str | list[Any]) -> dict[str, Any]:
     return {**layers.serialize(layer), "name": layer.name, "inbound_nodes": [inbound]}
 
 
-def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head") -> Any:
-    """A new model in which every self-attention (prune.find_units) mixes its values' tokens by constant matrices,
+@dataclass(frozen=True)
+class _Mixable:
+    """One self-attention that `mix` can replace: its unit, the layers between its scores and its context (softmax,
+    dropout), its key bias (tensor, softmax name) if any, and its mean attention (heads, tokens, tokens)."""
+
+    unit: Any
+    chain: list[str]
+    bias: tuple[Any, str] | None
+    mean: np.ndarray
+
+
+def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head", *, keep: int = 0,
+                    reporter: Reporter | None = None) -> Any:
+    """A new model in which the self-attentions (prune.find_units) mix their values' tokens by constant matrices,
     the model's mean attention over `x`: each head's own (`form` 'per_head') or one averaged over the heads
-    ('shared'). Every other weight is copied."""
+    ('shared'). The `keep` attentions whose mixing alone changes the model's outputs on `x` the most stay as they
+    are. Every other weight is copied."""
     attention, _ = find_units(model)
     if not attention:
         raise EdgeccError("compress.stages 'mix': the model has no self-attention that edgecc can replace "
                           "(AttentionScores -> softmax -> AttentionContext between Dense layers)")
-    wiring = Wiring(model)
-    nodes = {node.layer.name: node for node in wiring.nodes}
+    if keep >= len(attention):
+        raise EdgeccError(f"compress.keep_attention: {keep} of the model's {len(attention)} self-attentions kept "
+                          "leaves none for 'mix' to replace; keep fewer")
+    nodes = {node.layer.name: node for node in Wiring(model).nodes}
     probs = [nodes[unit.context].call_args[0][0] for unit in attention]
     chains = [_chain(nodes[unit.scores].outputs, tensor) for unit, tensor in zip(attention, probs)]
     biases = {id(bias[0]): bias[0] for _, bias in chains if bias is not None}
     computed = keras.Model(model.inputs, probs + list(biases.values())).predict(x, batch_size=256, verbose=0)
     computed = computed if isinstance(computed, list) else [computed]
-    averaged, bias_values = computed[:len(probs)], dict(zip(biases, computed[len(probs):]))
+    bias_values = dict(zip(biases, computed[len(probs):]))
+    mixable = [_Mixable(unit, chain, bias, p.mean(axis=0))
+               for unit, (chain, bias), p in zip(attention, chains, computed[:len(probs)])]
+    if keep:
+        reference = model.predict(x, batch_size=256, verbose=0)
+        change = [float(np.mean((_mixed(model, [m], nodes, bias_values, form).predict(x, batch_size=256, verbose=0)
+                                 - reference) ** 2)) for m in mixable]
+        kept = set(np.argsort(change)[::-1][:keep].tolist())
+        if reporter is not None:
+            reporter.info("mix keeps the attention of " + ", ".join(
+                f"{mixable[i].unit.context} (its mixing alone moves the outputs by {change[i]:.3g})" for i in sorted(kept))
+                + "; the others' changes: " + ", ".join(f"{change[i]:.3g}" for i in range(len(change)) if i not in kept))
+        mixable = [m for i, m in enumerate(mixable) if i not in kept]
+    return _mixed(model, mixable, nodes, bias_values, form)
+
+
+def _mixed(model: Any, mixable: list[_Mixable], nodes: dict[str, Any], bias_values: dict[int, np.ndarray],
+           form: str) -> Any:
+    """The model with the `mixable` attentions replaced by constant mixing (`bias_values`: each key bias on the
+    examples, by the id of its tensor)."""
     config = model.get_config()
     gone: set[str] = set()
     sources: dict[str, tuple[str, int, int]] = {}
     added: dict[str, list[dict[str, Any]]] = {}  # the new layers, by the output projection that reads them
     weights: dict[str, list[np.ndarray]] = {}
     keeps: dict[int, str] = {}  # the per-token weight layer made from each padding bias
-    for unit, (chain, bias), p in zip(attention, chains, averaged):
-        gone |= {unit.query, unit.key, unit.scores, unit.context, *chain}
+    for m in mixable:
+        unit = m.unit
+        gone |= {unit.query, unit.key, unit.scores, unit.context, *m.chain}
         values, entries = unit.value, []
-        if bias is not None:
-            tensor, softmax = bias
+        if m.bias is not None:
+            tensor, softmax = m.bias
             if id(tensor) not in keeps:
                 entries += _token_weight(tensor, bias_values[id(tensor)], softmax, config)
                 keeps[id(tensor)] = entries[-1]["name"]
             values = f"{unit.context}_masked_values"
             entries.append(_entry(layers.Multiply(name=values), unit.value, keeps[id(tensor)]))
         width = int(nodes[unit.context].call_args[0][1].shape[-1])  # the values' (heads * head_dim)
-        new, kernel = _mixing_layers(unit.context, p.mean(axis=0), width, form)
+        new, kernel = _mixing_layers(unit.context, m.mean, width, form)
         entries += [_entry(layer, source) for layer, source in zip(new, [values] + [layer.name for layer in new])]
         weights |= {entry["name"]: [] for entry in entries} | {unit.context + MIXING_SUFFIX: [kernel]}
         added[unit.output] = entries
