@@ -177,7 +177,7 @@ def test_interrupted_stages_continue_after_the_last_finished_one_and_train_what_
     """Stopped (KeyboardInterrupt, as Ctrl-C) in `mix`, the second of three stages: the rerun takes `prune` from the
     checkpoint and runs only `mix` and `ptq`, and every stage's int8 model equals a run without a cache's."""
     needs_train_extra()
-    from edgecc.build import compressed_stages
+    from edgecc.build import compressed_stages, held_out
     from edgecc.cache import StagesCache, stages_key
     from edgecc.data import load_dataset
     from edgecc.recipe import load_recipe
@@ -186,7 +186,7 @@ def test_interrupted_stages_continue_after_the_last_finished_one_and_train_what_
     (tmp_path / "r.toml").write_text(TINY_RECIPE.replace("[compress]\n", '[compress]\nstages = ["prune", "mix", "ptq"]\n'
                                                   "distill_epochs = 1\n"))
     recipe = load_recipe(tmp_path / "r.toml").recipe
-    dataset = load_dataset(recipe.data, seed=recipe.seed)
+    dataset, validation = held_out(load_dataset(recipe.data, seed=recipe.seed), recipe)
     teacher = starting_model(recipe.model, None, dataset, recipe.seed)
     calibration = dataset.x[dataset.train_index[:32]]
     ran: list[str] = []
@@ -198,8 +198,8 @@ def test_interrupted_stages_continue_after_the_last_finished_one_and_train_what_
 
     def stages(cache: Path | None, log: io.StringIO | None = None) -> list[Any]:
         reporter = Reporter(console=Console(file=log or io.StringIO(), width=300))
-        return compressed_stages(teacher, dataset, recipe, calibration, reporter, cache=cache, key="teacher-key",
-                                 after_stage=record)
+        return compressed_stages(teacher, dataset, recipe, calibration, reporter, validation=validation, cache=cache,
+                                 key="teacher-key", after_stage=record)
 
     with pytest.raises(KeyboardInterrupt):
         stages(tmp_path / "cache")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from rich.console import Console
 
 pytest.importorskip("tf_keras")
 from edgecc.data import load_dataset  # noqa: E402
@@ -11,7 +14,7 @@ from edgecc.train.distill import DistillWeights, distill, hidden_pairs  # noqa: 
 from edgecc.errors import EdgeccError  # noqa: E402
 from edgecc.train.layers import keras  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
-from edgecc.recipe import DataSection  # noqa: E402
+from edgecc.recipe import DataSection, TaskSection  # noqa: E402
 from edgecc.train.transformer import VitConfig, vision_transformer  # noqa: E402
 
 DIGITS = load_dataset(DataSection(), seed=0)
@@ -63,3 +66,34 @@ def test_each_epoch_distils_on_one_augmented_view_of_a_balanced_draw() -> None:
     for view in seen:
         labels = [originals[example.tobytes()] for example in view]  # every view example is a training one
         assert np.bincount(labels).tolist() == [40, 40]
+
+
+class _ScriptedJudge:
+    """Stands in for best_epoch.Judge: gives the listed validation figures in turn and keeps the weights it saw."""
+
+    task = TaskSection()
+
+    def __init__(self, figures: list[float]) -> None:
+        self.figures, self.seen = figures, []
+
+    def __call__(self, model: keras.Model) -> tuple[float, float]:
+        self.seen.append(model.get_weights())
+        return self.figures[len(self.seen) - 1], 1.0
+
+
+def test_the_student_keeps_its_best_judged_epoch_of_the_second_half() -> None:
+    """Judged after epochs 3..6 of 6 (the second half) with figures 0.5, 0.9, 0.9, 0.3: the student ends with the
+    weights it had after epoch 4, the first of the two equal best (an equal figure needs a lower loss), not the
+    last epoch's."""
+    keras.utils.set_random_seed(0)
+    x, y = DIGITS.x[DIGITS.train_index][:128], DIGITS.y[DIGITS.train_index][:128]
+    teacher, student = vit(depth=1), vit(depth=1)
+    judge = _ScriptedJudge([0.5, 0.9, 0.9, 0.3])
+    log = io.StringIO()
+    distill(student, teacher, x, y, epochs=6, batch_size=32, learning_rate=3e-3, weights=DistillWeights(), seed=0,
+            reporter=Reporter(console=Console(file=log, width=300)), judge=judge)
+    assert len(judge.seen) == 4
+    final = student.get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(final, judge.seen[1]))
+    assert not all(np.array_equal(a, b) for a, b in zip(final, judge.seen[-1]))
+    assert "keeping epoch 4's weights (validation accuracy 0.900" in log.getvalue()

@@ -329,22 +329,26 @@ def calibration_examples(dataset: Dataset, recipe: Recipe) -> np.ndarray:
 
 
 def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibration: np.ndarray, reporter: Reporter,
-                      *, cache: Path | None, key: str | None,
+                      *, validation: np.ndarray, cache: Path | None, key: str | None,
                       after_stage: Callable[[str, Any], None] | None = None) -> list[Any]:
     """The recipe's compression stages of `teacher` (whose cache key is `key`): from the cache when this
     teacher's stages with this compress section are there (nothing is trained), else run and stored there.
+    `validation` (positions in `dataset`, held_out's) judges each distillation's epochs; empty: the last is kept.
 
     The seeds are set first, so that the stages start from the same state whatever ran before them (the float
     conversion here, earlier trials in edgecc tune): a tune trial and the build of its recipe train the same
     student. `after_stage` goes to run_stages (not called for cached stages).
     """
+    from edgecc.train.best_epoch import Judge
     from edgecc.train.compress import run_stages
     from edgecc.train.tf import keras
 
     keras().utils.set_random_seed(recipe.seed)
+    judge = (Judge(dataset.x[validation], dataset.y[validation], recipe.task, dataset.label_names,
+                   recipe.train.batch_size) if len(validation) else None)
     if cache is None or key is None:  # no cache, or a --teacher file the cache has no key for
         return run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter,
-                          after_stage)
+                          after_stage, judge=judge)
     entry = StagesCache(cache, stages_key(key, asdict(recipe.compress)))
     try:
         found = entry.lookup()
@@ -356,7 +360,8 @@ def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibratio
         reporter.info(f"compression stages: from the cache ({entry.key[:12]})")
         return found
     stages = run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter,
-                        after_stage, resume=_resumed(entry, reporter), finished=partial(_checkpoint, entry, reporter))
+                        after_stage, resume=_resumed(entry, reporter), finished=partial(_checkpoint, entry, reporter),
+                        judge=judge)
     try:
         entry.store(stages)
     except OSError as err:
@@ -442,8 +447,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         reporter.info(f"compressing: {' -> '.join(recipe.compress.stages)} (int8 calibrated on {len(calibration)} "
                       f"training examples; {len(validation_index)} validation examples held out to choose the model)")
         float_bytes = to_float_tflite(inference_graph(teacher))
-        stages = compressed_stages(teacher, students, recipe, calibration, reporter, cache=cache,
-                                   key=teacher_record.get("cache_key"))
+        stages = compressed_stages(teacher, students, recipe, calibration, reporter, validation=validation_index,
+                                   cache=cache, key=teacher_record.get("cache_key"))
         if recipe.compress.stages != ("ptq",):
             stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
     if not writes_files:

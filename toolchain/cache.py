@@ -156,6 +156,7 @@ class CachedStage:
 
 
 STUDENTS_TRAIN_ON = "the training split less the validation split"  # build.held_out; part of every stages key
+EPOCH_KEPT = "each distillation's best of its second half on the validation split"  # train.best_epoch; in every key
 
 
 # Compress fields added after the stages' keys were first made, each with the value that builds what was built
@@ -178,7 +179,8 @@ def stages_key(teacher: str, compress: dict[str, Any]) -> str:
     examples they train on, and on the compress section; `select` only chooses among them, so it is left out."""
     stages = {name: value for name, value in compress.items() if _keyed(name, value, compress["stages"])}
     return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages,
-                                      "students_train_on": STUDENTS_TRAIN_ON}, sort_keys=True).encode()).hexdigest()
+                                      "students_train_on": STUDENTS_TRAIN_ON, "epoch_kept": EPOCH_KEPT},
+                                     sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -179,9 +179,10 @@ class TrainSection:
     validation_fraction: float = spec(0.1, minimum=0.0, maximum=0.5,
                                       doc="share of the training split held out of all training (stratified, "
                                           "seeded; signals: the end of each recording's training part): it judges "
-                                          "the teacher by task.metric after each epoch (the best epoch of the second "
-                                          "half is kept) and the int8 models for the choice of model.tflite; 0: off "
-                                          "(the choice is then made on the test split)")
+                                          "the teacher and every distillation of the compression stages by "
+                                          "task.metric after each epoch (each keeps its best epoch of the second "
+                                          "half) and the int8 models for the choice of model.tflite; 0: off (the "
+                                          "last epochs are kept and the choice is made on the test split)")
     validation_min_per_class: int = spec(5, minimum=0,
                                          doc="the validation split holds at least this many examples of each class "
                                              "(never more than a third of the class's training examples; not for "

@@ -392,7 +392,7 @@ class Workbench:
 
         try:
             stages = compressed_stages(self.teacher, self.students, recipe, self.calibration,
-                                       progress or Reporter(quiet=True),
+                                       progress or Reporter(quiet=True), validation=self.validation,
                                        cache=self.options.cache, key=self.cache_key, after_stage=after_stage)
         except _Hopeless as err:
             return self._write(folder, {**figures, "status": "stopped", "reason": str(err)}, started)

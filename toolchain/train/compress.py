@@ -42,6 +42,7 @@ import numpy as np
 
 from edgecc.train.convert import to_int8_tflite
 from edgecc.data import Dataset, class_weights
+from edgecc.train.best_epoch import Judge
 from edgecc.train.distill import Augment, DistillWeights, distill
 from edgecc.train.gelu import sigmoid_gelu
 from edgecc.train.layers import keras
@@ -81,13 +82,14 @@ class StageContext:
     calibration: np.ndarray
     reporter: Reporter
     earlier: tuple[str, ...]  # the stages already run, in order
+    judge: Judge | None = None  # the validation split: each distillation keeps its best epoch there
 
     def distil(self, student: Any, epochs: int, description: str, *, hidden: bool,
                learning_rate: float | None = None) -> list[float]:
         """Distil `student` from the teacher, each epoch balanced by train.balance and augmented as the teacher's."""
         return distill(student, self.teacher, self.x, self.y, epochs, self.train.batch_size,
                        learning_rate or self.section.distill_learning_rate, self.weights(hidden=hidden), self.seed,
-                       self.reporter, description, **self.feed())
+                       self.reporter, description, judge=self.judge, **self.feed())
 
     def weights(self, *, hidden: bool) -> DistillWeights:
         """The recipe's loss weights, each class weighted by train.balance; `hidden`: with the hidden-state loss."""
@@ -170,18 +172,19 @@ class Resume:
 def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: TrainSection, seed: int,
                calibration: np.ndarray, reporter: Reporter,
                after_stage: Callable[[str, Any], None] | None = None, *, resume: Resume | None = None,
-               finished: Callable[[list[Any], Any], None] | None = None) -> list[Any]:
+               finished: Callable[[list[Any], Any], None] | None = None, judge: Judge | None = None) -> list[Any]:
     """Apply `section.stages` (PASSES, in order) to a copy of `teacher`; the last stage's int8 model is the build's.
 
     `after_stage(name, student)` sees each stage's student before its int8 conversion and may raise to stop
     there (edgecc tune stops a hopeless trial after its first stage). `finished(stages, student)` gets the stages
     so far and the student after each stage that another follows (the build keeps them as a checkpoint), and
     `resume` continues from such a checkpoint. Each stage starts from its own seed (`seed` + its position), so a
-    resumed run trains what an uninterrupted one does.
+    resumed run trains what an uninterrupted one does. `judge` (the validation split) makes every distillation keep
+    its best epoch of the second half (edgecc.train.best_epoch).
     """
     context = StageContext(teacher=teacher, x=dataset.x[dataset.train_index], y=dataset.y[dataset.train_index],
                            dataset=dataset, section=section, train=train, seed=seed, calibration=calibration,
-                           reporter=reporter, earlier=())
+                           reporter=reporter, earlier=(), judge=judge)
     if resume is None:
         stages: list[Any] = []
         student = sigmoid_gelu(teacher) if section.gelu == "sigmoid" else teacher

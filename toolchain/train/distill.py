@@ -25,6 +25,7 @@ from edgecc.data import epoch_length, epoch_order
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.train import distribute
+from edgecc.train.best_epoch import Best, Judge, first_judged
 from edgecc.train.tf import keras as _keras, tensorflow
 
 BLOCK_OUTPUT_SUFFIX = "_mlp_residual"  # the last layer of each edgecc encoder block
@@ -69,8 +70,11 @@ def _with_hidden(model: Any, names: list[str]) -> Any:
 def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int,
             learning_rate: float, weights: DistillWeights, seed: int, reporter: Reporter,
             description: str = "distilling", hidden_blocks: int | None = None, balance: str = "none",
-            augment: Augment | None = None) -> list[float]:
+            augment: Augment | None = None, judge: Judge | None = None) -> list[float]:
     """Train `student` in place against `teacher`; returns the mean loss of each epoch.
+
+    With `judge` (the validation split), the student ends with the weights of its best epoch of the second half
+    (best_epoch: the teacher's rule), not necessarily its last.
 
     `hidden_blocks` limits the hidden-state loss to the first blocks (progressive QAT); `balance` orders each
     epoch (data.epoch_order); `augment` gives each epoch's inputs (teacher.augmented), teacher and student
@@ -127,8 +131,9 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
 
     rng = np.random.default_rng(seed)
     history = []
+    best = Best()
     with reporter.task(description, epochs, unit="epoch") as advance:
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             order = epoch_order(y, classes, balance, rng)
             epoch_x, epoch_y = x[order], y[order]
             if augment is not None:
@@ -144,5 +149,14 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
                 if b + 1 < batches:  # the epoch's own advance follows the last batch
                     advance(0, f"batch {b + 1}/{batches} loss {np.mean(losses):.4f}", partial=(b + 1) / batches)
             history.append(float(np.mean(losses)))
-            advance(status=f"loss {history[-1]:.4f}")
+            status = f"loss {history[-1]:.4f}"
+            if judge is not None and epoch >= first_judged(epochs):
+                figure, loss = judge(student)
+                best.offer(epoch, figure, loss, student)
+                status += f" validation {judge.task.metric} {figure:.3f} (best {best.figure:.3f} at epoch {best.epoch})"
+            advance(status=status)
+    if best.weights is not None and best.epoch < epochs:
+        student.set_weights(best.weights)
+        reporter.info(f"{description}: keeping epoch {best.epoch}'s weights (validation {judge.task.metric} "
+                      f"{best.figure:.3f}; the last epoch's was lower, or equal with a higher loss)")
     return history

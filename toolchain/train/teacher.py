@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgecc.classmetrics import score
 from edgecc.data import Dataset, class_weights, epoch_length, epoch_order, validation_split
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.recipe import ModelSection, TaskSection, TrainSection
+from edgecc.train.best_epoch import Best, Judge, first_judged, outputs_logits
 from edgecc.train.tf import keras as _keras, tensorflow
 
 SPECIAL_TOKENS = frozenset({"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"})  # never dropped to [UNK]
@@ -157,36 +157,27 @@ def augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.ra
     return x.astype(np.float32)
 
 
-def _outputs_logits(model: Any) -> bool:
-    keras = _keras()
-    return getattr(model.layers[-1], "activation", None) is not keras.activations.softmax
-
-
 @dataclass
 class _Run:
     """Where the teacher's training stands after `epoch` finished epochs: what a checkpoint holds."""
 
     rng: np.random.Generator
     epoch: int = 0
-    best: float = -np.inf  # the best validation figure so far, reached after `best_epoch` epochs
-    best_loss: float = np.inf  # the validation loss there: what breaks a tie between equal figures
-    best_epoch: int = 0
-    best_weights: list[np.ndarray] | None = None
+    best: Best = field(default_factory=Best)
 
     def stopped(self, patience: int) -> bool:
-        return bool(patience) and self.best_weights is not None and self.epoch - self.best_epoch >= patience
+        return bool(patience) and self.best.weights is not None and self.epoch - self.best.epoch >= patience
 
 
 CHECKPOINT_FILE = "teacher.npz"
-TIE_BREAK_MARGIN = 1e-3  # a validation loss lower by less than this share is rounding, not learning
 
 
 def _save(checkpoint: Path, model: Any, run: _Run) -> None:
     """Weights, optimizer state, best weights and where the run stands, in one file replaced atomically."""
     arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
     arrays |= {f"o{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)}
-    arrays |= {f"b{i}": w for i, w in enumerate(run.best_weights or [])}
-    meta = {"epoch": run.epoch, "best": run.best, "best_loss": run.best_loss, "best_epoch": run.best_epoch,
+    arrays |= {f"b{i}": w for i, w in enumerate(run.best.weights or [])}
+    meta = {"epoch": run.epoch, "best": run.best.figure, "best_loss": run.best.loss, "best_epoch": run.best.epoch,
             "rng": run.rng.bit_generator.state}
     checkpoint.mkdir(parents=True, exist_ok=True)
     temporary = checkpoint / (CHECKPOINT_FILE + ".tmp")
@@ -214,8 +205,8 @@ def _resume(checkpoint: Path, model: Any, run: _Run) -> None:
         raise EdgeccError(f"{path} is the checkpoint of another model ({str(err).splitlines()[0]}); "
                           "delete it to train the teacher from the start") from None
     run.rng.bit_generator.state = meta["rng"]
-    run.epoch, run.best, run.best_loss, run.best_epoch = meta["epoch"], meta["best"], meta["best_loss"], meta["best_epoch"]
-    run.best_weights = group["b"] or None
+    run.epoch = meta["epoch"]
+    run.best = Best(meta["best"], meta["best_loss"], meta["best_epoch"], group["b"] or None)
 
 
 def _heartbeat(advance: Callable[..., None], batches: int) -> Any:
@@ -229,40 +220,14 @@ def _heartbeat(advance: Callable[..., None], batches: int) -> Any:
     return keras.callbacks.LambdaCallback(on_train_batch_end=batch_end)
 
 
-def _class_mean_loss(outputs: np.ndarray, truth: np.ndarray, logits: bool) -> float:
-    """The validation cross-entropy averaged per class, then over classes.
-
-    It breaks ties between epochs of equal task.metric: a validation split with two examples of a rare class
-    reaches a perfect figure early, and without a tie-break patience would stop the teacher there while
-    it is still learning. Averaged per class, so the majority does not decide it alone.
-    """
-    if logits:
-        shifted = outputs - outputs.max(axis=-1, keepdims=True)
-        log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    else:
-        log_p = np.log(np.clip(outputs, 1e-12, 1.0))
-    losses = -log_p[np.arange(len(truth)), truth]
-    return float(np.mean([losses[truth == c].mean() for c in np.unique(truth)]))
-
-
-def _first_judged(epochs: int) -> int:
-    """The first epoch whose validation figure can stop training or be kept: half way through the schedule.
-
-    The first half of a cosine schedule runs at a high learning rate, where the validation figure of a
-    small or imbalanced split swings from epoch to epoch; judged there, patience stopped NEU-DET's teacher
-    after 22 of 80 epochs, with the learning rate still near its peak and the model half trained.
-    """
-    return (epochs + 1) // 2
-
-
 def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, reporter: Reporter, *,
           task: TaskSection, checkpoint: Path | None = None) -> Any:
     """Fit the teacher on the training split: AdamW, cosine decay, label smoothing, augmentation, class balance.
 
     With `section.validation_fraction`, that share of the training split (data.validation_split) is held
-    out and judged by `task.metric` after each epoch of the second half of the schedule (_first_judged);
+    out and judged by `task.metric` after each epoch of the second half of the schedule (best_epoch.first_judged);
     training stops after `section.patience` epochs without a better figure (an equal figure is better only
-    with a lower validation loss, _class_mean_loss),
+    with a lower validation loss, best_epoch.class_mean_loss),
     and the first best epoch's weights are returned. The cosine decay spans `section.epochs` whether or
     not it stops early. Progress: a line per epoch with
     the validation figure, and a heartbeat after every batch.
@@ -282,6 +247,8 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
         return model
     fit_index, validation_index = validation_split(dataset, section.validation_fraction, seed,
                                                     min_per_class=section.validation_min_per_class)
+    judge = (Judge(dataset.x[validation_index], dataset.y[validation_index], task, dataset.label_names,
+                   section.batch_size) if len(validation_index) else None)
     x, y = dataset.x[fit_index], dataset.y[fit_index]
     targets = np.eye(dataset.num_classes, dtype=np.float32)[y]
     weights = class_weights(y, dataset.num_classes, section.balance)[y]
@@ -290,7 +257,7 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=section.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(
-            from_logits=_outputs_logits(model), label_smoothing=section.label_smoothing
+            from_logits=outputs_logits(model), label_smoothing=section.label_smoothing
         ),
         metrics=["accuracy"],
     )
@@ -310,26 +277,21 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
             ).history
             run.epoch += 1
             status = f"loss {history['loss'][-1]:.3f} acc {history['accuracy'][-1]:.3f}"
-            if len(validation_index):
-                outputs = model.predict(dataset.x[validation_index], batch_size=section.batch_size, verbose=0)
-                truth = dataset.y[validation_index]
-                figure = score(task.metric, task.classes, truth, np.argmax(outputs, axis=-1), dataset.label_names)
-                loss = _class_mean_loss(outputs, truth, _outputs_logits(model))
-                better = figure > run.best or (figure == run.best and loss < run.best_loss * (1 - TIE_BREAK_MARGIN))
-                if run.epoch >= _first_judged(section.epochs) and better:
-                    run.best, run.best_loss, run.best_epoch = figure, loss, run.epoch
-                    run.best_weights = model.get_weights()
+            if judge is not None:
+                figure, loss = judge(model)
+                if run.epoch >= first_judged(section.epochs):
+                    run.best.offer(run.epoch, figure, loss, model)
                 status += f" validation {task.metric} {figure:.3f}"
-                if run.best_weights is not None:
-                    status += f" (best {run.best:.3f} at epoch {run.best_epoch})"
+                if run.best.weights is not None:
+                    status += f" (best {run.best.figure:.3f} at epoch {run.best.epoch})"
             if checkpoint is not None:
                 _save(checkpoint, model, run)
             advance(1, status)
     if run.stopped(section.patience):
         reporter.info(f"the teacher stopped after epoch {run.epoch}: no better validation {task.metric} in "
-                      f"{section.patience} epochs; keeping epoch {run.best_epoch}'s weights ({run.best:.3f})")
-    if run.best_weights is not None:
-        model.set_weights(run.best_weights)
+                      f"{section.patience} epochs; keeping epoch {run.best.epoch}'s weights ({run.best.figure:.3f})")
+    if run.best.weights is not None:
+        model.set_weights(run.best.weights)
     return model
 
 
