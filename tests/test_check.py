@@ -99,6 +99,33 @@ def test_a_model_that_aborts_tflite_micro_gets_a_verdict_from_the_plan(tiny_mode
     assert result.verdict == "does not fit"
 
 
+def test_a_1d_tensor_quantized_along_a_dimension_it_lacks_is_read_as_tflite_micro_reads_it(tiny_models) -> None:
+    """TFLite Micro's person_detect example has biases whose per-channel quantized_dimension says 3. TFLite Micro
+    runs such a model (its outputs are the unedited model's) and a microcontroller target gets a verdict; LiteRT
+    refuses it, and so does a LiteRT target, naming the field."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+    from test_modelcheck import repacked
+
+    from edgecc.errors import EdgeccError
+    from edgecc.memplan import micro_outputs
+
+    def along_3(model: schema.ModelT) -> None:
+        (tensor,) = [t for t in model.subgraphs[0].tensors if t.quantization is not None
+                     and t.quantization.scale is not None and len(t.quantization.scale) > 1 and len(t.shape) == 1]
+        tensor.quantization.quantizedDimension = 3
+
+    content = tiny_models["vit_int8"].read_bytes()
+    edited = repacked(along_3, content)
+    result = assess(edited, TFLM_TARGET)
+    assert result.arena is not None and result.arena == assess(content, TFLM_TARGET).arena
+    graph = read_graph(content)
+    example = [[np.random.default_rng(0).integers(-128, 128, graph.tensors[graph.inputs[0]].shape, dtype=np.int8)]]
+    assert np.array_equal(micro_outputs(edited, example, 65536)[0][0], micro_outputs(content, example, 65536)[0][0])
+    with pytest.raises(EdgeccError, match="quantized_dimension"):
+        assess(edited, "rpi4", measure_arena=False)
+
+
 def test_latency_verdict_fits_does_not_fit_or_uncertain_from_the_band(tiny_models) -> None:
     content = tiny_models["vit_int8"].read_bytes()
     band = assess(content, "rpi4", measure_arena=False).latency

@@ -275,10 +275,12 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
     missing = _missing_ops(graph, target)
     if target.runtime != "edgetpu" and not missing:
         # LiteRT, the reference runtime, resolves every operator, version and tensor type or says which not; what it
-        # refuses is invalid for TFLite Micro too, which does not check operator versions itself
+        # refuses is invalid for TFLite Micro too, which does not check operator versions itself, but for a field
+        # TFLite Micro reads its own way (tflite_edit.one_dimension_quantized_along_it)
         from edgecc.runtime import load_interpreter
+        from edgecc.tflite_edit import one_dimension_quantized_along_it
 
-        load_interpreter(content)
+        load_interpreter(one_dimension_quantized_along_it(content) if target.is_micro else content)
     # TFLite Micro cannot allocate a model with an operator it lacks: then the arena is estimated, not measured
     arena_worker = _ArenaWorker(content) if measure_arena and target.is_micro and not missing else None
     costs = op_costs(graph)

@@ -226,8 +226,10 @@ def _check_tensor(model: Any, content: bytes, s: int, i: int, tensor: Any, types
         scales, zero_points = len(quantization.scale), len(quantization.zeroPoint)
         if scales != zero_points:
             _fail(f"{where} has {scales} quantization scales but {zero_points} zero points")
-        if scales > 1 and not (0 <= quantization.quantizedDimension < len(shape)
-                               and shape[quantization.quantizedDimension] == scales):
+        # a 1-D tensor has one dimension to quantize along, whatever quantized_dimension says: TFLite Micro reads it
+        # so (its person_detect example's biases say 3), where LiteRT refuses the model (runtime.litert_view)
+        dimension = 0 if len(shape) == 1 else quantization.quantizedDimension
+        if scales > 1 and not (0 <= dimension < len(shape) and shape[dimension] == scales):
             _fail(f"{where} has {scales} per-channel scales that do not match dimension "
                   f"{quantization.quantizedDimension} of its shape {shape}")
     buffer = model.buffers[tensor.buffer]
