@@ -31,12 +31,14 @@ def _vit(heads: int) -> keras.Model:
     return vision_transformer(config, (8, 8, 1), 10)
 
 
-@pytest.mark.parametrize(("heads", "form", "exact"), [(1, "shared", True), (4, "per_head", True), (4, "shared", False)])
+@pytest.mark.parametrize(("heads", "form", "exact"),
+                         [(1, "shared", True), (4, "per_head", True), (4, "shared", False), (4, "gated", True)])
 def test_one_example_gives_the_mixing_its_own_attention_so_the_mixed_model_answers_it_alike(
         heads: int, form: str, exact: bool) -> None:
     """With one example, the mean attention is that example's attention (not symmetric): 'per_head' keeps every head's,
     so the mixed model must give the model's outputs on it exactly; 'shared' only with one head (four heads' mean is
-    none of them). On another example it differs (the mixing is constant)."""
+    none of them); 'gated' too (its gate starts at 1/2 and its kernel at twice 'per_head's). On another example it
+    differs (the mixing is constant)."""
     model = _vit(heads=heads)
     x = DIGITS.x[DIGITS.train_index[:2]]
     mixed = constant_mixing(model, x[:1], form)
@@ -46,13 +48,16 @@ def test_one_example_gives_the_mixing_its_own_attention_so_the_mixed_model_answe
     assert {"block0_context_mixing", "block1_context_mixing", "block0_value", "block0_attn_output"} <= names
     kernel = mixed.get_layer("block0_context_mixing").get_weights()[0]
     tokens = model.get_layer("block0_value").output.shape[1]
-    assert kernel.shape == ((heads if form == "per_head" else 1) * tokens,) * 2
-    assert not np.allclose(kernel, kernel.T) and np.allclose(kernel.sum(axis=0), 1.0, atol=1e-5)  # rows of softmax
+    assert kernel.shape == ((1 if form == "shared" else heads) * tokens,) * 2
+    doubled = 2.0 if form == "gated" else 1.0
+    assert not np.allclose(kernel, kernel.T) and np.allclose(kernel.sum(axis=0), doubled, atol=1e-5)  # softmax rows
     same = np.allclose(mixed.predict(x[:1], verbose=0), model.predict(x[:1], verbose=0), rtol=1e-4, atol=1e-5)
     assert same == exact
     assert not np.allclose(mixed.predict(x[1:], verbose=0), model.predict(x[1:], verbose=0), atol=1e-4)
     gone = sum(model.get_layer(f"block{i}_{name}").count_params() for i in (0, 1) for name in ("query", "key"))
-    assert mixed.count_params() == model.count_params() - gone + 2 * kernel.size  # q, k projections out, mixing in
+    gates = sum(mixed.get_layer(f"block{i}_context_gate").count_params() for i in (0, 1)) if form == "gated" else 0
+    assert gates == (0 if form != "gated" else 2 * (16 * 16 + 16))  # the block's input (16 wide) -> the values' 16
+    assert mixed.count_params() == model.count_params() - gone + 2 * kernel.size + gates  # q, k out, mixing in
 
 
 def test_keep_attention_keeps_the_attention_whose_mixing_moves_the_outputs_most() -> None:
@@ -160,12 +165,13 @@ def test_a_gelu_read_by_more_than_one_layer_is_refused_by_name() -> None:
         sigmoid_gelu(model)
 
 
-@pytest.mark.parametrize("kind", ["vit", "text", "masked"])
-def test_the_mixed_int8_model_maps_to_the_edge_tpu_whole(kind: str) -> None:
-    """After 'mix' and 'ptq', no operator multiplies two activations: lowered for coral-usb, the pipeline is one
-    Edge TPU segment (after a text model's embedding lookup, the host pre-step) with every MAC but the lookup's.
-    MiniLM's form ('masked': padding mask, GELU with compress.gelu = 'sigmoid', mean over the real tokens, then QAT)
-    too: the mask's arithmetic on the ids joins the pre-step."""
+@pytest.mark.parametrize(("kind", "mixing"), [("vit", "per_head"), ("text", "per_head"), ("masked", "per_head"),
+                                              ("masked", "gated")])
+def test_the_mixed_int8_model_maps_to_the_edge_tpu_whole(kind: str, mixing: str) -> None:
+    """After 'mix' and 'ptq', no operator multiplies two activations but element-wise: lowered for coral-usb, the
+    pipeline is one Edge TPU segment (after a text model's embedding lookup, the host pre-step) with every MAC but
+    the lookup's. MiniLM's form ('masked': padding mask, GELU with compress.gelu = 'sigmoid', mean over the real
+    tokens, then QAT) too: the mask's arithmetic on the ids joins the pre-step; and with the gated mixing's MUL."""
     keras.utils.set_random_seed(0)
     config = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=16, depth=2, heads=2, mlp_dim=32, dropout=0.0)
     if kind == "vit":
@@ -175,12 +181,14 @@ def test_the_mixed_int8_model_maps_to_the_edge_tpu_whole(kind: str) -> None:
         ids = np.random.default_rng(0).integers(0, 40, (200, 12)).astype(np.int32) if kind == "text" else _padded_ids(200, 12)
         data = replace(DIGITS, x=ids, y=DIGITS.y[:200], train_index=np.arange(150), test_index=np.arange(150, 200))
     section = CompressSection(stages=("mix", "qat" if kind == "masked" else "ptq"), distill_epochs=1,  # QAT keeps them
-                              calibration_samples=32, gelu="sigmoid" if kind == "masked" else "exact")
+                              calibration_samples=32, gelu="sigmoid" if kind == "masked" else "exact", mixing=mixing)
     calibration = data.x[data.train_index[:32]]
     (_, final) = run_stages(model, replace(data, train_index=data.train_index[:128]), section,
                             TrainSection(batch_size=64, augment_shift=0), 0, calibration, Reporter(quiet=True))
     graph = read_graph(final.int8)
     assert "BATCH_MATMUL" not in graph.op_counts() and "SOFTMAX" not in graph.op_counts()
+    # the one-block 'masked' toy's sigmoid GELU and its gate, when gated
+    assert graph.op_counts().get("LOGISTIC", 0) == (kind == "masked") + (mixing == "gated")
     assert all(graph.tensors[op.inputs[1]].constant for op in graph.operators if op.kind == "FULLY_CONNECTED")
     pipeline = split_for_edgetpu(final.int8, load_target("coral-usb"))
     assert [s.edgetpu for s in pipeline.segments] == ([True] if kind == "vit" else [False, True])

@@ -9,7 +9,10 @@ which edgecc.lower turns into a CONV_2D 1x1 like every other Dense: the whole en
 M starts as the model's own attention averaged over the examples (what the block attends to on average): each
 head's own (compress.mixing 'per_head', one Dense over the (head, token) axis whose kernel starts block-diagonal)
 or the heads' mean ('shared'); the compression stage then distils the mixed student from the teacher. The query
-and key projections go: they only fed the scores. The value and output projections stay.
+and key projections go: they only fed the scores. The value and output projections stay. A constant M mixes every
+input alike; 'gated' gives the mixing back a dependence on the input, as gMLP's spatial gating unit does (Liu et al.
+2021): (M·v) ⊙ sigmoid(x·W + b), x the block's input, W and b starting at 0 (the gate at 1/2, M doubled, so the
+model starts as 'per_head's), an element-wise MUL of two activations that the Edge TPU maps.
 
 A softmax that adds a padding bias over the keys (MiniLM's MaskedSoftmax: 0 on real tokens, a negative value on
 padding) keeps its mask as a per-token weight on the values, M·(w ⊙ v) with w 1 on real tokens and 0 on padding:
@@ -34,6 +37,7 @@ from edgecc.train.prune import Wiring, bypassed, config_source, find_units, rebu
 layers = keras.layers
 
 MIXING_SUFFIX = "_mixing"  # the Dense over tokens that replaces AttentionContext `<context>`: `<context>_mixing`
+GATE_SUFFIX = "_gate"  # 'gated': the Dense whose sigmoid multiplies the mixed values, `<context>_gate`
 
 
 def _entry(layer: Any, *sources: str | list[Any]) -> dict[str, Any]:
@@ -57,8 +61,8 @@ class _Mixable:
 def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head", *, keep: int = 0,
                     reporter: Reporter | None = None) -> Any:
     """A new model in which the self-attentions (prune.find_units) mix their values' tokens by constant matrices,
-    the model's mean attention over `x`: each head's own (`form` 'per_head') or one averaged over the heads
-    ('shared'). The `keep` attentions whose mixing alone changes the model's outputs on `x` the most stay as they
+    the model's mean attention over `x`: each head's own (`form` 'per_head'; 'gated' adds the gate) or one averaged
+    over the heads ('shared'). The `keep` attentions whose mixing alone changes the model's outputs on `x` the most stay as they
     are. Every other weight is copied."""
     attention, _ = find_units(model)
     if not attention:
@@ -114,6 +118,16 @@ def _mixed(model: Any, mixable: list[_Mixable], nodes: dict[str, Any], bias_valu
         new, kernel = _mixing_layers(unit.context, m.mean, width, form)
         entries += [_entry(layer, source) for layer, source in zip(new, [values] + [layer.name for layer in new])]
         weights |= {entry["name"]: [] for entry in entries} | {unit.context + MIXING_SUFFIX: [kernel]}
+        if form == "gated":
+            gate = layers.Dense(width, activation="sigmoid", name=unit.context + GATE_SUFFIX)
+            read = nodes[unit.value].call_args[0]  # what the value projection reads: the block's input
+            block_input = read._keras_history
+            gated = layers.Multiply(name=f"{unit.context}_gated")
+            entries += [_entry(gate, [block_input.layer.name, block_input.node_index, block_input.tensor_index]),
+                        _entry(gated, new[-1].name, gate.name)]
+            weights |= {gate.name: [np.zeros((int(read.shape[-1]), width), np.float32), np.zeros(width, np.float32)],
+                        gated.name: []}
+            new = [*new, gated]
         added[unit.output] = entries
         sources[unit.context] = (new[-1].name, 0, 0)
     config = bypassed(config, gone, sources)
@@ -130,9 +144,10 @@ def _mixing_layers(context: str, attention: np.ndarray, width: int, form: str) -
     context[i] = sum_j P[i, j] v[j], and a Dense over tokens computes out[i] = sum_j v[j] K[j, i]: K = Pᵀ. 'shared'
     puts the tokens last (TRANSPOSE) and multiplies by the heads' mean P. 'per_head' puts (head, token) last and
     multiplies by the block-diagonal K of every head's own P, which distillation may then fill in (a head's values
-    mixed into another's), all in one FULLY_CONNECTED that the Edge TPU maps."""
+    mixed into another's), all in one FULLY_CONNECTED that the Edge TPU maps. 'gated' is 'per_head' with the
+    kernel doubled: its gate (_mixed) starts at sigmoid(0) = 1/2 everywhere."""
     heads, tokens = attention.shape[0], attention.shape[-1]
-    mixing = layers.Dense(tokens * (heads if form == "per_head" else 1), use_bias=False, name=context + MIXING_SUFFIX)
+    mixing = layers.Dense(tokens * (1 if form == "shared" else heads), use_bias=False, name=context + MIXING_SUFFIX)
     if form == "shared":
         return [layers.Permute((2, 1), name=f"{context}_to_features"), mixing,
                 layers.Permute((2, 1), name=f"{context}_to_tokens")], attention.mean(axis=0).T
@@ -142,7 +157,8 @@ def _mixing_layers(context: str, attention: np.ndarray, width: int, form: str) -
             layers.Reshape((width // heads, heads * tokens), name=f"{context}_to_features"), mixing,
             layers.Reshape(split[::-1], name=f"{context}_per_head"),
             layers.Permute((3, 2, 1), name=f"{context}_tokens_first"),
-            layers.Reshape((tokens, width), name=f"{context}_to_tokens")], _block_diagonal([a.T for a in attention])
+            layers.Reshape((tokens, width), name=f"{context}_to_tokens")], \
+        _block_diagonal([a.T for a in attention]) * (2.0 if form == "gated" else 1.0)  # the gate starts at 1/2
 
 
 def _block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:
