@@ -62,8 +62,8 @@ def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head", *, keep: 
                     reporter: Reporter | None = None) -> Any:
     """A new model in which the self-attentions (prune.find_units) mix their values' tokens by constant matrices,
     the model's mean attention over `x`: each head's own (`form` 'per_head'; 'gated' adds the gate) or one averaged
-    over the heads ('shared'). The `keep` attentions whose mixing alone changes the model's outputs on `x` the most stay as they
-    are. Every other weight is copied."""
+    over the heads ('shared'). The `keep` attentions whose mixing alone changes the model's outputs on `x` the most
+    stay as they are. Every other weight is copied."""
     attention, _ = find_units(model)
     if not attention:
         raise EdgeccError("compress.stages 'mix': the model has no self-attention that edgecc can replace "
@@ -86,9 +86,10 @@ def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head", *, keep: 
                                  - reference) ** 2)) for m in mixable]
         kept = set(np.argsort(change)[::-1][:keep].tolist())
         if reporter is not None:
-            reporter.info("mix keeps the attention of " + ", ".join(
-                f"{mixable[i].unit.context} (its mixing alone moves the outputs by {change[i]:.3g})" for i in sorted(kept))
-                + "; the others' changes: " + ", ".join(f"{change[i]:.3g}" for i in range(len(change)) if i not in kept))
+            named = [f"{mixable[i].unit.context} (its mixing alone moves the outputs by {change[i]:.3g})"
+                     for i in sorted(kept)]
+            others = [f"{change[i]:.3g}" for i in range(len(change)) if i not in kept]
+            reporter.info(f"mix keeps the attention of {', '.join(named)}; the others' changes: {', '.join(others)}")
         mixable = [m for i, m in enumerate(mixable) if i not in kept]
     return _mixed(model, mixable, nodes, bias_values, form)
 
