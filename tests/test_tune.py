@@ -135,22 +135,6 @@ def test_best_toml_builds_and_reproduces_its_trial(search) -> None:
     assert on_target[0] == on_target[1] and on_target[0]
 
 
-def test_a_hopeless_trial_stops_after_its_first_stage(search) -> None:
-    """No accuracy may be lost and almost every neuron goes: the pruned float student is out of budget at once."""
-    import optuna
-    from edgecc.tune import tune
-
-    work, options, _ = search
-    recipe = write_recipe(work, "hopeless.toml", max_drop=0.0,
-                          extra="trials = 1\nhead_fraction = [0.5, 0.5]\nneuron_fraction = [0.02, 0.02]")
-    recipe.write_text(recipe.read_text().replace("trials = 2\n", ""))
-    out = work / "hopeless"
-    result = tune(replace(options, recipe=recipe, out=out))
-    (row,) = result.rows
-    assert row["status"] == "stopped" and "below the teacher" in row["reason"] and result.chosen is None
-    assert [t.state for t in finished(out)] == [optuna.trial.TrialState.PRUNED]
-
-
 def test_no_trial_within_budget_exits_1_listing_the_closest(search) -> None:
     """The same trials (their stages from the cache) judged against a floor none reaches."""
     from typer.testing import CliRunner
@@ -191,20 +175,45 @@ def test_interrupted_trial_leaves_the_study_consistent(search, monkeypatch: pyte
     assert [r["number"] for r in result.rows] == [0, 1, 2] and (out / "best.toml").exists()
 
 
+def hopeless_recipe(work: Path) -> Path:
+    """No accuracy may be lost and almost every neuron goes: the pruned float student is out of budget at once."""
+    recipe = write_recipe(work, "hopeless.toml", max_drop=0.0,
+                          extra="trials = 1\nhead_fraction = [0.5, 0.5]\nneuron_fraction = [0.02, 0.02]")
+    recipe.write_text(recipe.read_text().replace("trials = 2\n", ""))
+    return recipe
+
+
+def test_a_hopeless_trial_stops_after_its_first_stage(search) -> None:
+    import optuna
+    from edgecc.tune import tune
+
+    work, options, _ = search
+    out = work / "hopeless"
+    result = tune(replace(options, recipe=hopeless_recipe(work), out=out))
+    (row,) = result.rows
+    assert row["status"] == "stopped" and "below the teacher" in row["reason"] and result.chosen is None
+    assert [t.state for t in finished(out)] == [optuna.trial.TrialState.PRUNED]
+
+
 def test_ray_runs_the_same_trials(search) -> None:
     """The same study through a local 2-CPU Ray cluster: the same configurations in the same order, and the same
-    figures (their stages come from the cache the in-process run filled)."""
+    figures (their stages come from the cache the in-process run filled). A trial stopped early is pruned there
+    too (Ray's strict metric check once failed the whole study on it)."""
     ray = pytest.importorskip("ray")
+    import optuna
     from edgecc.tune import tune
 
     work, options, here = search
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         result = tune(replace(options, out=work / "ray", ray_address="local"))
+        stopped = tune(replace(options, recipe=hopeless_recipe(work), out=work / "ray-hopeless", ray_address="local"))
     finally:
         ray.shutdown()
     assert [r["compress"] for r in result.rows] == [r["compress"] for r in here.rows[:2]]
     assert [r["task_metric"] for r in result.rows] == [r["task_metric"] for r in here.rows[:2]]
+    assert [r["status"] for r in stopped.rows] == ["stopped"] and stopped.chosen is None
+    assert [t.state for t in finished(work / "ray-hopeless")] == [optuna.trial.TrialState.PRUNED]
 
 
 def test_bad_space_exits_2_naming_every_field(tmp_path: Path) -> None:
@@ -264,7 +273,7 @@ def test_a_log_gets_heartbeat_lines_during_a_trial_not_only_when_it_ends(search)
     from rich.console import Console
 
     from edgecc.progress import Reporter
-    from edgecc.tune import TuneOptions, tune
+    from edgecc.tune import tune
 
     work, options, _ = search
     log = io.StringIO()

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import html
 import json
+import math
 import os
 import tempfile
 import threading
@@ -442,8 +443,8 @@ _PER_PROCESS: dict[TuneOptions, Workbench] = {}
 
 
 def _ray_trial(config: dict[str, Any], options: TuneOptions) -> None:
-    """A Ray Tune trial: the worker's workbench (made on its first trial), one run, the objectives reported
-    (none for a trial stopped early: OptunaSearch then marks it pruned)."""
+    """A Ray Tune trial: the worker's workbench (made on its first trial), one run, the objectives reported (NaN for
+    a trial stopped early, whose status _searcher's class tells Optuna as pruned: Ray refuses a result without them)."""
     from ray import tune
 
     if options not in _PER_PROCESS:
@@ -451,8 +452,24 @@ def _ray_trial(config: dict[str, Any], options: TuneOptions) -> None:
         bench.prepare(Reporter(quiet=True))
         _PER_PROCESS[options] = bench
     figures = _PER_PROCESS[options].run(config)
-    values = {name: figures[name] for name in OBJECTIVES} if figures["status"] == "complete" else {}
+    complete = figures["status"] == "complete"
+    values = {name: figures[name] if complete else math.nan for name in OBJECTIVES}
     tune.report({**values, "key": figures["key"], "status": figures["status"]})
+
+
+def _searcher(**arguments: Any) -> Any:
+    """Ray's OptunaSearch, but a trial stopped early (its status not 'complete') is told to Optuna as pruned, as
+    in this process. Ray's own tells a trial pruned only when it reports no objective, and with several objectives
+    its strict metric check refuses such a result before the searcher sees it (Ray 2.60)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StoppedArePruned(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+            if result is not None and result.get("status", "complete") != "complete":
+                result = None  # with no error: pruned
+            super().on_trial_complete(trial_id, result, error)
+
+    return StoppedArePruned(**arguments)
 
 
 # ---- the study -----------------------------------------------------------------------------------------------
@@ -647,7 +664,6 @@ def _run_on_ray(options: TuneOptions, bench: Workbench, sampler: Any, url: str, 
 
     import optuna
     from ray import tune as ray_tune
-    from ray.tune.search.optuna import OptunaSearch
 
     metric, quiet = bench.loaded.recipe.task.metric, reporter.quiet
     # Ray Tune runs each trial in its own working folder: the workers get absolute paths
@@ -662,10 +678,9 @@ def _run_on_ray(options: TuneOptions, bench: Workbench, sampler: Any, url: str, 
                                               + (_line(figures, metric) if figures else "no result")))
 
     _picklable_locks(sampler)  # Ray Tune pickles the searcher with the tuner's state
-    searcher = OptunaSearch(space=partial(ask, searched=bench.searched), metric=list(OBJECTIVES),
-                            mode=["max" if d == "maximize" else "min" for d in OBJECTIVES.values()],
-                            sampler=sampler, study_name=study_name(bench),
-                            storage=optuna.storages.RDBStorage(url))
+    searcher = _searcher(space=partial(ask, searched=bench.searched), metric=list(OBJECTIVES),
+                         mode=["max" if d == "maximize" else "min" for d in OBJECTIVES.values()],
+                         sampler=sampler, study_name=study_name(bench), storage=optuna.storages.RDBStorage(url))
     trainable = ray_tune.with_resources(partial(_ray_trial, options=options), {"cpu": options.cpus_per_trial})
     tuner = ray_tune.Tuner(trainable, tune_config=ray_tune.TuneConfig(
         search_alg=searcher, num_samples=remaining, time_budget_s=options.time_budget_s),
