@@ -2,9 +2,9 @@
 
 For each model (the committed fixtures, and the model.tflite and float.tflite of every `--build` folder given, e.g. a
 reference task's rpi4 build) a fresh Python process loads the interpreter from the file (model_path, as the bundle's
-run.py does), allocates the tensors and runs one input of ones (token id 1: a real token), then reports its peak resident set (VmHWM in /proc/self/status; ru_maxrss would carry the
-parent's peak across fork and exec):
-with LiteRT's default XNNPACK delegate, which repacks the weights into its own layout, and with the builtin kernels
+run.py does), allocates the tensors and runs one input of ones (token id 1: a real token), then reports its peak
+resident set (VmHWM in /proc/self/status; ru_maxrss would carry the parent's peak across fork and exec): with LiteRT's
+default XNNPACK delegate, which repacks the weights into its own layout, and with the builtin kernels
 alone (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES), which read them in place. A process that only imports numpy
 and the interpreter is the baseline; the model's share is the difference. edgecc check's estimate for a Linux target
 (rpi4 here) is the profile's runtime figure plus this share: model file + repacked weights (every constant tensor

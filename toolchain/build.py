@@ -344,8 +344,7 @@ def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibratio
     from edgecc.train.tf import keras
 
     keras().utils.set_random_seed(recipe.seed)
-    judge = (Judge(dataset.x[validation], dataset.y[validation], recipe.task, dataset.label_names,
-                   recipe.train.batch_size) if len(validation) else None)
+    judge = Judge.on(dataset, validation, recipe.task, recipe.train.batch_size)
     if cache is None or key is None:  # no cache, or a --teacher file the cache has no key for
         return run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter,
                           after_stage, judge=judge)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.classmetrics import score
+from edgecc.data import Dataset
 from edgecc.recipe import TaskSection
 from edgecc.train.tf import keras as _keras
 
@@ -58,6 +59,11 @@ class Judge:
     task: TaskSection
     label_names: tuple[str, ...]
     batch_size: int = 256
+
+    @classmethod
+    def on(cls, dataset: Dataset, index: np.ndarray, task: TaskSection, batch_size: int) -> Judge | None:
+        """The judge on `dataset`'s examples at `index` (a validation split); None when it is empty."""
+        return cls(dataset.x[index], dataset.y[index], task, dataset.label_names, batch_size) if len(index) else None
 
     def __call__(self, model: Any) -> tuple[float, float]:
         outputs = model.predict(self.x, batch_size=self.batch_size, verbose=0)

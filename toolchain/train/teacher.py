@@ -247,8 +247,7 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
         return model
     fit_index, validation_index = validation_split(dataset, section.validation_fraction, seed,
                                                     min_per_class=section.validation_min_per_class)
-    judge = (Judge(dataset.x[validation_index], dataset.y[validation_index], task, dataset.label_names,
-                   section.batch_size) if len(validation_index) else None)
+    judge = Judge.on(dataset, validation_index, task, section.batch_size)
     x, y = dataset.x[fit_index], dataset.y[fit_index]
     targets = np.eye(dataset.num_classes, dtype=np.float32)[y]
     weights = class_weights(y, dataset.num_classes, section.balance)[y]
