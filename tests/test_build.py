@@ -281,11 +281,15 @@ def test_build_from_a_users_keras_file_with_a_budget_it_misses(tmp_path: Path) -
     students = records[1:]
     assert not any(r["meets_budgets"] or r["validation"]["meets_budgets"] for r in students)
     assert manifest["selection"]["judged_on"] == "validation"
-    # the choice by the validation figures: the highest task.metric of those failing the fewest budgets there
+    # the choice by the validation figures: the highest task.metric of those failing the fewest budgets there, where
+    # a figure within one standard error of the highest is a tie that the later (and here faster) model wins
     fewest = min(r["validation"]["failed_budgets"] for r in students)
-    closest = [r for r in students if r["validation"]["failed_budgets"] == fewest]
+    closest = [i for i, r in enumerate(students) if r["validation"]["failed_budgets"] == fewest]
+    metric = [r["validation"]["task_metric"] for r in students]
+    noise = manifest["selection"]["task_metric_standard_errors"]
+    top = max(closest, key=lambda i: (metric[i], i))
     chosen = next(r for r in students if r["file"] == "model.tflite")
-    assert chosen in closest and chosen["validation"]["task_metric"] == max(r["validation"]["task_metric"] for r in closest)
+    assert chosen is students[max(i for i in closest if metric[top] - metric[i] <= noise[top][i] + 1e-9)]
     assert chosen["budgets"] == manifest["budgets"] and manifest["selection"]["chosen"] == chosen["name"]
     assert manifest["selection"]["meeting_every_budget"] == []
     report = (tmp_path / "out" / "report.md").read_text()

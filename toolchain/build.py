@@ -44,8 +44,8 @@ from edgecc.progress import Reporter
 from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
 from edgecc.recipe import LoadedRecipe, Recipe, TaskSection, check_class_names, load_recipe, model_path
 from edgecc.runtime import Model
-from edgecc.selection import (INT8_MODEL, Candidate, budget_verdicts, distinct_models, failures, model_name,
-                              select, stage_files, validation_warnings)
+from edgecc.selection import (INT8_MODEL, Candidate, budget_verdicts, distinct_models, failures, metric_noise,
+                              model_name, select, stage_files, validation_warnings)
 from edgecc.sign import load_private_key, sign_manifest
 from edgecc.targets import Target, load_target
 
@@ -210,6 +210,7 @@ class Judged:
     size: int
     figures: list[ClassMetrics]
     budgets: list[list[dict[str, Any]]]  # each int8 model's budgets on this split
+    noise: np.ndarray  # selection.metric_noise of the int8 models on this split
 
     def describe(self) -> str:
         if self.split == "validation":
@@ -222,11 +223,15 @@ def _on_validation(recipe: Recipe, dataset: Dataset, index: np.ndarray, models: 
                    reporter: Reporter) -> Judged:
     """Every model's figures (the float model's first) and each int8 model's budgets on the validation split."""
     x, y = dataset.x[index], dataset.y[index]
-    figures = [class_metrics(y, predictions(model, x, reporter, "evaluating on the validation split"),
-                             dataset.label_names) for model in models]
+    predicted = [predictions(model, x, reporter, "evaluating on the validation split") for model in models]
+    figures = [class_metrics(y, p, dataset.label_names) for p in predicted]
     budgets = [budget_verdicts(recipe, figures[0], student, fit, split="validation")
                for student, fit in zip(figures[1:], fits)]
-    return Judged("validation", len(index), figures, budgets)
+    return Judged("validation", len(index), figures, budgets, _noise(recipe, y, predicted[1:], dataset.label_names))
+
+
+def _noise(recipe: Recipe, y: np.ndarray, predicted: list[np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    return metric_noise(y, predicted, names, recipe.task.metric, recipe.task.classes, seed=recipe.seed)
 
 
 @dataclass(frozen=True)
@@ -471,12 +476,14 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     fits = [assess(group[0].int8, target, latency_ms=latency_budget) for group in models]
     budgets = [budget_verdicts(recipe, figures[0], student, fit) for student, fit in zip(figures[1:], fits)]
     judged = (_on_validation(recipe, dataset, validation_index, [float_model, *int8_models], fits, reporter)
-              if len(validation_index) else Judged("test", len(y_test), figures, budgets))
+              if len(validation_index) else
+              Judged("test", len(y_test), figures, budgets,
+                     _noise(recipe, y_test, model_predictions, dataset.label_names)))
     candidates = [Candidate(name=name, failed=failures(split_budgets, judged.split), latency_ms=fit.latency.total_ms,
                             bytes=len(group[0].int8), metric=student.score(recipe.task.metric, recipe.task.classes))
                   for name, split_budgets, fit, group, student in
                   zip(names, judged.budgets, fits, models, judged.figures[1:])]
-    selection = select(candidates, recipe.compress.select)
+    selection = select(candidates, recipe.compress.select, judged.noise)
     chosen = selection.index
     reporter.info(escape(f"model.tflite is {names[chosen]} (compress.select = '{selection.rule}', judged on the "
                          f"{judged.describe()}): {selection.reason}"))
@@ -553,7 +560,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         "latency_budget_ms": latency_budget,
         "target_check": fit.to_json(),
         "selection": {**selection.to_json(names[chosen]), "judged_on": judged.split, "judged_on_size": judged.size,
-                      "judged_on_note": judged.describe()},
+                      "judged_on_note": judged.describe(),
+                      "task_metric_standard_errors": np.round(judged.noise, 6).tolist()},
         "budgets": budgets[chosen],
         "quantization_error": quantization_error,
         "edgetpu_partition": {"target": edgetpu_target.name, **edgetpu_json(edgetpu)},

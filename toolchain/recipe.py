@@ -256,7 +256,8 @@ class CompressSection:
                            f"within {LATENCY_TIE:.0%} of it are ties: higher task.metric, then the later stage), 'best' (highest "
                            "task.metric), 'smallest' (fewest bytes) or 'last' (the latest stage); when none meets "
                            "every budget, the one that fails the fewest (then the highest task.metric), and the "
-                           "build fails")
+                           "build fails. task.metric figures within one standard error of the highest on the "
+                           "validation split (a paired bootstrap) are ties too: the later stage wins them")
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ reported out of sample; the test split's budgets give the build's verdict.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from edgecc.check import Assessment
-from edgecc.classmetrics import ClassMetrics
+from edgecc.classmetrics import ClassMetrics, score
 from edgecc.recipe import LATENCY_TIE, Recipe
 
 if TYPE_CHECKING:
@@ -179,46 +181,98 @@ class Selection:
                 "reason": self.reason}
 
 
-# Per rule (recipe.SELECT_RULES), the order that puts the chosen candidate first; a later candidate wins a tie.
-# "fastest" orders only the candidates within LATENCY_TIE of the smallest estimate (see `select`).
-RULES: dict[str, Callable[[Candidate], tuple[float, ...]]] = {
-    "fastest": lambda c: (-c.metric, c.latency_ms, c.bytes),
-    "best": lambda c: (-c.metric, c.latency_ms),
-    "smallest": lambda c: (c.bytes, -c.metric),
-    "last": lambda c: (),
-}
+def metric_noise(y: np.ndarray, predicted: Sequence[np.ndarray], names: Sequence[str], metric: str,
+                 classes: Sequence[str] = (), *, resamples: int = 400, seed: int = 0) -> np.ndarray:
+    """The standard error of the difference in task.metric between every two models on the same examples:
+    `noise[i, j]` for models i and j, by a paired bootstrap that keeps each class's count (the validation split is
+    drawn by class).
+
+    Why: on a validation split of a few hundred examples two models a point apart are often the same model seen
+    through sampling noise (neu_det's 144 validation images: two examples are 1.4 points of balanced accuracy, one
+    standard error of that difference 1.7), so the choice must not follow such a difference.
+    """
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(y == c) for c in range(len(names))]
+    scores = np.empty((resamples, len(predicted)))
+    for r in range(resamples):
+        pick = np.concatenate([rng.choice(members, len(members)) for members in by_class if len(members)])
+        scores[r] = [score(metric, classes, y[pick], p[pick], names) for p in predicted]
+    return (scores[:, :, None] - scores[:, None, :]).std(axis=0, ddof=1)
 
 
-def select(candidates: list[Candidate], rule: str) -> Selection:
+def _level(pool: list[int], candidates: list[Candidate], noise: np.ndarray | None) -> list[int]:
+    """The candidates of `pool` whose task.metric the split cannot tell from the highest: within one standard error
+    of the difference (`metric_noise`), or equal to it when there is no noise estimate."""
+    top = max(pool, key=lambda i: (candidates[i].metric, i))
+    return [i for i in pool if candidates[top].metric - candidates[i].metric
+            <= (0.0 if noise is None else noise[top, i]) + 1e-12]
+
+
+def _near_fastest(pool: list[int], candidates: list[Candidate]) -> list[int]:
+    """The candidates of `pool` whose estimated latency is within LATENCY_TIE of the smallest: the estimate does
+    not resolve a closer difference."""
+    fastest = min(candidates[i].latency_ms for i in pool)
+    return [i for i in pool if candidates[i].latency_ms <= fastest * (1 + LATENCY_TIE)]
+
+
+def _by_rule(pool: list[int], candidates: list[Candidate], rule: str, noise: np.ndarray | None) -> int:
+    """The recipe's rule (recipe.SELECT_RULES) within `pool`; what it cannot tell apart goes to the latest stage,
+    which the recipe built to improve on the earlier ones."""
+    if rule == "smallest":
+        fewest = min(candidates[i].bytes for i in pool)
+        return max(_level([i for i in pool if candidates[i].bytes == fewest], candidates, noise))
+    if rule == "fastest":
+        return max(_level(_near_fastest(pool, candidates), candidates, noise))
+    if rule == "best":
+        return max(_near_fastest(_level(pool, candidates, noise), candidates))
+    return max(pool)  # "last"
+
+
+def _tie_note(pool: list[int], index: int, candidates: list[Candidate], noise: np.ndarray | None) -> str:
+    """Why a model below the highest task.metric was chosen: the split does not resolve the difference."""
+    top = max(pool, key=lambda i: (candidates[i].metric, i))
+    if noise is None or candidates[index].metric >= candidates[top].metric:
+        return ""
+    return (f" (its task.metric {candidates[index].metric:.4g} is within one standard error, "
+            f"{noise[top, index]:.4g}, of {candidates[top].name}'s {candidates[top].metric:.4g}: the split does not "
+            "tell them apart, and the later stage is kept)")
+
+
+def select(candidates: list[Candidate], rule: str, noise: np.ndarray | None = None) -> Selection:
     """The final model by the recipe's rule among the candidates (in stage order) that meet every budget.
 
     When none does, the build fails, and model.tflite is the candidate closest to its budgets: among those
     that fail the fewest, the highest task.metric (then the rule), so a compressed student that lost accuracy
-    does not replace the PTQ model that missed the same budgets by less.
+    does not replace the PTQ model that missed the same budgets by less. `noise` (`metric_noise` of the
+    candidates, on the split they are judged on) makes task.metric differences within one standard error ties.
     """
     met = [i for i, c in enumerate(candidates) if c.meets_budgets]
     names = tuple(candidates[i].name for i in met)
     if not met:
         fewest = min(c.failed for c in candidates)
         closest = [i for i, c in enumerate(candidates) if c.failed == fewest]
-        index = min(closest, key=lambda i: (-candidates[i].metric, *RULES[rule](candidates[i]), -i))
+        index = _by_rule(_level(closest, candidates, noise), candidates, rule, noise)
+        top = max(candidates[i].metric for i in closest)
         return Selection(index=index, rule=rule, met=(),
-                         reason=f"no model meets every budget: the highest task.metric ({candidates[index].metric:.4g}) "
-                                f"of the {len(closest)} model(s) that fail the fewest ({fewest})")
-    fastest = min(candidates[i].latency_ms for i in met)
-    pool = [i for i in met if rule != "fastest" or candidates[i].latency_ms <= fastest * (1 + LATENCY_TIE)]
-    index = min(pool, key=lambda i: (*RULES[rule](candidates[i]), -i))
+                         reason=f"no model meets every budget: the highest task.metric ({top:.4g}) of the "
+                                f"{len(closest)} model(s) that fail the fewest ({fewest})"
+                                + _tie_note(closest, index, candidates, noise))
+    index = _by_rule(met, candidates, rule, noise)
     c = candidates[index]
+    pool = _near_fastest(met, candidates) if rule == "fastest" else met
+    fastest = min(candidates[i].latency_ms for i in met)
     why = {"fastest": f"the smallest estimated latency on the target ({c.latency_ms:.4g} ms)"
                       if c.latency_ms == fastest else
-                      f"the highest task.metric ({c.metric:.4g}) of the {len(pool)} whose estimated latency on the "
-                      f"target ({c.latency_ms:.4g} ms) is within {LATENCY_TIE:.0%} of the smallest ({fastest:.4g} ms), "
-                      "closer than the estimate resolves,",
-           "best": f"the highest task.metric ({c.metric:.4g})",
+                      f"the highest task.metric ({max(candidates[i].metric for i in pool):.4g}) of the {len(pool)} "
+                      f"whose estimated latency on the target ({c.latency_ms:.4g} ms) is within {LATENCY_TIE:.0%} of "
+                      f"the smallest ({fastest:.4g} ms), closer than the estimate resolves,",
+           "best": f"the highest task.metric ({max(candidates[i].metric for i in met):.4g})",
            "smallest": f"the fewest bytes ({c.bytes:,})",
            "last": "the latest stage"}[rule]
+    note = _tie_note(pool, index, candidates, noise) if rule in ("fastest", "best") else ""
     return Selection(index=index, rule=rule, met=names,
-                     reason=f"{why} of the {len(met)} model(s) that meet every budget")
+                     reason=f"{why}{note} of the {len(met)} model(s) that meet every budget")
 
 
 def distinct_models(stages: list[Stage]) -> list[tuple[Stage, ...]]:

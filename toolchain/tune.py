@@ -517,7 +517,8 @@ def _line(figures: dict[str, Any], metric: str) -> str:
 
 def _choose(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The module's RULE over the completed rows."""
-    fitting = [r for r in rows if r["status"] == "complete" and r["failed"] == 0]
+    # select gives a tie to the later candidate: largest file first, so that a tie goes to the smaller file
+    fitting = sorted((r for r in rows if r["status"] == "complete" and r["failed"] == 0), key=lambda r: -r["bytes"])
     if not fitting:
         return None
     candidates = [Candidate(name=str(r["number"]), failed=0, latency_ms=r["latency_ms"], metric=r["task_metric"],
