@@ -50,8 +50,8 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
         "gemm_int8": (1, 8), "depthwise_int8": (1, 16), "elementwise_int8": (2, 50),
         "gemm_fp32": (2, 20), "depthwise_fp32": (2, 40), "elementwise_fp32": (2, 50), "bytes": (0, 2)},
     "cortex-a": {  # NEON: 4 fp32 or 8-16 int8 MACs per instruction; thread dispatch is tens of microseconds; the
-        "op_cycles": (1_000, 200_000),  # fp32 terms are multiples of the core's peak rate (cpu.fp32_macs_per_cycle)
-        "gemm_int8": (0.05, 2), "depthwise_int8": (0.1, 8), "elementwise_int8": (0.2, 20),
+        "op_cycles": (1_000, 200_000),  # MAC terms are multiples of the core's peak fp32 rate (cpu.fp32_macs_per_cycle),
+        "gemm_int8": (0.25, 8), "depthwise_int8": (0.25, 32), "elementwise_int8": (0.5, 80),  # int8 up to 4x faster
         "gemm_fp32": (1, 12), "depthwise_fp32": (1, 40), "elementwise_fp32": (1, 80), "bytes": (0.3, 5)},
     "edgetpu": {"tpu_op_us": (0, 100), "tpu_macs": (1, 10), "invoke_ms": (0.1, 5), "link": (0.7, 2)},
 }
@@ -234,29 +234,42 @@ def _cpu_ms(row: Row, fits: dict[str, Fit]) -> float:
     return cpu.kernels.get(row.kernels, 1.0) * _price(row.cpu, cpu.coefficients)
 
 
-def _bounded(a: np.ndarray, offset: np.ndarray, names: tuple[str, ...],
-             bounds: dict[str, tuple[float, float]]) -> dict[str, float]:
+def _bounded(a: np.ndarray, offset: np.ndarray, names: tuple[str, ...], bounds: dict[str, tuple[float, float]],
+             groups: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray]:
     """The coefficients within `bounds` that minimise the ROBUST loss of log(estimate / published), a row's estimate
-    / published being `a` @ coefficients + `offset`. The search starts at the middle of each range, where a term no
-    row exercises stays (a prior, not a fit)."""
+    / published being `a` @ coefficients + `offset`, times the factor of its row group (`groups[i]`: 0 .. k-1, or -1 for
+    none; each factor within KERNEL_BOUNDS), all fitted at once. The search starts at the middle of each range, where
+    a term no row exercises stays (a prior, not a fit). Returns the coefficients and the k factors."""
+    groups = np.full(len(a), -1) if groups is None else groups
+    k = int(groups.max()) + 1
     low = np.array([bounds[n][0] for n in names], dtype=float)
     high = np.array([bounds[n][1] for n in names], dtype=float)
     result = np.where(low > 0, np.sqrt(low * high), (low + high) / 2)
+    factors = np.full(k, np.sqrt(KERNEL_BOUNDS[0] * KERNEL_BOUNDS[1]))
     used = a.any(axis=0)
     if used.any():
         scale = a[:, used].max(axis=0)  # coefficients in units that give each term's largest row a share of ~1
-        solved = least_squares(lambda x: np.log(a[:, used] / scale @ x + offset), result[used] * scale,
-                               bounds=(low[used] * scale, high[used] * scale), **ROBUST).x
-        result[used] = solved / scale
-    return {n: float(c) for n, c in zip(names, result) if c > 0}
+        n = int(used.sum())
+
+        def residual(x: np.ndarray) -> np.ndarray:
+            factor = np.append(x[n:], 1.0)[groups]  # group -1 reads the appended 1
+            return np.log(factor * (a[:, used] / scale @ x[:n]) + offset)
+
+        solved = least_squares(residual, np.concatenate([result[used] * scale, factors]),
+                               bounds=(np.concatenate([low[used] * scale, np.full(k, KERNEL_BOUNDS[0])]),
+                                       np.concatenate([high[used] * scale, np.full(k, KERNEL_BOUNDS[1])])),
+                               **ROBUST).x
+        result[used], factors = solved[:n] / scale, solved[n:]
+    return {n: float(c) for n, c in zip(names, result) if c > 0}, factors
 
 
 def fit(rows: list[Row], cls: str, cpu_fits: dict[str, Fit] | None = None) -> Fit | None:
     """Coefficients within BOUNDS (and kernel factors) that fit the published latency of `rows` of `cls` (see ROBUST).
 
-    A CPU class alternates between the coefficients (kernel factors fixed, 1 at first) and each kernel library's
-    factor (coefficients fixed); an Edge TPU row's CPU part is priced with `cpu_fits` (the host's class, fitted on the
-    same rows left in).
+    A CPU class fits its coefficients and each kernel library's factor against the class's reference library at
+    once: fitted in turn, a library with many rows set the coefficients first and the reference library's rows,
+    then far off, lost their pull under the robust loss. An Edge TPU row's CPU part is priced with `cpu_fits` (the
+    host's class, fitted on the same rows left in).
     """
     mine = [r for r in rows if r.cls == cls]
     if not mine:
@@ -265,16 +278,12 @@ def fit(rows: list[Row], cls: str, cpu_fits: dict[str, Fit] | None = None) -> Fi
         assert cpu_fits is not None
         a = np.array([[r.tpu[n] / r.published_ms for n in TPU_FEATURES] for r in mine])
         cpu = np.array([_cpu_ms(r, cpu_fits) / r.published_ms for r in mine])
-        return Fit(_bounded(a, cpu, TPU_FEATURES, BOUNDS[cls]))
-    current = Fit({}, {})
-    for _ in range(20):
-        factor = np.array([current.kernels.get(r.kernels, 1.0) for r in mine])
-        a = np.array([[r.cpu[n] / r.published_ms for n in CPU_FEATURES] for r in mine]) * factor[:, None]
-        current.coefficients = _bounded(a, np.zeros(len(mine)), CPU_FEATURES, BOUNDS[cls])
-        for kernels in {r.kernels for r in mine} - {REFERENCE_KERNELS[cls]}:
-            q = np.array([[_price(r.cpu, current.coefficients) / r.published_ms] for r in mine if r.kernels == kernels])
-            current.kernels[kernels] = _bounded(q, np.zeros(len(q)), ("factor",), {"factor": KERNEL_BOUNDS})["factor"]
-    return current
+        return Fit(_bounded(a, cpu, TPU_FEATURES, BOUNDS[cls])[0])
+    others = sorted({r.kernels for r in mine} - {REFERENCE_KERNELS[cls]})
+    groups = np.array([others.index(r.kernels) if r.kernels in others else -1 for r in mine])
+    a = np.array([[r.cpu[n] / r.published_ms for n in CPU_FEATURES] for r in mine])
+    coefficients, factors = _bounded(a, np.zeros(len(mine)), CPU_FEATURES, BOUNDS[cls], groups)
+    return Fit(coefficients, {kernels: float(f) for kernels, f in zip(others, factors)})
 
 
 def fit_all(rows: list[Row]) -> dict[str, Fit]:
@@ -443,7 +452,7 @@ def main() -> None:
         f"{ROBUST['f_scale']} (scipy's least_squares), under which a row's pull is largest at about "
         f"{ROBUST['f_scale']:.0%} off and falls beyond, so that one doubtful published figure cannot drag the class's "
         "other rows. Goals (issue 14): median |error| <= 20%, worst <= 50%, band covers >= 80%, per class with >= 5 "
-        "rows. The fp32 work is counted in cycles at each core's peak fp32 "
+        "rows. The int8 and fp32 work is counted in cycles at each core's peak fp32 "
         f"rate (`cpu.fp32_macs_per_cycle`, multiply-accumulates per cycle): {fp32_rates(rows)}.",
         "",
         summary_table(rows, by_model, by_device),

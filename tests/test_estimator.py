@@ -114,9 +114,10 @@ def test_a_profile_without_clock_is_refused_by_field(tmp_path: Path) -> None:
         load_target(str(path))
 
 
-def test_the_cores_fp32_rate_scales_the_float_work_only() -> None:
-    """A Cortex-A72 completes four fp32 multiply-accumulates a cycle, a Cortex-A7 one: float models slow down by
-    the rate, int8 models do not (their rate is in the int8 coefficients), and a profile without it gets the class's."""
+def test_the_cores_fp32_rate_scales_the_multiply_accumulates_of_int8_and_float_models() -> None:
+    """A Cortex-A72 completes four fp32 multiply-accumulates a cycle, a Cortex-A7 one, and the SIMD datapath that sets
+    this sets the int8 rate too: float and int8 models alike slow down on a 1-MAC core, by less than 4x, as the bytes
+    moved and the per-operator cost do not scale; a profile without the figure gets the class's."""
     from edgecc.cost import op_costs
     from edgecc.latency import FP32_MACS_PER_CYCLE, estimate_latency
     from edgecc.reader import read_graph
@@ -127,10 +128,12 @@ def test_the_cores_fp32_rate_scales_the_float_work_only() -> None:
     assert load_target("coral-usb").cpu.fp32_macs_per_cycle == rpi4.cpu.fp32_macs_per_cycle  # its host is a Pi 4
     narrow = dataclasses.replace(rpi4, cpu=dataclasses.replace(rpi4.cpu, fp32_macs_per_cycle=Figure(1, "test")))
     unset = dataclasses.replace(rpi4, cpu=dataclasses.replace(rpi4.cpu, fp32_macs_per_cycle=None))
-    for name, slower in (("vit_float", True), ("vit_int8", False)):
+    for name in ("vit_float", "vit_int8"):
         graph = read_graph((Path(__file__).parent / "fixtures" / f"{name}.tflite").read_bytes())
         wide, one, default = (estimate_latency(graph, op_costs(graph), t) for t in (rpi4, narrow, unset))
-        assert (one.total_ms > wide.total_ms) is slower and (one.total_ms == wide.total_ms) is not slower, name
+        assert wide.total_ms < one.total_ms < 4 * wide.total_ms, name
+        macs = [o.ms for o in wide.ops if o.macs]
+        assert macs and max(o.ms for o in one.ops if o.macs) > max(macs), name
         assert default.total_ms == pytest.approx(wide.total_ms) and FP32_MACS_PER_CYCLE["cortex-a"] == 4
     assert "4 fp32 MACs per cycle of a core" in wide.method
 

@@ -5,10 +5,13 @@ and multiplied by a coefficient of the device class (Cortex-M, Cortex-A, Edge TP
   - a fixed cost per operator, in cycles of the profile's clock;
   - its multiply-accumulates in cycles per MAC on the threads it runs on: matrix products
     (convolutions, fully connected, batch matmul: the same GEMM inner loop in CMSIS-NN, ruy
-    and XNNPACK), depthwise convolutions, and element-wise work, for int8 and fp32; the fp32
-    terms count cycles at the core's peak fp32 rate (`cpu.fp32_macs_per_cycle`: a Cortex-A7
-    completes one fp32 multiply-accumulate a cycle, a Cortex-A72 four), so their coefficient is
-    the inverse of the kernels' efficiency and is at least 1;
+    and XNNPACK), depthwise convolutions, and element-wise work, for int8 and fp32; both count
+    cycles at the core's peak fp32 rate (`cpu.fp32_macs_per_cycle`: a Cortex-A7 completes one
+    fp32 multiply-accumulate a cycle, a Cortex-A72 four), as the SIMD datapath that sets it sets
+    the int8 rate too (XNNPACK's published int8 MobileNets run about 2.5x their fp32 speed on a
+    Cortex-A7, A53 and A72 alike, while the A72 completes 3x the A7's int8 MACs per cycle), so
+    an fp32 coefficient is the inverse of the kernels' efficiency and at least 1, and an int8
+    one may be below 1;
   - the bytes it moves over the profile's memory bandwidth.
 The sum is scaled by the kernels' factor (`cpu.kernels`: TFLite Micro's interpreter with
 CMSIS-NN, microTVM's compiled CMSIS-NN calls, LiteRT's built-in kernels, XNNPACK), one
@@ -149,8 +152,8 @@ def cpu_features(cost: OpCost, kind: str, is_int8: bool, target: Target, threads
     precision = "int8" if is_int8 else "fp32"
     features = {"op_cycles": cycle_ms, "bytes": cost.bytes_moved / (target.memory.bandwidth_gbps.value * 1e9) * 1e3}
     if cost.macs:
-        rate = 1.0 if is_int8 else fp32_macs_per_cycle(target)
-        features[f"{KINDS.get(kind, 'elementwise')}_{precision}"] = cost.macs * cycle_ms / threads / rate
+        features[f"{KINDS.get(kind, 'elementwise')}_{precision}"] = \
+            cost.macs * cycle_ms / threads / fp32_macs_per_cycle(target)
     return features
 
 

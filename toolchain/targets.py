@@ -62,7 +62,8 @@ class Cpu:
     clock_mhz: Rate = spec()
     fp32_macs_per_cycle: Rate | None = spec(None, doc="peak single-precision multiply-accumulates one core completes "
                                             "per cycle (SIMD lanes x FMA pipes: Cortex-A7 1, Cortex-A72 4), from a "
-                                            "datasheet or a measured peak; absent means the class default "
+                                            "datasheet or a measured peak; the latency estimate scales int8 work by it "
+                                            "too (the same SIMD datapath); absent means the class default "
                                             "(edgecc.latency.FP32_MACS_PER_CYCLE)")
     kernels: str = spec("", choices=("", *KERNELS), doc="the CPU kernel library: tflite-micro (TFLite Micro's "
                         "interpreter with CMSIS-NN), microtvm-cmsis-nn, tflite (LiteRT's built-in kernels) or "
