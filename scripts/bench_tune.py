@@ -2,7 +2,8 @@
 
 For every task in `models/` (neu_det, cwru_bearing, trec) this runs `edgecc tune --target rpi4` on the task's
 reference recipe (at most 40 trials, its [tune] defaults derived from the recipe), then builds the chosen
-best.toml and the reference recipe itself (both with the same build cache, so the teacher is trained once),
+best.toml and the reference recipe itself (both with the same build cache, so the teacher is trained once; each
+tune run trains its trials afresh in a cache of its own that holds only that teacher),
 and compares them on accuracy, size against the float TFLite and host speed-up against float. With
 `--ray-address local` (or a cluster's address) the same study also runs through Ray Tune, and its wall time
 and front are reported beside the in-process run. Outputs under `benchmarks/models/tune/<task>/` (git-ignored),
@@ -13,6 +14,7 @@ instead of the tasks (a dry run: `--recipe tests/...toml --trials 2 --out /tmp/B
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -62,6 +64,7 @@ def run(task: str, recipe: Path, trials: int, ray_address: str | None, time_budg
     runs = {}
     for name, opts in [("in-process", options),
                        *([("ray", replace(options, out=out / "ray-study", ray_address=ray_address))] if ray_address else [])]:
+        opts = replace(opts, cache=_teacher_only_cache(out / f"{name}-cache"))
         started = time.perf_counter()
         try:
             result = tune(opts, Reporter())
@@ -76,6 +79,16 @@ def run(task: str, recipe: Path, trials: int, ray_address: str | None, time_budg
             "reference": None if "skipped" in reference else _final(reference),
             "teacher": None if "skipped" in reference else reference["rows"][0],
             "best": _final(best) if best and "skipped" not in best else None}
+
+
+def _teacher_only_cache(folder: Path) -> Path:
+    """A fresh build cache holding CACHE's trained teachers and no stage: a tune run's trials are then trained, not
+    read back from an earlier run's (the same seed samples the same configurations), so two runs' times compare."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    if (CACHE / "teachers").is_dir():
+        shutil.copytree(CACHE / "teachers", folder / "teachers")
+    return folder
 
 
 def _model(row: dict[str, Any] | None) -> str:
