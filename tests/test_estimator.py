@@ -199,6 +199,18 @@ def test_one_gross_outlier_cannot_drag_the_fit_of_the_other_rows(estimator: Any,
     assert max(map(abs, coefficients.values())) > 0.1 and max(abs(e) for i, e in enumerate(errors) if i != 3) > 0.1
 
 
+def test_coefficients_and_a_kernel_librarys_factor_are_fitted_at_once(estimator: Any) -> None:
+    """Eight of twelve models ran on a library 3x slower than the class's reference one: the fit gives back the
+    reference coefficients and the factor 3, though most rows are the other library's."""
+    truth = {"op_cycles": 2000, "gemm_int8": 3, "depthwise_int8": 5}
+    rows = [dataclasses.replace(r, kernels="microtvm-cmsis-nn", published_ms=r.published_ms * 3) if r.index >= 4 else r
+            for r in _synthetic_rows(estimator, "cortex-m", truth, outlier=-1, off_by=1.0)]
+    fit = estimator.fit(rows, "cortex-m")
+    assert {n: fit.coefficients[n] for n in truth} == pytest.approx(truth, rel=0.03)
+    assert fit.kernels == {"microtvm-cmsis-nn": pytest.approx(3.0, rel=0.03)}
+    assert max(abs(estimator.estimate(r, {"cortex-m": fit}) / r.published_ms - 1) for r in rows) < 0.02
+
+
 def test_a_lookup_moves_the_rows_it_gathers_not_its_whole_table() -> None:
     """The text fixture's embedding GATHER reads one table row per token: the bytes it moves are the ids, the rows
     and its output, however many rows the table has."""
