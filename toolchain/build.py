@@ -231,6 +231,7 @@ def _on_validation(recipe: Recipe, dataset: Dataset, index: np.ndarray, models: 
 
 
 def _noise(recipe: Recipe, y: np.ndarray, predicted: list[np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    """How far apart the int8 models' task.metric must be on this split before the choice may follow it."""
     return metric_noise(y, predicted, names, recipe.task.metric, recipe.task.classes, seed=recipe.seed)
 
 
