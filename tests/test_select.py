@@ -97,7 +97,7 @@ def test_a_metric_difference_within_one_standard_error_is_a_tie_that_the_later_s
         assert select(pair, rule, wide).index == (0 if rule == "smallest" else 1), rule
     selection = select(pair, "fastest", wide)
     assert selection.reason == ("no model meets every budget: the highest task.metric (0.9722) of the 2 model(s) that "
-                                "fail the fewest (1) (its task.metric 0.9583 is within one standard error, 0.017, of "
+                                "fail the fewest (1) (its task.metric 0.9583 is within one standard error, 1.70 points, of "
                                 "int8 after prune's 0.9722: the split does not tell them apart, and the later stage "
                                 "is kept)")
     assert select(pair, "fastest", wide / 3.4).index == 0 and select(pair, "fastest").index == 0

@@ -235,8 +235,8 @@ def _tie_note(pool: list[int], index: int, candidates: list[Candidate], noise: n
     if noise is None or candidates[index].metric >= candidates[top].metric:
         return ""
     return (f" (its task.metric {candidates[index].metric:.4g} is within one standard error, "
-            f"{noise[top, index]:.4g}, of {candidates[top].name}'s {candidates[top].metric:.4g}: the split does not "
-            "tell them apart, and the later stage is kept)")
+            f"{noise[top, index] * 100:.2f} points, of {candidates[top].name}'s {candidates[top].metric:.4g}: the "
+            "split does not tell them apart, and the later stage is kept)")
 
 
 def select(candidates: list[Candidate], rule: str, noise: np.ndarray | None = None) -> Selection:
