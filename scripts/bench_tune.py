@@ -3,7 +3,8 @@
 For every task in `models/` (neu_det, cwru_bearing, trec) this runs `edgecc tune --target rpi4` on the task's
 reference recipe (at most 40 trials, its [tune] defaults derived from the recipe), then builds the chosen
 best.toml and the reference recipe itself (both with the same build cache, so the teacher is trained once; each
-tune run trains its trials afresh in a cache of its own that holds only that teacher),
+tune run trains its trials afresh in a cache of its own seeded with that cache's teachers, so on a cold cache each
+tune run trains the teacher too),
 and compares them on accuracy, size against the float TFLite and host speed-up against float. With
 `--ray-address local` (or a cluster's address) the same study also runs through Ray Tune, and its wall time
 and front are reported beside the in-process run. Outputs under `benchmarks/models/tune/<task>/` (git-ignored),

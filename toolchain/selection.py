@@ -201,10 +201,15 @@ def metric_noise(y: np.ndarray, predicted: Sequence[np.ndarray], names: Sequence
     return (scores[:, :, None] - scores[:, None, :]).std(axis=0, ddof=1)
 
 
+def _top(pool: list[int], candidates: list[Candidate]) -> int:
+    """The candidate of `pool` with the highest task.metric (the later stage of equals)."""
+    return max(pool, key=lambda i: (candidates[i].metric, i))
+
+
 def _level(pool: list[int], candidates: list[Candidate], noise: np.ndarray | None) -> list[int]:
     """The candidates of `pool` whose task.metric the split cannot tell from the highest: within one standard error
     of the difference (`metric_noise`), or equal to it when there is no noise estimate."""
-    top = max(pool, key=lambda i: (candidates[i].metric, i))
+    top = _top(pool, candidates)
     return [i for i in pool if candidates[top].metric - candidates[i].metric
             <= (0.0 if noise is None else noise[top, i]) + 1e-12]
 
@@ -231,7 +236,7 @@ def _by_rule(pool: list[int], candidates: list[Candidate], rule: str, noise: np.
 
 def _tie_note(pool: list[int], index: int, candidates: list[Candidate], noise: np.ndarray | None) -> str:
     """Why a model below the highest task.metric was chosen: the split does not resolve the difference."""
-    top = max(pool, key=lambda i: (candidates[i].metric, i))
+    top = _top(pool, candidates)
     if noise is None or candidates[index].metric >= candidates[top].metric:
         return ""
     return (f" (its task.metric {candidates[index].metric:.4g} is within one standard error, "
