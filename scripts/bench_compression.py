@@ -6,7 +6,9 @@ absent), keeps the final `model.tflite`, `float.tflite` and `manifest.json` unde
 `benchmarks/models/<task>/` (git-ignored), writes every row to
 `benchmarks/compression.json` and the table to BENCHMARKS.md. Accuracy is on each
 task's fixed test split with the TFLite interpreter; host latency is int8 against
-float TFLite on 1 thread, interleaved in the same process.
+float TFLite on 1 thread, interleaved in the same process. Each row also carries edgecc check's rpi4 latency
+estimate of its file (the target's estimate, which the brief judges device speed on; the host's depends on its
+int8 instructions).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from bench_estimator import ROOT, write_section  # noqa: E402
 from bench_imbalance import host  # noqa: E402
 
 from edgecc.build import build  # noqa: E402
+from edgecc.check import assess  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
 from edgecc.progress import Reporter  # noqa: E402
 from edgecc.recipe import load_recipe  # noqa: E402
@@ -51,6 +54,7 @@ def run_task(task: str, recipe_path: Path | None = None, out: Path | None = None
     metrics = result.manifest["metrics"]
     records = metrics["stages"]
     teacher = records[0]
+    estimate = {record["file"]: rpi4_estimate_ms(out / record["file"]) for record in records}
     rows = []
     for record in records:
         rows.append({
@@ -62,11 +66,18 @@ def run_task(task: str, recipe_path: Path | None = None, out: Path | None = None
             "size_ratio": round(teacher["bytes"] / record["bytes"], 2),
             "host_latency_ms": record["host_latency_ms"],
             "speedup_vs_float": record.get("speedup_vs_float", 1.0),
+            "rpi4_estimate_ms": estimate[record["file"]],
+            "rpi4_speedup_vs_float": round(estimate[teacher["file"]] / estimate[record["file"]], 2),
             "int8_weight_sparsity": _mean_sparsity(record.get("weight_sparsity", {})),
         })
     return {"task": task, "rows": rows, "build_seconds": round(time.perf_counter() - started),
             "date": date.today().isoformat(), "host": host(),
             "recipe": str(recipe_path.relative_to(ROOT)), "test_size": result.manifest["data"]["test_size"]}
+
+
+def rpi4_estimate_ms(path: Path) -> float:
+    """edgecc check's rpi4 latency estimate of a .tflite file (float or int8), in ms."""
+    return assess(path.read_bytes(), "rpi4", measure_arena=False).latency.total_ms
 
 
 def _mean_sparsity(per_tensor: dict[str, float]) -> float | None:

@@ -103,6 +103,34 @@ def test_search_writes_the_front_every_trial_and_best_toml(search) -> None:
     assert 'select = "last"' in (out / "best.toml").read_text()
 
 
+def test_a_new_study_runs_the_recipes_own_configuration_first(search) -> None:
+    """Trial 0 is the recipe as written (head and neuron fractions at their defaults, 0.5): the hand-written
+    recipe is a baseline of every search; the sampler proposes the rest."""
+    from edgecc.recipe import load_recipe
+
+    work, options, result = search
+    written = load_recipe(options.recipe).recipe.compress
+    first, second = (row["compress"] for row in result.rows)
+    assert first["stages"] == list(written.stages) == ["prune", "ptq"]
+    assert (first["head_fraction"], first["neuron_fraction"]) == (written.head_fraction, written.neuron_fraction)
+    assert second != first
+
+
+def test_a_recipe_outside_its_own_search_space_is_not_a_trial_and_the_reason_names_the_field(tmp_path: Path) -> None:
+    from edgecc.progress import Reporter
+    from edgecc.tune import TuneOptions, _workbench, recipe_params
+
+    for extra, reason in [("head_fraction = [0.6, 1.0]", "its head_fraction 0.5 is outside the searched [0.6, 1]"),
+                          ('stages = [["prune", "qat"]]', "its stages ['prune', 'ptq'] are not among the searched")]:
+        recipe = write_recipe(tmp_path, "outside.toml", extra=extra)
+        if extra.startswith("stages"):  # replace the written list, not add a second one
+            recipe.write_text(recipe.read_text().replace('stages = [["prune", "ptq"]]\n', ""))
+        bench = _workbench(TuneOptions(target="rpi4", recipe=recipe, out=tmp_path / "out", cache=tmp_path / "cache"),
+                           Reporter(quiet=True))
+        params, why = recipe_params(bench.loaded.recipe, bench.searched)
+        assert params is None and why.startswith(reason), why
+
+
 def test_resume_adds_trials_to_the_study(search) -> None:
     from edgecc.tune import tune
 

@@ -8,11 +8,14 @@ out of the teacher's and every stage's training), and the target's estimated lat
 budget of the recipe and the target judged (edgecc.selection). The search and the choice never see the test
 split; each trial's test figures are recorded beside, for the report only.
 
-Optuna's multi-objective sampler (NSGA-II by default) proposes the configurations; its study lives in a SQLite
-file in the output folder, so an interrupted search resumes (same study name) and adds trials. A trial whose
-first stage's float student is already further below the teacher than budgets.max_accuracy_drop is stopped
-there (Optuna state PRUNED). With a Ray address, Ray Tune runs the trials with the same Optuna search
-(ray.tune.search.optuna.OptunaSearch, the same sampler and storage); without one, no Ray is needed.
+A new study's first trial is the recipe's own configuration (when the search space holds it): the hand-written
+recipe is a baseline in the table, and when it meets every budget the choice is never slower than it on the
+target's estimate. Then Optuna's multi-objective sampler (NSGA-II by default) proposes the configurations; its
+study lives in a SQLite file in the output folder, so an interrupted search resumes (same study name) and adds
+trials. A trial whose first stage's float student is already further below the teacher than
+budgets.max_accuracy_drop is stopped there (Optuna state PRUNED). With a Ray address, Ray Tune runs the trials
+with the same Optuna search (ray.tune.search.optuna.OptunaSearch, the same sampler and storage); without one, no
+Ray is needed.
 
 The search space is data: a `[tune]` table in the recipe (TuneSection), each range or list left out derived
 from the recipe. The choice rule: among the trials that meet every budget, the smallest estimated latency on
@@ -248,6 +251,33 @@ def overrides(params: dict[str, Any], searched: Space) -> dict[str, Any]:
     return fields
 
 
+def recipe_params(recipe: Recipe, searched: Space) -> tuple[dict[str, Any] | None, str]:
+    """The recipe's own configuration as a trial's answers (what `ask` would be told), or None with the reason it
+    lies outside the search space. A new study runs it first: the hand-written recipe is the baseline every other
+    trial is measured against, and the choice can only improve on it (Optuna's enqueue_trial, a warm start)."""
+    c = recipe.compress
+    stages = tuple(c.stages)
+    if stages not in searched.stages:
+        return None, f"its stages {list(stages)} are not among the searched stage lists"
+    effective = {name: getattr(c, name) for name in RANGES}
+    effective["qat_epochs"] = c.qat_epochs or c.distill_epochs
+    effective["qat_learning_rate"] = c.qat_learning_rate or c.distill_learning_rate
+    asked = [name for name in _applicable(stages, searched.ranges) if len(set(searched.ranges[name])) > 1]
+    params: dict[str, Any] = {"stages": STAGE_JOIN.join(stages), **{name: effective[name] for name in asked}}
+    if "sparsify" in stages:
+        if c.sparsity_pattern not in searched.patterns:
+            return None, f"its sparsity_pattern {c.sparsity_pattern!r} is not searched"
+        params["sparsity_pattern"] = c.sparsity_pattern
+        if c.sparsity_pattern == "magnitude" and len(set(searched.ranges["sparsity"])) > 1:
+            params["sparsity"] = c.sparsity
+    fixed = [name for name in _applicable(stages, searched.ranges) if name not in asked]
+    for name in [*asked, *fixed, *(["sparsity"] if "sparsity" in params else [])]:
+        low, high = searched.ranges[name]
+        if not low <= effective[name] <= high:
+            return None, f"its {name} {effective[name]:g} is outside the searched [{low:g}, {high:g}]"
+    return params, ""
+
+
 def trial_key(fields: dict[str, Any]) -> str:
     """A trial's folder name: the same configuration (asked twice, or by another process) is one folder."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
@@ -474,13 +504,14 @@ def _searcher(**arguments: Any) -> Any:
 
 # ---- the study -----------------------------------------------------------------------------------------------
 
-def _study(options: TuneOptions, bench: Workbench) -> tuple[Any, Any, str]:
+def _study(options: TuneOptions, bench: Workbench, reporter: Reporter) -> tuple[Any, Any, str]:
     """The Optuna study in out/study.sqlite3 (created, or loaded to resume), its sampler and storage URL.
 
     The sampler is seeded by the recipe's seed plus the trials the study already holds: a new study asks the same
     configurations every time (in this process or through Ray), a resumed one does not ask its first ones again.
     A trial still RUNNING in the storage was left so by a run that was killed (one tune runs a study at a time):
-    it is marked FAILED, and the trials to run counted without it.
+    it is marked FAILED, and the trials to run counted without it. A new study gets the recipe's own configuration
+    queued as its first trial (Ray's OptunaSearch asks the same storage, so it runs it first too).
     """
     optuna = _require("optuna")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -489,11 +520,19 @@ def _study(options: TuneOptions, bench: Workbench) -> tuple[Any, Any, str]:
                                 load_if_exists=True)
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)  # left running by a run that was stopped
-    section, seed = bench.section, bench.loaded.recipe.seed + len(study.get_trials(deepcopy=False))
+    held = len(study.get_trials(deepcopy=False))
+    section, seed = bench.section, bench.loaded.recipe.seed + held
     if section.sampler == "nsga2":
         study.sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=section.population)
     else:
         study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=section.population)
+    if not held:
+        params, why = recipe_params(bench.loaded.recipe, bench.searched)
+        if params is None:
+            reporter.warning(f"the recipe's own configuration is not a trial: {why}")
+        else:
+            study.enqueue_trial(params)
+            reporter.info("trial 0 is the recipe's own configuration")
     return study, study.sampler, url
 
 
@@ -546,7 +585,7 @@ def tune(options: TuneOptions, reporter: Reporter | None = None) -> TuneResult:
     if options.ray_address is not None:
         _connect_ray(options.ray_address)
     options.out.mkdir(parents=True, exist_ok=True)
-    study, sampler, url = _study(options, bench)
+    study, sampler, url = _study(options, bench, reporter)
     total = options.trials or bench.section.trials
     done = len(_finished(study))
     remaining = max(0, total - done)
