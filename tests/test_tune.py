@@ -313,3 +313,16 @@ def test_a_log_gets_heartbeat_lines_during_a_trial_not_only_when_it_ends(search)
     lines = [line for line in log.getvalue().splitlines() if line.startswith("tuning:")]
     assert len(lines) > 3 and "done" in lines[-1], log.getvalue()
     assert any("0/1" in line and "ETA" in line and "ETA unknown" not in line for line in lines), lines
+
+
+def test_a_trials_share_done_never_goes_back_when_its_next_stage_starts() -> None:
+    """Each stage of a trial is a task that starts at 0; the tuning task's share of the trial stays where it was."""
+    from edgecc.tune import _Heartbeat
+
+    shares: list[float] = []
+    heartbeat = _Heartbeat(lambda steps=1, status="", *, partial=0.0: shares.append(partial))
+    for total in (2, 4):  # a stage of 2 steps, then one of 4
+        with heartbeat.task("stage", total) as beat:
+            for _ in range(total):
+                beat()
+    assert shares == sorted(shares) and shares[0] == 0.5 and shares[-1] == 0.99

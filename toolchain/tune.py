@@ -602,11 +602,15 @@ def tune(options: TuneOptions, reporter: Reporter | None = None) -> TuneResult:
 
 class _Heartbeat(Reporter):
     """A trial's own reporter: silent, but each step of its training is a heartbeat of the tuning task, so a log
-    gets its timed line (with the ETA) during a trial of many minutes too, not only when a trial ends."""
+    gets its timed line (with the ETA) during a trial of many minutes too, not only when a trial ends.
+
+    The share of the trial done never goes back: each of its stages is a task of its own that starts at 0, and a
+    share that fell back to near 0 made the ETA hours long (a log once said "ETA 354h36m" in a 20-minute search)."""
 
     def __init__(self, advance: Callable[..., None]) -> None:
         super().__init__(quiet=True)
         self.advance = advance
+        self.reached = 0.0
 
     @contextmanager
     def task(self, description: str, total: int, *, unit: str = "step") -> Iterator[Callable[..., None]]:
@@ -615,7 +619,8 @@ class _Heartbeat(Reporter):
         def beat(steps: int = 1, status: str = "", *, partial: float = 0.0) -> None:
             nonlocal done
             done += steps
-            self.advance(0, partial=min(0.99, (done + partial) / max(total, 1)))
+            self.reached = max(self.reached, min(0.99, (done + partial) / max(total, 1)))
+            self.advance(0, partial=self.reached)
 
         yield beat
 
