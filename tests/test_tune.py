@@ -11,6 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import edgecc, needs_train_extra
@@ -326,3 +327,20 @@ def test_a_trials_share_done_never_goes_back_when_its_next_stage_starts() -> Non
             for _ in range(total):
                 beat()
     assert shares == sorted(shares) and shares[0] == 0.5 and shares[-1] == 0.99
+
+
+def test_a_first_stage_a_point_below_is_stopped_only_beyond_the_noise_of_the_difference() -> None:
+    """300 examples, the teacher right on 290: a student 4 examples worse (1.33 points, limit 1) is within one
+    standard error of the paired difference and runs on; one 40 examples worse is stopped, the reason in figures."""
+    from edgecc.tune import hopeless
+
+    y = np.arange(300) % 3
+    teacher = y.copy()
+    teacher[:10] = (y[:10] + 1) % 3
+    near, far = teacher.copy(), teacher.copy()
+    near[10:14] = (y[10:14] + 1) % 3
+    far[10:50] = (y[10:50] + 1) % 3
+    names = ("a", "b", "c")
+    assert hopeless(y, teacher, near, names, 1.0) is None
+    reason = hopeless(y, teacher, far, names, 1.0)
+    assert reason and "13.33 points below the teacher's 0.9667" in reason and "one standard error" in reason

@@ -13,7 +13,9 @@ recipe is a baseline in the table, and when it meets every budget the choice is 
 target's estimate. Then Optuna's multi-objective sampler (NSGA-II by default) proposes the configurations; its
 study lives in a SQLite file in the output folder, so an interrupted search resumes (same study name) and adds
 trials. A trial whose first stage's float student is already further below the teacher than
-budgets.max_accuracy_drop is stopped there (Optuna state PRUNED). With a Ray address, Ray Tune runs the trials
+budgets.max_accuracy_drop plus one standard error of that difference (edgecc.selection.metric_noise: on a few
+hundred validation examples a point is often noise, and the later stages may win it back) is stopped there
+(Optuna state PRUNED). With a Ray address, Ray Tune runs the trials
 with the same Optuna search (ray.tune.search.optuna.OptunaSearch, the same sampler and storage); without one, no
 Ray is needed.
 
@@ -75,7 +77,8 @@ class TuneSection:
     sampler: str = spec("nsga2", choices=("nsga2", "tpe"), doc="Optuna's NSGA-II or multi-objective TPE sampler")
     population: int = spec(10, minimum=2, doc="NSGA-II's generation size; TPE's random start-up trials")
     early_stop: bool = spec(True, doc="stop a trial whose first stage's float student is already more than "
-                                      "budgets.max_accuracy_drop points below the teacher")
+                                      "budgets.max_accuracy_drop points, plus one standard error of the "
+                                      "difference, below the teacher")
     stages: tuple[tuple[str, ...], ...] = spec((), doc="candidate stage lists, e.g. [['prune', 'qat'], ['prune', "
                                                        "'ptq']]; empty: the recipe's (with prune) and prune+ptq, "
                                                        "prune+qat, prune+sparsify+qat")
@@ -130,6 +133,24 @@ class TuneResult:
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out), "rule": RULE, "chosen": self.chosen, "front": self.front,
                 "closest": self.closest, "trials": self.rows}
+
+
+def hopeless(y: np.ndarray, teacher: np.ndarray, student: np.ndarray, names: tuple[str, ...], limit: float, *,
+             seed: int = 0) -> str | None:
+    """Why a trial whose first stage's float student predicted `student` (the teacher `teacher`, the truth `y`)
+    is hopeless, or None: its accuracy is more than `limit` points (budgets.max_accuracy_drop) below the teacher's
+    plus one standard error of that difference. The later stages may win a point back, and on a few hundred
+    examples a point is often noise: such a trial runs on, and only a clear miss is stopped."""
+    from edgecc.selection import metric_noise
+
+    accuracy, teacher_accuracy = float(np.mean(student == y)), float(np.mean(teacher == y))
+    drop = (teacher_accuracy - accuracy) * 100
+    noise = 100 * metric_noise(y, [teacher, student], names, "accuracy", seed=seed)[0, 1]
+    if drop <= limit + noise:
+        return None
+    return (f"the float student's accuracy {accuracy:.4f} is already {drop:.2f} points below the teacher's "
+            f"{teacher_accuracy:.4f}: more than budgets.max_accuracy_drop {limit} and one standard error of that "
+            f"difference ({noise:.2f} points) together")
 
 
 class _Hopeless(Exception):
@@ -338,6 +359,7 @@ class Workbench:
     cache_key: str | None = None
     calibration: Any = None
     teacher_metrics: Any = None  # on the split the trials are judged on (the validation split)
+    teacher_predicted: Any = None  # the teacher's classes on that split
     teacher_test: Any = None  # on the test split, reported beside each trial's, never searched on
     students: Any = None  # what the stages train on (build.held_out)
     validation: Any = None  # the validation split's positions (build.held_out); empty: trials are judged on test
@@ -370,9 +392,11 @@ class Workbench:
         self.calibration = calibration_examples(self.students, recipe)
         content = to_float_tflite(inference_graph(self.teacher))
         self.float_bytes, float_model = len(content), Model(content)
+        self.teacher_predicted, on_test = (predictions(float_model, x, Reporter(quiet=True), "")
+                                           for x in (self.split()[0], self.split(test=True)[0]))
         self.teacher_metrics, self.teacher_test = (
-            class_metrics(y, predictions(float_model, x, Reporter(quiet=True), ""), self.dataset.label_names)
-            for x, y in (self.split(), self.split(test=True)))
+            class_metrics(y, predicted, self.dataset.label_names)
+            for y, predicted in ((self.split()[1], self.teacher_predicted), (self.split(test=True)[1], on_test)))
         for warning in validation_warnings(recipe, self.teacher_metrics) if self.judged_on == "validation" else []:
             reporter.warning(warning)
 
@@ -405,7 +429,6 @@ class Workbench:
             return self._write(folder, {**figures, "status": "invalid", "reason": str(err)}, started)
         recipe = loaded.recipe
         x, y = self.split()
-        teacher_accuracy = self.teacher_metrics.score("accuracy")
         limit = recipe.budgets.max_accuracy_drop
 
         checked = not self.section.early_stop
@@ -415,11 +438,10 @@ class Workbench:
             if checked:  # the first stage only
                 return
             checked = True
-            accuracy = float(np.mean(np.argmax(student.predict(x, verbose=0), axis=-1) == y))
-            if (teacher_accuracy - accuracy) * 100 > limit:
-                raise _Hopeless(f"after {name}, the float student's accuracy {accuracy:.4f} is already "
-                                f"{(teacher_accuracy - accuracy) * 100:.2f} points below the teacher's "
-                                f"{teacher_accuracy:.4f} (budgets.max_accuracy_drop {limit})")
+            why = hopeless(y, self.teacher_predicted, np.argmax(student.predict(x, verbose=0), axis=-1),
+                           self.dataset.label_names, limit, seed=recipe.seed)
+            if why:
+                raise _Hopeless(f"after {name}, {why}")
 
         try:
             stages = compressed_stages(self.teacher, self.students, recipe, self.calibration,
