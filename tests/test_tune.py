@@ -115,6 +115,8 @@ def test_a_new_study_runs_the_recipes_own_configuration_first(search) -> None:
     assert first["stages"] == list(written.stages) == ["prune", "ptq"]
     assert (first["head_fraction"], first["neuron_fraction"]) == (written.head_fraction, written.neuron_fraction)
     assert second != first
+    assert result.recipe_trial == 0
+    assert "| the recipe as written: stages=prune+ptq" in (options.out / "pareto.md").read_text()
 
 
 def test_a_recipe_outside_its_own_search_space_is_not_a_trial_and_the_reason_names_the_field(tmp_path: Path) -> None:

@@ -122,17 +122,18 @@ class TuneOptions:
 @dataclass(frozen=True, kw_only=True)
 class TuneResult:
     """The finished study: every trial's row, the Pareto front's trial numbers, the chosen one (None: no trial
-    meets every budget) and the closest when none does."""
+    meets every budget), the closest when none does, and the trial that is the recipe as written (if any)."""
 
     out: Path
     rows: list[dict[str, Any]]
     front: list[int]
     chosen: dict[str, Any] | None
     closest: list[dict[str, Any]] = field(default_factory=list)
+    recipe_trial: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"out": str(self.out), "rule": RULE, "chosen": self.chosen, "front": self.front,
-                "closest": self.closest, "trials": self.rows}
+                "closest": self.closest, "recipe_trial": self.recipe_trial, "trials": self.rows}
 
 
 def hopeless(y: np.ndarray, teacher: np.ndarray, student: np.ndarray, names: tuple[str, ...], limit: float, *,
@@ -778,7 +779,10 @@ def report(study: Any, bench: Workbench) -> TuneResult:
     chosen = _choose(rows)
     closest = sorted((r for r in rows if r["status"] == "complete"),
                      key=lambda r: (r["failed"], -r["task_metric"], r["latency_ms"]))[:3] if chosen is None else []
-    result = TuneResult(out=out, rows=rows, front=front, chosen=chosen, closest=closest)
+    params, _ = recipe_params(bench.loaded.recipe, bench.searched)
+    as_written = trial_key(overrides(params, bench.searched)) if params else None
+    result = TuneResult(out=out, rows=rows, front=front, chosen=chosen, closest=closest,
+                        recipe_trial=next((r["number"] for r in rows if r["key"] == as_written), None))
     summary = {"study": study_name(bench), "storage": str(out / STUDY_FILE), "recipe": str(bench.loaded.path),
                "target": bench.target.name, "objectives": OBJECTIVES, "task_metric": bench.loaded.recipe.task.metric,
                "teacher": {"accuracy": bench.teacher_metrics.score("accuracy") if bench.teacher_metrics else None,
@@ -802,9 +806,10 @@ def report(study: Any, bench: Workbench) -> TuneResult:
 COLUMNS = ("trial", "budgets", "metric", "test metric", "latency ms", "flash B", "RAM B", "s", "configuration")
 
 
-def _cells(r: dict[str, Any], front: set[int]) -> list[str]:
+def _cells(r: dict[str, Any], front: set[int], recipe_trial: int | None) -> list[str]:
     c = r["compress"]
     config = " ".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in c.items() if k != "select")
+    config = ("the recipe as written: " if r["number"] == recipe_trial else "") + config
     if r["status"] != "complete":
         return [str(r["number"]), r["status"], "", "", "", "", "", "", config]
     return [str(r["number"]) + (" *" if r["number"] in front else ""), "meets all" if r["failed"] == 0
@@ -822,11 +827,13 @@ def _markdown(summary: dict[str, Any]) -> str:
              "the test split, reported only; latency, flash and RAM estimated for the target. `*`: on the Pareto "
              "front (no other trial is at least as good on all four and better on one).", "",
              f"Choice rule: {RULE}.", "",
-             f"Chosen: trial {chosen['number']} [{chosen['key']}], written to best.toml." if chosen else
+             f"Chosen: trial {chosen['number']} [{chosen['key']}]"
+             + (", the recipe as written" if chosen["number"] == summary["recipe_trial"] else "")
+             + ", written to best.toml." if chosen else
              "Chosen: none; no trial meets every budget. Closest: " + ", ".join(
                  f"trial {r['number']} (fails {r['failed']}, {r['task_metric']:.4f})" for r in summary["closest"]),
              "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cells(r, front)) + " |" for r in summary["trials"]]
+    lines += ["| " + " | ".join(_cells(r, front, summary["recipe_trial"])) + " |" for r in summary["trials"]]
     return "\n".join(lines) + "\n"
 
 
@@ -864,8 +871,8 @@ def _svg(rows: list[dict[str, Any]], front: set[int], chosen: int | None) -> str
 def _html(summary: dict[str, Any]) -> str:
     front = set(summary["front"])
     chosen = summary["chosen"]["number"] if summary["chosen"] else None
-    table = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r, front)) + "</tr>"
-                    for r in summary["trials"])
+    table = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r, front, summary["recipe_trial"]))
+                    + "</tr>" for r in summary["trials"])
     return (f"<!doctype html><meta charset=utf-8><title>edgecc tune {html.escape(summary['study'])}</title>"
             f"<h1>edgecc tune: {html.escape(summary['study'])}</h1>"
             f"<p>Filled: the Pareto front; ringed: the chosen trial ({html.escape(RULE)}).</p>"
