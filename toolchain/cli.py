@@ -478,7 +478,8 @@ def tune(
     as_json: Annotated[bool, typer.Option("--json", help="Print pareto.json on stdout.")] = False,
 ) -> None:
     """Search the recipe's compression space for the Pareto front of task metric against the target's estimated
-    latency, flash and RAM, and write the chosen configuration as best.toml (needs edgecc\\[scale]).
+    latency, flash and RAM, and write the chosen configuration as best.toml (needs edgecc\\[scale]). A new
+    study's first trial is the recipe as written, so the search starts from it.
 
     Exit 0 when a trial meets every budget, 1 when none does (the closest are listed), 2 on bad input,
     130 when interrupted (the study keeps every finished trial: run the same command to resume).
