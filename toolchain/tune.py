@@ -393,11 +393,10 @@ class Workbench:
         self.calibration = calibration_examples(self.students, recipe)
         content = to_float_tflite(inference_graph(self.teacher))
         self.float_bytes, float_model = len(content), Model(content)
-        self.teacher_predicted, on_test = (predictions(float_model, x, Reporter(quiet=True), "")
-                                           for x in (self.split()[0], self.split(test=True)[0]))
-        self.teacher_metrics, self.teacher_test = (
-            class_metrics(y, predicted, self.dataset.label_names)
-            for y, predicted in ((self.split()[1], self.teacher_predicted), (self.split(test=True)[1], on_test)))
+        (x, y), (test_x, test_y), names = self.split(), self.split(test=True), self.dataset.label_names
+        self.teacher_predicted = predictions(float_model, x, Reporter(quiet=True), "")
+        self.teacher_metrics = class_metrics(y, self.teacher_predicted, names)
+        self.teacher_test = class_metrics(test_y, predictions(float_model, test_x, Reporter(quiet=True), ""), names)
         for warning in validation_warnings(recipe, self.teacher_metrics) if self.judged_on == "validation" else []:
             reporter.warning(warning)
 
