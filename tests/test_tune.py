@@ -123,11 +123,16 @@ def test_a_recipe_outside_its_own_search_space_is_not_a_trial_and_the_reason_nam
     from edgecc.progress import Reporter
     from edgecc.tune import TuneOptions, _workbench, recipe_params
 
+    sparse = 'stages = [["prune", "sparsify", "ptq"]]\nsparsity_pattern = ["magnitude"]\nsparsity = [0.7, 0.7]'
     for extra, reason in [("head_fraction = [0.6, 1.0]", "its head_fraction 0.5 is outside the searched [0.6, 1]"),
-                          ('stages = [["prune", "qat"]]', "its stages ['prune', 'ptq'] are not among the searched")]:
+                          ('stages = [["prune", "qat"]]', "its stages ['prune', 'ptq'] are not among the searched"),
+                          (sparse, "its sparsity 0.5 is outside the searched [0.7, 0.7]")]:
         recipe = write_recipe(tmp_path, "outside.toml", extra=extra)
         if extra.startswith("stages"):  # replace the written list, not add a second one
             recipe.write_text(recipe.read_text().replace('stages = [["prune", "ptq"]]\n', ""))
+        if extra == sparse:  # the recipe sparsifies too, at the default sparsity 0.5, which a fixed 0.7 is not
+            text = recipe.read_text().replace('stages = ["prune", "ptq"]', 'stages = ["prune", "sparsify", "ptq"]')
+            recipe.write_text(text.replace("distill_epochs = 0", "distill_epochs = 1").replace("[0, 0]", "[1, 1]"))
         bench = _workbench(TuneOptions(target="rpi4", recipe=recipe, out=tmp_path / "out", cache=tmp_path / "cache"),
                            Reporter(quiet=True))
         params, why = recipe_params(bench.loaded.recipe, bench.searched)

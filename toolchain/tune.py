@@ -284,19 +284,19 @@ def recipe_params(recipe: Recipe, searched: Space) -> tuple[dict[str, Any] | Non
     effective = {name: getattr(c, name) for name in RANGES}
     effective["qat_epochs"] = c.qat_epochs or c.distill_epochs
     effective["qat_learning_rate"] = c.qat_learning_rate or c.distill_learning_rate
-    asked = [name for name in _applicable(stages, searched.ranges) if len(set(searched.ranges[name])) > 1]
-    params: dict[str, Any] = {"stages": STAGE_JOIN.join(stages), **{name: effective[name] for name in asked}}
+    numbers = _applicable(stages, searched.ranges)  # what `ask` asks, or fixes when a range is one value
     if "sparsify" in stages:
         if c.sparsity_pattern not in searched.patterns:
             return None, f"its sparsity_pattern {c.sparsity_pattern!r} is not searched"
-        params["sparsity_pattern"] = c.sparsity_pattern
-        if c.sparsity_pattern == "magnitude" and len(set(searched.ranges["sparsity"])) > 1:
-            params["sparsity"] = c.sparsity
-    fixed = [name for name in _applicable(stages, searched.ranges) if name not in asked]
-    for name in [*asked, *fixed, *(["sparsity"] if "sparsity" in params else [])]:
+        numbers += ["sparsity"] if c.sparsity_pattern == "magnitude" else []
+    for name in numbers:
         low, high = searched.ranges[name]
         if not low <= effective[name] <= high:
             return None, f"its {name} {effective[name]:g} is outside the searched [{low:g}, {high:g}]"
+    params: dict[str, Any] = {"stages": STAGE_JOIN.join(stages),
+                              **{name: effective[name] for name in numbers if len(set(searched.ranges[name])) > 1}}
+    if "sparsify" in stages:
+        params["sparsity_pattern"] = c.sparsity_pattern
     return params, ""
 
 
