@@ -124,7 +124,8 @@ def test_a_recipe_outside_its_own_search_space_is_not_a_trial_and_the_reason_nam
     from edgecc.tune import TuneOptions, _workbench, recipe_params
 
     sparse = 'stages = [["prune", "sparsify", "ptq"]]\nsparsity_pattern = ["magnitude"]\nsparsity = [0.7, 0.7]'
-    for extra, reason in [("head_fraction = [0.6, 1.0]", "its head_fraction 0.5 is outside the searched [0.6, 1]"),
+    heads = "its head_fraction 0.5 keeps 1 of 2 heads, and the searched [0.6, 1] holds 2 to 2"
+    for extra, reason in [("head_fraction = [0.6, 1.0]", heads),
                           ('stages = [["prune", "qat"]]', "its stages ['prune', 'ptq'] are not among the searched"),
                           (sparse, "its sparsity 0.5 is outside the searched [0.7, 0.7]")]:
         recipe = write_recipe(tmp_path, "outside.toml", extra=extra)
@@ -254,12 +255,13 @@ def test_ray_runs_the_same_trials(search) -> None:
 
 def test_bad_space_exits_2_naming_every_field(tmp_path: Path) -> None:
     pytest.importorskip("optuna")
-    recipe = write_recipe(tmp_path, "bad.toml", extra="head_fraction = [0.9, 0.2]")
+    recipe = write_recipe(tmp_path, "bad.toml", extra="head_fraction = [0.9, 0.2]\nblock_fraction = [0.3, 0.6]")
     recipe.write_text(recipe.read_text().replace('stages = [["prune", "ptq"]]', 'stages = [["sparsify"], ["prune"]]'))
     result = edgecc("tune", "--target", "rpi4", "--recipe", str(recipe), "--out", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip()
     assert "\n" not in line and "tune.head_fraction: low 0.9 is above high 0.2" in line
+    assert "tune.block_fraction: [0.3, 0.6] holds no whole number of the model's 1 blocks" in line
     assert "tune.stages[0]: ['sparsify']" in line and "tune.stages[1]: ['prune']" in line
     assert not (tmp_path / "out").exists()
     result = edgecc("tune", "--target", "rpi4", "--recipe", str(write_recipe(tmp_path, "ok.toml")), "--out",
@@ -281,6 +283,29 @@ def test_missing_extra_exits_2_with_the_install_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", blocker, str(recipe), str(tmp_path / "out")], capture_output=True,
                             text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120)
     assert result.returncode == 2 and "pip install 'edgecc[scale]'" in result.stderr
+
+
+def test_block_and_head_fractions_are_asked_as_the_counts_prune_keeps() -> None:
+    """Two blocks and four heads: every asked fraction is k / n, and prune's round(n x fraction) gives k back, so
+    two trials with different answers are different models (0.8 and 1.0 of two blocks would be one)."""
+    optuna = pytest.importorskip("optuna")
+    from edgecc.tune import Space, ask, overrides
+
+    searched = Space(stages=(("prune", "ptq"),), ranges={"block_fraction": (0.5, 1.0), "head_fraction": (0.3, 1.0),
+                                                         "neuron_fraction": (0.125, 1.0), "distill_epochs": (2, 2),
+                                                         "distill_learning_rate": (0.001, 0.001)},
+                     patterns=("magnitude",), counts={"block_fraction": 2, "head_fraction": 4})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        ask(trial, searched)
+        fields = overrides(trial.params, searched)
+        blocks, heads = trial.params["blocks"], trial.params["heads"]
+        assert round(2 * fields["block_fraction"]) == blocks and round(4 * fields["head_fraction"]) == heads
+        seen.add((fields["block_fraction"], fields["head_fraction"]))
+        study.tell(trial, 0.0)
+    assert {b for b, _ in seen} == {0.5, 1.0} and {h for _, h in seen} == {0.5, 0.75, 1.0}  # 0.25 < 0.3: not asked
 
 
 def test_the_sampler_pickles_and_samples_the_same_after_its_locks_are_swapped() -> None:

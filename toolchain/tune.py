@@ -20,8 +20,10 @@ with the same Optuna search (ray.tune.search.optuna.OptunaSearch, the same sampl
 Ray is needed.
 
 The search space is data: a `[tune]` table in the recipe (TuneSection), each range or list left out derived
-from the recipe. The choice rule: among the trials that meet every budget, the smallest estimated latency on
-the target (ties: the higher task.metric, then the smaller file); it is written as a normal recipe, best.toml.
+from the recipe; block and head fractions of a model the recipe sizes are asked as the whole numbers prune keeps
+(COUNTED), so two trials are two models. The choice rule: among the trials that meet every budget, the smallest
+estimated latency on the target (ties: the higher task.metric, then the smaller file); it is written as a normal
+recipe, best.toml.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ OBJECTIVES = {"task_metric": "maximize", "latency_ms": "minimize", "flash_bytes"
 FRACTIONS = ("block_fraction", "head_fraction", "neuron_fraction", "vocabulary_fraction")
 RANGES = (*FRACTIONS, "sparsity", "distill_epochs", "distill_learning_rate", "qat_epochs", "qat_learning_rate")
 INTEGERS = ("distill_epochs", "qat_epochs")
+# A block or head fraction is asked as the whole number prune keeps (round(n x fraction)) when the recipe sizes the
+# model: 0.75 and 1.0 of two blocks are one model, and a sampler that counted them as two would waste trials on it.
+COUNTED = {"block_fraction": "blocks", "head_fraction": "heads"}
 LOG_SCALE = ("distill_learning_rate", "qat_learning_rate")
 SEARCHED = ("stages", *RANGES, "sparsity_pattern", "select")  # compress fields a trial sets (select: always "last")
 STAGE_JOIN = "+"
@@ -82,8 +87,12 @@ class TuneSection:
     stages: tuple[tuple[str, ...], ...] = spec((), doc="candidate stage lists, e.g. [['prune', 'qat'], ['prune', "
                                                        "'ptq']]; empty: the recipe's (with prune) and prune+ptq, "
                                                        "prune+qat, prune+sparsify+qat")
-    block_fraction: tuple[float, ...] = spec((), minimum=0.01, maximum=1.0, doc="empty: [1 / depth, 1]")
-    head_fraction: tuple[float, ...] = spec((), minimum=0.01, maximum=1.0, doc="empty: [1 / heads, 1]")
+    block_fraction: tuple[float, ...] = spec((), minimum=0.01, maximum=1.0,
+                                             doc="empty: [1 / depth, 1]; with model.depth, asked as the blocks k "
+                                                 "kept, k / depth in the range")
+    head_fraction: tuple[float, ...] = spec((), minimum=0.01, maximum=1.0,
+                                            doc="empty: [1 / heads, 1]; with model.heads, asked as the heads k "
+                                                "kept, k / heads in the range")
     neuron_fraction: tuple[float, ...] = spec((), minimum=0.01, maximum=1.0, doc="empty: [0.125, 1]")
     vocabulary_fraction: tuple[float, ...] = spec((), minimum=0.01, maximum=1.0, doc="text only; empty: [0.1, 1]")
     sparsity: tuple[float, ...] = spec((), minimum=0.0, maximum=0.95, doc="magnitude pattern; empty: [0.3, 0.8]")
@@ -98,11 +107,19 @@ class TuneSection:
 
 @dataclass(frozen=True, kw_only=True)
 class Space:
-    """The resolved search space: candidate stage lists, a (low, high) per searched number, the patterns."""
+    """The resolved search space: candidate stage lists, a (low, high) per searched number, the patterns, and the
+    model's block and head counts (COUNTED) where the recipe sizes the model: those fractions are asked as counts."""
 
     stages: tuple[tuple[str, ...], ...]
     ranges: dict[str, tuple[float, float]]
     patterns: tuple[str, ...]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def kept(self, name: str) -> tuple[int, int]:
+        """The whole numbers k (at least 1) with k / count in a counted fraction's range (3-figure fractions)."""
+        low, high = self.ranges[name]
+        count = self.counts[name]
+        return max(1, math.ceil(count * low - 1e-3)), math.floor(count * high + 1e-3)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,10 +187,15 @@ def _require(module: str) -> Any:
 
 # ---- the search space ----------------------------------------------------------------------------------------
 
+def _sized(recipe: Recipe) -> bool:
+    """Whether the recipe sets the model's depth and heads (a model it builds, not one loaded from model.path)."""
+    return recipe.model.architecture in ("vit", "text") and not recipe.model.path
+
+
 def _derived(recipe: Recipe) -> dict[str, tuple[float, float]]:
     """The default ranges, around the recipe's own values."""
     m, c = recipe.model, recipe.compress
-    sized = m.architecture in ("vit", "text") and not m.path
+    sized = _sized(recipe)
     epochs, rate = max(1, c.distill_epochs), c.distill_learning_rate
     qat_epochs, qat_rate = max(1, c.qat_epochs or c.distill_epochs), c.qat_learning_rate or rate
     ranges = {
@@ -211,7 +233,14 @@ def space(section: TuneSection, recipe: Recipe, raw: dict[str, Any], source: Pat
     c = recipe.compress
     candidates = section.stages or tuple(dict.fromkeys(
         [*([c.stages] if "prune" in c.stages else []), ("prune", "ptq"), ("prune", "qat"), ("prune", "sparsify", "qat")]))
-    result = Space(stages=candidates, ranges=ranges, patterns=section.sparsity_pattern or SPARSITY_PATTERNS)
+    counts = {"block_fraction": recipe.model.depth, "head_fraction": recipe.model.heads} if _sized(recipe) else {}
+    result = Space(stages=candidates, ranges=ranges, patterns=section.sparsity_pattern or SPARSITY_PATTERNS,
+                   counts=counts)
+    for name, count in counts.items():
+        low, high = result.kept(name)
+        if low > high:
+            problems.append(f"tune.{name}: [{ranges[name][0]:g}, {ranges[name][1]:g}] holds no whole number of the "
+                            f"model's {count} {COUNTED[name]}")
     with tempfile.TemporaryDirectory(prefix="edgecc-tune-") as folder:
         for i, stages in enumerate(candidates):  # each list made into a recipe (middle values) and validated
             middle = {name: sum(bounds) / 2 for name, bounds in ranges.items()}
@@ -243,10 +272,12 @@ def ask(trial: Any, searched: Space) -> None:
     number (low == high) is not asked. Its answers are `trial.params`, made into a recipe by `overrides`."""
     stages = tuple(trial.suggest_categorical("stages", [STAGE_JOIN.join(s) for s in searched.stages]).split(STAGE_JOIN))
     for name in _applicable(stages, searched.ranges):
-        low, high = searched.ranges[name]
+        low, high = searched.kept(name) if name in searched.counts else searched.ranges[name]
         if low == high:
             continue
-        if name in INTEGERS:
+        if name in searched.counts:
+            trial.suggest_int(COUNTED[name], low, high)
+        elif name in INTEGERS:
             trial.suggest_int(name, int(low), int(high))
         else:
             trial.suggest_float(name, low, high, log=name in LOG_SCALE)
@@ -263,7 +294,10 @@ def overrides(params: dict[str, Any], searched: Space) -> dict[str, Any]:
     stages = tuple(params["stages"].split(STAGE_JOIN))
     fields: dict[str, Any] = {"stages": list(stages)}
     for name in _applicable(stages, searched.ranges):
-        value = params.get(name, searched.ranges[name][0])
+        if name in searched.counts:
+            value = params.get(COUNTED[name], searched.kept(name)[0]) / searched.counts[name]
+        else:
+            value = params.get(name, searched.ranges[name][0])
         fields[name] = int(value) if name in INTEGERS else float(f"{value:.3g}")
     if "sparsify" in stages:
         pattern = params.get("sparsity_pattern", searched.patterns[0])
@@ -289,12 +323,21 @@ def recipe_params(recipe: Recipe, searched: Space) -> tuple[dict[str, Any] | Non
         if c.sparsity_pattern not in searched.patterns:
             return None, f"its sparsity_pattern {c.sparsity_pattern!r} is not searched"
         numbers += ["sparsity"] if c.sparsity_pattern == "magnitude" else []
+    params: dict[str, Any] = {"stages": STAGE_JOIN.join(stages)}
     for name in numbers:
         low, high = searched.ranges[name]
-        if not low <= effective[name] <= high:
+        if name in searched.counts:  # the model prune makes: round(count x fraction) kept
+            count, (least, most) = searched.counts[name], searched.kept(name)
+            kept = max(1, round(count * effective[name]))
+            if not least <= kept <= most:
+                return None, (f"its {name} {effective[name]:g} keeps {kept} of {count} {COUNTED[name]}, and the "
+                              f"searched [{low:g}, {high:g}] holds {least} to {most}")
+            if least < most:
+                params[COUNTED[name]] = kept
+        elif not low <= effective[name] <= high:
             return None, f"its {name} {effective[name]:g} is outside the searched [{low:g}, {high:g}]"
-    params: dict[str, Any] = {"stages": STAGE_JOIN.join(stages),
-                              **{name: effective[name] for name in numbers if len(set(searched.ranges[name])) > 1}}
+        elif low < high:
+            params[name] = effective[name]
     if "sparsify" in stages:
         params["sparsity_pattern"] = c.sparsity_pattern
     return params, ""
