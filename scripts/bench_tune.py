@@ -66,6 +66,7 @@ def run(task: str, recipe: Path, trials: int, ray_address: str | None, time_budg
     for name, opts in [("in-process", options),
                        *([("ray", replace(options, out=out / "ray-study", ray_address=ray_address))] if ray_address else [])]:
         opts = replace(opts, cache=_teacher_only_cache(out / f"{name}-cache"))
+        shutil.rmtree(opts.out, ignore_errors=True)  # a new study: an old one would be resumed, its time not compared
         started = time.perf_counter()
         try:
             result = tune(opts, Reporter())
