@@ -234,23 +234,25 @@ def _by_rule(pool: list[int], candidates: list[Candidate], rule: str, noise: np.
     return max(pool)  # "last"
 
 
-def _tie_note(pool: list[int], index: int, candidates: list[Candidate], noise: np.ndarray | None) -> str:
+def _tie_note(pool: list[int], index: int, candidates: list[Candidate], noise: np.ndarray | None, kept: str) -> str:
     """Why a model below the highest task.metric was chosen: the split does not resolve the difference."""
     top = _top(pool, candidates)
     if noise is None or candidates[index].metric >= candidates[top].metric:
         return ""
     return (f" (its task.metric {candidates[index].metric:.4g} is within one standard error, "
             f"{noise[top, index] * 100:.2f} points, of {candidates[top].name}'s {candidates[top].metric:.4g}: the "
-            "split does not tell them apart, and the later stage is kept)")
+            f"split does not tell them apart, and {kept} is kept)")
 
 
-def select(candidates: list[Candidate], rule: str, noise: np.ndarray | None = None) -> Selection:
+def select(candidates: list[Candidate], rule: str, noise: np.ndarray | None = None, *,
+           kept: str = "the later stage") -> Selection:
     """The final model by the recipe's rule among the candidates (in stage order) that meet every budget.
 
     When none does, the build fails, and model.tflite is the candidate closest to its budgets: among those
     that fail the fewest, the highest task.metric (then the rule), so a compressed student that lost accuracy
     does not replace the PTQ model that missed the same budgets by less. `noise` (`metric_noise` of the
-    candidates, on the split they are judged on) makes task.metric differences within one standard error ties.
+    candidates, on the split they are judged on) makes task.metric differences within one standard error ties,
+    which go to the later candidate (`kept` names it in the reason).
     """
     met = [i for i, c in enumerate(candidates) if c.meets_budgets]
     names = tuple(candidates[i].name for i in met)
@@ -262,7 +264,7 @@ def select(candidates: list[Candidate], rule: str, noise: np.ndarray | None = No
         return Selection(index=index, rule=rule, met=(),
                          reason=f"no model meets every budget: the highest task.metric ({top:.4g}) of the "
                                 f"{len(closest)} model(s) that fail the fewest ({fewest})"
-                                + _tie_note(closest, index, candidates, noise))
+                                + _tie_note(closest, index, candidates, noise, kept))
     index = _by_rule(met, candidates, rule, noise)
     c = candidates[index]
     pool = _near_fastest(met, candidates) if rule == "fastest" else met
@@ -275,7 +277,7 @@ def select(candidates: list[Candidate], rule: str, noise: np.ndarray | None = No
            "best": f"the highest task.metric ({max(candidates[i].metric for i in met):.4g})",
            "smallest": f"the fewest bytes ({c.bytes:,})",
            "last": "the latest stage"}[rule]
-    note = _tie_note(pool, index, candidates, noise) if rule in ("fastest", "best") else ""
+    note = _tie_note(pool, index, candidates, noise, kept) if rule in ("fastest", "best") else ""
     return Selection(index=index, rule=rule, met=names,
                      reason=f"{why}{note} of the {len(met)} model(s) that meet every budget")
 

@@ -70,7 +70,10 @@ STAGE_JOIN = "+"
 PATH_FIELDS = (("data", "path"), ("data", "test_path"), ("model", "path"))
 RULE = ("the smallest estimated latency on the target among the trials that meet every budget (the recipe's "
         "accuracy budgets and the target's operators, RAM, flash and latency); ties, estimates within "
-        f"{LATENCY_TIE:.0%} of the smallest: the higher task.metric, then the smaller file")
+        f"{LATENCY_TIE:.0%} of the smallest: the higher task.metric where the validation split tells two apart "
+        "(more than one standard error of the difference, the paired bootstrap a build chooses by), then the "
+        "smaller file")
+PREDICTED = "validation.npz"  # a completed trial's classes on the split it is judged on, for the choice's noise
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,10 @@ class TuneResult:
     chosen: dict[str, Any] | None
     closest: list[dict[str, Any]] = field(default_factory=list)
     recipe_trial: int | None = None
+    why: str = ""  # the rule's reason for the choice
 
     def to_json(self) -> dict[str, Any]:
-        return {"out": str(self.out), "rule": RULE, "chosen": self.chosen, "front": self.front,
+        return {"out": str(self.out), "rule": RULE, "chosen": self.chosen, "why": self.why, "front": self.front,
                 "closest": self.closest, "recipe_trial": self.recipe_trial, "trials": self.rows}
 
 
@@ -493,9 +497,12 @@ class Workbench:
         except _Hopeless as err:
             return self._write(folder, {**figures, "status": "stopped", "reason": str(err)}, started)
         int8 = board_form(stages[-1].int8, self.target).content  # the form a build gives its int8 models
-        student, test = (class_metrics(labels, predictions(Model(int8), examples, Reporter(quiet=True), ""),
-                                       self.dataset.label_names)
-                         for examples, labels in ((x, y), self.split(test=True)))
+        predicted = predictions(Model(int8), x, Reporter(quiet=True), "")
+        np.savez(folder / PREDICTED, y=y, predicted=predicted, names=np.array(self.dataset.label_names))
+        test_x, test_y = self.split(test=True)
+        student = class_metrics(y, predicted, self.dataset.label_names)
+        test = class_metrics(test_y, predictions(Model(int8), test_x, Reporter(quiet=True), ""),
+                             self.dataset.label_names)
         fit = assess(int8, self.target, latency_ms=recipe.budgets.max_latency_ms or None)
         budgets = budget_verdicts(recipe, self.teacher_metrics, student, fit, split=self.judged_on)
         measured = {b.name: b.value for b in fit.budgets}
@@ -619,19 +626,34 @@ def _line(figures: dict[str, Any], metric: str) -> str:
             f"RAM {figures['ram_bytes']:,} B, {verdict} ({figures['seconds']:.1f} s)")
 
 
-def _choose(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The module's RULE over the completed rows."""
+def _noise(rows: list[dict[str, Any]], bench: Workbench) -> np.ndarray | None:
+    """`metric_noise` of the trials' int8 models on the split they were judged on (from each trial's PREDICTED);
+    None when a trial has none (its folder written before trials kept them): differences then count as they are."""
+    from edgecc.selection import metric_noise
+
+    files = [bench.options.out / "trials" / r["key"] / PREDICTED for r in rows]
+    if not files or not all(f.exists() for f in files):
+        return None
+    kept = [np.load(f) for f in files]
+    recipe = bench.loaded.recipe
+    return metric_noise(kept[0]["y"], [k["predicted"] for k in kept], tuple(kept[0]["names"].tolist()),
+                        recipe.task.metric, recipe.task.classes, seed=recipe.seed)
+
+
+def _choose(rows: list[dict[str, Any]], bench: Workbench) -> tuple[dict[str, Any] | None, str]:
+    """The module's RULE over the completed rows: the chosen row (None: none meets every budget) and why."""
     # select gives a tie to the later candidate: largest file first, so that a tie goes to the smaller file
     fitting = sorted((r for r in rows if r["status"] == "complete" and r["failed"] == 0), key=lambda r: -r["bytes"])
     if not fitting:
-        return None
-    candidates = [Candidate(name=str(r["number"]), failed=0, latency_ms=r["latency_ms"], metric=r["task_metric"],
-                            bytes=r["bytes"]) for r in fitting]
-    return fitting[select(candidates, "fastest").index]  # a build's own rule, so best.toml's build keeps the trial
+        return None, ""
+    candidates = [Candidate(name=f"trial {r['number']}", failed=0, latency_ms=r["latency_ms"],
+                            metric=r["task_metric"], bytes=r["bytes"]) for r in fitting]
+    chosen = select(candidates, "fastest", _noise(fitting, bench), kept="the smaller file")  # a build's own rule
+    return fitting[chosen.index], chosen.reason
 
 
-def _best_so_far(rows: list[dict[str, Any]]) -> str:
-    best = _choose(rows)
+def _best_so_far(rows: list[dict[str, Any]], bench: Workbench) -> str:
+    best, _ = _choose(rows, bench)
     return (f"best so far: trial {best['number']} ({best['task_metric']:.4f}, {best['latency_ms']:.3g} ms)"
             if best else "best so far: none meets every budget")
 
@@ -701,7 +723,7 @@ def _run_here(study: Any, bench: Workbench, remaining: int, reporter: Reporter) 
             ask(trial, bench.searched)
             figures = bench.run(dict(trial.params), _Heartbeat(advance))
             rows.append({**figures, "number": trial.number})
-            best = _best_so_far(rows)
+            best = _best_so_far(rows, bench)
             reporter.info(escape(f"trial {trial.number} [{figures['key']}]: {_line(figures, metric)}; {best}"))
             advance(status=best)
             if figures["status"] != "complete":
@@ -818,12 +840,12 @@ def report(study: Any, bench: Workbench) -> TuneResult:
     rows = _rows(study, bench)
     numbers = {t.number for t in study.best_trials}  # Optuna's Pareto front of the completed trials
     front = sorted(r["number"] for r in rows if r["number"] in numbers)
-    chosen = _choose(rows)
+    chosen, why = _choose(rows, bench)
     closest = sorted((r for r in rows if r["status"] == "complete"),
                      key=lambda r: (r["failed"], -r["task_metric"], r["latency_ms"]))[:3] if chosen is None else []
     params, _ = recipe_params(bench.loaded.recipe, bench.searched)
     as_written = trial_key(overrides(params, bench.searched)) if params else None
-    result = TuneResult(out=out, rows=rows, front=front, chosen=chosen, closest=closest,
+    result = TuneResult(out=out, rows=rows, front=front, chosen=chosen, closest=closest, why=why,
                         recipe_trial=next((r["number"] for r in rows if r["key"] == as_written), None))
     summary = {"study": study_name(bench), "storage": str(out / STUDY_FILE), "recipe": str(bench.loaded.path),
                "target": bench.target.name, "objectives": OBJECTIVES, "task_metric": bench.loaded.recipe.task.metric,
@@ -871,7 +893,7 @@ def _markdown(summary: dict[str, Any]) -> str:
              f"Choice rule: {RULE}.", "",
              f"Chosen: trial {chosen['number']} [{chosen['key']}]"
              + (", the recipe as written" if chosen["number"] == summary["recipe_trial"] else "")
-             + ", written to best.toml." if chosen else
+             + f", written to best.toml: {summary['why']}." if chosen else
              "Chosen: none; no trial meets every budget. Closest: " + ", ".join(
                  f"trial {r['number']} (fails {r['failed']}, {r['task_metric']:.4f})" for r in summary["closest"]),
              "", "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
