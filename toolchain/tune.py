@@ -22,8 +22,8 @@ Ray is needed.
 The search space is data: a `[tune]` table in the recipe (TuneSection), each range or list left out derived
 from the recipe; block and head fractions of a model the recipe sizes are asked as the whole numbers prune keeps
 (COUNTED), so two trials are two models. The choice rule: among the trials that meet every budget, the smallest
-estimated latency on the target (ties: the higher task.metric, then the smaller file); it is written as a normal
-recipe, best.toml.
+estimated latency on the target (ties: the higher task.metric where the validation split tells them apart, as a
+build chooses, then the smaller file); it is written as a normal recipe, best.toml.
 """
 
 from __future__ import annotations
