@@ -497,12 +497,12 @@ class Workbench:
         except _Hopeless as err:
             return self._write(folder, {**figures, "status": "stopped", "reason": str(err)}, started)
         int8 = board_form(stages[-1].int8, self.target).content  # the form a build gives its int8 models
-        predicted = predictions(Model(int8), x, Reporter(quiet=True), "")
-        np.savez(folder / PREDICTED, y=y, predicted=predicted, names=np.array(self.dataset.label_names))
+        model, names = Model(int8), self.dataset.label_names
+        predicted = predictions(model, x, Reporter(quiet=True), "")
+        np.savez(folder / PREDICTED, y=y, predicted=predicted, names=np.array(names))
         test_x, test_y = self.split(test=True)
-        student = class_metrics(y, predicted, self.dataset.label_names)
-        test = class_metrics(test_y, predictions(Model(int8), test_x, Reporter(quiet=True), ""),
-                             self.dataset.label_names)
+        student = class_metrics(y, predicted, names)
+        test = class_metrics(test_y, predictions(model, test_x, Reporter(quiet=True), ""), names)
         fit = assess(int8, self.target, latency_ms=recipe.budgets.max_latency_ms or None)
         budgets = budget_verdicts(recipe, self.teacher_metrics, student, fit, split=self.judged_on)
         measured = {b.name: b.value for b in fit.budgets}
@@ -634,10 +634,13 @@ def _noise(rows: list[dict[str, Any]], bench: Workbench) -> np.ndarray | None:
     files = [bench.options.out / "trials" / r["key"] / PREDICTED for r in rows]
     if not files or not all(f.exists() for f in files):
         return None
-    kept = [np.load(f) for f in files]
+    predicted = []
+    for f in files:
+        with np.load(f) as kept:  # closed at once: a long search reads every trial's file after each trial
+            y, names = kept["y"], tuple(kept["names"].tolist())
+            predicted.append(kept["predicted"])
     recipe = bench.loaded.recipe
-    return metric_noise(kept[0]["y"], [k["predicted"] for k in kept], tuple(kept[0]["names"].tolist()),
-                        recipe.task.metric, recipe.task.classes, seed=recipe.seed)
+    return metric_noise(y, predicted, names, recipe.task.metric, recipe.task.classes, seed=recipe.seed)
 
 
 def _choose(rows: list[dict[str, Any]], bench: Workbench) -> tuple[dict[str, Any] | None, str]:
