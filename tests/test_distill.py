@@ -25,15 +25,25 @@ def vit(depth: int, dim: int = 32) -> keras.Model:
     return vision_transformer(config, (8, 8, 1), 10)
 
 
-def test_distillation_loss_decreases_and_the_student_learns() -> None:
+@pytest.fixture(scope="module")
+def taught() -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    """A teacher trained briefly on 512 digits, with those digits."""
     keras.utils.set_random_seed(0)
     x, y = DIGITS.x[DIGITS.train_index][:512], DIGITS.y[DIGITS.train_index][:512]
     teacher = vit(depth=2)
     teacher.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     teacher.fit(x, y, epochs=4, batch_size=32, verbose=0)
+    return teacher, x, y
+
+
+@pytest.mark.parametrize("mixup", [0.0, 0.2])
+def test_distillation_loss_decreases_and_the_student_learns(taught: tuple, mixup: float) -> None:
+    """With mixup the student trains on blends only (the teacher labelling each), and still learns the digits."""
+    teacher, x, y = taught
+    keras.utils.set_random_seed(0)
     student = vit(depth=1)
     history = distill(student, teacher, x, y, epochs=6, batch_size=32, learning_rate=3e-3,
-                      weights=DistillWeights(hidden=0.5), seed=0, reporter=Reporter(quiet=True))
+                      weights=DistillWeights(hidden=0.5), seed=0, reporter=Reporter(quiet=True), mixup=mixup)
     assert history[-1] < 0.6 * history[0], history
     accuracy = np.mean(np.argmax(student.predict(x, verbose=0), -1) == y)
     assert accuracy > 0.5

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import needs_train_extra
 from edgecc.classmetrics import class_metrics
-from edgecc.data import Dataset, Preprocessing, class_weights, epoch_length, epoch_order, load_dataset, validation_split
+from edgecc.data import (MIXUP_ALPHA, Dataset, Preprocessing, class_weights, epoch_length, epoch_order, load_dataset,
+                         mixed, mixup_alpha, validation_split)
 from edgecc.progress import Reporter
 from edgecc.recipe import DataSection, ModelSection, TaskSection, TrainSection
 
@@ -132,6 +133,33 @@ def test_balanced_sampling_gives_every_class_the_largest_ones_share_of_each_epoc
         assert sorted(epoch_order(y, 4, rule, rng)) == list(range(77)) and epoch_length(y, 4, rule) == 77
 
 
+def test_mixup_blends_images_where_balanced_sampling_repeats_a_class(digits: Dataset) -> None:
+    data = imbalanced(digits, rare=range(1, 10), keep=0.1)  # each rare digit shown about 10 times an epoch
+    rare_y, balanced_y = data.y[data.train_index], digits.y[digits.train_index]
+    sampling = TrainSection(balance="sampling")
+    assert mixup_alpha(sampling, data, rare_y) == MIXUP_ALPHA
+    assert mixup_alpha(sampling, digits, balanced_y) == 0  # each example once an epoch
+    assert all(mixup_alpha(TrainSection(balance=rule), data, rare_y) == 0 for rule in ("weights", "none"))
+    tokens = replace(data, preprocessing=replace(data.preprocessing, input_shape=(32,)))
+    windows = replace(data, preprocessing=replace(data.preprocessing, input_shape=(1, 256, 2)))
+    assert mixup_alpha(sampling, tokens, rare_y) == mixup_alpha(sampling, windows, rare_y) == 0
+    assert mixup_alpha(TrainSection(balance="none", mixup=0.4), digits, balanced_y) == 0.4  # the recipe's own
+
+
+def test_mixup_blends_inputs_and_targets_by_the_same_share() -> None:
+    """Example i's input is the number i and its target is class i, so a blend's input must be its target's
+    mean class; the weights follow the same blend."""
+    n = 64
+    x, targets = np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 1), np.float32), np.eye(n)
+    weights = np.arange(n, dtype=np.float32)
+    blended_x, blended_targets, blended_weights = mixed(0.2, np.random.default_rng(0), x, targets, weights)
+    mean_class = blended_targets @ np.arange(n)
+    assert np.allclose(blended_x, mean_class[:, None, None, None], atol=1e-4)
+    assert np.allclose(blended_weights, mean_class, atol=1e-4) and np.allclose(blended_targets.sum(axis=1), 1)
+    assert (np.count_nonzero(blended_targets, axis=1) <= 2).all() and not np.array_equal(blended_targets, targets)
+    assert all(a is b for a, b in zip(mixed(0.0, np.random.default_rng(0), x, targets), (x, targets)))
+
+
 @pytest.fixture(scope="module")
 def by_balance(digits: Dataset) -> dict[str, Any]:
     """'0' keeps its training examples, every other digit a tenth of them: each train.balance's per-class
@@ -169,10 +197,11 @@ def test_early_stopping_stops_when_the_validation_figure_stalls(digits: Dataset)
 
 
 def test_an_interrupted_teacher_resumes_from_its_last_epoch(digits: Dataset, tmp_path: Path) -> None:
-    """Interrupted (KeyboardInterrupt from the progress call) after epoch 2 of 3, then run again on the same
-    checkpoint: only epoch 3 runs, and the weights equal an uninterrupted run's (the model has no dropout)."""
+    """Interrupted (KeyboardInterrupt from the progress call) after epoch 2 of 4, then run again on the same
+    checkpoint: only epochs 3 and 4 run, and the weights equal an uninterrupted run's (the model has no dropout; the
+    mixup draws come from the checkpointed generator)."""
     data = replace(digits, train_index=digits.train_index[:300])
-    fields = {"epochs": 3, "validation_fraction": 0.1, "validation_min_per_class": 0, "patience": 0}
+    fields = {"epochs": 4, "validation_fraction": 0.1, "validation_min_per_class": 0, "patience": 0, "mixup": 0.2}
     whole = teacher(data, **fields)
     checkpoint = tmp_path / "teacher-checkpoint"
     interrupted = Recording(interrupt_after=2)
@@ -181,6 +210,7 @@ def test_an_interrupted_teacher_resumes_from_its_last_epoch(digits: Dataset, tmp
     assert interrupted.heartbeats > 0 and [p.name for p in checkpoint.iterdir()] == ["teacher.npz"]
     resumed = Recording()
     model = teacher(data, resumed, checkpoint, **fields)
-    assert resumed.lines == ["resuming the teacher from epoch 2"] and resumed.epochs == 1
+    assert resumed.lines == ["mixup alpha 0.2: every training example is blended with another of its epoch",
+                             "resuming the teacher from epoch 2"] and resumed.epochs == 2
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), whole.get_weights()))
     assert np.mean(predictions(model, data) == data.y[data.test_index]) > 0.2  # chance is 0.1

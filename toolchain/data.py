@@ -24,7 +24,7 @@ import numpy as np
 
 from edgecc.board.preprocess import IMAGE_SUFFIXES, STANDARDIZE_EPSILON, TOKENIZER, pixels, token_ids, tokenize
 from edgecc.errors import EdgeccError
-from edgecc.recipe import AUTO_IMAGE_SIZE_LIMIT, AUTO_SEQUENCE_LIMIT, AUTO_SEQUENCE_SHARE, DataSection
+from edgecc.recipe import AUTO_IMAGE_SIZE_LIMIT, AUTO_SEQUENCE_LIMIT, AUTO_SEQUENCE_SHARE, DataSection, TrainSection
 
 # the tokenizer, the image conversion and the standardization are the board's (edgecc.board.preprocess), so a
 # bundle's serve.py feeds its model exactly what the build's evaluation fed it
@@ -33,6 +33,10 @@ PAD, UNK = "[PAD]", "[UNK]"
 
 
 STANDARDIZE_FORMULA = f"then per example: x = (x - mean(x)) / (std(x) + {STANDARDIZE_EPSILON})"
+
+
+MIXUP_ALPHA = 0.2  # Zhang et al.'s choice for ImageNet: most blends stay near one of their two examples
+MIXUP_REPEATS = 2  # a class shown this many times an epoch (balanced sampling) has its examples blended
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,13 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def images(self) -> bool:
+        """Pictures (digits, image files), which augmentation and mixup apply to: not text's token ids, nor
+        signals' windows (shape (1, samples, channels))."""
+        shape = self.preprocessing.input_shape
+        return len(shape) == 3 and shape[0] > 1
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Examples of each class (label order) per split: a rare class or a doubled data set shows before training."""
@@ -169,6 +180,41 @@ def epoch_length(labels: np.ndarray, num_classes: int, balance: str) -> int:
         return len(labels)
     counts = np.bincount(labels, minlength=num_classes)
     return int(np.count_nonzero(counts) * counts.max())
+
+
+def mixup_alpha(section: TrainSection, dataset: Dataset, labels: np.ndarray) -> float:
+    """train.mixup made concrete for `dataset`'s training `labels`: the recipe's value, or when unset MIXUP_ALPHA
+    for images that balanced sampling shows some class's examples of at least twice an epoch, else 0 (off).
+
+    Shown ten times an epoch, a rare class's few examples are learned by heart: NEU-DET with five of six classes
+    cut to 24 training images, the teacher's training accuracy reached 1.000 by half way and its test
+    balanced accuracy was 0.85, 0.78 and 0.87 on seeds 0, 1 and 2 (worst class 0.57, 0.53, 0.77); with mixup
+    0.89, 0.90 and 0.93 (worst class 0.67, 0.68, 0.87). Blending every example with another makes each repeat
+    a new point. Where nothing repeats (a balanced set, or balance 'none' or 'weights') a build is as before.
+    """
+    if section.mixup is not None:
+        return section.mixup
+    counts = np.bincount(labels, minlength=dataset.num_classes)
+    present = counts[counts > 0]
+    repeats = section.balance == "sampling" and present.max() >= MIXUP_REPEATS * present.min()
+    return MIXUP_ALPHA if dataset.images and repeats else 0.0
+
+
+def mixed(alpha: float, rng: np.random.Generator, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Mixup (Zhang et al. 2018): each example of one epoch's `arrays` (inputs, one-hot targets, weights)
+    blended with another example of the epoch, by a share drawn from Beta(alpha, alpha), the same for every
+    array; 0 returns them as they are."""
+    if not alpha:
+        return arrays
+    n = len(arrays[0])
+    share = rng.beta(alpha, alpha, size=n).astype(np.float32)
+    partner = rng.permutation(n)
+
+    def blend(a: np.ndarray) -> np.ndarray:
+        s = share.reshape(-1, *[1] * (a.ndim - 1))
+        return (s * a + (1 - s) * a[partner]).astype(np.float32)
+
+    return tuple(blend(a) for a in arrays)
 
 
 WINDOW_ID = re.compile(r"(.+\.np[yz])@(\d+)")  # a signals example: `<recording>@<first sample>` (see _signals)

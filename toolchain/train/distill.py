@@ -4,8 +4,8 @@ The student learns from three signals: the task labels, the teacher's logits
 softened by a temperature (KL divergence, scaled by T² so its gradients keep
 their size as T changes), and the teacher's hidden states after each block
 (mean squared error), which guide a pruned or quantized student layer by layer.
-The inputs are augmented as in the teacher's training, the teacher labelling the same
-augmented view the student sees: with few examples of a class, the student learns the
+The inputs are augmented and blended (mixup) as in the teacher's training, the teacher labelling the
+same view the student sees: with few examples of a class, the student learns the
 teacher's function around them rather than on them alone ("function matching").
 Each class gets its share of training as in the teacher's (recipe.TrainSection.balance):
 balanced sampling of each epoch, or class weights on the label and logit terms,
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.data import epoch_length, epoch_order
+from edgecc.data import epoch_length, epoch_order, mixed
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.train import distribute
@@ -70,7 +70,7 @@ def _with_hidden(model: Any, names: list[str]) -> Any:
 def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int,
             learning_rate: float, weights: DistillWeights, seed: int, reporter: Reporter,
             description: str = "distilling", hidden_blocks: int | None = None, balance: str = "none",
-            augment: Augment | None = None, judge: Judge | None = None) -> list[float]:
+            augment: Augment | None = None, mixup: float = 0.0, judge: Judge | None = None) -> list[float]:
     """Train `student` in place against `teacher`; returns the mean loss of each epoch.
 
     With `judge` (the validation split), the student ends with the weights of its best epoch of the second half
@@ -78,8 +78,9 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
 
     `hidden_blocks` limits the hidden-state loss to the first blocks (progressive QAT); `balance` orders each
     epoch (data.epoch_order); `augment` gives each epoch's inputs (teacher.augmented), teacher and student
-    seeing the same. Inside a tf.distribute scope (edgecc.train.distribute), where `student` and `teacher` were
-    created, each batch of `batch_size` (the global batch) is split across the replicas and their gradients summed.
+    seeing the same; `mixup` blends them (data.mixed), the label term's targets alike. Inside a tf.distribute
+    scope (edgecc.train.distribute), where `student` and `teacher` were created, each batch of `batch_size` (the
+    global batch) is split across the replicas and their gradients summed.
     """
     tf = tensorflow()
     keras = _keras()
@@ -94,15 +95,15 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
     class_weights = tf.constant(weights.classes or (1.0,) * classes, dtype=tf.float32)
     strategy = distribute.active()  # the caller's tf.distribute scope, if any ([train] distribute)
 
-    def train_step(batch_x: Any, batch_y: Any, mean: Callable[[Any], Any]) -> Any:
+    def train_step(batch_x: Any, batch_targets: Any, mean: Callable[[Any], Any]) -> Any:
         """One optimizer step; `mean` averages a per-example (or per-element) loss over the whole batch."""
         teacher_out = tf.nest.flatten(teacher_view(batch_x, training=False))  # a lone output comes unwrapped
         with tf.GradientTape() as tape:
             student_out = tf.nest.flatten(student_view(batch_x, training=True))
             logits, teacher_logits = student_out[0], teacher_out[0]
-            example_weights = tf.gather(class_weights, batch_y)
+            example_weights = tf.linalg.matvec(batch_targets, class_weights)  # a blend's: its classes' blend
             task = mean(example_weights * keras.losses.categorical_crossentropy(
-                tf.one_hot(batch_y, classes), logits, from_logits=True))
+                batch_targets, logits, from_logits=True))
             soft_teacher = tf.nn.softmax(teacher_logits / temperature)
             log_student = tf.nn.log_softmax(logits / temperature)
             kl = mean(example_weights * tf.reduce_sum(
@@ -115,37 +116,37 @@ def distill(student: Any, teacher: Any, x: np.ndarray, y: np.ndarray, epochs: in
         return loss
 
     @tf.function
-    def step(batch_x: Any, batch_y: Any) -> Any:
-        return train_step(batch_x, batch_y, tf.reduce_mean)
+    def step(batch_x: Any, batch_targets: Any) -> Any:
+        return train_step(batch_x, batch_targets, tf.reduce_mean)
 
     @tf.function
-    def replicated_step(batch_x: Any, batch_y: Any, total: Any) -> Any:
+    def replicated_step(batch_x: Any, batch_targets: Any, total: Any) -> Any:
         """Each replica's share of the global batch's mean loss (its sum over `total` examples), summed across
         replicas, as the optimizer sums their gradients: the same step as on one machine."""
         def mean(value: Any) -> Any:
             per_example = tf.cast(tf.reduce_prod(tf.shape(value)[1:]), tf.float32)
             return tf.reduce_sum(value) / (total * per_example)
 
-        losses = strategy.run(train_step, args=(batch_x, batch_y, mean))
+        losses = strategy.run(train_step, args=(batch_x, batch_targets, mean))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
     rng = np.random.default_rng(seed)
+    targets = np.eye(classes, dtype=np.float32)[y]
     history = []
     best = Best()
     with reporter.task(description, epochs, unit="epoch") as advance:
         for epoch in range(1, epochs + 1):
             order = epoch_order(y, classes, balance, rng)
-            epoch_x, epoch_y = x[order], y[order]
-            if augment is not None:
-                epoch_x = augment(epoch_x, rng)
+            epoch_x = x[order] if augment is None else augment(x[order], rng)
+            epoch_x, epoch_targets = mixed(mixup, rng, epoch_x, targets[order])
             losses = []
             for b in range(batches):
                 part = slice(b * batch_size, (b + 1) * batch_size)
                 if strategy is None:
-                    losses.append(float(step(tf.constant(epoch_x[part]), tf.constant(epoch_y[part]))))
+                    losses.append(float(step(tf.constant(epoch_x[part]), tf.constant(epoch_targets[part]))))
                 else:
-                    shares = distribute.replica_batches(strategy, epoch_x[part], epoch_y[part])
-                    losses.append(float(replicated_step(*shares, tf.constant(len(epoch_y[part]), tf.float32))))
+                    shares = distribute.replica_batches(strategy, epoch_x[part], epoch_targets[part])
+                    losses.append(float(replicated_step(*shares, tf.constant(len(epoch_x[part]), tf.float32))))
                 if b + 1 < batches:  # the epoch's own advance follows the last batch
                     advance(0, f"batch {b + 1}/{batches} loss {np.mean(losses):.4f}", partial=(b + 1) / batches)
             history.append(float(np.mean(losses)))

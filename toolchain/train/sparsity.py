@@ -100,7 +100,7 @@ def wrap(model: Any, target: float, pattern: str, epochs: int, steps_per_epoch: 
 def sparsify(model: Any, teacher: Any, x: np.ndarray, y: np.ndarray, target: float, pattern: str, epochs: int,
              batch_size: int, learning_rate: float, weights: DistillWeights, seed: int, reporter: Reporter,
              description: str = "distilling the sparse student", balance: str = "none",
-             augment: Augment | None = None) -> tuple[Any, list[float]]:
+             augment: Augment | None = None, mixup: float = 0.0) -> tuple[Any, list[float]]:
     """A sparse copy of `model`, distilled from `teacher`, and the mean loss of each epoch.
 
     `magnitude` zeroes the smallest `target` share of each pruned kernel, raised
@@ -127,7 +127,7 @@ def sparsify(model: Any, teacher: Any, x: np.ndarray, y: np.ndarray, target: flo
     callback.set_model(wrapped)
     callback.on_train_begin()
     losses = distill(wrapped, teacher, x, y, epochs, batch_size, learning_rate, weights, seed, reporter, description,
-                     balance=balance, augment=augment)
+                     balance=balance, augment=augment, mixup=mixup)
     callback.on_epoch_end(epochs - 1)
     return tfmot.sparsity.keras.strip_pruning(wrapped), losses
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.data import Dataset, class_weights, epoch_length, epoch_order, validation_split
+from edgecc.data import Dataset, class_weights, epoch_length, epoch_order, mixed, mixup_alpha, validation_split
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.recipe import ModelSection, TaskSection, TrainSection
@@ -140,7 +140,7 @@ def augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.ra
         special = [i for i, token in enumerate(pre.vocabulary or ()) if token in SPECIAL_TOKENS]
         dropped = (rng.random(x.shape) < section.token_dropout) & ~np.isin(x, [pre.padding_id, *special])
         return np.where(dropped, pre.unknown_id, x).astype(x.dtype)
-    if x.ndim != 4 or x.shape[1] == 1:  # signals: their windows already overlap
+    if not dataset.images:  # signals: their windows already overlap
         return x
     x = _shifted(x, section.augment_shift, rng)
     n = len(x)
@@ -222,7 +222,7 @@ def _heartbeat(advance: Callable[..., None], batches: int) -> Any:
 
 def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, reporter: Reporter, *,
           task: TaskSection, checkpoint: Path | None = None) -> Any:
-    """Fit the teacher on the training split: AdamW, cosine decay, label smoothing, augmentation, class balance.
+    """Fit the teacher on the training split: AdamW, cosine decay, label smoothing, augmentation, mixup, class balance.
 
     With `section.validation_fraction`, that share of the training split (data.validation_split) is held
     out and judged by `task.metric` after each epoch of the second half of the schedule (best_epoch.first_judged);
@@ -252,6 +252,9 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
     targets = np.eye(dataset.num_classes, dtype=np.float32)[y]
     weights = class_weights(y, dataset.num_classes, section.balance)[y]
     batches = int(np.ceil(epoch_length(y, dataset.num_classes, section.balance) / section.batch_size))
+    alpha = mixup_alpha(section, dataset, y)
+    if alpha:
+        reporter.info(f"mixup alpha {alpha:g}: every training example is blended with another of its epoch")
     schedule = keras.optimizers.schedules.CosineDecay(section.learning_rate, section.epochs * batches)
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=section.weight_decay),
@@ -269,10 +272,11 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
     with reporter.task(description, section.epochs - run.epoch, unit="epoch") as advance:
         while run.epoch < section.epochs and not run.stopped(section.patience):
             order = epoch_order(y, dataset.num_classes, section.balance, run.rng)
+            inputs, epoch_targets, epoch_weights = mixed(
+                alpha, run.rng, augmented(x[order], section, dataset, run.rng), targets[order], weights[order])
             history = model.fit(
-                augmented(x[order], section, dataset, run.rng), targets[order], sample_weight=weights[order],
-                batch_size=section.batch_size, epochs=1, shuffle=False, verbose=0,
-                callbacks=[_heartbeat(advance, batches)],
+                inputs, epoch_targets, sample_weight=epoch_weights, batch_size=section.batch_size, epochs=1,
+                shuffle=False, verbose=0, callbacks=[_heartbeat(advance, batches)],
             ).history
             run.epoch += 1
             status = f"loss {history['loss'][-1]:.3f} acc {history['accuracy'][-1]:.3f}"
