@@ -183,14 +183,15 @@ def epoch_length(labels: np.ndarray, num_classes: int, balance: str) -> int:
 
 
 def mixup_alpha(section: TrainSection, dataset: Dataset, labels: np.ndarray) -> float:
-    """train.mixup made concrete for `dataset`'s training `labels`: the recipe's value, or when unset MIXUP_ALPHA
-    for images that balanced sampling shows some class's examples of at least twice an epoch, else 0 (off).
+    """train.mixup made concrete for `dataset`'s training `labels`: the recipe's value; when unset, MIXUP_ALPHA for
+    images whose balanced sampling shows some class's examples at least twice an epoch; else 0 (off).
 
     Shown ten times an epoch, a rare class's few examples are learned by heart: NEU-DET with five of six classes
     cut to 24 training images, the teacher's training accuracy reached 1.000 by half way and its test
     balanced accuracy was 0.85, 0.78 and 0.87 on seeds 0, 1 and 2 (worst class 0.57, 0.53, 0.77); with mixup
-    0.89, 0.90 and 0.93 (worst class 0.67, 0.68, 0.87). Blending every example with another makes each repeat
-    a new point. Where nothing repeats (a balanced set, or balance 'none' or 'weights') a build is as before.
+    0.89, 0.90 and 0.93 (worst class 0.67, 0.68, 0.87) (teachers alone; BENCHMARKS.md has whole builds).
+    Blending every example with another makes each repeat a new point. Where nothing repeats (a balanced set,
+    or balance 'none' or 'weights') a build is as before.
     """
     if section.mixup is not None:
         return section.mixup
