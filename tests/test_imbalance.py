@@ -15,8 +15,8 @@ import pytest
 
 from conftest import needs_train_extra
 from edgecc.classmetrics import class_metrics
-from edgecc.data import (MIXUP_ALPHA, Dataset, Preprocessing, class_weights, epoch_length, epoch_order, load_dataset,
-                         mixed, mixup_alpha, validation_split)
+from edgecc.data import (Dataset, Preprocessing, class_weights, epoch_length, epoch_order, load_dataset, mixed,
+                         validation_split)
 from edgecc.progress import Reporter
 from edgecc.recipe import DataSection, ModelSection, TaskSection, TrainSection
 
@@ -131,19 +131,6 @@ def test_balanced_sampling_gives_every_class_the_largest_ones_share_of_each_epoc
     assert sorted(epoch_order(balanced, 2, "sampling", rng)) == list(range(60))  # each example once
     for rule in ("weights", "none"):
         assert sorted(epoch_order(y, 4, rule, rng)) == list(range(77)) and epoch_length(y, 4, rule) == 77
-
-
-def test_mixup_blends_images_where_balanced_sampling_repeats_a_class(digits: Dataset) -> None:
-    data = imbalanced(digits, rare=range(1, 10), keep=0.1)  # each rare digit shown about 10 times an epoch
-    rare_y, balanced_y = data.y[data.train_index], digits.y[digits.train_index]
-    sampling = TrainSection(balance="sampling")
-    assert mixup_alpha(sampling, data, rare_y) == MIXUP_ALPHA
-    assert mixup_alpha(sampling, digits, balanced_y) == 0  # each example once an epoch
-    assert all(mixup_alpha(TrainSection(balance=rule), data, rare_y) == 0 for rule in ("weights", "none"))
-    tokens = replace(data, preprocessing=replace(data.preprocessing, input_shape=(32,)))
-    windows = replace(data, preprocessing=replace(data.preprocessing, input_shape=(1, 256, 2)))
-    assert mixup_alpha(sampling, tokens, rare_y) == mixup_alpha(sampling, windows, rare_y) == 0
-    assert mixup_alpha(TrainSection(balance="none", mixup=0.4), digits, balanced_y) == 0.4  # the recipe's own
 
 
 def test_mixup_blends_inputs_and_targets_by_the_same_share() -> None:

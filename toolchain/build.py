@@ -26,7 +26,7 @@ import edgecc
 from edgecc import emit, report
 from edgecc.check import Assessment, assess, edgetpu_json, pipeline_json
 from edgecc.classmetrics import ClassMetrics, class_metrics, student_warning
-from edgecc.data import Dataset, load_dataset, mixup_alpha, validation_split
+from edgecc.data import Dataset, load_dataset, validation_split
 
 if TYPE_CHECKING:
     from edgecc.train.compress import Stage
@@ -534,8 +534,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
                  "int8_test_predictions": model_predictions[chosen].tolist()},
         "preprocessing": _preprocessing(dataset, int8_model),
         "teacher": teacher_record,
-        "training": {"balance": recipe.train.balance,
-                     "mixup": mixup_alpha(recipe.train, students, students.y[students.train_index])},
+        "training": {"balance": recipe.train.balance, "mixup": recipe.train.mixup},
         "model": {
             "source": str(user_model) if user_model else f"reference architecture {recipe.model.architecture}",
             "parameters": int(teacher.count_params()),

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgecc.board.preprocess import IMAGE_SUFFIXES, STANDARDIZE_EPSILON, TOKENIZER, pixels, token_ids, tokenize
 from edgecc.errors import EdgeccError
-from edgecc.recipe import AUTO_IMAGE_SIZE_LIMIT, AUTO_SEQUENCE_LIMIT, AUTO_SEQUENCE_SHARE, DataSection, TrainSection
+from edgecc.recipe import AUTO_IMAGE_SIZE_LIMIT, AUTO_SEQUENCE_LIMIT, AUTO_SEQUENCE_SHARE, DataSection
 
 # the tokenizer, the image conversion and the standardization are the board's (edgecc.board.preprocess), so a
 # bundle's serve.py feeds its model exactly what the build's evaluation fed it
@@ -33,10 +33,6 @@ PAD, UNK = "[PAD]", "[UNK]"
 
 
 STANDARDIZE_FORMULA = f"then per example: x = (x - mean(x)) / (std(x) + {STANDARDIZE_EPSILON})"
-
-
-MIXUP_ALPHA = 0.2  # Zhang et al.'s choice for ImageNet: most blends stay near one of their two examples
-MIXUP_REPEATS = 2  # a class shown this many times an epoch (balanced sampling) has its examples blended
 
 
 @dataclass(frozen=True)
@@ -90,7 +86,7 @@ class Dataset:
 
     @property
     def images(self) -> bool:
-        """Pictures (digits, image files), which augmentation and mixup apply to: not text's token ids, nor
+        """Pictures (digits, image files), which augmentation applies to: not text's token ids, nor
         signals' windows (shape (1, samples, channels))."""
         shape = self.preprocessing.input_shape
         return len(shape) == 3 and shape[0] > 1
@@ -180,25 +176,6 @@ def epoch_length(labels: np.ndarray, num_classes: int, balance: str) -> int:
         return len(labels)
     counts = np.bincount(labels, minlength=num_classes)
     return int(np.count_nonzero(counts) * counts.max())
-
-
-def mixup_alpha(section: TrainSection, dataset: Dataset, labels: np.ndarray) -> float:
-    """train.mixup made concrete for `dataset`'s training `labels`: the recipe's value; when unset, MIXUP_ALPHA for
-    images whose balanced sampling shows some class's examples at least twice an epoch; else 0 (off).
-
-    Shown ten times an epoch, a rare class's few examples are learned by heart: NEU-DET with five of six classes
-    cut to 24 training images, the teacher's training accuracy reached 1.000 by half way and its test
-    balanced accuracy was 0.85, 0.78 and 0.87 on seeds 0, 1 and 2 (worst class 0.57, 0.53, 0.77); with mixup
-    0.89, 0.90 and 0.93 (worst class 0.67, 0.68, 0.87) (teachers alone; BENCHMARKS.md has whole builds).
-    Blending every example with another makes each repeat a new point. Where nothing repeats (a balanced set,
-    or balance 'none' or 'weights') a build is as before.
-    """
-    if section.mixup is not None:
-        return section.mixup
-    counts = np.bincount(labels, minlength=dataset.num_classes)
-    present = counts[counts > 0]
-    repeats = section.balance == "sampling" and present.max() >= MIXUP_REPEATS * present.min()
-    return MIXUP_ALPHA if dataset.images and repeats else 0.0
 
 
 def mixed(alpha: float, rng: np.random.Generator, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -165,12 +165,12 @@ class TrainSection:
                                      doc="images: random offset of up to this much (in model input units) per image")
     augment_contrast: float = spec(0.0, minimum=0.0, maximum=0.9, applies=PIXELS,
                                    doc="images: random contrast factor in [1 - c, 1 + c] about each image's mean")
-    mixup: float | None = spec(None, minimum=0.0, maximum=1.0, applies=PIXELS,
-                               doc="images: mixup's alpha: each training example blended with another of its epoch, "
-                                   "inputs and targets alike, by a share drawn from Beta(alpha, alpha) (teacher, "
-                                   "distillation and QAT); 0: off; absent: 0.2 when train.balance 'sampling' shows "
-                                   "some class's examples at least twice an epoch (few examples repeated that often "
-                                   "are learned by heart), else off")
+    mixup: float = spec(0.0, minimum=0.0, maximum=1.0, applies=PIXELS,
+                        doc="images: mixup's alpha (0.2 is Zhang et al.'s choice for ImageNet): each training "
+                            "example blended with another of its epoch, inputs and targets alike, by a share drawn "
+                            "from Beta(alpha, alpha) (teacher, distillation and QAT); 0: off. Measured in "
+                            "BENCHMARKS.md (bench_imbalance): not a default, since it helped one imbalanced NEU "
+                            "variant and hurt another")
     token_dropout: float = spec(0.0, minimum=0.0, maximum=0.9, applies=TEXT,
                                 doc="text: share of words replaced by [UNK] in each training epoch")
     balance: str = spec("auto", choices=BALANCE,

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from edgecc.train.convert import to_int8_tflite
-from edgecc.data import Dataset, class_weights, mixup_alpha
+from edgecc.data import Dataset, class_weights
 from edgecc.train.best_epoch import Judge
 from edgecc.train.distill import Augment, DistillWeights, distill
 from edgecc.train.gelu import sigmoid_gelu
@@ -99,7 +99,7 @@ class StageContext:
     def feed(self) -> dict[str, Any]:
         """distill's balance, augmentation and mixup arguments: each epoch as the teacher's."""
         return {"balance": self.train.balance, "augment": _augment(self.train, self.dataset),
-                "mixup": mixup_alpha(self.train, self.dataset, self.y)}
+                "mixup": self.train.mixup}
 
 
 StagePass = Callable[[Any, StageContext], tuple[Any, list[float]]]

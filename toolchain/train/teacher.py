@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.data import Dataset, class_weights, epoch_length, epoch_order, mixed, mixup_alpha, validation_split
+from edgecc.data import Dataset, class_weights, epoch_length, epoch_order, mixed, validation_split
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
 from edgecc.recipe import ModelSection, TaskSection, TrainSection
@@ -252,7 +252,7 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
     targets = np.eye(dataset.num_classes, dtype=np.float32)[y]
     weights = class_weights(y, dataset.num_classes, section.balance)[y]
     batches = int(np.ceil(epoch_length(y, dataset.num_classes, section.balance) / section.batch_size))
-    alpha = mixup_alpha(section, dataset, y)
+    alpha = section.mixup
     if alpha:
         reporter.info(f"mixup alpha {alpha:g}: every training example is blended with another of its epoch")
     schedule = keras.optimizers.schedules.CosineDecay(section.learning_rate, section.epochs * batches)
