@@ -182,9 +182,14 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def runs_of(rows: list[dict[str, Any]], data_set: str, handling: str) -> list[dict[str, Any]]:
+    """The rows of one data set and handling, one per seed."""
+    return [r for r in rows if (r["data_set"], r["handling"]) == (data_set, handling)]
+
+
 def across_seeds(rows: list[dict[str, Any]], data_set: str, handling: str, figure: str) -> str:
     """The final models' `figure` for each seed, then their mean: "0.7500, 0.8500 (seeds 0, 1; mean 0.8000)"."""
-    runs = [r for r in rows if (r["data_set"], r["handling"]) == (data_set, handling)]
+    runs = runs_of(rows, data_set, handling)
     values = [r["final"][figure] for r in runs]
     if len(runs) == 1:
         return f"{values[0]:.4f} (seed {runs[0]['seed']})"
@@ -193,7 +198,7 @@ def across_seeds(rows: list[dict[str, Any]], data_set: str, handling: str, figur
 
 
 def mean_final(rows: list[dict[str, Any]], data_set: str, handling: str, figure: str) -> float:
-    return float(np.mean([r["final"][figure] for r in rows if (r["data_set"], r["handling"]) == (data_set, handling)]))
+    return float(np.mean([r["final"][figure] for r in runs_of(rows, data_set, handling)]))
 
 
 def verdicts(rows: list[dict[str, Any]], rebuild: dict[str, Any], first_seconds: int) -> list[str]:

@@ -84,13 +84,6 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.label_names)
 
-    @property
-    def images(self) -> bool:
-        """Pictures (digits, image files), which augmentation applies to: not text's token ids, nor
-        signals' windows (shape (1, samples, channels))."""
-        shape = self.preprocessing.input_shape
-        return len(shape) == 3 and shape[0] > 1
-
     def class_counts(self) -> dict[str, dict[str, int]]:
         """Examples of each class (label order) per split: a rare class or a doubled data set shows before training."""
         return {split: dict(zip(self.label_names, np.bincount(self.y[index], minlength=self.num_classes).tolist()))

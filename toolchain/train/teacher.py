@@ -140,7 +140,7 @@ def augmented(x: np.ndarray, section: TrainSection, dataset: Dataset, rng: np.ra
         special = [i for i, token in enumerate(pre.vocabulary or ()) if token in SPECIAL_TOKENS]
         dropped = (rng.random(x.shape) < section.token_dropout) & ~np.isin(x, [pre.padding_id, *special])
         return np.where(dropped, pre.unknown_id, x).astype(x.dtype)
-    if not dataset.images:  # signals: their windows already overlap
+    if x.ndim != 4 or x.shape[1] == 1:  # signals: their windows already overlap
         return x
     x = _shifted(x, section.augment_shift, rng)
     n = len(x)
@@ -252,9 +252,8 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
     targets = np.eye(dataset.num_classes, dtype=np.float32)[y]
     weights = class_weights(y, dataset.num_classes, section.balance)[y]
     batches = int(np.ceil(epoch_length(y, dataset.num_classes, section.balance) / section.batch_size))
-    alpha = section.mixup
-    if alpha:
-        reporter.info(f"mixup alpha {alpha:g}: every training example is blended with another of its epoch")
+    if section.mixup:
+        reporter.info(f"mixup alpha {section.mixup:g}: every training example is blended with another of its epoch")
     schedule = keras.optimizers.schedules.CosineDecay(section.learning_rate, section.epochs * batches)
     model.compile(
         optimizer=keras.optimizers.AdamW(schedule, weight_decay=section.weight_decay),
@@ -273,7 +272,7 @@ def train(model: Any, dataset: Dataset, section: TrainSection, seed: int, report
         while run.epoch < section.epochs and not run.stopped(section.patience):
             order = epoch_order(y, dataset.num_classes, section.balance, run.rng)
             inputs, epoch_targets, epoch_weights = mixed(
-                alpha, run.rng, augmented(x[order], section, dataset, run.rng), targets[order], weights[order])
+                section.mixup, run.rng, augmented(x[order], section, dataset, run.rng), targets[order], weights[order])
             history = model.fit(
                 inputs, epoch_targets, sample_weight=epoch_weights, batch_size=section.batch_size, epochs=1,
                 shuffle=False, verbose=0, callbacks=[_heartbeat(advance, batches)],
