@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import edgecc
+from conftest import FIXTURES, edgecc
 from edgecc.arena import abort_cause, measure_arena
-from edgecc.check import assess
+from edgecc.check import assess, stock_custom_ops
+from edgecc.errors import EdgeccError
 from edgecc.latency import class_models
 from edgecc.liveness import lifetimes, plan_memory
 from edgecc.reader import read_graph
+from edgecc.runtime import load_interpreter
+from edgecc.targets import load_target
 
 TFLM_TARGET = "stm32h7"
 
@@ -57,6 +60,41 @@ def test_missing_tflm_ops_are_named(tiny_models) -> None:
     assert "GELU" in result.missing_ops
     operators = next(b for b in result.budgets if b.name == "operators")
     assert not operators.ok and "GELU" in operators.detail
+
+
+SSD = FIXTURES / "ssd_postprocess.tflite"
+UNKNOWN_CUSTOM = b"Plant_Defect_PostProcess_v2x"  # as long as the SSD's custom operator name, so a byte swap renames it
+
+
+def test_a_custom_operator_that_stock_litert_registers_is_not_missing(tmp_path: Path) -> None:
+    """An SSD's TFLite_Detection_PostProcess runs in every stock LiteRT: check passes its operators; the same
+    model with a custom operator of another name needs a kernel no stock build has, and check names it, exit 1.
+    The independent answer is the real interpreter, which runs the one and cannot resolve the other."""
+    content = SSD.read_bytes()
+    renamed = tmp_path / "renamed.tflite"
+    renamed.write_bytes(content.replace(b"TFLite_Detection_PostProcess", UNKNOWN_CUSTOM))
+    interpreter = load_interpreter(content)
+    interpreter.invoke()
+    assert len(interpreter.get_output_details()) == 4
+    with pytest.raises(EdgeccError, match="custom op"):
+        load_interpreter(renamed.read_bytes())
+
+    assert assess(content, "rpi4").missing_ops == ()
+    assert edgecc("check", str(SSD), "--target", "rpi4").returncode == 0
+    result = assess(renamed.read_bytes(), "rpi4")
+    assert result.missing_ops == ("CUSTOM:" + UNKNOWN_CUSTOM.decode(),)
+    operators = next(b for b in result.budgets if b.name == "operators")
+    assert not operators.ok and UNKNOWN_CUSTOM.decode() in operators.detail
+    assert edgecc("check", str(renamed), "--target", "rpi4").returncode == 1
+
+
+def test_tflite_micro_registers_the_custom_operators_check_accepts(tmp_path: Path) -> None:
+    """What check takes as TFLite Micro's stock custom operators is what the real TFLite Micro interpreter resolves."""
+    stock = stock_custom_ops(load_target(TFLM_TARGET))
+    renamed = tmp_path / "renamed.tflite"
+    renamed.write_bytes(SSD.read_bytes().replace(b"TFLite_Detection_PostProcess", UNKNOWN_CUSTOM))
+    assert "TFLite_Detection_PostProcess" in stock and allocates(SSD, 200_000)
+    assert UNKNOWN_CUSTOM.decode() not in stock and not allocates(renamed, 200_000)
 
 
 def test_check_cli_exit_codes_json_and_junit(tiny_models, tmp_path: Path) -> None:

@@ -166,18 +166,30 @@ def _float_tensors(graph: Graph) -> tuple[str, ...]:
 
 
 def _missing_ops(graph: Graph, target: Target) -> tuple[str, ...]:
-    """Operators the target's runtime lacks; an empty `legal_ops` means every builtin, never a custom op.
+    """Operators the target's runtime lacks, builtins by name and custom operators as CUSTOM:<name>; an empty
+    `legal_ops` means every builtin.
 
-    A CUSTOM operator needs a kernel linked into the application, which no stock
-    LiteRT or TFLite Micro build has for an arbitrary name, so it is reported as
-    missing. The Edge TPU's partition (edgecc.edgetpu) judges its operators itself.
+    A custom operator needs a kernel registered under its name. A stock runtime registers a few
+    (STOCK_CUSTOM_OPS: an SSD's TFLite_Detection_PostProcess everywhere); any other needs a kernel
+    linked into the application, which no stock build has, so it is reported as missing. The Edge
+    TPU's partition (edgecc.edgetpu) judges its operators itself.
     """
     if target.runtime == "edgetpu":
         return ()
-    kinds = {op.kind for op in graph.operators}
-    if target.legal_ops:
-        return tuple(sorted(kinds - set(target.legal_ops)))
-    return ("CUSTOM",) if "CUSTOM" in kinds else ()
+    builtins = {op.kind for op in graph.operators if op.kind != "CUSTOM"}
+    custom = {op.custom_code for op in graph.operators if op.kind == "CUSTOM"}
+    lacking = sorted(builtins - set(target.legal_ops)) if target.legal_ops else []
+    return tuple(lacking + [f"CUSTOM:{name or '(unnamed)'}" for name in sorted(custom - stock_custom_ops(target))])
+
+
+def stock_custom_ops(target: Target) -> set[str]:
+    """The custom operators the target's runtime registers by name: LiteRT's BuiltinOpResolver adds four
+    (tensorflow/lite/core/kernels/register.cc), TFLite Micro's MicroMutableOpResolver the ones edgecc.micro lists."""
+    if target.is_micro:
+        from edgecc.micro import CUSTOM_METHODS
+
+        return set(CUSTOM_METHODS)
+    return {"AudioSpectrogram", "Mfcc", "NumericVerify", "TFLite_Detection_PostProcess"}
 
 
 def _mac_share(costs: list[Any], on_tpu: tuple[bool, ...]) -> float:
