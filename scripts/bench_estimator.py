@@ -322,14 +322,16 @@ def summary(rows: list[Row], estimates: dict[int, float]) -> dict[str, dict[str,
     return out
 
 
-def write_model(fits: dict[str, Fit], bands: dict[str, dict[str, float]]) -> None:
+def write_model(fits: dict[str, Fit], bands: dict[str, dict[str, float]], rows: list[Row]) -> None:
     lines = [f"# Written by scripts/bench_estimator.py on {date.today().isoformat()}: per device class, the latency",
              "# estimator's coefficients fitted on every modelled row of benchmarks/latency_measurements.toml,",
              "# and the band: 10th-90th percentile of published / estimated over the rows held out",
              "# (leave-one-model-out). Read by edgecc.latency; do not edit by hand.", ""]
     for cls, band in bands.items():
         lines += [f'[class.{cls}]', f"rows = {band['rows']}", f"band_low = {band['band_low']:.4f}",
-                  f"band_high = {band['band_high']:.4f}", f"coefficients = {_inline(fits[cls].coefficients)}"]
+                  f"band_high = {band['band_high']:.4f}",
+                  f"precisions = {sorted({r.precision for r in rows if r.cls == cls})}".replace("'", '"'),
+                  f"coefficients = {_inline(fits[cls].coefficients)}"]
         lines += [f"kernels = {_inline(fits[cls].kernels)}", ""] if fits[cls].kernels else [""]
     MODEL_FILE.write_text("\n".join(lines))
 
@@ -436,7 +438,7 @@ def main() -> None:
     by_model = held_out(rows, lambda r: r.model)
     by_device = held_out(rows, lambda r: r.device)
     bands = summary(rows, by_model)
-    write_model(fit_all(rows), bands)
+    write_model(fit_all(rows), bands, rows)
     body = "\n".join([
         "## Latency estimator against published measurements",
         "",

@@ -195,7 +195,8 @@ def test_check_cli_counts_an_uncertain_latency_as_the_flag_says(tiny_models) -> 
         (lambda m, d: [str(write(d / "x.tflite", b"not a model at all")), "--target", "rpi4"], "not a TFLite model"),
         (lambda m, d: [str(write(d / "t.tflite", m["vit_int8"].read_bytes()[:2000])), "--target", "rpi4"],
          "points outside the file"),
-        (lambda m, d: [str(m["vit_float"]), "--target", TFLM_TARGET], "a float model given to an int8-only target"),
+        (lambda m, d: [str(m["vit_float"]), "--target", str(int8_only_profile(d))],
+         "a float model given to an int8-only target"),
         (lambda m, d: [str(m["vit_int8"]), "--target", "rpi9"], "unknown target 'rpi9'"),
         (lambda m, d: [str(m["vit_int8"]), "--target", str(write(d / "p.toml", b"name = 'x'\nruntime = 3"))],
          "runtime: expected a string, got 3"),
@@ -213,6 +214,24 @@ def test_bad_input_exits_2_with_one_line(tiny_models, tmp_path: Path, make_args,
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def int8_only_profile(folder: Path) -> Path:
+    """The TFLite Micro profile for a firmware that registers only int8 kernels (TFLite Micro itself runs float)."""
+    text = (Path(__file__).parents[1] / "targets" / f"{TFLM_TARGET}.toml").read_text()
+    return write(folder / "int8_only.toml", text.replace("int8_only = false", "int8_only = true").encode())
+
+
+def test_tflite_micro_runs_a_float_model(tiny_models) -> None:
+    """TFLite Micro has float32 kernels (its hello_world_float example): check measures the float model's arena with
+    the real interpreter and labels the latency of its float operators as priced at prior rates (no published
+    Cortex-M fp32 measurement), instead of refusing the model."""
+    content = tiny_models["vit_float"].read_bytes()
+    result = assess(content, TFLM_TARGET)
+    assert result.arena is not None and allocates(tiny_models["vit_float"], result.arena.bytes)
+    assert result.arena.bytes > assess(tiny_models["vit_int8"].read_bytes(), TFLM_TARGET).arena.bytes
+    assert "fp32 operators are priced at the cortex-m class's prior rates" in result.latency.method
+    assert "prior rates" not in assess(tiny_models["vit_int8"].read_bytes(), TFLM_TARGET).latency.method
 
 
 def test_profile_lists_every_operator(tiny_models) -> None:

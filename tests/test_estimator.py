@@ -12,7 +12,7 @@ import pytest
 
 from edgecc.check import assess
 from edgecc.errors import EdgeccError
-from edgecc.latency import MODEL_FILE, class_models, load_measurements, read_models
+from edgecc.latency import CPU_CLASS, MODEL_FILE, class_models, load_measurements, read_models
 from edgecc.targets import Figure, load_target
 from test_targets import profile
 
@@ -157,6 +157,17 @@ def estimator() -> Any:
     import bench_estimator
 
     return bench_estimator
+
+
+def test_each_class_knows_the_precisions_its_published_rows_have(estimator: Any) -> None:
+    """What latency_model.toml says each class was fitted on is what the dataset's modelled rows of that class are
+    (counted here from the rows and profiles); a CPU term of another precision is a prior, and the estimate says so."""
+    fitted: dict[str, set[str]] = {}
+    for row in load_measurements(DATASET):
+        if row.runtime in estimator.MODELLED:
+            cls = "edgetpu" if row.runtime == "edgetpu" else CPU_CLASS[load_target(row.device).runtime]
+            fitted.setdefault(cls, set()).add(row.precision)
+    assert {cls: set(m.precisions) for cls, m in read_models(MODEL_FILE).items()} == fitted
 
 
 def _synthetic_rows(estimator: Any, cls: str, truth: dict[str, float], outlier: int, off_by: float) -> list[Any]:

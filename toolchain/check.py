@@ -165,6 +165,10 @@ def _float_tensors(graph: Graph) -> tuple[str, ...]:
                  if i in activations and i not in cast_only and not t.constant and t.dtype not in INT_TYPES)
 
 
+# the custom operators LiteRT's BuiltinOpResolver registers (tensorflow/lite/core/kernels/register.cc, AddCustom)
+LITERT_CUSTOM_OPS = frozenset({"AudioSpectrogram", "Mfcc", "NumericVerify", "TFLite_Detection_PostProcess"})
+
+
 def _missing_ops(graph: Graph, target: Target) -> tuple[str, ...]:
     """Operators the target's runtime lacks, builtins by name and custom operators as CUSTOM:<name>; an empty
     `legal_ops` means every builtin.
@@ -182,14 +186,14 @@ def _missing_ops(graph: Graph, target: Target) -> tuple[str, ...]:
     return tuple(lacking + [f"CUSTOM:{name or '(unnamed)'}" for name in sorted(custom - stock_custom_ops(target))])
 
 
-def stock_custom_ops(target: Target) -> set[str]:
-    """The custom operators the target's runtime registers by name: LiteRT's BuiltinOpResolver adds four
-    (tensorflow/lite/core/kernels/register.cc), TFLite Micro's MicroMutableOpResolver the ones edgecc.micro lists."""
+def stock_custom_ops(target: Target) -> frozenset[str]:
+    """The custom operators the target's runtime registers by name: TFLite Micro's MicroMutableOpResolver the ones
+    edgecc.micro lists, LiteRT the four of LITERT_CUSTOM_OPS."""
     if target.is_micro:
         from edgecc.micro import CUSTOM_METHODS
 
-        return set(CUSTOM_METHODS)
-    return {"AudioSpectrogram", "Mfcc", "NumericVerify", "TFLite_Detection_PostProcess"}
+        return frozenset(CUSTOM_METHODS)
+    return LITERT_CUSTOM_OPS
 
 
 def _mac_share(costs: list[Any], on_tpu: tuple[bool, ...]) -> float:
@@ -285,10 +289,12 @@ def assess(content: bytes, target: str | Target, latency_ms: float | None = None
                           f"only fully-int8 models, and {len(float_tensors)} activation tensors are float "
                           f"(first: {float_tensors[0]})")
     missing = _missing_ops(graph, target)
-    if target.runtime != "edgetpu" and not missing:
+    custom = {op.custom_code for op in graph.operators if op.kind == "CUSTOM"}
+    if target.runtime != "edgetpu" and not missing and custom <= LITERT_CUSTOM_OPS:
         # LiteRT, the reference runtime, resolves every operator, version and tensor type or says which not; what it
         # refuses is invalid for TFLite Micro too, which does not check operator versions itself, but for a field
-        # TFLite Micro reads its own way (tflite_edit.one_dimension_quantized_along_it)
+        # TFLite Micro reads its own way (tflite_edit.one_dimension_quantized_along_it) and the custom operators only
+        # TFLite Micro has (its Signal* audio front end), which its own interpreter judges when it measures the arena
         from edgecc.runtime import load_interpreter
         from edgecc.tflite_edit import one_dimension_quantized_along_it
 

@@ -107,6 +107,7 @@ class ClassModel:
     band_low: float  # published over estimated, 10th percentile of the held-out rows
     band_high: float  # and the 90th
     rows: int  # held-out rows the band comes from
+    precisions: tuple[str, ...] = ("int8", "fp32")  # of those rows: a term of another precision is a prior, not a fit
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def read_models(path: Path = MODEL_FILE) -> dict[str, ClassModel]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         return {name: ClassModel({k: float(v) for k, v in c["coefficients"].items()},
                                  {k: float(v) for k, v in c.get("kernels", {}).items()},
-                                 float(c["band_low"]), float(c["band_high"]), int(c["rows"]))
+                                 float(c["band_low"]), float(c["band_high"]), int(c["rows"]),
+                                 tuple(str(p) for p in c["precisions"]))
                 for name, c in data["class"].items()}
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
         raise EdgeccError(f"{path}: the latency model cannot be read ({err}); rerun scripts/bench_estimator.py") from None
@@ -210,7 +212,7 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
     tpu_class = _needed("edgetpu", models) if on_tpu is not None and any(on_tpu) and target.edgetpu else None
     kernels = kernels_of(target)
     scale = (target.cpu.latency_scale.value if target.cpu.latency_scale else 1.0) * cpu_class.kernels.get(kernels, 1.0)
-    ops = []
+    ops, cpu_precisions = [], set()
     for index, (op, cost) in enumerate(zip(graph.operators, costs)):
         out = graph.tensors[op.outputs[0]] if op.outputs else None
         is_int8 = out is None or out.dtype in INT_TYPES
@@ -219,6 +221,7 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
             ms = _priced(edgetpu_features(cost, target), tpu_class)
         else:
             ms = _priced(cpu_features(cost, op.kind, is_int8, target, used), cpu_class) * scale
+            cpu_precisions.add("int8" if is_int8 else "fp32")
         ops.append(OpEstimate(index, op.kind, cost.macs, cost.bytes_moved, unit, ms))
     fixed = 0.0
     band = cpu_class
@@ -231,4 +234,8 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
         method += "; Edge TPU part at the accelerator's peak rate, invoke and host-link costs fitted on Coral's figures"
     total = fixed + sum(o.ms for o in ops)
     method += f"; band: 10th-90th percentile of the class's held-out error over {band.rows} published rows"
+    if unfitted := sorted(cpu_precisions - set(cpu_class.precisions)):
+        method += (f"; its {' and '.join(unfitted)} operators are priced at the {CPU_CLASS[target.runtime]} class's "
+                   f"prior rates: no published {' or '.join(unfitted)} measurement of the class fits them, so the "
+                   "band does not cover them")
     return LatencyEstimate(total, total * band.band_low, total * band.band_high, fixed, tuple(ops), method)

@@ -118,7 +118,9 @@ class Target:
     name: str = spec()
     description: str = spec()
     runtime: str = spec(choices=RUNTIMES)
-    int8_only: bool = spec(doc="the runtime runs only fully-int8 models")
+    int8_only: bool = spec(doc="the deployment runs only fully-int8 models (e.g. a firmware that registers only int8 "
+                                "kernels): check refuses float activations. LiteRT and TFLite Micro run float32 "
+                                "kernels; an Edge TPU runs the float parts on its host")
     latency_budget_ms: Rate = spec(doc="default latency ceiling when neither the recipe nor --latency-ms gives one")
     cpu: Cpu = spec()
     memory: Memory = spec()
