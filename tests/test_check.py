@@ -97,6 +97,21 @@ def test_tflite_micro_registers_the_custom_operators_check_accepts(tmp_path: Pat
     assert UNKNOWN_CUSTOM.decode() not in stock and not allocates(renamed, 200_000)
 
 
+def test_a_custom_operator_only_tflite_micro_has_is_judged_by_tflite_micro() -> None:
+    """TFLite Micro's audio front end (SignalWindow and the other Signal* ops) is not in LiteRT: check does not ask
+    LiteRT to load such a model for a TFLite Micro target, whose own interpreter gives the verdict (here: it refuses
+    a SignalWindow fed with an SSD's tensors, and check says why), not a bad-input exit."""
+    from edgecc.tflite_edit import pack, unpack
+
+    model = unpack(SSD.read_bytes())
+    code = next(c for c in model.operatorCodes if c.customCode)
+    code.customCode = "SignalWindow"
+    result = assess(pack(model), TFLM_TARGET)
+    assert result.missing_ops == ()
+    operators = next(b for b in result.budgets if b.name == "operators")
+    assert not operators.ok and "TFLite Micro" in operators.detail
+
+
 def test_check_cli_exit_codes_json_and_junit(tiny_models, tmp_path: Path) -> None:
     model = str(tiny_models["vit_int8"])
     ok = edgecc("check", model, "--target", "rpi4", "--json")
