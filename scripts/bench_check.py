@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_estimator import ROOT, write_section  # noqa: E402
+from bench_imbalance import host  # noqa: E402
 
 MODEL = ROOT / "benchmarks" / "models" / "check" / "dense_5mb_int8.tflite"
 RUNS = 5
@@ -66,8 +67,8 @@ def main() -> None:
     body = "\n".join([
         "## Check and profile wall time on a 5 MB model",
         "",
-        f"`python scripts/bench_check.py`, {date.today().isoformat()}, on {platform.machine()} "
-        f"({platform.processor() or platform.system()}, {platform.python_version()}). Model: "
+        f"`python scripts/bench_check.py`, {date.today().isoformat()}, on {host()}, Python "
+        f"{platform.python_version()}. Model: "
         f"{model.stat().st_size / 1e6:.1f} MB int8 TFLite; each command is a fresh process, {RUNS} runs; the stm32h7 "
         "rows include the TFLite Micro arena measurement.",
         "",

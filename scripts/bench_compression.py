@@ -128,7 +128,7 @@ def table(results: list[dict[str, Any]], header: list[str], row: Callable[[dict[
         lines += ["| " + " | ".join(row(r)) + " |" for r in result["rows"]]
         notes.append(f"- **{result['task']}** ({result['recipe']}, {result['test_size']} test examples, "
                      f"built in {result['build_seconds']} s on {result.get('date', 'an earlier day')}"
-                     + (f" on {result['host']}" if "host" in result else "") + "): "
+                     + (f" on {result['host']}" if "host" in result else ", machine not recorded") + "): "
                      + "; ".join(verdicts(result)) + ".")
     return "\n".join(lines + [""] + notes)
 

@@ -13,7 +13,6 @@ in the same process.
 
 from __future__ import annotations
 
-import platform
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compression import final_row, parse_tasks, run_task, table, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
+from bench_imbalance import host  # noqa: E402
 
 from edgecc.check import assess  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
@@ -101,8 +101,9 @@ def main() -> None:
     body = "\n".join([
         "## all-MiniLM-L6-v2 on a Raspberry Pi 4 budget",
         "",
-        f"`python scripts/bench_minilm.py {' '.join(args.tasks)}` (the tasks run; each note dates its rows), on "
-        f"{platform.machine()} ({platform.processor() or platform.system()}), 2 cores. Each task is "
+        f"`python scripts/bench_minilm.py {' '.join(args.tasks)}` (the tasks run), on {host()}; each note dates its "
+        "rows and names the machine where they were recorded (host speed depends on its int8 instructions; a row "
+        "recorded before the script named it says so). Each task is "
         "`edgecc build --target rpi4 --recipe models/minilm/<task>.toml`: the pretrained encoder fine-tuned "
         "(float teacher), its post-training int8 quantization, and the compressed student. Accuracy is on the "
         "task's fixed test split with the TFLite interpreter. Host latency is the median of 300 interleaved "
