@@ -174,7 +174,7 @@ def _missing_ops(graph: Graph, target: Target) -> tuple[str, ...]:
     `legal_ops` means every builtin.
 
     A custom operator needs a kernel registered under its name. A stock runtime registers a few
-    (STOCK_CUSTOM_OPS: an SSD's TFLite_Detection_PostProcess everywhere); any other needs a kernel
+    (`stock_custom_ops`: an SSD's TFLite_Detection_PostProcess everywhere); any other needs a kernel
     linked into the application, which no stock build has, so it is reported as missing. The Edge
     TPU's partition (edgecc.edgetpu) judges its operators itself.
     """
