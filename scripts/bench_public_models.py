@@ -88,7 +88,8 @@ def tables(results: dict[str, dict[str, Verdict]], files: dict[str, Path]) -> li
                      + ", ".join(f"{n} {k}" for k, n in over.most_common()) + f") | {codes[2]} | "
                      + str(sum(n for c, n in codes.items() if c not in (0, 1, 2))) + " |")
     folders = Counter(name.rsplit("/", 1)[0] for name in results)
-    lines += ["", "| model | bytes | operators | " + " | ".join(TARGETS) + " |", "|---|---|---|" + "---|" * len(TARGETS)]
+    lines += ["", "| model | bytes | operators | " + " | ".join(TARGETS) + " |",
+              "|---|---|---|" + "---|" * len(TARGETS)]
     for name in sorted(results):
         folder = name.rsplit("/", 1)[0]
         if folders[folder] > GROUPED:
