@@ -101,6 +101,24 @@ def test_the_choice_is_made_on_a_validation_split_held_out_of_training_not_on_th
             pytest.approx(record["accuracy"], abs=1e-12), record["name"]
 
 
+def test_each_model_records_its_student_before_the_int8_conversion(default_build) -> None:
+    """The teacher is the student of the post-training baseline: its Keras figure on the validation split is the
+    float teacher's, recomputed here from float.tflite with LiteRT. Every model names its student's figure, and the
+    report sets each beside its int8 figure."""
+    out, manifest, _ = default_build
+    records, validation = manifest["metrics"]["stages"], manifest["data"]["validation_indices"]
+    baseline = next(r for r in records if r["name"] == "int8 after ptq of the teacher")
+    teacher = _accuracy(out / "float.tflite", validation, manifest["preprocessing"])
+    assert baseline["validation"]["student_task_metric"] == pytest.approx(teacher, abs=1.5 / len(validation))
+    report = (out / "report.md").read_text()
+    assert "Where the accuracy goes, on the validation split: float teacher" in report
+    for record in records[1:]:
+        student = record["validation"]["student_task_metric"]
+        assert 0 < student <= 1
+        assert (f"{record['name']}: its student {student:.4f} before the conversion, "
+                f"{record['validation']['task_metric']:.4f} as int8") in report
+
+
 def test_manifest_records_provenance(default_build) -> None:
     out, manifest, _ = default_build
     for name, entry in manifest["artifacts"].items():

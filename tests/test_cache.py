@@ -59,6 +59,9 @@ def test_a_rebuild_takes_the_teacher_from_the_cache_and_writes_the_same_bytes(fi
     for file in ("model.tflite", "float.tflite"):
         assert (work / "again" / file).read_bytes() == (work / "first" / file).read_bytes(), file
     assert f"Float teacher: from the teacher cache ({key[:12]})" in (work / "again" / "report.md").read_text()
+    students = [record["validation"]["student_task_metric"] for record in again["metrics"]["stages"][1:]]
+    assert None not in students  # each cached stage kept its student's figure, which a rebuild cannot recompute
+    assert students == [record["validation"]["student_task_metric"] for record in manifest["metrics"]["stages"][1:]]
 
 
 def test_what_determines_the_teacher_is_in_the_key_and_nothing_else(first) -> None:
@@ -213,4 +216,4 @@ def test_interrupted_stages_continue_after_the_last_finished_one_and_train_what_
     uninterrupted = stages(None)
     assert [s.name for s in resumed] == [s.name for s in uninterrupted] == ["prune", "mix", "ptq"]
     for one, other in zip(resumed, uninterrupted):
-        assert one.int8 == other.int8, one.name
+        assert one.int8 == other.int8 and one.student_validation == other.student_validation, one.name

@@ -29,6 +29,7 @@ from edgecc.classmetrics import ClassMetrics, class_metrics, student_warning
 from edgecc.data import Dataset, load_dataset, validation_split
 
 if TYPE_CHECKING:
+    from edgecc.train.best_epoch import Judge
     from edgecc.train.compress import Stage
 from edgecc.bundle import write_board_files
 from edgecc.cache import (DamagedEntry, StagesCache, TeacherCache, check_cache_folder, key_parts, stages_key,
@@ -161,14 +162,16 @@ def _add_class_metrics(records: list[dict[str, Any]], figures: list[ClassMetrics
     return shown + students
 
 
-def _ptq_baseline(teacher: Any, calibration: np.ndarray, per_channel: bool) -> Stage:
+def _ptq_baseline(teacher: Any, calibration: np.ndarray, per_channel: bool, judge: Judge | None,
+                  reporter: Reporter) -> Stage:
     """Post-training quantization of the teacher itself, measured beside the stages as the fast baseline."""
-    from edgecc.train.compress import Stage
+    from edgecc.train.compress import Stage, judged
     from edgecc.train.convert import to_int8_tflite
     from edgecc.train.teacher import inference_graph
 
     content = to_int8_tflite(inference_graph(teacher), calibration, per_channel)
-    return Stage("ptq of the teacher", teacher, content, int(teacher.count_params()), ())
+    figure = judged(teacher, judge, "the float teacher", reporter)
+    return Stage("ptq of the teacher", teacher, content, int(teacher.count_params()), (), figure)
 
 
 def _plots(manifest: dict[str, Any], fit: Assessment) -> dict[str, bytes]:
@@ -334,6 +337,13 @@ def calibration_examples(dataset: Dataset, recipe: Recipe) -> np.ndarray:
     return dataset.x[rng.choice(dataset.train_index, size=count, replace=False)]
 
 
+def validation_judge(dataset: Dataset, validation: np.ndarray, recipe: Recipe) -> Judge | None:
+    """What judges a Keras model on the validation split (positions in `dataset`); None when it is empty."""
+    from edgecc.train.best_epoch import Judge
+
+    return Judge.on(dataset, validation, recipe.task, recipe.train.batch_size)
+
+
 def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibration: np.ndarray, reporter: Reporter,
                       *, validation: np.ndarray, cache: Path | None, key: str | None,
                       after_stage: Callable[[str, Any], None] | None = None) -> list[Any]:
@@ -345,12 +355,11 @@ def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibratio
     conversion here, earlier trials in edgecc tune): a tune trial and the build of its recipe train the same
     student. `after_stage` goes to run_stages (not called for cached stages).
     """
-    from edgecc.train.best_epoch import Judge
     from edgecc.train.compress import run_stages
     from edgecc.train.tf import keras
 
     keras().utils.set_random_seed(recipe.seed)
-    judge = Judge.on(dataset, validation, recipe.task, recipe.train.batch_size)
+    judge = validation_judge(dataset, validation, recipe)
     if cache is None or key is None:  # no cache, or a --teacher file the cache has no key for
         return run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter,
                           after_stage, judge=judge)
@@ -455,7 +464,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         stages = compressed_stages(teacher, students, recipe, calibration, reporter, validation=validation_index,
                                    cache=cache, key=teacher_record.get("cache_key"))
         if recipe.compress.stages != ("ptq",):
-            stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel), *stages]
+            stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel,
+                                    validation_judge(students, validation_index, recipe), reporter), *stages]
     if not writes_files:
         reporter.info("this worker's share of the training is done; the chief writes the build")
         return BuildResult(out, {}, written=False)
@@ -505,10 +515,12 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         record.update(target_latency_ms=candidate.latency_ms, budgets=model_budgets,
                       meets_budgets=not failures(model_budgets, "test"))
     if judged.split == "validation":
-        for record, metrics, candidate in zip(stage_records, judged.figures, [None, *candidates]):
+        for record, metrics, candidate, group in zip(stage_records, judged.figures, [None, *candidates],
+                                                     [None, *models]):
             record["validation"] = {"accuracy": metrics.score("accuracy"),
                                     "task_metric": metrics.score(recipe.task.metric, recipe.task.classes),
-                                    **({"failed_budgets": candidate.failed, "meets_budgets": candidate.meets_budgets}
+                                    **({"failed_budgets": candidate.failed, "meets_budgets": candidate.meets_budgets,
+                                        "student_task_metric": group[-1].student_validation}
                                        if candidate else {})}
     graph = fit.graph
     # which operators would leave an Edge TPU, for every build: the first question about moving to a Coral

@@ -152,6 +152,7 @@ class CachedStage:
     int8: bytes
     parameters: int
     distill_losses: tuple[float, ...]
+    student_validation: float | None = None  # None in an entry written before the build recorded it
     student: None = None
 
 
@@ -235,7 +236,8 @@ def _read_stages(folder: Path, key: str) -> tuple[list[CachedStage], dict[str, A
             if meta["key"] != key or hashlib.sha256(content).hexdigest() != stage["sha256"]:
                 raise DamagedEntry(f"{folder / f'stage{i}.tflite'} does not match its {META_FILE}")
             stages.append(CachedStage(name=stage["name"], int8=content, parameters=int(stage["parameters"]),
-                                      distill_losses=tuple(float(v) for v in stage["distill_losses"])))
+                                      distill_losses=tuple(float(v) for v in stage["distill_losses"]),
+                                      student_validation=_optional_float(stage.get("student_validation"))))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DamagedEntry(f"{folder} cannot be read: {err}") from None
     return stages, meta
@@ -246,7 +248,12 @@ def _write_stages(folder: Path, key: str, stages: list[Any], **meta: Any) -> Non
         (folder / f"stage{i}.tflite").write_bytes(stage.int8)
     write_json(folder / META_FILE, {"key": key, **meta, "stages": [
         {"name": stage.name, "parameters": stage.parameters, "distill_losses": list(stage.distill_losses),
+         "student_validation": stage.student_validation,
          "sha256": hashlib.sha256(stage.int8).hexdigest()} for stage in stages]})
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def check_cache_folder(root: Path) -> None:

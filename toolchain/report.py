@@ -169,6 +169,7 @@ def _stages_section(manifest: dict[str, Any]) -> list[tuple[str, list[Block]]]:
                      _kib(st["gzip_bytes"]), f"{st['parameters']:,}", host])
     met = ", ".join(selection["meeting_every_budget"]) or "none"
     judged = selection.get("judged_on_note", "test split")
+    losses = _where_the_metric_goes(records, metric) if validated else []
     return [("Stages", [
         ("p", f"model.tflite is {selection['chosen']} (compress.select = '{selection['rule']}'), judged on the "
               f"{judged}: {selection['reason']}. Models that meet every budget there: {met}. The test figures "
@@ -178,11 +179,27 @@ def _stages_section(manifest: dict[str, Any]) -> list[tuple[str, list[Block]]]:
                     "test accuracy", *[f"test {e}" for e in extra], f"estimated latency on {target}",
                     "every budget (validation / test)" if validated else "every budget", "size", "gzip", "parameters",
                     "host latency (1 thread)"], rows)),
+        *losses,
         ("p", "Share of zeros in each int8 weight matrix of model.tflite (pruned weights are exact zeros; a dense "
               "matrix shows about 1%):"),
         ("table", (["weight tensor", "zeros"], [
             [name, f"{share:.1%}"] for name, share in final_record(records).get("weight_sparsity", {}).items()])),
     ])]
+
+
+def _where_the_metric_goes(records: list[dict[str, Any]], metric: str) -> list[Block]:
+    """Each model's validation figure before and after its int8 conversion: what the stage's training lost (the
+    student against the teacher) apart from what rounding to int8 lost (the int8 model against the student)."""
+    parts = [f"float teacher {_figure(records[0]['validation']['task_metric'], 4)}"]
+    for st in records[1:]:
+        student = st["validation"].get("student_task_metric")
+        if student is not None:
+            parts.append(f"{st['name']}: its student {_figure(student, 4)} before the conversion, "
+                         f"{_figure(st['validation']['task_metric'], 4)} as int8")
+    if len(parts) == 1:
+        return []
+    return [("p", f"Where the {metric.replace('_', ' ')} goes, on the validation split: " + "; ".join(parts)
+                  + ". A student after `qat` is the quantization-aware model, whose rounding is simulated in float.")]
 
 
 def _yes(flag: bool) -> str:

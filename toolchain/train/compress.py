@@ -53,13 +53,19 @@ from edgecc.train.teacher import augmented, inference_graph
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage's result: the float (or QAT) student and its int8 TFLite model."""
+    """One stage's result: the float (or QAT) student and its int8 TFLite model.
+
+    `student_validation` is the student's task.metric on the validation split before its int8 conversion (None
+    without a validation split): set beside its int8 model's figure, it tells what the stage's training lost from
+    what the conversion lost.
+    """
 
     name: str
     student: Any
     int8: bytes
     parameters: int
     distill_losses: tuple[float, ...]
+    student_validation: float | None = None
 
 
 def _weights(section: CompressSection, classes: tuple[float, ...], hidden: bool) -> DistillWeights:
@@ -199,10 +205,20 @@ def run_stages(teacher: Any, dataset: Dataset, section: CompressSection, train: 
             after_stage(name, student)
         # a `ptq` stage after prune or sparsify quantizes the student that stage already quantized the same way
         int8 = stages[-1].int8 if name == "ptq" and stages else _int8(student, name, calibration, section.per_channel)
-        stages.append(Stage(name, student, int8, int(student.count_params()), tuple(losses)))
+        figure = judged(student, judge, f"{name}: the student before its int8 conversion", reporter)
+        stages.append(Stage(name, student, int8, int(student.count_params()), tuple(losses), figure))
         if finished is not None and len(stages) < len(section.stages):
             finished(stages, student)
     return stages
+
+
+def judged(student: Any, judge: Judge | None, what: str, reporter: Reporter) -> float | None:
+    """`student`'s task.metric on the validation split (None without one), said as `what` has it."""
+    if judge is None:
+        return None
+    figure = judge(student)[0]
+    reporter.info(f"{what}: validation {judge.task.metric} {figure:.4f}")
+    return figure
 
 
 def _augment(train: TrainSection, dataset: Dataset) -> Augment:
