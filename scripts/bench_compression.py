@@ -61,6 +61,8 @@ def run_task(task: str, recipe_path: Path | None = None, out: Path | None = None
             "task": task, "stage": record["name"], "file": os.path.relpath(out / record["file"], ROOT),
             "chosen": record["file"] == "model.tflite", "accuracy": record["accuracy"],
             "validation_accuracy": record.get("validation", {}).get("accuracy"),
+            "validation_task_metric": record.get("validation", {}).get("task_metric"),
+            "student_validation": record.get("validation", {}).get("student_task_metric"),  # before int8
             "drop_points": round((teacher["accuracy"] - record["accuracy"]) * 100, 2),
             "bytes": record["bytes"], "gzip_bytes": record["gzip_bytes"], "parameters": record["parameters"],
             "size_ratio": round(teacher["bytes"] / record["bytes"], 2),

@@ -79,6 +79,10 @@ def verdicts(result: dict[str, Any]) -> list[str]:
              f"student {final['speedup_vs_float']:.2f}x faster than the float teacher on the host "
              f"({'yes' if final['speedup_vs_float'] >= 5 else 'NO'}, 5x required)",
              f"estimated rpi4 latency {rpi4:.1f} ms ({'yes' if rpi4 <= 30 else 'NO'}, at most 30 ms)"]
+    if final.get("student_validation") is not None:
+        lines.append(f"on the validation split, the student's task.metric is {final['student_validation']:.4f} "
+                     f"before its int8 conversion and {final['validation_task_metric']:.4f} after it "
+                     f"(the teacher's: {teacher['validation_task_metric']:.4f})")
     off = final["estimates"]["coral-usb"].get("off_tpu", {})
     if off:
         lines.append("on coral-usb the student's operators that leave the Edge TPU: "
