@@ -337,13 +337,6 @@ def calibration_examples(dataset: Dataset, recipe: Recipe) -> np.ndarray:
     return dataset.x[rng.choice(dataset.train_index, size=count, replace=False)]
 
 
-def validation_judge(dataset: Dataset, validation: np.ndarray, recipe: Recipe) -> Judge | None:
-    """What judges a Keras model on the validation split (positions in `dataset`); None when it is empty."""
-    from edgecc.train.best_epoch import Judge
-
-    return Judge.on(dataset, validation, recipe.task, recipe.train.batch_size)
-
-
 def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibration: np.ndarray, reporter: Reporter,
                       *, validation: np.ndarray, cache: Path | None, key: str | None,
                       after_stage: Callable[[str, Any], None] | None = None) -> list[Any]:
@@ -355,11 +348,12 @@ def compressed_stages(teacher: Any, dataset: Dataset, recipe: Recipe, calibratio
     conversion here, earlier trials in edgecc tune): a tune trial and the build of its recipe train the same
     student. `after_stage` goes to run_stages (not called for cached stages).
     """
+    from edgecc.train.best_epoch import Judge
     from edgecc.train.compress import run_stages
     from edgecc.train.tf import keras
 
     keras().utils.set_random_seed(recipe.seed)
-    judge = validation_judge(dataset, validation, recipe)
+    judge = Judge.on(dataset, validation, recipe.task, recipe.train.batch_size)
     if cache is None or key is None:  # no cache, or a --teacher file the cache has no key for
         return run_stages(teacher, dataset, recipe.compress, recipe.train, recipe.seed, calibration, reporter,
                           after_stage, judge=judge)
@@ -438,6 +432,7 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
     dataset = load_dataset(recipe.data, recipe.seed, loaded.path.parent)
     check_class_names(recipe, dataset.label_names)
 
+    from edgecc.train.best_epoch import Judge
     from edgecc.train.convert import to_float_tflite
     from edgecc.train.teacher import inference_graph
 
@@ -464,8 +459,8 @@ def build(target_name: str, recipe_path: Path | None = None, out: Path | None = 
         stages = compressed_stages(teacher, students, recipe, calibration, reporter, validation=validation_index,
                                    cache=cache, key=teacher_record.get("cache_key"))
         if recipe.compress.stages != ("ptq",):
-            stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel,
-                                    validation_judge(students, validation_index, recipe), reporter), *stages]
+            judge = Judge.on(students, validation_index, recipe.task, recipe.train.batch_size)
+            stages = [_ptq_baseline(teacher, calibration, recipe.compress.per_channel, judge, reporter), *stages]
     if not writes_files:
         reporter.info("this worker's share of the training is done; the chief writes the build")
         return BuildResult(out, {}, written=False)
