@@ -101,8 +101,7 @@ def verdicts(result: dict[str, Any]) -> list[str]:
         f"({'yes' if final['drop_points'] <= 1.0 else 'NO'})",
         f"final int8 at least 8x smaller than the float TFLite: {final['size_ratio']:.2f}x "
         f"({'yes' if final['size_ratio'] >= 8 else 'NO'})",
-        f"final int8 at least 3x faster than float on the host: {final['speedup_vs_float']:.2f}x "
-        f"({'yes' if final['speedup_vs_float'] >= 3 else 'NO'})",
+        speed_verdict("final int8", final.get("rpi4_speedup_vs_float"), final["speedup_vs_float"], 3),
     ]
     baseline = rows.get("int8 after ptq of the teacher")
     if baseline and baseline["drop_points"] > 0.5:
@@ -116,6 +115,17 @@ def verdicts(result: dict[str, Any]) -> list[str]:
         lines.append(f"structured pruning: int8 latency {baseline['host_latency_ms']:.3f} ms -> "
                      f"{pruned['host_latency_ms']:.3f} ms (PTQ of the teacher -> PTQ of the pruned student)")
     return lines
+
+
+def speed_verdict(what: str, rpi4_ratio: float | None, host_ratio: float, required: float) -> str:
+    """A speed goal judged on edgecc check's rpi4 estimate, as the brief judges device speed; the host's figure
+    beside it only informs, since the host's int8 speed depends on its instructions (VNNI or not)."""
+    host_figure = f"{host_ratio:.2f}x on this run's host"
+    if rpi4_ratio is None:
+        return f"{what} at least {required:g}x faster than float: not judged, this run recorded no rpi4 estimate " \
+               f"({host_figure})"
+    return (f"{what} {rpi4_ratio:.2f}x faster than float on the rpi4 estimate ({'yes' if rpi4_ratio >= required else 'NO'}, "
+            f"at least {required:g}x; {host_figure})")
 
 
 def table(results: list[dict[str, Any]], header: list[str], row: Callable[[dict[str, Any]], list[str]],

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_compression import final_row, parse_tasks, run_task, table, with_earlier_rows  # noqa: E402
+from bench_compression import final_row, parse_tasks, run_task, speed_verdict, table, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
 from bench_imbalance import host  # noqa: E402
 
@@ -76,8 +76,7 @@ def verdicts(result: dict[str, Any]) -> list[str]:
              f"student keeps {kept:.2%} of the teacher's accuracy ({'yes' if kept >= 0.99 else 'NO'}, 99% required)",
              f"student file {final['bytes']:,} bytes ({'yes' if final['bytes'] <= MAX_BYTES else 'NO'}, "
              f"at most {MAX_BYTES:,})",
-             f"student {final['speedup_vs_float']:.2f}x faster than the float teacher on the host "
-             f"({'yes' if final['speedup_vs_float'] >= 5 else 'NO'}, 5x required)",
+             speed_verdict("student", teacher["estimates"]["rpi4"]["ms"] / rpi4, final["speedup_vs_float"], 5),
              f"estimated rpi4 latency {rpi4:.1f} ms ({'yes' if rpi4 <= 30 else 'NO'}, at most 30 ms)"]
     if final.get("student_validation") is not None:
         lines.append(f"on the validation split, the student's task.metric is {final['student_validation']:.4f} "
@@ -85,9 +84,18 @@ def verdicts(result: dict[str, Any]) -> list[str]:
                      f"(the teacher's: {teacher['validation_task_metric']:.4f})")
     off = final["estimates"]["coral-usb"].get("off_tpu", {})
     if off:
-        lines.append("on coral-usb the student's operators that leave the Edge TPU: "
-                     + "; ".join(f"{n} x {why}" for why, n in off.items()))
+        lines.append("on coral-usb the student's operators that leave the Edge TPU: " + _off_tpu(off))
     return lines
+
+
+def _off_tpu(off: dict[str, int]) -> str:
+    """'N x KIND: why' per operator kind, or the reason once when every kind leaves for the same one (a model the
+    compiler would reject as a whole)."""
+    reasons = {why.partition(": ")[2] for why in off}
+    if len(reasons) == 1:
+        kinds = ", ".join(f"{n} {why.partition(': ')[0]}" for why, n in off.items())
+        return f"all {sum(off.values())} ({kinds}): {reasons.pop()}"
+    return "; ".join(f"{n} x {why}" for why, n in off.items())
 
 
 def _row(r: dict[str, Any]) -> list[str]:

@@ -74,3 +74,17 @@ def test_calibrate_refuses_a_latency_that_is_not_a_positive_number(tiny_models, 
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert ("p50_ms" if p50 != "NaN" else "NaN is not JSON") in result.stderr  # strict JSON refuses NaN itself
     assert not (tmp_path / "x.toml").exists()
+
+
+def test_a_benchmark_judges_a_speed_goal_on_the_rpi4_estimate_not_on_its_host() -> None:
+    """The brief judges device speed on the target's estimate: a host without VNNI runs int8 slower than a Pi does
+    relative to float, so the host's ratio is shown beside the verdict and never decides it."""
+    pytest.importorskip("scipy")  # bench_compression imports bench_estimator, whose fit needs it
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_compression import speed_verdict
+
+    assert "(yes, at least 5x; 2.98x on this run's host)" in speed_verdict("student", 5.77, 2.98, 5)
+    assert "(NO, at least 3x; 4.00x on this run's host)" in speed_verdict("final int8", 2.5, 4.0, 3)
+    assert "not judged" in speed_verdict("final int8", None, 4.0, 3)
