@@ -12,11 +12,12 @@ from edgecc import graphpass
 from edgecc.arena import measure_arena
 from edgecc.check import assess
 from edgecc.errors import EdgeccError
-from edgecc.graphpass import PASSES, EditGraph, optimize, optimize_verified, random_inputs, same_outputs
+from edgecc.graphpass import (MICRO_PASSES, PASSES, EditGraph, heads_as_batch_matmul, optimize, optimize_verified,
+                              random_inputs, same_outputs)
 from edgecc.liveness import plan_memory
 from edgecc.lower import lower_for_edgetpu
 from edgecc.memplan import offline_offsets, write_offline_plan
-from edgecc.micro_eval import MicroModel, evaluate_micro
+from edgecc.micro_eval import MicroModel, evaluate_micro, micro_outputs
 from edgecc.reader import read_graph
 from edgecc.runtime import Model
 from edgecc.tflite_edit import add_tensor, opcode, pack, tflite_schema, unpack
@@ -194,3 +195,37 @@ def test_the_first_operator_where_the_runtimes_part_is_named(models: dict[str, b
     assert read_graph(content).operators[k].kind == first["kind"]
     assert (np.count_nonzero(differences), differences.size, np.abs(differences).max()) == (
         first["elements_differing"], first["elements"], first["max_steps"])
+
+
+@pytest.mark.parametrize("name", ["vit_int8", "text_int8"])
+def test_heads_as_one_batch_matmul_are_bit_exact_on_tflite_micro_and_allocate_less(models: dict[str, bytes],
+                                                                                   name: str, tmp_path: Path) -> None:
+    """After the general passes, one block's per-head products, softmaxes and splits become two BATCH_MATMULs and one
+    SOFTMAX over all heads: TFLite Micro gives the same bits (checked here apart from optimize_verified's own
+    check, on other inputs) and allocates a smaller arena, with no transposed operand kept in its persistent part."""
+    content = optimize(models[name])[0]
+    rewritten, report = optimize(content, (heads_as_batch_matmul,))
+    assert report.rewrites == {"heads_as_batch_matmul": 1}
+    before, after = read_graph(content), read_graph(rewritten)
+    assert after.op_counts()["BATCH_MATMUL"] == 2 and after.op_counts()["SOFTMAX"] == 1
+    assert "UNPACK" not in after.op_counts() and "CONCATENATION" not in after.op_counts()
+    assert all(op.options["adj_y"] and not op.options["adj_x"] for op in after.operators if op.kind == "BATCH_MATMUL")
+    assert len(after.operators) < len(before.operators) and len(after.tensors) < len(before.tensors)
+    inputs = random_inputs(content, 24, seed=7)
+    assert same_outputs(content, rewritten, inputs, run=micro_outputs)
+    (tmp_path / "before.tflite").write_bytes(content)
+    (tmp_path / "after.tflite").write_bytes(rewritten)
+    arena_before, arena_after = measure_arena(tmp_path / "before.tflite"), measure_arena(tmp_path / "after.tflite")
+    assert arena_after.bytes < arena_before.bytes
+    buffers = "Persistent buffer data"  # the kernels' own persistent allocations
+    assert arena_after.persistent[buffers] <= arena_before.persistent[buffers]
+
+
+def test_a_pass_exact_on_tflite_micro_only_is_verified_with_tflite_micro(models: dict[str, bytes]) -> None:
+    """LiteRT's BATCH_MATMUL rounds its sums unlike its FULLY_CONNECTED, so LiteRT would refuse the rewrite; a
+    TFLite Micro target's build checks it with the interpreter the board runs, and keeps it."""
+    content = optimize(models["vit_int8"])[0]
+    kept_by_litert, litert_report = optimize_verified(content, MICRO_PASSES)
+    assert kept_by_litert is content and "differed" in litert_report.skipped
+    kept, report = optimize_verified(content, MICRO_PASSES, run=micro_outputs)
+    assert kept is not content and report.skipped is None and report.rewrites["heads_as_batch_matmul"] == 1

@@ -37,10 +37,10 @@ from edgecc.cache import (DamagedEntry, StagesCache, TeacherCache, check_cache_f
 from edgecc.edgetpu import plan_edgetpu
 from edgecc.errors import EdgeccError, one_line
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
-from edgecc.graphpass import PassReport, optimize_verified
+from edgecc.graphpass import MICRO_PASSES, PassReport, optimize_verified
 from edgecc.lower import lower_for_edgetpu
 from edgecc.memplan import OfflinePlan, memory_plan_line, plan_for_micro
-from edgecc.micro_eval import evaluate_micro
+from edgecc.micro_eval import evaluate_micro, micro_outputs
 from edgecc.progress import Reporter
 from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
 from edgecc.recipe import LoadedRecipe, Recipe, TaskSection, check_class_names, load_recipe, model_path
@@ -252,6 +252,9 @@ def board_form(int8: bytes, target: Target, *, graph_passes: bool = True) -> Boa
     target the lowering it maps (edgecc.lower), on a TFLite Micro target the offline memory plan (edgecc.memplan).
     Builds and `edgecc tune` trials both judge this form, so a tune trial and the build of its recipe agree."""
     content, passes = optimize_verified(int8) if graph_passes else (int8, None)
+    if passes is not None and target.runtime == "tflite-micro":
+        content, for_micro = optimize_verified(content, MICRO_PASSES, run=micro_outputs)
+        passes = passes.then(for_micro)
     if target.edgetpu is not None:
         content = lower_for_edgetpu(content)
     plan = plan_for_micro(content) if target.runtime == "tflite-micro" else None
