@@ -8,9 +8,11 @@ with fewer operators, copies and tensors, so the outputs stay bit-exact;
 `same_outputs` checks that with LiteRT (and the build keeps a rewrite only then). One pass makes a model runnable rather than smaller: TFLite Micro's
 GATHER takes only float32 or int8 tables, so a constant int32 id map (a text
 model's trimmed vocabulary) becomes a float32 table and a CAST back.
-Attention's per-head products stay FULLY_CONNECTEDs: one BATCH_MATMUL over the heads is bit-exact on TFLite
-Micro (both kernels rescale alike there) but not on LiteRT, whose FULLY_CONNECTED with an activation as weights
-rounds the rescaled sums differently from its BATCH_MATMUL (off by one on a few values in a thousand).
+Attention's per-head products stay FULLY_CONNECTEDs in PASSES: one BATCH_MATMUL over the heads is bit-exact on
+TFLite Micro (both kernels rescale alike there) but not on LiteRT, whose FULLY_CONNECTED with an activation as
+weights rounds the rescaled sums differently from its BATCH_MATMUL (off by one on a few values in a thousand).
+So that rewrite, `heads_as_batch_matmul`, is in MICRO_PASSES, which a TFLite Micro target's build runs after
+PASSES and verifies with TFLite Micro's interpreter instead of LiteRT.
 Nothing here needs TensorFlow.
 """
 
@@ -425,9 +427,9 @@ def heads_as_batch_matmul(graph: EditGraph) -> int:
             continue
         probs = [int(graph.op(p).inputs[0]) for p in contexts]
         values = _unpacked(graph, [int(graph.op(p).inputs[1]) for p in contexts], axis=0)
-        softmaxes = [graph.single_consumer(t, "FULLY_CONNECTED") == p and graph.producer.get(t) for t, p in
-                     zip(probs, contexts)]
-        if values is None or any(s is None or s is False or graph.kinds[s] != "SOFTMAX" for s in softmaxes):
+        softmaxes = [graph.producer.get(t) for t in probs]
+        if values is None or any(s is None or graph.kinds[s] != "SOFTMAX" or not graph.only_use(t, p)
+                                 for s, t, p in zip(softmaxes, probs, contexts)):
             continue
         scores = [int(graph.op(s).inputs[0]) for s in softmaxes]
         products = [graph.producer.get(t) for t in scores]
