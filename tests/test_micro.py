@@ -205,6 +205,9 @@ def test_a_microcontroller_build_measures_its_test_accuracy_with_tflite_micro(tm
     assert micro["accuracy"] == pytest.approx(np.mean([int(np.argmax(model.raw(e))) == label for e, label in zip(x, y)]))
     report = (tmp_path / "out" / "report.md").read_text()
     assert f"the int8 accuracy is {micro['accuracy']:.4f} (LiteRT {micro['litert_accuracy']:.4f})" in report
+    # its one block's two heads run as one BATCH_MATMUL pair, the rewrite a TFLite Micro target's build adds
+    assert result.manifest["model"]["graph_passes"]["rewrites"]["heads_as_batch_matmul"] == 1
+    assert read_graph((tmp_path / "out" / "model.tflite").read_bytes()).op_counts()["BATCH_MATMUL"] == 2
     first = micro["first_difference"]
     if micro["identical_outputs"] == micro["examples"]:
         assert first is None and "They first part" not in report
