@@ -162,12 +162,24 @@ def parse_tasks(description: str, tasks: tuple[str, ...]) -> argparse.Namespace:
     parser.add_argument("tasks", nargs="*", metavar="TASK",
                         help=f"tasks to run (default all: {', '.join(tasks)}); the others keep their last rows")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--render", action="store_true",
+                        help="run no task: write the section again from the stored rows (after a change to how "
+                             "they are judged)")
     args = parser.parse_args()
     unknown = sorted(set(args.tasks) - set(tasks))
     if unknown:
         parser.error(f"unknown task {', '.join(unknown)}; tasks are {', '.join(tasks)}")
-    args.tasks = args.tasks or list(tasks)
+    if args.render and args.tasks:
+        parser.error("--render runs no task; give either tasks or --render")
+    args.tasks = [] if args.render else args.tasks or list(tasks)
     return args
+
+
+def command_line(script: str, tasks: list[str]) -> str:
+    """How a per-task benchmark's section was made: the tasks run, or none (every row as its note dates it)."""
+    if not tasks:
+        return f"`python scripts/{script} --render` (no task run: every row is the stored one its note dates)"
+    return f"`python scripts/{script} {' '.join(tasks)}` (the tasks run)"
 
 
 def parse_cached_tasks(description: str, tasks: tuple[str, ...], default: tuple[str, ...]) -> argparse.Namespace:
@@ -198,7 +210,7 @@ def main() -> None:
     body = "\n".join([
         "## Compression on real tasks",
         "",
-        f"`python scripts/bench_compression.py {' '.join(args.tasks)}` (the tasks run), on {host()}; each note dates "
+        f"{command_line('bench_compression.py', args.tasks)}, on {host()}; each note dates "
         "its rows and names the machine where it was recorded (host speed depends on its int8 instructions). "
         "Each task is "
         "`edgecc build --target rpi4 --recipe models/<task>.toml`; the build chooses model.tflite on the "

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_compression import final_row, parse_tasks, run_task, speed_verdict, table, with_earlier_rows  # noqa: E402
+from bench_compression import (command_line, final_row, parse_tasks, run_task, speed_verdict, table,  # noqa: E402
+                               with_earlier_rows)
 from bench_estimator import ROOT, write_section  # noqa: E402
 from bench_imbalance import host  # noqa: E402
 
@@ -113,7 +114,7 @@ def main() -> None:
     body = "\n".join([
         "## all-MiniLM-L6-v2 on a Raspberry Pi 4 budget",
         "",
-        f"`python scripts/bench_minilm.py {' '.join(args.tasks)}` (the tasks run), on {host()}; each note dates its "
+        f"{command_line('bench_minilm.py', args.tasks)}, on {host()}; each note dates its "
         "rows and names the machine where they were recorded (host speed depends on its int8 instructions; a row "
         "recorded before the script named it says so). Each task is "
         "`edgecc build --target rpi4 --recipe models/minilm/<task>.toml`: the pretrained encoder fine-tuned "
