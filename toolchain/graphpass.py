@@ -31,6 +31,7 @@ from edgecc.tflite_edit import add_tensor, opcode, pack, pruned, reshape_operato
 FLOAT_EXACT_LIMIT = 2**24  # every integer up to this magnitude is exact in float32
 MAX_ROUNDS = 10
 MAX_REWRITES = 10_000  # per pass and round
+OPTIONS_TABLES = {"BATCH_MATMUL": "BatchMatMulOptions"}  # where the schema's name is not the kind in CamelCase
 
 
 class EditGraph:
@@ -373,7 +374,7 @@ def _operator(graph: EditGraph, kind: str, version: int, inputs: list[int], outp
     op = schema.OperatorT()
     op.opcodeIndex = opcode(graph.model, getattr(schema.BuiltinOperator, kind), version)
     op.inputs, op.outputs = np.array(inputs, np.int32), np.array(outputs, np.int32)
-    table = "".join(word.capitalize() for word in kind.split("_")).replace("Matmul", "MatMul") + "Options"
+    table = OPTIONS_TABLES.get(kind) or "".join(word.capitalize() for word in kind.split("_")) + "Options"
     if hasattr(schema.BuiltinOptions, table):
         op.builtinOptionsType = getattr(schema.BuiltinOptions, table)
         op.builtinOptions = getattr(schema, f"{table}T")()
@@ -383,14 +384,16 @@ def _operator(graph: EditGraph, kind: str, version: int, inputs: list[int], outp
 
 
 def _unpacked(graph: EditGraph, parts: list[int], axis: int | None = None) -> int | None:
-    """The UNPACK whose outputs are exactly `parts`, in order, each read by one operator (along `axis`, if given)."""
+    """The UNPACK whose outputs are exactly `parts`, in order, each read by one operator and quantized as its input
+    (along `axis`, if given)."""
     producer = graph.producer.get(parts[0])
     if producer is None or graph.kinds[producer] != "UNPACK":
         return None
     op = graph.op(producer)
     rank = len(graph.shape(int(op.inputs[0])))
     if [int(t) for t in op.outputs] != parts or any(len(graph.consumers.get(t, [])) != 1 or t in graph.ends
-                                                     for t in parts):
+                                                     or not _same_quantization(graph.tensors[t], graph.tensors[
+                                                         int(op.inputs[0])]) for t in parts):
         return None
     return producer if axis is None or op.builtinOptions.axis % rank == axis else None
 
