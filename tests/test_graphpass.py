@@ -16,8 +16,8 @@ from edgecc.graphpass import (MICRO_PASSES, PASSES, EditGraph, heads_as_batch_ma
                               random_inputs, same_outputs)
 from edgecc.liveness import plan_memory
 from edgecc.lower import lower_for_edgetpu
-from edgecc.memplan import offline_offsets, write_offline_plan
-from edgecc.micro_eval import MicroModel, evaluate_micro, micro_outputs
+from edgecc.memplan import micro_outputs, offline_offsets, write_offline_plan
+from edgecc.micro_eval import MicroModel, evaluate_micro
 from edgecc.reader import read_graph
 from edgecc.runtime import Model
 from edgecc.tflite_edit import add_tensor, opcode, pack, tflite_schema, unpack

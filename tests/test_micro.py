@@ -213,3 +213,26 @@ def test_a_microcontroller_build_measures_its_test_accuracy_with_tflite_micro(tm
         assert first is None and "They first part" not in report
     else:
         assert f"They first part at operator {first['operator']} ({first['kind']}) on test example {first['example']}" in report
+
+
+def test_heads_at_once_are_not_kept_where_their_scores_outweigh_what_they_save() -> None:
+    """On a long sequence all heads' scores held at once need more arena than the per-head operators they replace
+    cost: the build measures both with TFLite Micro and keeps the per-head graph, saying why."""
+    from conftest import needs_train_extra
+
+    needs_train_extra()
+    import numpy as np
+
+    from edgecc.build import micro_rewrites
+    from edgecc.graphpass import optimize
+    from edgecc.train.convert import to_int8_tflite
+    from edgecc.train.transformer import VitConfig, text_transformer
+
+    config = VitConfig(stem_filters=(), stem_strides=(), dim=16, depth=1, heads=4, mlp_dim=16, dropout=0.0)
+    model = text_transformer(config, sequence_length=128, vocabulary_size=50, num_classes=3, batch_size=1)
+    ids = np.random.default_rng(0).integers(0, 50, (8, 128)).astype(np.int32)
+    content = optimize(to_int8_tflite(model, ids, per_channel=False))[0]
+    kept, report = micro_rewrites(content)
+    assert kept is content
+    assert report.rewrites == {"heads_as_batch_matmul": 1} and "not smaller" in report.skipped
+    assert (report.operators_after, report.tensors_after) == (report.operators_before, report.tensors_before)

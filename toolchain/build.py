@@ -39,10 +39,10 @@ from edgecc.errors import EdgeccError, one_line
 from edgecc.evaluate import Latency, host_latency, layer_errors, predictions
 from edgecc.graphpass import MICRO_PASSES, PassReport, optimize_verified
 from edgecc.lower import lower_for_edgetpu
-from edgecc.memplan import OfflinePlan, memory_plan_line, plan_for_micro
-from edgecc.micro_eval import evaluate_micro, micro_outputs
+from edgecc.memplan import OfflinePlan, measured_arena, memory_plan_line, micro_outputs, plan_for_micro
+from edgecc.micro_eval import evaluate_micro
 from edgecc.progress import Reporter
-from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity
+from edgecc.reader import constant_bytes_by_part, int8_weight_sparsity, read_graph
 from edgecc.recipe import LoadedRecipe, Recipe, TaskSection, check_class_names, load_recipe, model_path
 from edgecc.runtime import Model
 from edgecc.selection import (INT8_MODEL, Candidate, budget_verdicts, distinct_models, failures, metric_noise,
@@ -253,12 +253,32 @@ def board_form(int8: bytes, target: Target, *, graph_passes: bool = True) -> Boa
     Builds and `edgecc tune` trials both judge this form, so a tune trial and the build of its recipe agree."""
     content, passes = optimize_verified(int8) if graph_passes else (int8, None)
     if passes is not None and target.runtime == "tflite-micro":
-        content, for_micro = optimize_verified(content, MICRO_PASSES, run=micro_outputs)
+        content, for_micro = micro_rewrites(content)
         passes = passes.then(for_micro)
     if target.edgetpu is not None:
         content = lower_for_edgetpu(content)
     plan = plan_for_micro(content) if target.runtime == "tflite-micro" else None
     return BoardForm(plan.content if plan else content, passes, plan)
+
+
+def micro_rewrites(content: bytes) -> tuple[bytes, PassReport]:
+    """`content` after MICRO_PASSES, kept when TFLite Micro's interpreter gives the very same outputs and measures a
+    smaller arena: all heads at once hold every head's scores together, which on long sequences can outweigh the
+    per-operator structures the rewrite saves."""
+    graph = read_graph(content)
+    unchanged = PassReport(len(graph.operators), len(graph.tensors), len(graph.operators), len(graph.tensors))
+    try:
+        rewritten, report = optimize_verified(content, MICRO_PASSES, run=micro_outputs)
+        if rewritten is content:
+            return content, report
+        before, after = measured_arena(content).bytes, measured_arena(rewritten).bytes
+    except EdgeccError as err:
+        return content, replace(unchanged, skipped=f"not checked: {err}")
+    if after >= before:
+        return content, replace(unchanged, rewrites=report.rewrites, skipped=(
+            f"measured, TFLite Micro's arena is not smaller after {', '.join(report.rewrites)} ({before:,} B before, "
+            f"{after:,} B after): the rewrite not kept"))
+    return rewritten, report
 
 
 def starting_teacher(loaded: LoadedRecipe, dataset: Dataset, given: Path | None) -> Any:

@@ -70,20 +70,6 @@ class MicroModel:
         return np.asarray(self.interpreter.get_output(0)).copy()
 
 
-def micro_outputs(content: bytes, inputs: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
-    """Every output of the model for each set of (already quantized) inputs, with TFLite Micro: what
-    `graphpass.optimize_verified` compares for a pass that is exact on TFLite Micro only."""
-    model = MicroModel(content)
-    count = len(read_graph(content).outputs)
-    results = []
-    for values in inputs:
-        for index, value in enumerate(values):
-            model.interpreter.set_input(value, index)
-        model.interpreter.invoke()
-        results.append([np.asarray(model.interpreter.get_output(index)).copy() for index in range(count)])
-    return results
-
-
 def evaluate_micro(content: bytes, x: np.ndarray, y: np.ndarray, reporter: Reporter | None = None) -> MicroEvaluation:
     """Run every example of (`x`, `y`) with TFLite Micro and with LiteRT and compare."""
     micro, litert = MicroModel(content), Model(content)
