@@ -98,7 +98,7 @@ def run_task(task: str, recipe: Path | None, cache: Path) -> dict[str, Any]:
     except EdgeccError as err:
         return {"task": task, "skipped": f"build failed: {err}"}
     return {"task": task, "rows": rows, "build_seconds": round(time.perf_counter() - started),
-            "date": date.today().isoformat(), "recipe": manifest["recipe"]["name"],
+            "date": date.today().isoformat(), "host": host(), "recipe": manifest["recipe"]["name"],
             "test_size": manifest["data"]["test_size"]}
 
 
