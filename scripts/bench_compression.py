@@ -122,10 +122,11 @@ def speed_verdict(what: str, rpi4_ratio: float | None, host_ratio: float, requir
     beside it only informs, since the host's int8 speed depends on its instructions (VNNI or not)."""
     host_figure = f"{host_ratio:.2f}x on this run's host"
     if rpi4_ratio is None:
-        return f"{what} at least {required:g}x faster than float: not judged, this run recorded no rpi4 estimate " \
-               f"({host_figure})"
-    return (f"{what} {rpi4_ratio:.2f}x faster than float on the rpi4 estimate ({'yes' if rpi4_ratio >= required else 'NO'}, "
-            f"at least {required:g}x; {host_figure})")
+        return (f"{what} at least {required:g}x faster than float: not judged, this run recorded no rpi4 estimate "
+                f"({host_figure})")
+    verdict = "yes" if rpi4_ratio >= required else "NO"
+    return (f"{what} {rpi4_ratio:.2f}x faster than float on the rpi4 estimate ({verdict}, at least {required:g}x; "
+            f"{host_figure})")
 
 
 def table(results: list[dict[str, Any]], header: list[str], row: Callable[[dict[str, Any]], list[str]],
