@@ -163,9 +163,7 @@ def parse_tasks(description: str, tasks: tuple[str, ...]) -> argparse.Namespace:
     parser.add_argument("tasks", nargs="*", metavar="TASK",
                         help=f"tasks to run (default all: {', '.join(tasks)}); the others keep their last rows")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--render", action="store_true",
-                        help="run no task: write the section again from the stored rows (after a change to how "
-                             "they are judged)")
+    parser.add_argument("--render", action="store_true", help=RENDER_HELP)
     args = parser.parse_args()
     unknown = sorted(set(args.tasks) - set(tasks))
     if unknown:
@@ -176,22 +174,31 @@ def parse_tasks(description: str, tasks: tuple[str, ...]) -> argparse.Namespace:
     return args
 
 
-def command_line(script: str, tasks: list[str]) -> str:
-    """How a per-task benchmark's section was made: the tasks run, or none (every row as its note dates it)."""
+RENDER_HELP = "run no task: write the section again from the stored rows (after a change to how they are judged)"
+
+
+def command_line(script: str, tasks: list[str], option: str = "") -> str:
+    """How a per-task benchmark's section was made: the tasks run (after `option`, if the script names them with
+    one), or none (every row as its note dates it)."""
     if not tasks:
         return f"`python scripts/{script} --render` (no task run: every row is the stored one its note dates)"
-    return f"`python scripts/{script} {' '.join(tasks)}` (the tasks run)"
+    return f"`python scripts/{script} {option}{' '.join(tasks)}` (the tasks run)"
 
 
 def parse_cached_tasks(description: str, tasks: tuple[str, ...], default: tuple[str, ...]) -> argparse.Namespace:
     """The command line of a benchmark that builds some tasks with edgecc's teacher and stage cache: `--tasks`
     (default `default`; the others keep their last rows), `--cache` and the BENCHMARKS.md to write (`--out`)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--tasks", nargs="+", choices=tasks, default=list(default),
+    parser.add_argument("--tasks", nargs="+", choices=tasks,
                         help=f"tasks to build (default: {' '.join(default)}); the others keep their last rows")
     parser.add_argument("--cache", type=Path, default=ROOT / "build" / "cache", help="teacher and stage cache")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    return parser.parse_args()
+    parser.add_argument("--render", action="store_true", help=RENDER_HELP)
+    args = parser.parse_args()
+    if args.render and args.tasks:
+        parser.error("--render runs no task; give either --tasks or --render")
+    args.tasks = [] if args.render else args.tasks or list(default)
+    return args
 
 
 def _row(r: dict[str, Any]) -> list[str]:

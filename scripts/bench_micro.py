@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_compression import parse_cached_tasks, table, with_earlier_rows  # noqa: E402
+from bench_compression import command_line, parse_cached_tasks, table, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
 from bench_imbalance import host, merged, relocatable, to_toml  # noqa: E402
 
@@ -104,8 +104,8 @@ def run_task(task: str, recipe: Path | None, cache: Path) -> dict[str, Any]:
 
 def _change(pair: list[Any]) -> str:
     before, after = pair
-    if before is None or after is None:
-        return f"{before} -> {after}"
+    if before is None or after is None:  # a model TFLite Micro cannot allocate has no arena
+        return " -> ".join("not allocated" if n is None else f"{n:,}" for n in pair)
     share = f" ({(after - before) / before:+.0%})" if before else ""
     return f"{before:,} -> {after:,}{share}"
 
@@ -146,8 +146,11 @@ def verdicts(result: dict[str, Any]) -> list[str]:
         chosen = r.get("chosen", [None, None])
         which = (f" (not the same model: without the passes the build chose {chosen[0]}, with them {chosen[1]}, "
                  "the figures compare the two builds' model.tflite)" if chosen[0] != chosen[1] else "")
-        lines.append(f"{r['target']}: arena {smaller:.1%} smaller than the build's without the passes{which} ({goal}, at least "
-                     f"{ARENA_GOAL:.0%}); persistent structures left (B): "
+        size = (f"arena {smaller:.1%} smaller than the build's without the passes{which} ({goal}, at least "
+                f"{ARENA_GOAL:.0%})" if before else
+                f"arena {after:,} B; TFLite Micro cannot allocate the build without the passes (no baseline for the "
+                f"{ARENA_GOAL:.0%} goal)")
+        lines.append(f"{r['target']}: {size}; persistent structures left (B): "
                      f"{_persistent(r.get('persistent_after', {})) or 'not measured'}; TFLite Micro accuracy equal "
                      f"to LiteRT's: {'yes' if equal else 'NO'}; rewrites {rewrites}")
     return lines
@@ -161,8 +164,8 @@ def main() -> None:
     body = "\n".join([
         "## Transformers on TFLite Micro: graph passes and the board's interpreter",
         "",
-        f"`python scripts/bench_micro.py --tasks {' '.join(args.tasks)}` (the tasks run; each note dates its rows), on "
-        f"{host()}. Each task is `edgecc build --target esp32s3|stm32h7` with the graph passes (edgecc.graphpass: "
+        f"{command_line('bench_micro.py', args.tasks, '--tasks ')}, on "
+        f"{host()}; each note dates its rows. Each task is `edgecc build --target esp32s3|stm32h7` with the graph passes (edgecc.graphpass: "
         "bit-exact rewrites of the int8 graph) and again without them (`graph_passes=False`); each pair of figures is "
         "without -> with. Operators and tensors are the model file's; the arena is the smallest in which the real "
         "TFLite Micro interpreter (host reference kernels) allocates the model, of which the persistent structures are "
@@ -170,7 +173,11 @@ def main() -> None:
         "bookkeeping, on the 64-bit host; each note itemizes them after the passes); the lower bound is the most "
         "activation bytes alive at once in the graph's operator order (edgecc.liveness); latency is edgecc's estimate "
         "for the target, not a measurement. The last column is model.tflite's accuracy on the task's test split run by "
-        "the TFLite Micro interpreter, with LiteRT's on the same examples. Builds are kept under "
+        "the TFLite Micro interpreter, with LiteRT's on the same examples. minilm_trec_1block is "
+        "models/minilm/trec.toml with its student pruned to the first encoder block (compress.block_fraction 0.17) "
+        "and x·sigmoid(1.702x) for GELU (compress.gelu, as TFLite Micro has no GELU kernel), from that recipe's "
+        "cached teacher; it is built for esp32s3 only, as its embedding table alone is over the STM32H7's 2 MB of "
+        "flash. Builds are kept under "
         "`benchmarks/models/micro_<task>_<target>[_nopasses]/`; rows in `benchmarks/micro.json`.",
         "",
         table(results, ["task", "target", *(header for header, _ in FIGURES.values()), "TFLite Micro test accuracy"],
