@@ -390,12 +390,14 @@ def _unpacked(graph: EditGraph, parts: list[int], axis: int | None = None) -> in
     if producer is None or graph.kinds[producer] != "UNPACK":
         return None
     op = graph.op(producer)
-    rank = len(graph.shape(int(op.inputs[0])))
-    if [int(t) for t in op.outputs] != parts or any(len(graph.consumers.get(t, [])) != 1 or t in graph.ends
-                                                     or not _same_quantization(graph.tensors[t], graph.tensors[
-                                                         int(op.inputs[0])]) for t in parts):
+    source = int(op.inputs[0])
+    if [int(t) for t in op.outputs] != parts:
         return None
-    return producer if axis is None or op.builtinOptions.axis % rank == axis else None
+    for part in parts:
+        if len(graph.consumers.get(part, [])) != 1 or part in graph.ends \
+                or not _same_quantization(graph.tensors[part], graph.tensors[source]):
+            return None
+    return producer if axis is None or op.builtinOptions.axis % len(graph.shape(source)) == axis else None
 
 
 def _heads_first(graph: EditGraph, unpack_index: int, name: str) -> tuple[int, list[Any]]:
