@@ -236,3 +236,15 @@ def test_heads_at_once_are_not_kept_where_their_scores_outweigh_what_they_save()
     assert kept is content
     assert report.rewrites == {"heads_as_batch_matmul": 1} and "not smaller" in report.skipped
     assert (report.operators_after, report.tensors_after) == (report.operators_before, report.tensors_before)
+
+
+def test_the_report_says_which_rewrite_was_not_kept_and_why() -> None:
+    from edgecc.report import _micro_blocks
+
+    passes = {"operators": [93, 93], "tensors": [157, 157], "rewrites": {"heads_as_batch_matmul": 2},
+              "skipped": "measured, TFLite Micro's arena is not smaller after heads_as_batch_matmul (1 B before, 2 B "
+                         "after): the rewrite not kept"}
+    (_, text), = _micro_blocks(None, passes)
+    assert "93 -> 93 operators" in text and text.endswith(f"Not all kept: {passes['skipped']}.")
+    (_, kept), = _micro_blocks(None, {**passes, "skipped": None})
+    assert "Not all kept" not in kept

@@ -239,7 +239,8 @@ def _micro_blocks(micro: dict[str, Any] | None, passes: dict[str, Any] | None) -
     if passes and passes["rewrites"]:
         (ops_before, ops_after), (tensors_before, tensors_after) = passes["operators"], passes["tensors"]
         blocks.append(("p", f"Graph passes (bit-exact): {ops_before} -> {ops_after} operators, {tensors_before} -> "
-                            f"{tensors_after} tensors ({', '.join(f'{k} x{v}' for k, v in passes['rewrites'].items())})."))
+                            f"{tensors_after} tensors ({', '.join(f'{k} x{v}' for k, v in passes['rewrites'].items())})."
+                            + (f" Not all kept: {passes['skipped']}." if passes.get("skipped") else "")))
     return blocks
 
 
