@@ -18,10 +18,11 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from edgecc.errors import EdgeccError
+from edgecc.errors import EdgeccError, one_line
 from edgecc.modelcheck import check_model_file
-from edgecc.reader import Graph
+from edgecc.reader import Graph, read_graph
 
 ALIGNMENT = 16
 PROBE_ARENA = 256 * 1024 * 1024
@@ -224,6 +225,24 @@ def abort_cause(graph: Graph) -> str | None:
                 return (f"op {index} SOFTMAX: its int8 input scale {tensor.scale[0]:.3g} is at most 2^-26, so TFLite "
                         "Micro's softmax Prepare aborts (QuantizeMultiplierGreaterThanOne); it would on the board too")
     return None
+
+
+def micro_interpreter(content: bytes, arena_bytes: int = PROBE_ARENA) -> Any:
+    """The TFLite Micro interpreter with `content` allocated in `arena_bytes`; EdgeccError (one line) for a file it
+    must not see, a model it would abort on or one it cannot allocate there."""
+    check_model_file(content)  # TFLite Micro trusts the file: a corrupt one can crash it
+    cause = abort_cause(read_graph(content))
+    if cause:
+        raise EdgeccError(f"TFLite Micro cannot run this model: {cause}")
+    from tflite_micro import runtime
+
+    from edgecc.progress import native_output_silenced  # not at the top: the arena worker process needs none of it
+
+    try:
+        with native_output_silenced():
+            return runtime.Interpreter.from_bytes(content, arena_size=arena_bytes)
+    except (RuntimeError, ValueError) as err:
+        raise EdgeccError(f"TFLite Micro cannot allocate this model: {one_line(err)}") from None
 
 
 def measure_arena(model: Path) -> ArenaMeasurement:

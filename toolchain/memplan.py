@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.arena import PROBE_ARENA, ArenaMeasurement, abort_cause, measure_arena
-from edgecc.errors import EdgeccError, one_line
+from edgecc.arena import PROBE_ARENA, ArenaMeasurement, measure_arena, micro_interpreter
+from edgecc.errors import EdgeccError
 from edgecc.liveness import MemoryPlan, aligned, lifetimes, plan_memory
-from edgecc.progress import native_output_silenced
 from edgecc.reader import Graph, read_graph
 from edgecc.tflite_edit import pack, unpack
 
@@ -246,18 +245,8 @@ def micro_outputs(content: bytes, inputs: list[list[np.ndarray]],
                   arena_bytes: int = PROBE_ARENA) -> list[list[np.ndarray]]:
     """Every output for each input set, run by the TFLite Micro interpreter in an arena of `arena_bytes`
     (EdgeccError, one line, for a model it cannot run or allocate there)."""
-    from tflite_micro import runtime
-
-    graph = read_graph(content)
-    cause = abort_cause(graph)
-    if cause:
-        raise EdgeccError(f"TFLite Micro cannot run this model: {cause}")
-    try:
-        with native_output_silenced():
-            interpreter = runtime.Interpreter.from_bytes(content, arena_size=arena_bytes)
-    except (RuntimeError, ValueError) as err:
-        raise EdgeccError(f"TFLite Micro cannot allocate this model: {one_line(err)}") from None
-    count = len(graph.outputs)
+    interpreter = micro_interpreter(content, arena_bytes)
+    count = len(read_graph(content).outputs)
     results = []
     for values in inputs:
         for index, value in enumerate(values):

@@ -16,11 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from edgecc.arena import PROBE_ARENA, abort_cause
-from edgecc.errors import EdgeccError, one_line
+from edgecc.arena import micro_interpreter
 from edgecc.memplan import METADATA_NAME
-from edgecc.modelcheck import check_model_file
-from edgecc.progress import Reporter, native_output_silenced
+from edgecc.progress import Reporter
 from edgecc.reader import read_graph
 from edgecc.runtime import Model, Quantization
 from edgecc.tflite_edit import pack, pruned, unpack
@@ -46,17 +44,7 @@ class MicroModel:
     """The TFLite Micro interpreter with `content` allocated; one input and one output."""
 
     def __init__(self, content: bytes) -> None:
-        check_model_file(content)  # TFLite Micro trusts the file: a corrupt one can crash it
-        cause = abort_cause(read_graph(content))
-        if cause:
-            raise EdgeccError(f"TFLite Micro cannot run this model: {cause}")
-        from tflite_micro import runtime
-
-        try:
-            with native_output_silenced():
-                self.interpreter = runtime.Interpreter.from_bytes(content, arena_size=PROBE_ARENA)
-        except (RuntimeError, ValueError) as err:
-            raise EdgeccError(f"TFLite Micro cannot allocate this model: {one_line(err)}") from None
+        self.interpreter = micro_interpreter(content)
         detail = self.interpreter.get_input_details(0)
         self.dtype = np.dtype(detail["dtype"])
         params = detail["quantization_parameters"]
