@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,7 @@ def memory_plan_line(plan: OfflinePlan) -> str:
             f"TFLite Micro's offline plan{arenas}")
 
 
+@lru_cache(maxsize=4)  # a build's micro_rewrites measures the model that plan_for_micro then measures again
 def measured_arena(content: bytes) -> ArenaMeasurement:
     """The smallest arena of `content` by the real TFLite Micro interpreter (edgecc.arena, in a worker process)."""
     with tempfile.TemporaryDirectory(prefix="edgecc-memplan-") as directory:
