@@ -178,11 +178,11 @@ RENDER_HELP = "run no task: write the section again from the stored rows (after 
 
 
 def command_line(script: str, tasks: list[str], option: str = "") -> str:
-    """How a per-task benchmark's section was made: the tasks run (after `option`, if the script names them with
-    one), or none (every row as its note dates it)."""
+    """How and where a per-task benchmark's section was made: the tasks run (after `option`, if the script names
+    them with one) on this host, or none (every row as its note dates it: this host measured nothing)."""
     if not tasks:
         return f"`python scripts/{script} --render` (no task run: every row is the stored one its note dates)"
-    return f"`python scripts/{script} {option}{' '.join(tasks)}` (the tasks run)"
+    return f"`python scripts/{script} {option}{' '.join(tasks)}` (the tasks run), on {host()}"
 
 
 def parse_cached_tasks(description: str, tasks: tuple[str, ...], default: tuple[str, ...]) -> argparse.Namespace:
@@ -218,7 +218,7 @@ def main() -> None:
     body = "\n".join([
         "## Compression on real tasks",
         "",
-        f"{command_line('bench_compression.py', args.tasks)}, on {host()}; each note dates "
+        f"{command_line('bench_compression.py', args.tasks)}; each note dates "
         "its rows and names the machine where it was recorded (host speed depends on its int8 instructions). "
         "Each task is "
         "`edgecc build --target rpi4 --recipe models/<task>.toml`; the build chooses model.tflite on the "

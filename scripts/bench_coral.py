@@ -27,7 +27,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compression import command_line, parse_cached_tasks, table, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
-from bench_imbalance import host, merged, relocatable, to_toml  # noqa: E402
+from bench_imbalance import merged, relocatable, to_toml  # noqa: E402
 
 from edgecc.build import build  # noqa: E402
 from edgecc.check import Assessment, assess  # noqa: E402
@@ -236,8 +236,7 @@ def main() -> None:
     body = "\n".join([
         "## Transformers on the Coral Edge TPU",
         "",
-        f"{command_line('bench_coral.py', args.tasks, '--tasks ')}, on "
-        f"{host()}; each note dates its rows. Each task is `edgecc build --target "
+        f"{command_line('bench_coral.py', args.tasks, '--tasks ')}; each note dates its rows. Each task is `edgecc build --target "
         "coral-usb`: every int8 model lowered for the Edge TPU (each Dense as an exact CONV_2D 1x1) and split into Edge "
         "TPU segments, co-compiled, and CPU islands (the attention core, a text model's embedding lookup), which the "
         "bundle's run.py chains. Accuracy is model.tflite's on the task's test split (TFLite interpreter; the "

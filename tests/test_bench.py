@@ -88,3 +88,17 @@ def test_a_benchmark_judges_a_speed_goal_on_the_rpi4_estimate_not_on_its_host() 
     assert "(yes, at least 5x; 2.98x on this run's host)" in speed_verdict("student", 5.77, 2.98, 5)
     assert "(NO, at least 3x; 4.00x on this run's host)" in speed_verdict("final int8", 2.5, 4.0, 3)
     assert "not judged" in speed_verdict("final int8", None, 4.0, 3)
+
+
+def test_a_rendered_section_names_no_host_as_if_it_had_measured_there() -> None:
+    """`--render` runs no task, so only the rows' own notes say where they were measured; a run names its host."""
+    pytest.importorskip("scipy")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_compression import command_line
+    from bench_imbalance import host
+
+    assert host() not in command_line("bench_micro.py", [], "--tasks ")
+    assert command_line("bench_micro.py", ["digits", "trec"], "--tasks ") == \
+        f"`python scripts/bench_micro.py --tasks digits trec` (the tasks run), on {host()}"
