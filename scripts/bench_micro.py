@@ -117,6 +117,7 @@ def _micro(r: dict[str, Any]) -> str:
     first = micro.get("first_difference") or {}
     parted = (f"; they first part at {first['kind']} (operator {first['operator']}), {first['elements_differing']} of "
               f"{first['elements']} elements by at most {first['max_steps']} step(s)" if "operator" in first else "")
+    parted += f": {first['cause']}" if first.get("cause") else ""
     return (f"{micro['accuracy']:.4f} (LiteRT {micro['litert_accuracy']:.4f}; same class on {micro['same_predictions']}"
             f"/{micro['examples']}, bit-identical {micro['identical_outputs']}{parted})")
 

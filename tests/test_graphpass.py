@@ -195,6 +195,8 @@ def test_the_first_operator_where_the_runtimes_part_is_named(models: dict[str, b
     assert read_graph(content).operators[k].kind == first["kind"]
     assert (np.count_nonzero(differences), differences.size, np.abs(differences).max()) == (
         first["elements_differing"], first["elements"], first["max_steps"])
+    # its cause, recomputed from the operator's inputs (edgecc.requantize, checked in tests/test_requantize.py)
+    assert "TFLite Micro rescales its integer results with two roundings" in first["cause"]
 
 
 @pytest.mark.parametrize("name", ["vit_int8", "text_int8"])

@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from edgecc.arena import micro_interpreter
+from edgecc.graphpass import EditGraph
 from edgecc.memplan import METADATA_NAME
 from edgecc.progress import Reporter
 from edgecc.reader import read_graph
+from edgecc.requantize import Operand, explain
 from edgecc.runtime import Model, Quantization
 from edgecc.tflite_edit import pack, pruned, unpack
 
@@ -86,7 +88,8 @@ def evaluate_micro(content: bytes, x: np.ndarray, y: np.ndarray, reporter: Repor
 def first_difference(content: bytes, example: np.ndarray) -> dict[str, Any] | None:
     """The first operator, in execution order, whose output TFLite Micro and LiteRT compute differently on `example`
     (one float example, no batch axis): its index and kind, how many elements of its first output differ, of how
-    many, and by at most how many quantization steps; None when every operator agrees."""
+    many, by at most how many quantization steps, and the cause when edgecc.requantize finds it; None when every
+    operator agrees."""
     graph = read_graph(content)
     for index, op in enumerate(graph.operators):
         prefix = prefix_model(content, index)
@@ -96,8 +99,43 @@ def first_difference(content: bytes, example: np.ndarray) -> dict[str, Any] | No
         ours = MicroModel(prefix).raw(example).astype(np.int64)
         if not np.array_equal(ours, theirs):
             return {"operator": index, "kind": op.kind, "elements_differing": int((ours != theirs).sum()),
-                    "elements": int(ours.size), "max_steps": int(np.abs(ours - theirs).max())}
+                    "elements": int(ours.size), "max_steps": int(np.abs(ours - theirs).max()),
+                    "cause": _cause(content, index, example, ours, theirs)}
     return None
+
+
+def _cause(content: bytes, index: int, example: np.ndarray, ours: np.ndarray, theirs: np.ndarray) -> str | None:
+    """Why operator `index`'s outputs differ, when edgecc.requantize recomputes it from its inputs: the graph's input,
+    its constants, and earlier operators' outputs (which both runtimes computed alike: every operator before it
+    agreed)."""
+    model = unpack(content)
+    editable = EditGraph(model)
+    graph = read_graph(content)
+    producers = {t: i for i, op in enumerate(graph.operators) for t in op.outputs[:1]}
+    entry = Model(content)
+
+    def values(tensor: int) -> np.ndarray | None:
+        if tensor in graph.inputs:
+            return entry.input_quantization.quantize(example[np.newaxis], entry.input["dtype"])
+        if graph.tensors[tensor].constant:
+            return editable.constant(tensor)
+        if tensor not in producers:
+            return None
+        earlier = Model(prefix_model(content, producers[tensor]))
+        earlier.invoke(example)
+        return earlier.interpreter.get_tensor(earlier.output["index"])
+
+    operands: list[Operand | None] = []
+    for tensor in (int(t) for t in editable.op(index).inputs):
+        found = values(tensor) if tensor >= 0 else None
+        q = editable.tensors[tensor].quantization if tensor >= 0 else None
+        operands.append(None if found is None or q is None or q.scale is None
+                        else Operand(found, np.asarray(q.scale), np.asarray(q.zeroPoint)))
+    q = editable.tensors[int(editable.op(index).outputs[0])].quantization
+    if q is None or q.scale is None or not len(q.scale) or any(o is None for o in operands[:2]):
+        return None
+    output = Operand(ours, np.asarray(q.scale), np.asarray(q.zeroPoint))
+    return explain(graph.operators[index].kind, editable.op(index).builtinOptions, operands, output, ours, theirs)
 
 
 def prefix_model(content: bytes, last: int) -> bytes:

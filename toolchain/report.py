@@ -220,10 +220,10 @@ def _first_difference(first: dict[str, Any] | None) -> str:
     if not first or "operator" not in first:
         return ""
     steps = "step" if first["max_steps"] == 1 else "steps"
+    cause = first.get("cause") or "the two runtimes' kernels round it differently"
     return (f" They first part at operator {first['operator']} ({first['kind']}) on test example {first['example']}: "
             f"{first['elements_differing']:,} of its {first['elements']:,} output elements differ, by at most "
-            f"{first['max_steps']} quantization {steps} (the two runtimes' kernels round it differently; the "
-            "operators before it agree bit for bit).")
+            f"{first['max_steps']} quantization {steps} ({cause}; the operators before it agree bit for bit).")
 
 
 def _micro_blocks(micro: dict[str, Any] | None, passes: dict[str, Any] | None) -> list[Block]:
