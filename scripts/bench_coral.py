@@ -236,7 +236,8 @@ def main() -> None:
     body = "\n".join([
         "## Transformers on the Coral Edge TPU",
         "",
-        f"{command_line('bench_coral.py', args.tasks, '--tasks ')}; each note dates its rows. Each task is `edgecc build --target "
+        f"{command_line('bench_coral.py', args.tasks, '--tasks ')}; each note dates its rows. "
+        "Each task is `edgecc build --target "
         "coral-usb`: every int8 model lowered for the Edge TPU (each Dense as an exact CONV_2D 1x1) and split into Edge "
         "TPU segments, co-compiled, and CPU islands (the attention core, a text model's embedding lookup), which the "
         "bundle's run.py chains. Accuracy is model.tflite's on the task's test split (TFLite interpreter; the "

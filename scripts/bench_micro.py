@@ -165,7 +165,8 @@ def main() -> None:
     body = "\n".join([
         "## Transformers on TFLite Micro: graph passes and the board's interpreter",
         "",
-        f"{command_line('bench_micro.py', args.tasks, '--tasks ')}; each note dates its rows. Each task is `edgecc build --target esp32s3|stm32h7` with the graph "
+        f"{command_line('bench_micro.py', args.tasks, '--tasks ')}; each note dates its rows. "
+        "Each task is `edgecc build --target esp32s3|stm32h7` with the graph "
         "passes (edgecc.graphpass: "
         "bit-exact rewrites of the int8 graph) and again without them (`graph_passes=False`); each pair of figures is "
         "without -> with. Operators and tensors are the model file's; the arena is the smallest in which the real "

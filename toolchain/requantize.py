@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -114,30 +115,37 @@ def _scales(x: Operand, weights: Operand, output: Operand, shape: tuple[int, ...
             np.broadcast_to(single.astype(np.float32), shape))
 
 
-def _fully_connected(operands: list[Operand | None], output: Operand, options: object) -> Results:
+def _with_bias(sums: np.ndarray, operands: list[Operand | None], output: Operand, float_product: bool) -> Results:
+    """The sums plus the operator's bias, when it has one, with each output channel's real scales."""
+    x, weights, bias = (*operands, None)[:3]
+    assert x is not None and weights is not None
+    if bias is not None:
+        sums = sums + bias.values.astype(np.int64)
+    return (sums, *_scales(x, weights, output, sums.shape, float_product))
+
+
+def _fully_connected(operands: list[Operand | None], output: Operand, options: Any) -> Results:
     x, weights = operands[0], operands[1]
     assert x is not None and weights is not None
     depth = weights.values.shape[-1]
     weight_values = weights.values.astype(np.int64) - int(weights.zero_points[0])  # nonzero for an activation
     sums = (x.values.astype(np.int64).reshape(-1, depth) - int(x.zero_points[0])) @ weight_values.T
-    if len(operands) > 2 and operands[2] is not None:
-        sums = sums + operands[2].values.astype(np.int64)
-    return (sums, *_scales(x, weights, output, sums.shape, float_product=True))
+    return _with_bias(sums, operands, output, float_product=True)
 
 
-def _convolution(operands: list[Operand | None], output: Operand, options: object) -> Results:
+def _convolution(operands: list[Operand | None], output: Operand, options: Any) -> Results:
     """CONV_2D or DEPTHWISE_CONV_2D (weights (1, kh, kw, out) with a depth multiplier), NHWC, zero-point padding."""
     x, weights = operands[0], operands[1]
     assert x is not None and weights is not None
     depthwise = hasattr(options, "depthMultiplier")
     kernel_h, kernel_w = weights.values.shape[1:3]
-    strides = (options.strideH, options.strideW)  # type: ignore[attr-defined]
-    dilations = (options.dilationHFactor, options.dilationWFactor)  # type: ignore[attr-defined]
+    strides = (options.strideH, options.strideW)
+    dilations = (options.dilationHFactor, options.dilationWFactor)
     values = x.values.astype(np.int64) - int(x.zero_points[0])
     sizes = []
     for axis, (kernel, stride, dilation) in enumerate(zip((kernel_h, kernel_w), strides, dilations)):
         size = values.shape[1 + axis]
-        out = -(-size // stride) if options.padding == 0 else (size - (kernel - 1) * dilation - 1) // stride + 1  # type: ignore[attr-defined]
+        out = -(-size // stride) if options.padding == 0 else (size - (kernel - 1) * dilation - 1) // stride + 1
         total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
         sizes.append((out, total // 2, total - total // 2))
     padded = np.pad(values, ((0, 0), (sizes[0][1], sizes[0][2]), (sizes[1][1], sizes[1][2]), (0, 0)))
@@ -152,12 +160,10 @@ def _convolution(operands: list[Operand | None], output: Operand, options: objec
             patch = padded[:, top: top + (out_h - 1) * strides[0] + 1: strides[0],
                            left: left + (out_w - 1) * strides[1] + 1: strides[1], :]
             sums += patch * kernel[0, ky, kx] if depthwise else patch @ kernel[:, ky, kx, :].T
-    if len(operands) > 2 and operands[2] is not None:
-        sums = sums + operands[2].values.astype(np.int64)
-    return (sums, *_scales(x, weights, output, sums.shape, float_product=False))
+    return _with_bias(sums, operands, output, float_product=False)
 
 
-def _mul(operands: list[Operand | None], output: Operand, options: object) -> Results:
+def _mul(operands: list[Operand | None], output: Operand, options: Any) -> Results:
     a, b = operands[0], operands[1]
     assert a is not None and b is not None
     products = (a.values.astype(np.int64) - int(a.zero_points[0])) * (b.values.astype(np.int64) - int(b.zero_points[0]))
@@ -170,7 +176,7 @@ RESULTS = {"FULLY_CONNECTED": _fully_connected, "CONV_2D": _convolution, "DEPTHW
            "MUL": _mul}
 
 
-def way_of(kind: str, options: object, operands: list[Operand | None], output: Operand,
+def way_of(kind: str, options: Any, operands: list[Operand | None], output: Operand,
            computed: np.ndarray) -> str | None:
     """The rescaling way (a key of WAYS) with which `kind`'s output recomputed from `operands` is `computed` on every
     element; None when none is, or `kind` is not recomputed here."""
@@ -186,7 +192,7 @@ def way_of(kind: str, options: object, operands: list[Operand | None], output: O
     return None
 
 
-def explain(kind: str, options: object, operands: list[Operand | None], output: Operand, micro: np.ndarray,
+def explain(kind: str, options: Any, operands: list[Operand | None], output: Operand, micro: np.ndarray,
             litert: np.ndarray) -> str | None:
     """Why TFLite Micro's output (`micro`) and LiteRT's (`litert`) of one operator differ, when recomputing it from
     its inputs (and the operator's `options`) finds each one's rescaling way; None otherwise."""
