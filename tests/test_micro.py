@@ -99,6 +99,24 @@ def test_sources_compile_and_link_to_the_model_aligned(stm32: tuple[Path, bytes,
     assert output_elements == graph.tensors[graph.outputs[0]].elements == 10
 
 
+@needs_cxx
+@pytest.mark.parametrize("defines, builds", [
+    ([], True), (["-DTFLITE_SINGLE_ROUNDING=0"], True), (["-DTFLITE_SINGLE_ROUNDING=1"], False),
+    (["-DCMSIS_NN_USE_SINGLE_ROUNDING"], False),
+    (["-DTFLITE_SINGLE_ROUNDING=1", "-DCMSIS_NN_USE_SINGLE_ROUNDING", "-DEDGECC_ACCEPT_SINGLE_ROUNDING"], True)])
+def test_a_firmware_that_rounds_otherwise_than_the_measured_accuracy_does_not_build(
+        stm32: tuple[Path, bytes, int, list[str]], tmp_path: Path, defines: list[str], builds: bool) -> None:
+    """The accuracy edgecc reports was computed with TFLite Micro's two roundings (edgecc.requantize): a firmware
+    built to round once stops at model_settings.h unless its author accepts that on purpose."""
+    out = stm32[0]
+    (tmp_path / "uses.cc").write_text(
+        '#include "model_settings.h"\nint main() { return kTensorArenaSize > 0 ? 0 : 1; }\n')
+    result = subprocess.run([CXX, "-std=c++17", "-fsyntax-only", f"-I{out}", *defines, str(tmp_path / "uses.cc")],
+                            capture_output=True, text=True)
+    assert (result.returncode == 0) == builds, result.stderr
+    assert builds or "edgecc measured this model with TFLite Micro's double rounding, not single" in result.stderr
+
+
 def test_resolver_registers_exactly_the_models_ops(stm32: tuple[Path, bytes, int, list[str]]) -> None:
     out, model, _, _ = stm32
     capacity, names = registered((out / "op_resolver.h").read_text())
