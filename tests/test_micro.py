@@ -100,21 +100,27 @@ def test_sources_compile_and_link_to_the_model_aligned(stm32: tuple[Path, bytes,
 
 
 @needs_cxx
-@pytest.mark.parametrize("defines, builds", [
-    ([], True), (["-DTFLITE_SINGLE_ROUNDING=0"], True), (["-DTFLITE_SINGLE_ROUNDING=1"], False),
-    (["-DCMSIS_NN_USE_SINGLE_ROUNDING"], False),
-    (["-DTFLITE_SINGLE_ROUNDING=1", "-DCMSIS_NN_USE_SINGLE_ROUNDING", "-DEDGECC_ACCEPT_SINGLE_ROUNDING"], True)])
+@pytest.mark.parametrize("defines, sdkconfig, builds", [
+    ([], "", True), (["-DTFLITE_SINGLE_ROUNDING=0"], "", True), (["-DTFLITE_SINGLE_ROUNDING=1"], "", False),
+    (["-DCMSIS_NN_USE_SINGLE_ROUNDING"], "", False), ([], "#define CONFIG_NN_SKIP_NUDGE 1\n", False),
+    ([], "#define CONFIG_NN_OPTIMIZED 1\n", True),
+    (["-DTFLITE_SINGLE_ROUNDING=1", "-DCMSIS_NN_USE_SINGLE_ROUNDING", "-DEDGECC_ACCEPT_OTHER_ROUNDING"], "", True)])
 def test_a_firmware_that_rounds_otherwise_than_the_measured_accuracy_does_not_build(
-        stm32: tuple[Path, bytes, int, list[str]], tmp_path: Path, defines: list[str], builds: bool) -> None:
+        stm32: tuple[Path, bytes, int, list[str]], tmp_path: Path, defines: list[str], sdkconfig: str,
+        builds: bool) -> None:
     """The accuracy edgecc reports was computed with TFLite Micro's two roundings (edgecc.requantize): a firmware
-    built to round once stops at model_settings.h unless its author accepts that on purpose."""
+    built to round otherwise (a compile flag, or ESP-IDF's sdkconfig.h) stops at model_settings.h unless its
+    author accepts that on purpose."""
     out = stm32[0]
+    if sdkconfig:
+        (tmp_path / "sdkconfig.h").write_text(sdkconfig)
     (tmp_path / "uses.cc").write_text(
         '#include "model_settings.h"\nint main() { return kTensorArenaSize > 0 ? 0 : 1; }\n')
-    result = subprocess.run([CXX, "-std=c++17", "-fsyntax-only", f"-I{out}", *defines, str(tmp_path / "uses.cc")],
+    result = subprocess.run([CXX, "-std=c++17", "-fsyntax-only", f"-I{out}", f"-I{tmp_path}", *defines,
+                             str(tmp_path / "uses.cc")],
                             capture_output=True, text=True)
     assert (result.returncode == 0) == builds, result.stderr
-    assert builds or "edgecc measured this model with TFLite Micro's double rounding, not single" in result.stderr
+    assert builds or "edgecc measured this model with TFLite Micro's double rounding, not another" in result.stderr
 
 
 def test_resolver_registers_exactly_the_models_ops(stm32: tuple[Path, bytes, int, list[str]]) -> None:

@@ -116,16 +116,23 @@ def resolver_methods(ops: dict[str, int]) -> dict[str, str]:
 
 
 # edgecc measures a TFLite Micro target's accuracy with TFLite Micro's own kernels (edgecc.micro_eval), whose
-# requantization rounds twice; a firmware built to round once computes some values a step apart (edgecc.requantize).
+# requantization rounds twice; a firmware built to round otherwise computes some values a step apart
+# (edgecc.requantize). CMSIS-NN's and ESP-NN's flags as their sources (2026) name them.
 ROUNDING_GUARD = (
     "// edgecc measured this model's accuracy with TFLite Micro's default arithmetic: every requantization\n"
-    "// rounded twice (gemmlowp's), as CMSIS-NN also does by default. Built with TFLITE_SINGLE_ROUNDING or\n"
-    "// CMSIS_NN_USE_SINGLE_ROUNDING, some outputs come out one quantization step apart, and with only one of the\n"
-    "// two set the reference and CMSIS-NN kernels disagree with each other. Define EDGECC_ACCEPT_SINGLE_ROUNDING\n"
-    "// to build so anyway, then measure the accuracy on the board.\n"
-    "#if !defined(EDGECC_ACCEPT_SINGLE_ROUNDING) && \\\n"
-    "    ((defined(TFLITE_SINGLE_ROUNDING) && (TFLITE_SINGLE_ROUNDING + 0)) || defined(CMSIS_NN_USE_SINGLE_ROUNDING))\n"
-    "#error \"edgecc measured this model with TFLite Micro's double rounding, not single (see model_settings.h)\"\n"
+    "// rounded twice (gemmlowp's), as CMSIS-NN and ESP-NN also do by default. Built with TFLITE_SINGLE_ROUNDING,\n"
+    "// CMSIS_NN_USE_SINGLE_ROUNDING or ESP-NN's CONFIG_NN_SKIP_NUDGE, some outputs come out one quantization step\n"
+    "// apart (and with only one of the first two set, the reference and CMSIS-NN kernels disagree with each\n"
+    "// other). Define EDGECC_ACCEPT_OTHER_ROUNDING to build so anyway, then measure the accuracy on the board.\n"
+    "#if defined(__has_include)\n"
+    "#if __has_include(\"sdkconfig.h\")\n"
+    "#include \"sdkconfig.h\"  // ESP-IDF's project configuration: CONFIG_NN_SKIP_NUDGE\n"
+    "#endif\n"
+    "#endif\n"
+    "#if !defined(EDGECC_ACCEPT_OTHER_ROUNDING) && \\\n"
+    "    ((defined(TFLITE_SINGLE_ROUNDING) && (TFLITE_SINGLE_ROUNDING + 0)) || \\\n"
+    "     defined(CMSIS_NN_USE_SINGLE_ROUNDING) || defined(CONFIG_NN_SKIP_NUDGE) || defined(SKIP_NUDGE))\n"
+    "#error \"edgecc measured this model with TFLite Micro's double rounding, not another (see model_settings.h)\"\n"
     "#endif\n\n")
 
 
