@@ -11,8 +11,10 @@ import pytest
 
 from edgecc.graphpass import EditGraph, outputs, random_inputs
 from edgecc.memplan import micro_outputs
-from edgecc.requantize import RESULTS, WAYS, Operand, explain, one_rounding, quantized_multiplier, two_roundings, way_of
-from edgecc.tflite_edit import pack, pruned, unpack
+from edgecc.requantize import (RECOMPUTED, WAYS, Operand, explain, one_rounding, quantized_multiplier, two_roundings,
+                               way_of)
+from edgecc.requantize import _fully_connected  # the sums a FULLY_CONNECTED rescales, for a hand-made output
+from edgecc.tflite_edit import is_constant, pack, pruned, unpack
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TWO_ROUNDINGS, ONE_ROUNDING = list(WAYS)[:2]
@@ -52,9 +54,7 @@ def _single_operator(content: bytes, index: int) -> bytes:
     subgraph = model.subgraphs[0]
     op = subgraph.operators[index]
     subgraph.operators = [op]
-    subgraph.inputs = np.array([t for t in op.inputs if t >= 0 and not len(model.buffers[
-        subgraph.tensors[t].buffer].data if model.buffers[subgraph.tensors[t].buffer].data is not None else [])],
-                               np.int32)
+    subgraph.inputs = np.array([t for t in op.inputs if t >= 0 and not is_constant(model, int(t))], np.int32)
     subgraph.outputs = np.array(op.outputs[:1], np.int32)
     model.metadata = None
     return pack(pruned(model))
@@ -83,7 +83,7 @@ def test_each_interpreter_computes_what_one_way_recomputes(name: str) -> None:
     graph = EditGraph(unpack(content))
     checked = explained = 0
     for index, kind in enumerate(graph.kinds):
-        if kind not in RESULTS:
+        if kind not in RECOMPUTED:
             continue
         alone = _single_operator(content, index)
         inputs = random_inputs(alone, 4, seed=index)
@@ -104,10 +104,8 @@ def test_an_operator_recomputed_wrongly_is_not_explained() -> None:
     x = Operand(np.arange(-64, 64, dtype=np.int8).reshape(2, 64), np.array([0.02]), np.array([3]))
     w = Operand(np.ones((4, 64), np.int8), np.array([0.01]), np.array([0]))
     out = Operand(np.zeros(0, np.int8), np.array([0.05]), np.array([-2]))
-    from edgecc.requantize import _fully_connected  # the sums a FULLY_CONNECTED rescales
-
-    sums, fixed, _ = _fully_connected([x, w, None], out, None)
-    right = np.clip(two_roundings(sums, fixed) - 2, -128, 127).astype(np.int8)
+    sums, as_tflite, _ = _fully_connected([x, w, None], out, None)
+    right = np.clip(two_roundings(sums, as_tflite) - 2, -128, 127).astype(np.int8)
     assert way_of("FULLY_CONNECTED", None, [x, w, None], out, right) == TWO_ROUNDINGS
     wrong = right.copy()
     wrong[0, 0] += 1

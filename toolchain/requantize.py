@@ -99,7 +99,7 @@ def _clamped(value: np.ndarray, output: Operand, fused: int) -> np.ndarray:
     return np.clip(value + zero, lowest, highest)
 
 
-Results = tuple[np.ndarray, np.ndarray, np.ndarray]  # int32 results, real scale as TFLite and as XNNPACK compute it
+Results = tuple[np.ndarray, np.ndarray, np.ndarray]  # int32 results; real scales as TFLite and as XNNPACK compute them
 
 
 def _scales(x: Operand, weights: Operand, output: Operand, shape: tuple[int, ...], float_product: bool) -> tuple[
@@ -110,9 +110,9 @@ def _scales(x: Operand, weights: Operand, output: Operand, shape: tuple[int, ...
     weight_scales = np.asarray(weights.scales, np.float64)
     product = (np.float32(x.scales[0]) * weight_scales.astype(np.float32)).astype(np.float64) if float_product \
         else float(x.scales[0]) * weight_scales
-    single = np.float32(x.scales[0]) * weight_scales.astype(np.float32) / np.float32(output.scales[0])
+    in_float32 = np.float32(x.scales[0]) * weight_scales.astype(np.float32) / np.float32(output.scales[0])
     return (np.broadcast_to(product / float(output.scales[0]), shape),
-            np.broadcast_to(single.astype(np.float32), shape))
+            np.broadcast_to(in_float32.astype(np.float32), shape))
 
 
 def _with_bias(sums: np.ndarray, operands: list[Operand | None], output: Operand, float_product: bool) -> Results:
@@ -167,12 +167,12 @@ def _mul(operands: list[Operand | None], output: Operand, options: Any) -> Resul
     a, b = operands[0], operands[1]
     assert a is not None and b is not None
     products = (a.values.astype(np.int64) - int(a.zero_points[0])) * (b.values.astype(np.int64) - int(b.zero_points[0]))
-    fixed = float(a.scales[0]) * float(b.scales[0]) / float(output.scales[0])
-    single = np.float32(a.scales[0]) * np.float32(b.scales[0]) / np.float32(output.scales[0])
-    return products, np.full(products.shape, fixed), np.full(products.shape, single, np.float32)
+    as_tflite = float(a.scales[0]) * float(b.scales[0]) / float(output.scales[0])
+    in_float32 = np.float32(a.scales[0]) * np.float32(b.scales[0]) / np.float32(output.scales[0])
+    return products, np.full(products.shape, as_tflite), np.full(products.shape, in_float32, np.float32)
 
 
-RESULTS = {"FULLY_CONNECTED": _fully_connected, "CONV_2D": _convolution, "DEPTHWISE_CONV_2D": _convolution,
+RECOMPUTED = {"FULLY_CONNECTED": _fully_connected, "CONV_2D": _convolution, "DEPTHWISE_CONV_2D": _convolution,
            "MUL": _mul}
 
 
@@ -180,13 +180,13 @@ def way_of(kind: str, options: Any, operands: list[Operand | None], output: Oper
            computed: np.ndarray) -> str | None:
     """The rescaling way (a key of WAYS) with which `kind`'s output recomputed from `operands` is `computed` on every
     element; None when none is, or `kind` is not recomputed here."""
-    results = RESULTS.get(kind)
+    results = RECOMPUTED.get(kind)
     fused = getattr(options, "fusedActivationFunction", 0)
     if results is None or fused not in FUSED or any(o is not None and o.values.dtype != np.int8 for o in operands[:2]):
         return None
-    values, fixed, single = results(operands, output, options)
+    values, as_tflite, in_float32 = results(operands, output, options)
     for name, rescale in WAYS.items():
-        real = single if rescale is float32_nearest_even else fixed
+        real = in_float32 if rescale is float32_nearest_even else as_tflite
         if np.array_equal(_clamped(rescale(values, real), output, fused).reshape(computed.shape), computed):
             return name
     return None
