@@ -75,9 +75,9 @@ def _operands(content: bytes, values: list[np.ndarray]) -> tuple[str, object, li
     return graph.kinds[0], op.builtinOptions, [operand(int(t)) for t in op.inputs], operand(int(op.outputs[0]))
 
 
-@pytest.mark.parametrize("name", ["vit_int8", "gelu_int8"])
+@pytest.mark.parametrize("name", ["vit_int8", "gelu_int8", "text_int8"])
 def test_each_interpreter_computes_what_one_way_recomputes(name: str) -> None:
-    """Every convolution, FULLY_CONNECTED and MUL of a real model, alone, on random int8 inputs: TFLite Micro's
+    """Every convolution, FULLY_CONNECTED, MUL and ADD of a real model, alone, on random int8 inputs: TFLite Micro's
     output is the two-roundings recomputation, element for element; LiteRT's is one of the ways."""
     content = (FIXTURES / f"{name}.tflite").read_bytes()
     graph = EditGraph(unpack(content))
@@ -87,12 +87,13 @@ def test_each_interpreter_computes_what_one_way_recomputes(name: str) -> None:
             continue
         alone = _single_operator(content, index)
         inputs = random_inputs(alone, 4, seed=index)
-        one_activation = len(unpack(alone).subgraphs[0].inputs) == 1
+        # LiteRT's FULLY_CONNECTED of two activations (attention's products) rescales in a way not modelled here
+        modelled = kind != "FULLY_CONNECTED" or len(unpack(alone).subgraphs[0].inputs) == 1
         for values, micro, litert in zip(inputs, micro_outputs(alone, inputs), outputs(alone, inputs)):
             kind_, options, operands, output = _operands(alone, values)
             assert way_of(kind_, options, operands, output, micro[0]) == TWO_ROUNDINGS, (name, index, kind)
             theirs = way_of(kind_, options, operands, output, litert[0])
-            if one_activation:  # LiteRT's kernels for two activations (attention's products) are not modelled
+            if modelled:
                 assert theirs in WAYS, (name, index, kind)
                 explained += explain(kind_, options, operands, output, micro[0], litert[0]) is not None
             checked += 1

@@ -1,7 +1,8 @@
 """Requantization as each runtime rounds it, recomputed from an operator's own inputs.
 
-An int8 convolution, FULLY_CONNECTED or MUL sums (or multiplies) integers exactly, then rescales the int32 result
-to its output's scale: that step is where runtimes differ, by one quantization step on values near a half. TFLite
+An int8 convolution, FULLY_CONNECTED, MUL or ADD sums (or multiplies) integers exactly, then rescales the int32
+result to its output's scale (ADD rescales each input first): that step is where runtimes differ, by one
+quantization step on values near a half. TFLite
 Micro, and CMSIS-NN on the board, round twice by default: gemmlowp's rounding doubling high multiply by a
 fixed-point multiplier, then a rounding right shift (neither TFLITE_SINGLE_ROUNDING nor CMSIS-NN's
 CMSIS_NN_USE_SINGLE_ROUNDING is set unless a board's build sets it; CMSIS-NN asks for the two to be set alike).
@@ -172,22 +173,52 @@ def _mul(operands: list[Operand | None], output: Operand, options: Any) -> Resul
     return products, np.full(products.shape, as_tflite), np.full(products.shape, in_float32, np.float32)
 
 
-RECOMPUTED = {"FULLY_CONNECTED": _fully_connected, "CONV_2D": _convolution, "DEPTHWISE_CONV_2D": _convolution,
-           "MUL": _mul}
+ADD_LEFT_SHIFT = 20  # TFLite's int8 ADD lifts both inputs by 2^20 before rescaling each
+
+
+def _add(operands: list[Operand | None], output: Operand, options: Any, rescale: Rescale) -> np.ndarray:
+    """TFLite's int8 ADD: each input, lifted by 2^20, rescaled to twice the larger input scale, summed, and the sum
+    rescaled to the output; three rescalings, each rounded the same way. (In float32, the exact sum scaled once.)"""
+    a, b = operands[0], operands[1]
+    assert a is not None and b is not None
+    x, y = ((o.values.astype(np.int64) - int(o.zero_points[0])) for o in (a, b))
+    if rescale is float32_nearest_even:
+        total = (x.astype(np.float32) * np.float32(a.scales[0]) + y.astype(np.float32) * np.float32(b.scales[0]))
+        return np.rint(total / np.float32(output.scales[0])).astype(np.int64)
+    twice = 2 * max(float(a.scales[0]), float(b.scales[0]))
+    lifted = [rescale(v * (1 << ADD_LEFT_SHIFT), np.full(v.shape, float(o.scales[0]) / twice)) for v, o in
+              ((x, a), (y, b))]
+    total = np.broadcast_arrays(*lifted)
+    summed = total[0] + total[1]
+    return rescale(summed, np.full(summed.shape, twice / ((1 << ADD_LEFT_SHIFT) * float(output.scales[0]))))
+
+
+def _rescaled_once(results: Callable[[list[Operand | None], Operand, Any], Results]) -> Recompute:
+    """An operator whose exact integer results are rescaled once (convolutions, FULLY_CONNECTED, MUL)."""
+    def recompute(operands: list[Operand | None], output: Operand, options: Any, rescale: Rescale) -> np.ndarray:
+        values, as_tflite, in_float32 = results(operands, output, options)
+        return rescale(values, in_float32 if rescale is float32_nearest_even else as_tflite)
+    return recompute
+
+
+Recompute = Callable[[list[Operand | None], Operand, Any, Rescale], np.ndarray]  # before the zero point and clamp
+RECOMPUTED: dict[str, Recompute] = {
+    "FULLY_CONNECTED": _rescaled_once(_fully_connected), "CONV_2D": _rescaled_once(_convolution),
+    "DEPTHWISE_CONV_2D": _rescaled_once(_convolution), "MUL": _rescaled_once(_mul), "ADD": _add}
 
 
 def way_of(kind: str, options: Any, operands: list[Operand | None], output: Operand,
            computed: np.ndarray) -> str | None:
     """The rescaling way (a key of WAYS) with which `kind`'s output recomputed from `operands` is `computed` on every
     element; None when none is, or `kind` is not recomputed here."""
-    results = RECOMPUTED.get(kind)
+    recompute = RECOMPUTED.get(kind)
     fused = getattr(options, "fusedActivationFunction", 0)
-    if results is None or fused not in FUSED or any(o is not None and o.values.dtype != np.int8 for o in operands[:2]):
+    int8 = all(o is not None and o.values.dtype == np.int8 for o in operands[:2])
+    if recompute is None or fused not in FUSED or not int8:
         return None
-    values, as_tflite, in_float32 = results(operands, output, options)
     for name, rescale in WAYS.items():
-        real = in_float32 if rescale is float32_nearest_even else as_tflite
-        if np.array_equal(_clamped(rescale(values, real), output, fused).reshape(computed.shape), computed):
+        ours = _clamped(recompute(operands, output, options, rescale), output, fused)
+        if ours.size == computed.size and np.array_equal(ours.reshape(computed.shape), computed):
             return name
     return None
 
