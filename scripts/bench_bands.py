@@ -174,10 +174,10 @@ def measure(name: str, content: bytes) -> dict[str, Any]:
     """The model as given against each split of its stem."""
     given = measured_arena(content)
     graph = read_graph(content)
+    memory = plan_memory(graph)
     row: dict[str, Any] = {"name": name, "operators": len(graph.operators), "arena": given.bytes,
-                           "persistent": given.tail_bytes, "bound": plan_memory(graph).lower_bound_bytes,
-                           "peak_op": plan_memory(graph).peak_op, "stem": len(stem(EditGraph(unpack(content)))),
-                           "splits": []}
+                           "persistent": given.tail_bytes, "bound": memory.lower_bound_bytes, "peak_op": memory.peak_op,
+                           "stem": len(stem(EditGraph(unpack(content)))), "splits": []}
     inputs = random_inputs(one_dimension_quantized_along_it(content), CHECKS)
     for layers in LAYERS:
         for bands in BANDS:

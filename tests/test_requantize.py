@@ -11,8 +11,8 @@ import pytest
 
 from edgecc.graphpass import EditGraph, outputs, random_inputs
 from edgecc.memplan import micro_outputs
-from edgecc.requantize import (RECOMPUTED, WAYS, Operand, explain, one_rounding, quantized_multiplier, two_roundings,
-                               way_of)
+from edgecc.requantize import (RECOMPUTED, WAYS, Operand, explain, one_rounding, quantized_multiplier, recomputed,
+                               two_roundings, way_of)
 from edgecc.requantize import _fully_connected  # the sums a FULLY_CONNECTED rescales, for a hand-made output
 from edgecc.tflite_edit import is_constant, pack, pruned, unpack
 
@@ -91,10 +91,10 @@ def test_each_interpreter_computes_what_one_way_recomputes(name: str) -> None:
         modelled = kind != "FULLY_CONNECTED" or len(unpack(alone).subgraphs[0].inputs) == 1
         for values, micro, litert in zip(inputs, micro_outputs(alone, inputs), outputs(alone, inputs)):
             kind_, options, operands, output = _operands(alone, values)
-            assert way_of(kind_, options, operands, output, micro[0]) == TWO_ROUNDINGS, (name, index, kind)
-            theirs = way_of(kind_, options, operands, output, litert[0])
+            ways = recomputed(kind_, options, operands, output)
+            assert way_of(ways, micro[0]) == TWO_ROUNDINGS, (name, index, kind)
             if modelled:
-                assert theirs in WAYS, (name, index, kind)
+                assert way_of(ways, litert[0]) in WAYS, (name, index, kind)
                 explained += explain(kind_, options, operands, output, micro[0], litert[0]) is not None
             checked += 1
     assert checked >= 8 and explained  # each way seen, and LiteRT's does part from TFLite Micro's somewhere
@@ -107,8 +107,9 @@ def test_an_operator_recomputed_wrongly_is_not_explained() -> None:
     out = Operand(np.zeros(0, np.int8), np.array([0.05]), np.array([-2]))
     sums, as_tflite, _ = _fully_connected([x, w, None], out, None)
     right = np.clip(two_roundings(sums, as_tflite) - 2, -128, 127).astype(np.int8)
-    assert way_of("FULLY_CONNECTED", None, [x, w, None], out, right) == TWO_ROUNDINGS
+    ways = recomputed("FULLY_CONNECTED", None, [x, w, None], out)
+    assert way_of(ways, right) == TWO_ROUNDINGS
     wrong = right.copy()
     wrong[0, 0] += 1
-    assert way_of("FULLY_CONNECTED", None, [x, w, None], out, wrong) is None
+    assert way_of(ways, wrong) is None
     assert explain("FULLY_CONNECTED", None, [x, w, None], out, right, wrong) is None

@@ -20,7 +20,7 @@ from edgecc.arena import micro_interpreter
 from edgecc.graphpass import EditGraph
 from edgecc.memplan import METADATA_NAME
 from edgecc.progress import Reporter
-from edgecc.reader import read_graph
+from edgecc.reader import Graph, read_graph
 from edgecc.requantize import Operand, explain
 from edgecc.runtime import Model, Quantization
 from edgecc.tflite_edit import pack, pruned, unpack
@@ -100,22 +100,21 @@ def first_difference(content: bytes, example: np.ndarray) -> dict[str, Any] | No
         if not np.array_equal(ours, theirs):
             return {"operator": index, "kind": op.kind, "elements_differing": int((ours != theirs).sum()),
                     "elements": int(ours.size), "max_steps": int(np.abs(ours - theirs).max()),
-                    "cause": _cause(content, index, example, ours, theirs)}
+                    "cause": _cause(content, graph, index, example, ours, theirs)}
     return None
 
 
-def _cause(content: bytes, index: int, example: np.ndarray, ours: np.ndarray, theirs: np.ndarray) -> str | None:
+def _cause(content: bytes, graph: Graph, index: int, example: np.ndarray, ours: np.ndarray,
+           theirs: np.ndarray) -> str | None:
     """Why operator `index`'s outputs differ, when edgecc.requantize recomputes it from its inputs: the graph's input,
     its constants, and earlier operators' outputs (which both runtimes computed alike: every operator before it
     agreed)."""
-    model = unpack(content)
-    editable = EditGraph(model)
-    graph = read_graph(content)
+    editable = EditGraph(unpack(content))
     producers = {t: i for i, op in enumerate(graph.operators) for t in op.outputs[:1]}
-    entry = Model(content)
 
     def values(tensor: int) -> np.ndarray | None:
         if tensor in graph.inputs:
+            entry = Model(content)
             return entry.input_quantization.quantize(example[np.newaxis], entry.input["dtype"])
         if graph.tensors[tensor].constant:
             return editable.constant(tensor)

@@ -2,10 +2,10 @@
 
 An int8 convolution, FULLY_CONNECTED, MUL or ADD sums (or multiplies) integers exactly, then rescales the int32
 result to its output's scale (ADD rescales each input first): that step is where runtimes differ, by one
-quantization step on values near a half. TFLite
-Micro, and CMSIS-NN on the board, round twice by default: gemmlowp's rounding doubling high multiply by a
-fixed-point multiplier, then a rounding right shift (neither TFLITE_SINGLE_ROUNDING nor CMSIS-NN's
-CMSIS_NN_USE_SINGLE_ROUNDING is set unless a board's build sets it; CMSIS-NN asks for the two to be set alike).
+quantization step on values near a half. TFLite Micro, and CMSIS-NN on the board, round twice by default:
+gemmlowp's rounding doubling high multiply by a fixed-point multiplier, then a rounding right shift (neither
+TFLITE_SINGLE_ROUNDING nor CMSIS-NN's CMSIS_NN_USE_SINGLE_ROUNDING is set unless a board's build sets it; CMSIS-NN
+asks for the two to be set alike).
 LiteRT's kernels, and XNNPACK's, may round once, half up, or rescale in float32. `explain` recomputes an operator's
 output each way in numpy and names the way that gives each runtime's output on every element, so a report states
 why two runtimes part instead of guessing. Nothing here needs TensorFlow.
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 FUSED = {0: (None, None), 1: (0.0, None), 3: (0.0, 6.0)}  # fused activation code -> the real range it clamps to
-Rescale = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (int32 results, real scale per element) -> integers
+Rescale = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (int32 results, real scales broadcast to them) -> integers
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def quantized_multiplier(real: float) -> tuple[int, int]:
 
 
 def _fixed_point(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantized_multiplier of each real scale (a scalar, or one per output channel), in `real`'s shape."""
     pairs = [quantized_multiplier(float(r)) for r in np.ravel(real)]
     multipliers, shifts = (np.array(column, np.int64).reshape(np.shape(real)) for column in zip(*pairs))
     return multipliers, shifts
@@ -100,11 +101,11 @@ def _clamped(value: np.ndarray, output: Operand, fused: int) -> np.ndarray:
     return np.clip(value + zero, lowest, highest)
 
 
-Results = tuple[np.ndarray, np.ndarray, np.ndarray]  # int32 results; real scales as TFLite and as XNNPACK compute them
+# int32 results; their real scales (per output channel, the last axis, or one) as TFLite and as XNNPACK compute them
+Results = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _scales(x: Operand, weights: Operand, output: Operand, shape: tuple[int, ...], float_product: bool) -> tuple[
-        np.ndarray, np.ndarray]:
+def _scales(x: Operand, weights: Operand, output: Operand, float_product: bool) -> tuple[np.ndarray, np.ndarray]:
     """Each output channel's real scale, input x weight scale / output scale: as TFLite computes it (the product in
     float32 for FULLY_CONNECTED, `float_product`, in double for convolutions; the quotient in double) and as
     XNNPACK does (all in float32)."""
@@ -112,8 +113,7 @@ def _scales(x: Operand, weights: Operand, output: Operand, shape: tuple[int, ...
     product = (np.float32(x.scales[0]) * weight_scales.astype(np.float32)).astype(np.float64) if float_product \
         else float(x.scales[0]) * weight_scales
     in_float32 = np.float32(x.scales[0]) * weight_scales.astype(np.float32) / np.float32(output.scales[0])
-    return (np.broadcast_to(product / float(output.scales[0]), shape),
-            np.broadcast_to(in_float32.astype(np.float32), shape))
+    return product / float(output.scales[0]), in_float32.astype(np.float32)
 
 
 def _with_bias(sums: np.ndarray, operands: list[Operand | None], output: Operand, float_product: bool) -> Results:
@@ -122,7 +122,7 @@ def _with_bias(sums: np.ndarray, operands: list[Operand | None], output: Operand
     assert x is not None and weights is not None
     if bias is not None:
         sums = sums + bias.values.astype(np.int64)
-    return (sums, *_scales(x, weights, output, sums.shape, float_product))
+    return (sums, *_scales(x, weights, output, float_product))
 
 
 def _fully_connected(operands: list[Operand | None], output: Operand, options: Any) -> Results:
@@ -170,64 +170,70 @@ def _mul(operands: list[Operand | None], output: Operand, options: Any) -> Resul
     products = (a.values.astype(np.int64) - int(a.zero_points[0])) * (b.values.astype(np.int64) - int(b.zero_points[0]))
     as_tflite = float(a.scales[0]) * float(b.scales[0]) / float(output.scales[0])
     in_float32 = np.float32(a.scales[0]) * np.float32(b.scales[0]) / np.float32(output.scales[0])
-    return products, np.full(products.shape, as_tflite), np.full(products.shape, in_float32, np.float32)
+    return products, np.asarray(as_tflite), np.asarray(in_float32, np.float32)
 
 
 ADD_LEFT_SHIFT = 20  # TFLite's int8 ADD lifts both inputs by 2^20 before rescaling each
 
 
-def _add(operands: list[Operand | None], output: Operand, options: Any, rescale: Rescale) -> np.ndarray:
+def _add(operands: list[Operand | None], output: Operand, options: Any) -> dict[str, np.ndarray]:
     """TFLite's int8 ADD: each input, lifted by 2^20, rescaled to twice the larger input scale, summed, and the sum
     rescaled to the output; three rescalings, each rounded the same way. (In float32, the exact sum scaled once.)"""
     a, b = operands[0], operands[1]
     assert a is not None and b is not None
     x, y = ((o.values.astype(np.int64) - int(o.zero_points[0])) for o in (a, b))
-    if rescale is float32_nearest_even:
-        total = (x.astype(np.float32) * np.float32(a.scales[0]) + y.astype(np.float32) * np.float32(b.scales[0]))
-        return np.rint(total / np.float32(output.scales[0])).astype(np.int64)
     twice = 2 * max(float(a.scales[0]), float(b.scales[0]))
-    lifted = [rescale(v * (1 << ADD_LEFT_SHIFT), np.full(v.shape, float(o.scales[0]) / twice)) for v, o in
-              ((x, a), (y, b))]
-    total = np.broadcast_arrays(*lifted)
-    summed = total[0] + total[1]
-    return rescale(summed, np.full(summed.shape, twice / ((1 << ADD_LEFT_SHIFT) * float(output.scales[0]))))
+    ways = {}
+    for name, rescale in WAYS.items():
+        if rescale is float32_nearest_even:
+            total = x.astype(np.float32) * np.float32(a.scales[0]) + y.astype(np.float32) * np.float32(b.scales[0])
+            ways[name] = np.rint(total / np.float32(output.scales[0])).astype(np.int64)
+            continue
+        summed = sum(rescale(v * (1 << ADD_LEFT_SHIFT), np.asarray(float(o.scales[0]) / twice))
+                     for v, o in ((x, a), (y, b)))
+        ways[name] = rescale(summed, np.asarray(twice / ((1 << ADD_LEFT_SHIFT) * float(output.scales[0]))))
+    return ways
 
 
 def _rescaled_once(results: Callable[[list[Operand | None], Operand, Any], Results]) -> Recompute:
-    """An operator whose exact integer results are rescaled once (convolutions, FULLY_CONNECTED, MUL)."""
-    def recompute(operands: list[Operand | None], output: Operand, options: Any, rescale: Rescale) -> np.ndarray:
+    """An operator whose exact integer results, computed once, are rescaled once each way (convolutions,
+    FULLY_CONNECTED, MUL)."""
+    def recompute(operands: list[Operand | None], output: Operand, options: Any) -> dict[str, np.ndarray]:
         values, as_tflite, in_float32 = results(operands, output, options)
-        return rescale(values, in_float32 if rescale is float32_nearest_even else as_tflite)
+        return {name: rescale(values, in_float32 if rescale is float32_nearest_even else as_tflite)
+                for name, rescale in WAYS.items()}
     return recompute
 
 
-Recompute = Callable[[list[Operand | None], Operand, Any, Rescale], np.ndarray]  # before the zero point and clamp
+Recompute = Callable[[list[Operand | None], Operand, Any], dict[str, np.ndarray]]  # each way's, before zero point
 RECOMPUTED: dict[str, Recompute] = {
     "FULLY_CONNECTED": _rescaled_once(_fully_connected), "CONV_2D": _rescaled_once(_convolution),
     "DEPTHWISE_CONV_2D": _rescaled_once(_convolution), "MUL": _rescaled_once(_mul), "ADD": _add}
 
 
-def way_of(kind: str, options: Any, operands: list[Operand | None], output: Operand,
-           computed: np.ndarray) -> str | None:
-    """The rescaling way (a key of WAYS) with which `kind`'s output recomputed from `operands` is `computed` on every
-    element; None when none is, or `kind` is not recomputed here."""
+def recomputed(kind: str, options: Any, operands: list[Operand | None], output: Operand) -> dict[str, np.ndarray]:
+    """`kind`'s output recomputed from `operands` each way (keys of WAYS), zero point added and clamped; empty when
+    `kind`, its fused activation or its operands are not ones recomputed here."""
     recompute = RECOMPUTED.get(kind)
     fused = getattr(options, "fusedActivationFunction", 0)
     int8 = all(o is not None and o.values.dtype == np.int8 for o in operands[:2])
     if recompute is None or fused not in FUSED or not int8:
-        return None
-    for name, rescale in WAYS.items():
-        ours = _clamped(recompute(operands, output, options, rescale), output, fused)
-        if ours.size == computed.size and np.array_equal(ours.reshape(computed.shape), computed):
-            return name
-    return None
+        return {}
+    return {name: _clamped(values, output, fused) for name, values in recompute(operands, output, options).items()}
+
+
+def way_of(ways: dict[str, np.ndarray], computed: np.ndarray) -> str | None:
+    """The way (of `recomputed`'s) that gives `computed` on every element; None when none does."""
+    return next((name for name, ours in ways.items()
+                 if ours.size == computed.size and np.array_equal(ours.reshape(computed.shape), computed)), None)
 
 
 def explain(kind: str, options: Any, operands: list[Operand | None], output: Operand, micro: np.ndarray,
             litert: np.ndarray) -> str | None:
     """Why TFLite Micro's output (`micro`) and LiteRT's (`litert`) of one operator differ, when recomputing it from
     its inputs (and the operator's `options`) finds each one's rescaling way; None otherwise."""
-    ours, theirs = (way_of(kind, options, operands, output, computed) for computed in (micro, litert))
+    ways = recomputed(kind, options, operands, output)
+    ours, theirs = way_of(ways, micro), way_of(ways, litert)
     if ours is None or theirs is None or ours == theirs:
         return None
     return (f"recomputed here from its inputs: TFLite Micro rescales its integer results with {ours}, LiteRT with "
