@@ -60,6 +60,32 @@ def test_one_example_gives_the_mixing_its_own_attention_so_the_mixed_model_answe
     assert mixed.count_params() == model.count_params() - gone + 2 * kernel.size + gates  # q, k out, mixing in
 
 
+def test_sigmoid_attention_weighs_each_key_by_the_sigmoid_of_its_score_less_the_softmax_log_normaliser() -> None:
+    """compress.mixing 'sigmoid' keeps the queries, keys and values: block0's new context must be, per head,
+    sum_j sigmoid(q_i·k_j/sqrt(d) - L) v_j, with L the head's mean log sum_j exp(q_i·k_j/sqrt(d)) over the
+    examples, recomputed here in numpy from the model's own projections."""
+    model = _vit(heads=2)
+    x = DIGITS.x[DIGITS.train_index[:6]]
+    mixed = constant_mixing(model, x, "sigmoid")
+    names = {layer.name for layer in mixed.layers}
+    assert not [layer for layer in mixed.layers if isinstance(layer, (AttentionScores, AttentionContext))]
+    assert {"block0_query", "block0_key", "block0_value", "block1_query"} <= names
+    q, k, v = keras.Model(model.inputs, [model.get_layer(f"block0_{n}").output for n in ("query", "key", "value")]
+                          ).predict(x, verbose=0)
+    heads, head_dim = 2, q.shape[-1] // 2
+    context = np.zeros_like(v)
+    for h in range(heads):
+        part = slice(h * head_dim, (h + 1) * head_dim)
+        s = np.einsum("bid,bjd->bij", q[..., part], k[..., part]) / np.sqrt(head_dim)
+        top = s.max(axis=-1, keepdims=True)
+        normaliser = np.mean(top[..., 0] + np.log(np.exp(s - top).sum(axis=-1)))
+        context[..., part] = np.einsum("bij,bjd->bid", 1 / (1 + np.exp(normaliser - s)), v[..., part])
+    got = keras.Model(mixed.inputs, mixed.get_layer("block0_context_keys_summed").output).predict(x, verbose=0)
+    np.testing.assert_allclose(got, context, rtol=1e-4, atol=1e-5)
+    added = sum(mixed.get_layer(f"block{i}_context_{n}").count_params() for i in (0, 1) for n in ("scores", "spread"))
+    assert mixed.count_params() == model.count_params() + added == model.count_params() + 2 * (16 * 2 + 2 + 2 * 16)
+
+
 def test_keep_attention_keeps_the_attention_whose_mixing_moves_the_outputs_most() -> None:
     """block1's query is zeroed, so its attention is uniform whatever the input: its mixing is exact and moves
     nothing. Keeping one attention must keep block0's (not the last block's), and the model with block1 mixed then
@@ -166,12 +192,13 @@ def test_a_gelu_read_by_more_than_one_layer_is_refused_by_name() -> None:
 
 
 @pytest.mark.parametrize(("kind", "mixing"), [("vit", "per_head"), ("text", "per_head"), ("masked", "per_head"),
-                                              ("masked", "gated")])
+                                              ("masked", "gated"), ("text", "sigmoid"), ("masked", "sigmoid")])
 def test_the_mixed_int8_model_maps_to_the_edge_tpu_whole(kind: str, mixing: str) -> None:
     """After 'mix' and 'ptq', no operator multiplies two activations but element-wise: lowered for coral-usb, the
     pipeline is one Edge TPU segment (after a text model's embedding lookup, the host pre-step) with every MAC but
     the lookup's. MiniLM's form ('masked': padding mask, GELU with compress.gelu = 'sigmoid', mean over the real
-    tokens, then QAT) too: the mask's arithmetic on the ids joins the pre-step; and with the gated mixing's MUL."""
+    tokens, then QAT) too: the mask's arithmetic on the ids joins the pre-step; and with the gated mixing's MUL, or
+    sigmoid attention's element-wise products, LOGISTIC and SUM over the keys."""
     keras.utils.set_random_seed(0)
     config = VitConfig(stem_filters=(8,), stem_strides=(2,), dim=16, depth=2, heads=2, mlp_dim=32, dropout=0.0)
     if kind == "vit":
@@ -187,8 +214,11 @@ def test_the_mixed_int8_model_maps_to_the_edge_tpu_whole(kind: str, mixing: str)
                             TrainSection(batch_size=64, augment_shift=0), 0, calibration, Reporter(quiet=True))
     graph = read_graph(final.int8)
     assert "BATCH_MATMUL" not in graph.op_counts() and "SOFTMAX" not in graph.op_counts()
-    # the one-block 'masked' toy's sigmoid GELU and its gate, when gated
-    assert graph.op_counts().get("LOGISTIC", 0) == (kind == "masked") + (mixing == "gated")
+    # the one-block 'masked' toy's sigmoid GELU, and a gate or sigmoid attention's weights per block
+    blocks = 1 if kind == "masked" else 2
+    assert graph.op_counts().get("LOGISTIC", 0) == (kind == "masked") + blocks * (mixing in ("gated", "sigmoid"))
+    over_keys = [op for op in graph.operators if op.kind == "SUM" and len(graph.tensors[op.inputs[0]].shape) == 4]
+    assert len(over_keys) == blocks * (mixing == "sigmoid")  # the masked toy's mean over real tokens sums too
     assert all(graph.tensors[op.inputs[1]].constant for op in graph.operators if op.kind == "FULLY_CONNECTED")
     pipeline = split_for_edgetpu(final.int8, load_target("coral-usb"))
     assert [s.edgetpu for s in pipeline.segments] == ([True] if kind == "vit" else [False, True])

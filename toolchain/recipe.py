@@ -25,7 +25,7 @@ STAGES = ("prune", "mix", "qat", "ptq", "sparsify")
 QUANTIZING = ("qat", "ptq")
 SPARSITY_PATTERNS = ("magnitude", "2:4")
 GELU_FORMS = ("exact", "sigmoid")
-MIXING_FORMS = ("per_head", "shared", "gated")
+MIXING_FORMS = ("per_head", "shared", "gated", "sigmoid")
 BALANCE = ("auto", "sampling", "weights", "none")
 CLASS_EQUAL_METRICS = ("balanced_accuracy", "macro_f1", "recall")  # metrics that weigh the classes alike
 AUTO_IMAGE_SIZE_LIMIT = 128
@@ -233,7 +233,10 @@ class CompressSection:
                            "token) whose off-diagonal blocks distillation may fill; 'shared' uses one matrix per block, "
                            "the heads' mean (heads times fewer mixing weights); 'gated' is 'per_head' times a "
                            "sigmoid gate of the block's input per token and channel (gMLP's spatial gating), learnt "
-                           "in distillation: the mixing then depends on the input")
+                           "in distillation: the mixing then depends on the input; 'sigmoid' keeps the queries and "
+                           "keys and weighs each key by sigmoid(q·k/sqrt(d) + b) instead of softmax, with element-wise "
+                           "products the Edge TPU maps (about (heads + 2)·tokens²·width MACs per block: for Edge TPU "
+                           "targets)")
     keep_attention: int = spec(0, minimum=0, applies=MIX,
                                doc="mix: how many self-attentions stay as they are, those whose mixing alone changes "
                                    "the student's outputs on the calibration examples the most; on the Edge TPU each "

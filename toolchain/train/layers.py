@@ -176,6 +176,18 @@ class AttentionContext(_MultiHead):
 
 
 @keras.utils.register_keras_serializable(package=PACKAGE)
+class KeySum(keras.layers.Layer):
+    """Sum over the keys: (batch, queries, keys, features) -> (batch, queries, features), one int8 SUM.
+
+    The context of sigmoid attention (edgecc.train.mixing, compress.mixing 'sigmoid') written as element-wise
+    products summed over the keys: operators the Edge TPU maps, where a matrix product of two activations is not.
+    """
+
+    def call(self, x: Any) -> Any:
+        return tf.reduce_sum(x, axis=-2)
+
+
+@keras.utils.register_keras_serializable(package=PACKAGE)
 class LayerNorm(keras.layers.Layer):
     """Layer normalisation over the last axis, written out op by op.
 

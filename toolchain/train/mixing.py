@@ -20,6 +20,16 @@ a MUL the Edge TPU maps, where exp(bias) would need EXP (whose int8 version the 
 read off the bias by a constant rescaling, so the bias must take only 0 and one negative value on the examples
 (read from them); anything else is refused by name. The rows of M are not renormalised for the padding (that
 would divide by an activation); distillation adapts M to it.
+
+'sigmoid' is not a constant mixing: it keeps each attention's queries and keys but weighs key j for query i by
+sigmoid(q_i·k_j/sqrt(d) + b) instead of softmax (sigmoid attention, Ramapuram et al. 2024), written with operators
+the Edge TPU maps: the products q_i ⊙ k_j (a MUL broadcast over (query, key)), summed per head by a Dense whose
+kernel starts as the heads' 1/sqrt(d) blocks, a LOGISTIC, a Dense that spreads each head's weight over its
+features (kernel starts as 0/1 blocks), the MUL by the values and a SUM over the keys (layers.KeySum). b starts at
+minus the head's mean log normaliser of the softmax on the examples, where sigmoid(s - log Σ exp s) ≈ softmax(s) for
+every key but the few it attends to most; distillation does the rest. A padding mask stays as the 0/1 weight on
+the values, as above. It costs about (heads + 2)·tokens²·width MACs per block, which the Edge TPU runs in
+microseconds but a CPU does not: a form for Edge TPU targets.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import numpy as np
 
 from edgecc.errors import EdgeccError
 from edgecc.progress import Reporter
-from edgecc.train.layers import keras
+from edgecc.train.layers import KeySum, keras
 from edgecc.train.prune import Wiring, bypassed, config_source, find_units, rebuilt
 
 layers = keras.layers
@@ -50,12 +60,22 @@ def _entry(layer: Any, *sources: str | list[Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class _Mixable:
     """One self-attention that `mix` can replace: its unit, the layers between its scores and its context (softmax,
-    dropout), its key bias (tensor, softmax name) if any, and its mean attention (heads, tokens, tokens)."""
+    dropout), its key bias (tensor, softmax name) if any, its mean attention (heads, tokens, tokens) and each head's
+    mean log normaliser of the softmax, log Σ_j exp(s_ij + bias_j) (heads,)."""
 
     unit: Any
     chain: list[str]
     bias: tuple[Any, str] | None
     mean: np.ndarray
+    normaliser: np.ndarray
+
+
+def _log_normaliser(scores: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Each head's mean over examples and queries of log Σ_j exp(s_ij + bias_j), read where p_ij is largest (a real
+    token, bias 0): s_ij - log p_ij there, whatever the bias is elsewhere."""
+    top = probs.argmax(axis=-1)[..., None]
+    at_top = np.take_along_axis(scores, top, -1) - np.log(np.take_along_axis(probs, top, -1))
+    return at_top[..., 0].mean(axis=(0, 2))
 
 
 def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head", *, keep: int = 0,
@@ -73,13 +93,14 @@ def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head", *, keep: 
                           "leaves none for 'mix' to replace; keep fewer")
     nodes = {node.layer.name: node for node in Wiring(model).nodes}
     probs = [nodes[unit.context].call_args[0][0] for unit in attention]
-    chains = [_chain(nodes[unit.scores].outputs, tensor) for unit, tensor in zip(attention, probs)]
+    scores = [nodes[unit.scores].outputs for unit in attention]
+    chains = [_chain(tensor, p) for tensor, p in zip(scores, probs)]
     biases = {id(bias[0]): bias[0] for _, bias in chains if bias is not None}
-    computed = keras.Model(model.inputs, probs + list(biases.values())).predict(x, batch_size=256, verbose=0)
-    computed = computed if isinstance(computed, list) else [computed]
-    bias_values = dict(zip(biases, computed[len(probs):]))
-    mixable = [_Mixable(unit, chain, bias, p.mean(axis=0))
-               for unit, (chain, bias), p in zip(attention, chains, computed[:len(probs)])]
+    computed = keras.Model(model.inputs, probs + scores + list(biases.values())).predict(x, batch_size=256, verbose=0)
+    n = len(probs)
+    bias_values = dict(zip(biases, computed[2 * n:]))
+    mixable = [_Mixable(unit, chain, bias, p.mean(axis=0), _log_normaliser(s, p))
+               for unit, (chain, bias), p, s in zip(attention, chains, computed[:n], computed[n:2 * n])]
     if keep:
         reference = model.predict(x, batch_size=256, verbose=0)
         change = [float(np.mean((_mixed(model, [m], nodes, bias_values, form).predict(x, batch_size=256, verbose=0)
@@ -106,7 +127,7 @@ def _mixed(model: Any, mixable: list[_Mixable], nodes: dict[str, Any], bias_valu
     keeps: dict[int, str] = {}  # the per-token weight layer made from each padding bias
     for m in mixable:
         unit = m.unit
-        gone |= {unit.query, unit.key, unit.scores, unit.context, *m.chain}
+        gone |= {unit.scores, unit.context, *m.chain} | (set() if form == "sigmoid" else {unit.query, unit.key})
         values, entries = unit.value, []
         if m.bias is not None:
             tensor, softmax = m.bias
@@ -116,6 +137,15 @@ def _mixed(model: Any, mixable: list[_Mixable], nodes: dict[str, Any], bias_valu
             values = f"{unit.context}_masked_values"
             entries.append(_entry(layers.Multiply(name=values), unit.value, keeps[id(tensor)]))
         width = int(nodes[unit.context].call_args[0][1].shape[-1])  # the values' (heads * head_dim)
+        if form == "sigmoid":
+            new, layer_weights = _sigmoid_layers(unit, m, width)
+            sources_of = {f"{unit.context}_query_rows": [unit.query], f"{unit.context}_key_columns": [unit.key],
+                          f"{unit.context}_value_rows": [values]}
+            entries += [_entry(layer, *sources_of.get(layer.name, reads)) for layer, reads in new]
+            weights |= {entry["name"]: [] for entry in entries} | layer_weights
+            added[unit.output] = entries
+            sources[unit.context] = (new[-1][0].name, 0, 0)
+            continue
         new, kernel = _mixing_layers(unit.context, m.mean, width, form)
         entries += [_entry(layer, source) for layer, source in zip(new, [values] + [layer.name for layer in new])]
         weights |= {entry["name"]: [] for entry in entries} | {unit.context + MIXING_SUFFIX: [kernel]}
@@ -160,6 +190,36 @@ def _mixing_layers(context: str, attention: np.ndarray, width: int, form: str) -
             layers.Permute((3, 2, 1), name=f"{context}_tokens_first"),
             layers.Reshape((tokens, width), name=f"{context}_to_tokens")], \
         _block_diagonal([a.T for a in attention]) * (2.0 if form == "gated" else 1.0)  # the gate starts at 1/2
+
+
+def _sigmoid_layers(unit: Any, m: _Mixable, width: int) -> tuple[list[tuple[Any, list[str]]], dict[str, list[Any]]]:
+    """Sigmoid attention's layers in order, each with the names of the layers it reads (the query, key and value
+    reshapes read the unit's layers, filled in by _mixed), and the starting weights of its two Dense layers.
+
+    (batch, tokens, width) queries and keys -> products (batch, queries, keys, width) -> scores per head (batch,
+    queries, keys, heads) -> sigmoid weights -> spread over each head's features (batch, queries, keys, width) ->
+    times the values -> summed over the keys (batch, queries, width): the context AttentionContext gave, its
+    features (head, head_dim) as it merges them."""
+    context = unit.context
+    heads, tokens = m.mean.shape[0], m.mean.shape[-1]
+    head_dim = width // heads
+    ones = np.kron(np.eye(heads, dtype=np.float32), np.ones((head_dim, 1), np.float32))  # (width, heads) 0/1 blocks
+    names = [f"{context}_{part}" for part in ("query_rows", "key_columns", "products", "scores", "weights",
+                                              "spread", "value_rows", "weighted", "keys_summed")]
+    q_rows, k_cols, products, scores, probs, spread, v_rows, weighted, summed = names
+    chain = [
+        (layers.Reshape((tokens, 1, width), name=q_rows), []),
+        (layers.Reshape((1, tokens, width), name=k_cols), []),
+        (layers.Multiply(name=products), [q_rows, k_cols]),
+        (layers.Dense(heads, name=scores), [products]),
+        (layers.Activation("sigmoid", name=probs), [scores]),
+        (layers.Dense(width, use_bias=False, name=spread), [probs]),
+        (layers.Reshape((1, tokens, width), name=v_rows), []),
+        (layers.Multiply(name=weighted), [spread, v_rows]),
+        (KeySum(name=summed), [weighted]),
+    ]
+    weights = {scores: [ones * head_dim**-0.5, -m.normaliser.astype(np.float32)], spread: [ones.T.copy()]}
+    return chain, weights
 
 
 def _block_diagonal(blocks: list[np.ndarray]) -> np.ndarray:

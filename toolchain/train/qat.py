@@ -54,7 +54,8 @@ import numpy as np
 
 from edgecc.train.convert import compact_names
 from edgecc.errors import EdgeccError
-from edgecc.train.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, int8_graph, keras, scores, tf
+from edgecc.train.layers import (PACKAGE, AttentionContext, AttentionScores, KeySum, LayerNorm, PositionEmbedding,
+                                 TokenEmbedding, int8_graph, keras, scores, tf)
 from edgecc.train.minilm import MaskedSoftmax, PaddingBias, TokenMean
 from edgecc.progress import native_output_silenced
 
@@ -234,6 +235,7 @@ CONFIGS: dict[type, type] = {
     TokenMean: OutputQuantizeConfig,
     keras.layers.Rescaling: OutputQuantizeConfig,  # mix's token weight from a padding bias: 0 or 1, exact in int8
     keras.layers.Multiply: OutputQuantizeConfig,  # mix's masked values: TFLite's MUL rounds its output
+    KeySum: OutputQuantizeConfig,  # sigmoid attention's context: TFLite's SUM rounds its output
 }
 
 
