@@ -1,7 +1,8 @@
 """edgecc's transformers built for a Coral USB Accelerator: what runs on the Edge TPU, and how fast it is estimated.
 
 For each task chosen with `--tasks` (default: neu_det, cwru_bearing, trec, trec_mix,
-trec_mix_unpruned, the two MiniLM tasks, their `_mix` variants, minilm_trec_mix_keep1 and minilm_trec_mix_gated; also `digits`, the built-in default recipe, and `trec_tiny`, a one-block
+trec_mix_unpruned, the two MiniLM tasks, their `_mix` variants, minilm_trec_mix_keep1, minilm_trec_mix_gated,
+trec_sigmoid and trec_sigmoid_unpruned; also `digits`, the built-in default recipe, and `trec_tiny`, a one-block
 text model trained for 2 epochs, both for a quick run) this runs `edgecc build --target
 coral-usb` (teachers and stages from `--cache`, shared with the rpi4 benchmarks), keeps
 the build under `benchmarks/models/coral_<task>/` (git-ignored) and reads its manifest:
@@ -255,7 +256,7 @@ def main() -> None:
         "its quantizing stage; trec_mix_unpruned has `mix` instead of its `prune`, a variant tried after trec_mix's "
         "mixed model came out 1.4 points below the teacher on the test split (each build chooses on its validation "
         "split). minilm_trec_mix and minilm_sms_spam_mix add `mix` to the MiniLM recipes the same way (the padding "
-        "mask kept as a 0/1 weight on the values) and give the student x·sigmoid(1.702x) for GELU (compress.gelu). `mix` starts each head from its own mean attention (compress.mixing 'per_head', the default since 2026-12-03); rows dated earlier mixed every block by one matrix, the heads' mean (now 'shared'). minilm_trec_mix_keep1 leaves one attention as it is (compress.keep_attention = 1: the one whose mixing alone moves the student's outputs most on the calibration examples), added after minilm_trec_mix kept 93.3% of its teacher; minilm_trec_mix_gated multiplies each mixing by a sigmoid gate of its block's input (compress.mixing 'gated', gMLP's spatial gating), added after keep1 kept 94.4%. Builds are kept under `benchmarks/models/coral_<task>/`; rows in `benchmarks/coral.json`.",
+        "mask kept as a 0/1 weight on the values) and give the student x·sigmoid(1.702x) for GELU (compress.gelu). `mix` starts each head from its own mean attention (compress.mixing 'per_head', the default since 2026-12-03); rows dated earlier mixed every block by one matrix, the heads' mean (now 'shared'). minilm_trec_mix_keep1 leaves one attention as it is (compress.keep_attention = 1: the one whose mixing alone moves the student's outputs most on the calibration examples), added after minilm_trec_mix kept 93.3% of its teacher; minilm_trec_mix_gated multiplies each mixing by a sigmoid gate of its block's input (compress.mixing 'gated', gMLP's spatial gating), added after keep1 kept 94.4%. trec_sigmoid and trec_sigmoid_unpruned are trec_mix and trec_mix_unpruned with sigmoid attention instead of a constant mixing (compress.mixing 'sigmoid': each key weighed by sigmoid(q·k/sqrt(d) + b), written with element-wise operators the Edge TPU maps, so the attention still depends on the input), added on 2026-12-04, both run and neither chosen by its test accuracy; their teacher, retrained on that host, scores 0.8540 where the earlier trec rows' scored 0.8580. Builds are kept under `benchmarks/models/coral_<task>/`; rows in `benchmarks/coral.json`.",
         "",
         table(results, ["task", "model.tflite", "teacher accuracy", "accuracy (change in points)", "operators on the Edge TPU",
                         "MACs on the Edge TPU", "segments", "parameter bytes cached / streamed",

@@ -4,9 +4,9 @@
   (a physically smaller dense model), and for text the embedding rows of the
   rarest tokens; optionally freeze the norms (they then fold away); then distil.
 - `mix`: replace each self-attention's softmax(q·kᵀ)·v by a constant token-mixing matrix times v (initialised
-  from the model's mean attention, edgecc.train.mixing), then distil: every matrix product then multiplies by
-  constant weights, so the whole encoder maps to the Edge TPU (less the `keep_attention` attentions left as
-  they are, those whose mixing changes the outputs most).
+  from the model's mean attention, edgecc.train.mixing), or by sigmoid attention (compress.mixing 'sigmoid'),
+  then distil: every matrix product then multiplies by constant weights, so the whole encoder maps to the Edge
+  TPU (less the `keep_attention` attentions left as they are, those whose mixing changes the outputs most).
 - `sparsify`: TF-MOT magnitude pruning of the Dense and Conv2D kernels to a
   target share of zeros, or to 2:4 sparsity, then distil. The matrices keep
   their size: the zeros shrink the compressed file and suit sparse kernels.
@@ -132,7 +132,8 @@ def _mix(student: Any, c: StageContext) -> tuple[Any, list[float]]:
 
     student = constant_mixing(student, c.calibration, c.section.mixing, keep=c.section.keep_attention,
                               reporter=c.reporter)
-    return student, c.distil(student, c.section.distill_epochs, "distilling the constant-mixing student", hidden=True)
+    what = "sigmoid-attention" if c.section.mixing == "sigmoid" else "constant-mixing"
+    return student, c.distil(student, c.section.distill_epochs, f"distilling the {what} student", hidden=True)
 
 
 def _sparsify(student: Any, c: StageContext) -> tuple[Any, list[float]]:
