@@ -25,7 +25,8 @@ grids, as the int8 TFLite graph. What TF-MOT 0.8.1 does and what edgecc adds:
   the bias to the scores inside MaskedSoftmax has no hook yet. UnitNormalization
   has no config: a classifier's head reads `pool`, before it.
 - AttentionContext gets an output quantizer only. Its TRANSPOSE and RESHAPE
-  keep the scale of the BATCH_MATMUL output. PositionEmbedding's positions are
+  keep the scale of the BATCH_MATMUL output. So does KeySum (sigmoid
+  attention's SUM over the keys) and Multiply (TFLite's MUL rounds its output). PositionEmbedding's positions are
   rounded per tensor, symmetric 8-bit.
 - LayerNorm's gamma and beta are quantized too, asymmetric per tensor over
   [min(0, w), max(0, w)]. The converter turns them into int8 constants of MUL
