@@ -2,7 +2,8 @@
 
 For each task chosen with `--tasks` (default: neu_det, cwru_bearing, trec, trec_mix,
 trec_mix_unpruned, the two MiniLM tasks, their `_mix` variants, minilm_trec_mix_keep1, minilm_trec_mix_gated,
-trec_sigmoid, trec_sigmoid_unpruned and minilm_trec_sigmoid; also `digits`, the built-in default recipe, and `trec_tiny`, a one-block
+trec_sigmoid, trec_sigmoid_unpruned and minilm_trec_sigmoid; also `digits`, the built-in default recipe, and
+`trec_tiny`, a one-block
 text model trained for 2 epochs, both for a quick run) this runs `edgecc build --target
 coral-usb` (teachers and stages from `--cache`, shared with the rpi4 benchmarks), keeps
 the build under `benchmarks/models/coral_<task>/` (git-ignored) and reads its manifest:
@@ -46,8 +47,8 @@ TASKS = {"neu_det": MODELS / "neu_det.toml", "cwru_bearing": MODELS / "cwru_bear
          "minilm_trec_mix_gated": None, "trec_sigmoid": None, "trec_sigmoid_unpruned": None,
          "minilm_trec_sigmoid": None}
 DEFAULT_TASKS = ("neu_det", "cwru_bearing", "trec", "trec_mix", "trec_mix_unpruned", "minilm_trec", "minilm_sms_spam",
-                 "minilm_trec_mix", "minilm_sms_spam_mix", "minilm_trec_mix_keep1", "minilm_trec_mix_gated", "trec_sigmoid",
-                 "trec_sigmoid_unpruned", "minilm_trec_sigmoid")
+                 "minilm_trec_mix", "minilm_sms_spam_mix", "minilm_trec_mix_keep1", "minilm_trec_mix_gated",
+                 "trec_sigmoid", "trec_sigmoid_unpruned", "minilm_trec_sigmoid")
 # Derived tasks: (the task whose recipe they change, its stages -> theirs, other compress fields).
 # trec_mix: models/trec.toml with the `mix` stage before its quantizing one (constant token mixing, so that no
 # attention core is left on the CPU), nothing else changed; trec_mix_unpruned: `mix` instead of its `prune` (whose

@@ -234,9 +234,9 @@ class CompressSection:
                            "the heads' mean (heads times fewer mixing weights); 'gated' is 'per_head' times a "
                            "sigmoid gate of the block's input per token and channel (gMLP's spatial gating), learnt "
                            "in distillation: the mixing then depends on the input; 'sigmoid' keeps the queries and "
-                           "keys and weighs each key by sigmoid(q·k/sqrt(d) + b) instead of softmax, with element-wise "
-                           "products the Edge TPU maps (about (heads + 2)·tokens²·width MACs per block: for Edge TPU "
-                           "targets)")
+                           "keys and weighs each key by sigmoid(q·k/sqrt(d) + b) instead of softmax, with "
+                           "element-wise products the Edge TPU maps (about (heads + 2)·tokens²·width MACs per "
+                           "block: for Edge TPU targets)")
     keep_attention: int = spec(0, minimum=0, applies=MIX,
                                doc="mix: how many self-attentions stay as they are, those whose mixing alone changes "
                                    "the student's outputs on the calibration examples the most; on the Edge TPU each "
