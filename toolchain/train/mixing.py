@@ -138,29 +138,26 @@ def _mixed(model: Any, mixable: list[_Mixable], nodes: dict[str, Any], bias_valu
             entries.append(_entry(layers.Multiply(name=values), unit.value, keeps[id(tensor)]))
         width = int(nodes[unit.context].call_args[0][1].shape[-1])  # the values' (heads * head_dim)
         if form == "sigmoid":
-            new, layer_weights = _sigmoid_layers(unit, m, width)
-            sources_of = {f"{unit.context}_query_rows": [unit.query], f"{unit.context}_key_columns": [unit.key],
-                          f"{unit.context}_value_rows": [values]}
-            entries += [_entry(layer, *sources_of.get(layer.name, reads)) for layer, reads in new]
-            weights |= {entry["name"]: [] for entry in entries} | layer_weights
-            added[unit.output] = entries
-            sources[unit.context] = (new[-1][0].name, 0, 0)
-            continue
-        new, kernel = _mixing_layers(unit.context, m.mean, width, form)
-        entries += [_entry(layer, source) for layer, source in zip(new, [values] + [layer.name for layer in new])]
-        weights |= {entry["name"]: [] for entry in entries} | {unit.context + MIXING_SUFFIX: [kernel]}
+            chain, started = _sigmoid_layers(unit, m, width, values)
+            entries += [_entry(layer, *reads) for layer, reads in chain]
+            last = chain[-1][0].name
+        else:
+            new, kernel = _mixing_layers(unit.context, m.mean, width, form)
+            entries += [_entry(layer, source) for layer, source in zip(new, [values] + [layer.name for layer in new])]
+            started, last = {unit.context + MIXING_SUFFIX: [kernel]}, new[-1].name
+        weights |= {entry["name"]: [] for entry in entries} | started
         if form == "gated":
             gate = layers.Dense(width, activation="sigmoid", name=unit.context + GATE_SUFFIX)
             read = nodes[unit.value].call_args[0]  # what the value projection reads: the block's input
             block_input = read._keras_history
             gated = layers.Multiply(name=f"{unit.context}_gated")
             entries += [_entry(gate, [block_input.layer.name, block_input.node_index, block_input.tensor_index]),
-                        _entry(gated, new[-1].name, gate.name)]
+                        _entry(gated, last, gate.name)]
             weights |= {gate.name: [np.zeros((int(read.shape[-1]), width), np.float32), np.zeros(width, np.float32)],
                         gated.name: []}
-            new = [*new, gated]
+            last = gated.name
         added[unit.output] = entries
-        sources[unit.context] = (new[-1].name, 0, 0)
+        sources[unit.context] = (last, 0, 0)
     config = bypassed(config, gone, sources)
     entries = []
     for entry in config["layers"]:
@@ -192,9 +189,10 @@ def _mixing_layers(context: str, attention: np.ndarray, width: int, form: str) -
         _block_diagonal([a.T for a in attention]) * (2.0 if form == "gated" else 1.0)  # the gate starts at 1/2
 
 
-def _sigmoid_layers(unit: Any, m: _Mixable, width: int) -> tuple[list[tuple[Any, list[str]]], dict[str, list[Any]]]:
-    """Sigmoid attention's layers in order, each with the names of the layers it reads (the query, key and value
-    reshapes read the unit's layers, filled in by _mixed), and the starting weights of its two Dense layers.
+def _sigmoid_layers(unit: Any, m: _Mixable, width: int, values: str) -> tuple[list[tuple[Any, list[str]]],
+                                                                             dict[str, list[Any]]]:
+    """Sigmoid attention's layers in order, each with the names of the layers it reads (`values`: the value
+    projection, or its masked values), and the starting weights of its two Dense layers.
 
     (batch, tokens, width) queries and keys -> products (batch, queries, keys, width) -> scores per head (batch,
     queries, keys, heads) -> sigmoid weights -> spread over each head's features (batch, queries, keys, width) ->
@@ -208,13 +206,13 @@ def _sigmoid_layers(unit: Any, m: _Mixable, width: int) -> tuple[list[tuple[Any,
                                               "spread", "value_rows", "weighted", "keys_summed")]
     q_rows, k_cols, products, scores, probs, spread, v_rows, weighted, summed = names
     chain = [
-        (layers.Reshape((tokens, 1, width), name=q_rows), []),
-        (layers.Reshape((1, tokens, width), name=k_cols), []),
+        (layers.Reshape((tokens, 1, width), name=q_rows), [unit.query]),
+        (layers.Reshape((1, tokens, width), name=k_cols), [unit.key]),
         (layers.Multiply(name=products), [q_rows, k_cols]),
         (layers.Dense(heads, name=scores), [products]),
         (layers.Activation("sigmoid", name=probs), [scores]),
         (layers.Dense(width, use_bias=False, name=spread), [probs]),
-        (layers.Reshape((1, tokens, width), name=v_rows), []),
+        (layers.Reshape((1, tokens, width), name=v_rows), [values]),
         (layers.Multiply(name=weighted), [spread, v_rows]),
         (KeySum(name=summed), [weighted]),
     ]
