@@ -11,6 +11,7 @@ import pytest
 
 from edgecc.graphpass import EditGraph, outputs, random_inputs
 from edgecc.memplan import micro_outputs
+from edgecc.micro_eval import operands
 from edgecc.requantize import (RECOMPUTED, WAYS, Operand, explain, one_rounding, quantized_multiplier, recomputed,
                                two_roundings, way_of)
 from edgecc.requantize import _fully_connected  # the sums a FULLY_CONNECTED rescales, for a hand-made output
@@ -60,19 +61,10 @@ def _single_operator(content: bytes, index: int) -> bytes:
     return pack(pruned(model))
 
 
-def _operands(content: bytes, values: list[np.ndarray]) -> tuple[str, object, list[Operand | None], Operand]:
+def _operands(content: bytes, values: list[np.ndarray]) -> tuple[str, object, list[Operand | None], Operand | None]:
     graph = EditGraph(unpack(content))
-    op = graph.op(0)
-    fed = dict(zip((int(t) for t in graph.subgraph.inputs), values))
-
-    def operand(tensor: int) -> Operand | None:
-        if tensor < 0:
-            return None
-        q = graph.tensors[tensor].quantization
-        found = fed.get(tensor)
-        return Operand(found if found is not None else graph.constant(tensor), np.asarray(q.scale),
-                       np.asarray(q.zeroPoint))
-    return graph.kinds[0], op.builtinOptions, [operand(int(t)) for t in op.inputs], operand(int(op.outputs[0]))
+    inputs, output = operands(graph, 0, dict(zip((int(t) for t in graph.subgraph.inputs), values)))
+    return graph.kinds[0], graph.op(0).builtinOptions, inputs, output
 
 
 @pytest.mark.parametrize("name", ["vit_int8", "gelu_int8", "text_int8"])

@@ -20,7 +20,7 @@ from edgecc.arena import micro_interpreter
 from edgecc.graphpass import EditGraph
 from edgecc.memplan import METADATA_NAME
 from edgecc.progress import Reporter
-from edgecc.reader import Graph, read_graph
+from edgecc.reader import read_graph
 from edgecc.requantize import Operand, explain
 from edgecc.runtime import Model, Quantization
 from edgecc.tflite_edit import pack, pruned, unpack
@@ -91,50 +91,52 @@ def first_difference(content: bytes, example: np.ndarray) -> dict[str, Any] | No
     many, by at most how many quantization steps, and the cause when edgecc.requantize finds it; None when every
     operator agrees."""
     graph = read_graph(content)
+    computed: dict[int, np.ndarray] = {}  # the quantized input, then each agreeing operator's first output
     for index, op in enumerate(graph.operators):
         prefix = prefix_model(content, index)
         litert = Model(prefix)
+        if index == 0:
+            computed[int(graph.inputs[0])] = litert.input_quantization.quantize(example[np.newaxis],
+                                                                                litert.input["dtype"])
         litert.invoke(example)
-        theirs = litert.interpreter.get_tensor(litert.output["index"]).astype(np.int64)
+        raw = litert.interpreter.get_tensor(litert.output["index"])
+        theirs = raw.astype(np.int64)
         ours = MicroModel(prefix).raw(example).astype(np.int64)
         if not np.array_equal(ours, theirs):
             return {"operator": index, "kind": op.kind, "elements_differing": int((ours != theirs).sum()),
                     "elements": int(ours.size), "max_steps": int(np.abs(ours - theirs).max()),
-                    "cause": _cause(content, graph, index, example, ours, theirs)}
+                    "cause": _cause(content, index, computed, ours, theirs)}
+        computed[int(op.outputs[0])] = raw
     return None
 
 
-def _cause(content: bytes, graph: Graph, index: int, example: np.ndarray, ours: np.ndarray,
+def operands(graph: EditGraph, index: int, known: dict[int, np.ndarray]) -> tuple[list[Operand | None],
+                                                                                Operand | None]:
+    """Operator `index`'s inputs as edgecc.requantize operands, each with its values from `known` (activations) or
+    its constant values, None where it has neither or no quantization; and its first output's quantization, as an
+    operand without values (requantize reads only its scales and zero points)."""
+    def operand(tensor: int, values: np.ndarray | None) -> Operand | None:
+        q = graph.tensors[tensor].quantization
+        if values is None or q is None or q.scale is None or not len(q.scale):
+            return None
+        return Operand(values, np.asarray(q.scale), np.asarray(q.zeroPoint))
+
+    op = graph.op(index)
+    inputs = [None if t < 0 else operand(t, known[t] if t in known else graph.constant(t))
+              for t in (int(t) for t in op.inputs)]
+    return inputs, operand(int(op.outputs[0]), np.zeros(0, np.int8))
+
+
+def _cause(content: bytes, index: int, computed: dict[int, np.ndarray], ours: np.ndarray,
            theirs: np.ndarray) -> str | None:
     """Why operator `index`'s outputs differ, when edgecc.requantize recomputes it from its inputs: the graph's input,
-    its constants, and earlier operators' outputs (which both runtimes computed alike: every operator before it
-    agreed)."""
-    editable = EditGraph(unpack(content))
-    producers = {t: i for i, op in enumerate(graph.operators) for t in op.outputs[:1]}
-
-    def values(tensor: int) -> np.ndarray | None:
-        if tensor in graph.inputs:
-            entry = Model(content)
-            return entry.input_quantization.quantize(example[np.newaxis], entry.input["dtype"])
-        if graph.tensors[tensor].constant:
-            return editable.constant(tensor)
-        if tensor not in producers:
-            return None
-        earlier = Model(prefix_model(content, producers[tensor]))
-        earlier.invoke(example)
-        return earlier.interpreter.get_tensor(earlier.output["index"])
-
-    operands: list[Operand | None] = []
-    for tensor in (int(t) for t in editable.op(index).inputs):
-        found = values(tensor) if tensor >= 0 else None
-        q = editable.tensors[tensor].quantization if tensor >= 0 else None
-        operands.append(None if found is None or q is None or q.scale is None
-                        else Operand(found, np.asarray(q.scale), np.asarray(q.zeroPoint)))
-    q = editable.tensors[int(editable.op(index).outputs[0])].quantization
-    if q is None or q.scale is None or not len(q.scale) or any(o is None for o in operands[:2]):
+    its constants, and the earlier operators' outputs `computed` (which both runtimes computed alike: every operator
+    before it agreed)."""
+    graph = EditGraph(unpack(content))
+    inputs, output = operands(graph, index, computed)
+    if output is None or any(o is None for o in inputs[:2]):
         return None
-    output = Operand(ours, np.asarray(q.scale), np.asarray(q.zeroPoint))
-    return explain(graph.operators[index].kind, editable.op(index).builtinOptions, operands, output, ours, theirs)
+    return explain(graph.kinds[index], graph.op(index).builtinOptions, inputs, output, ours, theirs)
 
 
 def prefix_model(content: bytes, last: int) -> bytes:
