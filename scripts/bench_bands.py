@@ -37,6 +37,7 @@ from edgecc.graphpass import EditGraph, _int32_constant, _operator, optimize, ra
 from edgecc.liveness import plan_memory  # noqa: E402
 from edgecc.memplan import measured_arena, micro_outputs  # noqa: E402
 from edgecc.reader import read_graph  # noqa: E402
+from edgecc.requantize import same_padding  # noqa: E402
 from edgecc.tflite_edit import add_tensor, one_dimension_quantized_along_it, tflite_schema, unpack  # noqa: E402
 
 CONVOLUTIONS = ("CONV_2D", "DEPTHWISE_CONV_2D")
@@ -57,8 +58,7 @@ class Axis:
     before: int
 
     def padding(self, same: bool) -> tuple[int, int]:
-        total = max((self.out - 1) * self.stride + self.kernel - self.size, 0) if same else 0
-        return total // 2, total - total // 2
+        return same_padding(self.size, self.out, self.kernel, self.stride) if same else (0, 0)
 
 
 def _axis(graph: EditGraph, index: int, axis: int) -> Axis:

@@ -134,6 +134,13 @@ def _fully_connected(operands: list[Operand | None], output: Operand, options: A
     return _with_bias(sums, operands, output, float_product=True)
 
 
+def same_padding(size: int, out: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TFLite's 'same' padding along one axis, (before, after): what `out` positions need beyond `size`, the odd one
+    after; (0, 0) for a 'valid' output size."""
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
 def _convolution(operands: list[Operand | None], output: Operand, options: Any) -> Results:
     """CONV_2D or DEPTHWISE_CONV_2D (weights (1, kh, kw, out) with a depth multiplier), NHWC, zero-point padding."""
     x, weights = operands[0], operands[1]
@@ -147,8 +154,7 @@ def _convolution(operands: list[Operand | None], output: Operand, options: Any) 
     for axis, (kernel, stride, dilation) in enumerate(zip((kernel_h, kernel_w), strides, dilations)):
         size = values.shape[1 + axis]
         out = -(-size // stride) if options.padding == 0 else (size - (kernel - 1) * dilation - 1) // stride + 1
-        total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-        sizes.append((out, total // 2, total - total // 2))
+        sizes.append((out, *same_padding(size, out, kernel, stride, dilation)))
     padded = np.pad(values, ((0, 0), (sizes[0][1], sizes[0][2]), (sizes[1][1], sizes[1][2]), (0, 0)))
     if depthwise:
         padded = np.repeat(padded, weights.values.shape[3] // values.shape[3], axis=3)
