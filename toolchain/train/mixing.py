@@ -61,13 +61,13 @@ def _entry(layer: Any, *sources: str | list[Any]) -> dict[str, Any]:
 class _Mixable:
     """One self-attention that `mix` can replace: its unit, the layers between its scores and its context (softmax,
     dropout), its key bias (tensor, softmax name) if any, its mean attention (heads, tokens, tokens) and each head's
-    mean log normaliser of the softmax, log Σ_j exp(s_ij + bias_j) (heads,)."""
+    mean log normaliser of the softmax, log Σ_j exp(s_ij + bias_j) (heads,), which only 'sigmoid' reads."""
 
     unit: Any
     chain: list[str]
     bias: tuple[Any, str] | None
     mean: np.ndarray
-    normaliser: np.ndarray
+    normaliser: np.ndarray | None
 
 
 def _log_normaliser(scores: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -96,11 +96,14 @@ def constant_mixing(model: Any, x: np.ndarray, form: str = "per_head", *, keep: 
     scores = [nodes[unit.scores].outputs for unit in attention]
     chains = [_chain(tensor, p) for tensor, p in zip(scores, probs)]
     biases = {id(bias[0]): bias[0] for _, bias in chains if bias is not None}
-    computed = keras.Model(model.inputs, probs + scores + list(biases.values())).predict(x, batch_size=256, verbose=0)
-    n = len(probs)
-    bias_values = dict(zip(biases, computed[2 * n:]))
-    mixable = [_Mixable(unit, chain, bias, p.mean(axis=0), _log_normaliser(s, p))
-               for unit, (chain, bias), p, s in zip(attention, chains, computed[:n], computed[n:2 * n])]
+    read = probs + (scores if form == "sigmoid" else []) + list(biases.values())  # the scores: sigmoid's bias only
+    computed = keras.Model(model.inputs, read).predict(x, batch_size=256, verbose=0)
+    computed = computed if isinstance(computed, list) else [computed]
+    n, scores_end = len(probs), len(read) - len(biases)
+    bias_values = dict(zip(biases, computed[scores_end:]))
+    normalisers = [_log_normaliser(s, p) for s, p in zip(computed[n:scores_end], computed)] or [None] * n
+    mixable = [_Mixable(unit, chain, bias, p.mean(axis=0), normaliser)
+               for unit, (chain, bias), p, normaliser in zip(attention, chains, computed[:n], normalisers)]
     if keep:
         reference = model.predict(x, batch_size=256, verbose=0)
         change = [float(np.mean((_mixed(model, [m], nodes, bias_values, form).predict(x, batch_size=256, verbose=0)
@@ -216,6 +219,7 @@ def _sigmoid_layers(unit: Any, m: _Mixable, width: int, values: str) -> tuple[li
         (layers.Multiply(name=weighted), [spread, v_rows]),
         (KeySum(name=summed), [weighted]),
     ]
+    assert m.normaliser is not None  # constant_mixing reads the scores for 'sigmoid'
     weights = {scores: [ones * head_dim**-0.5, -m.normaliser.astype(np.float32)], spread: [ones.T.copy()]}
     return chain, weights
 
