@@ -132,3 +132,36 @@ def test_a_tiny_variance_does_not_blow_up_the_norm_ranges_in_training() -> None:
     for _ in range(3):
         qat(x, training=True)
     assert float(inverse_max.numpy()) == pytest.approx(calibrated, rel=0.01)  # it was 3195 before the floor
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_per_channel_qat_gives_every_dense_kernel_its_own_scales(
+    digits: tuple[np.ndarray, np.ndarray], sparse: bool
+) -> None:
+    """compress.per_channel in QAT: each Dense kernel's int8 scales are max|w|/127 per output unit of the trained
+    kernel (recomputed here), zeros stay zero with `preserve_sparsity`, and the int8 graph agrees with the QAT model."""
+    x, y = digits
+    keras.utils.set_random_seed(0)
+    model = vision_transformer(TINY, (8, 8, 1), 10)
+    dense = [layer for layer in model.layers if type(layer) is keras.layers.Dense]
+    if sparse:  # every other input row of each kernel zeroed, as an earlier sparsify stage would leave it
+        for layer in dense:
+            kernel, *rest = layer.get_weights()
+            kernel[::2] = 0.0
+            layer.set_weights([kernel, *rest])
+    qat = qat_model(model, x[:200], preserve_sparsity=sparse, per_channel=True)
+    _compile(qat, 3e-3)
+    qat.fit(x[:960], y[:960], batch_size=32, epochs=2, verbose=0)
+    content = to_int8_tflite_from_qat(qat, x[:16])
+    graph, int8 = read_graph(content), Model(content)
+    weights = {graph.tensors[op.inputs[1]].name.split("/")[1].removeprefix("quant_"): op.inputs[1]
+               for op in graph.operators if op.kind == "FULLY_CONNECTED" and "/quant_" in graph.tensors[op.inputs[1]].name}
+    trained = {w.name.split("/")[0].removeprefix("quant_"): w.numpy() for w in qat.weights
+               if w.name.endswith("/kernel:0")}
+    for layer in dense:
+        index = weights[layer.name]
+        np.testing.assert_allclose(graph.tensors[index].scale, np.abs(trained[layer.name]).max(axis=0) / 127, rtol=1e-5)
+        if sparse:  # the int8 weights are (units, inputs)
+            assert not np.any(int8.interpreter.get_tensor(index)[:, ::2]), layer.name
+    agreement = np.mean(qat.predict(x[1500:1600], verbose=0).argmax(-1) == [int8.invoke(e).argmax() for e in x[1500:1600]])
+    assert agreement >= 0.95, agreement

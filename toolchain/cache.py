@@ -179,6 +179,8 @@ def stages_key(teacher: str, compress: dict[str, Any]) -> str:
     """The stages depend on the teacher (whose key covers seed, data, train section and versions), on the
     examples they train on, and on the compress section; `select` only chooses among them, so it is left out."""
     stages = {name: value for name, value in compress.items() if _keyed(name, value, compress["stages"])}
+    if compress.get("per_channel") and "qat" in compress["stages"]:
+        stages["qat_dense_kernels"] = "per channel"  # QAT rounded them per tensor whatever per_channel said until 2026-12-04
     return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages,
                                       "students_train_on": STUDENTS_TRAIN_ON, "epoch_kept": EPOCH_KEPT},
                                      sort_keys=True).encode()).hexdigest()

@@ -154,7 +154,7 @@ def _qat(student: Any, c: StageContext) -> tuple[Any, list[float]]:
     sparse = "sparsify" in c.earlier  # QAT keeps the zeros of an earlier sparsify
     student = fold_norms(student)
     losses = _progressive(student, c, sparse) if s.progressive else []
-    student = qat_model(student, c.calibration, preserve_sparsity=sparse)
+    student = qat_model(student, c.calibration, preserve_sparsity=sparse, per_channel=s.per_channel)
     losses += c.distil(student, s.qat_epochs or s.distill_epochs, "quantization-aware distillation", hidden=False,
                        learning_rate=s.qat_learning_rate or s.distill_learning_rate)
     return student, losses
@@ -242,7 +242,8 @@ def _progressive(student: Any, c: StageContext, sparse: bool) -> list[float]:
     losses: list[float] = []
     hidden_only = DistillWeights(task=0.0, logits=0.0, hidden=1.0, temperature=s.temperature)
     for k, end in enumerate(block_outputs(student)):
-        partial = qat_model(student, c.calibration, preserve_sparsity=sparse, only=set(names[: names.index(end) + 1]))
+        partial = qat_model(student, c.calibration, preserve_sparsity=sparse, only=set(names[: names.index(end) + 1]),
+                            per_channel=s.per_channel)
         losses += distill(partial, c.teacher, c.x, c.y, max(1, (s.qat_epochs or s.distill_epochs) // 2),
                           c.train.batch_size, s.qat_learning_rate or s.distill_learning_rate, hidden_only,
                           c.seed, c.reporter, f"progressive QAT: blocks 0..{k}", hidden_blocks=k + 1, **c.feed())

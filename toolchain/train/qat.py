@@ -7,6 +7,12 @@ grids, as the int8 TFLite graph. What TF-MOT 0.8.1 does and what edgecc adds:
   GlobalAveragePooling1D use TF-MOT's default 8-bit registry (activation or
   output quantized); Reshape and Dropout are registered without quantizers,
   which matches TFLite, where they keep their input's scale.
+- With `per_channel` (compress.per_channel), a Dense kernel gets one scale per
+  output unit (PerChannelDenseQuantizeConfig), which the converter writes as a
+  per-channel FULLY_CONNECTED, as post-training quantization does with the same
+  field. A pretrained encoder's Dense kernels need it: rounding all-MiniLM-L6-v2's
+  per tensor costs several points that training does not win back
+  (scripts/bench_quantization.py measures it).
 - Softmax is registered but left unquantized. TFLite's int8 SOFTMAX always
   writes scale 1/256 and zero point -128, so edgecc rounds it to that fixed
   grid, [0, 255/256].
@@ -61,6 +67,12 @@ from edgecc.train.minilm import MaskedSoftmax, PaddingBias, TokenMean
 from edgecc.progress import native_output_silenced
 
 import tensorflow_model_optimization as tfmot  # after edgecc.train.layers: TF must be imported with legacy Keras first
+from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.prune_preserve.prune_preserve_quantize_registry import (  # noqa: E501
+    PrunePreserveDefaultWeightsQuantizer,
+)
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit.default_8bit_quantize_registry import (
+    Default8BitQuantizeConfig,
+)
 from tensorflow_model_optimization.python.core.quantization.keras.quantize_aware_activation import (
     QuantizeAwareActivation,
 )
@@ -216,6 +228,58 @@ class TokenEmbeddingQuantizeConfig(OutputQuantizeConfig):
         return []
 
 
+class PerChannelKernelQuantizer(quantizers.LastValueQuantizer):
+    """A Dense kernel rounded symmetrically per output unit, on the grid max|w|/127 that the converter uses.
+
+    The converter refuses a per-channel fake-quant of a Dense kernel ("'tfl.transpose' op has mismatched quantized
+    axes": FULLY_CONNECTED wants the kernel transposed). So the int8 graph is traced without it
+    (`_converting`) and the converter rounds the float kernel per channel itself, onto the same grid.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(num_bits=8, per_axis=True, symmetric=True, narrow_range=True)
+
+    def __call__(self, inputs: Any, training: Any, weights: dict[str, Any], **kwargs: Any) -> Any:
+        return inputs if _converting else super().__call__(inputs, training, weights, **kwargs)
+
+    def get_config(self) -> dict[str, Any]:
+        return {}
+
+
+class SparsePerChannelKernelQuantizer(PrunePreserveDefaultWeightsQuantizer):
+    """PerChannelKernelQuantizer that keeps the kernel's zeros, as the prune-preserving scheme does."""
+
+    def __init__(self) -> None:
+        super().__init__(num_bits=8, per_axis=True, symmetric=True, narrow_range=True)
+
+    def __call__(self, inputs: Any, training: Any, weights: dict[str, Any], **kwargs: Any) -> Any:
+        if _converting:
+            return inputs * weights["sparsity_mask"]
+        return super().__call__(inputs, training, weights, **kwargs)
+
+    def get_config(self) -> dict[str, Any]:
+        return {}
+
+
+_converting = False  # True while to_int8_tflite_from_qat traces the int8 graph
+
+
+class PerChannelDenseQuantizeConfig(Default8BitQuantizeConfig):
+    """TF-MOT's Dense config (kernel and activation rounded) with one kernel scale per output unit.
+
+    `preserve_sparsity` keeps the kernel's zeros. The prune-preserving scheme leaves an explicitly configured
+    layer alone, so this config does it itself.
+    """
+
+    def __init__(self, preserve_sparsity: bool = False) -> None:
+        super().__init__(["kernel"], ["activation"], False)
+        self.preserve_sparsity = preserve_sparsity
+        self.weight_quantizer = SparsePerChannelKernelQuantizer() if preserve_sparsity else PerChannelKernelQuantizer()
+
+    def get_config(self) -> dict[str, Any]:
+        return {"preserve_sparsity": self.preserve_sparsity}
+
+
 class SoftmaxQuantizeConfig(OutputQuantizeConfig):
     """TFLite's int8 SOFTMAX output is fixed at scale 1/256, zero point -128, so QAT rounds to that grid."""
 
@@ -247,7 +311,8 @@ def quantize_scope() -> contextlib.AbstractContextManager:
     This holds even for plain Dense models: QuantizeLayer expects 5 variables and the file
     holds 3. Keep QAT weights with `save_weights` or HDF5 instead.
     """
-    objects = [*TWINS, *CONFIGS, *TWINS.values(), *CONFIGS.values()]
+    objects = [*TWINS, *CONFIGS, *TWINS.values(), *CONFIGS.values(), PerChannelDenseQuantizeConfig,
+               PerChannelKernelQuantizer, SparsePerChannelKernelQuantizer]
     return tfmot.quantization.keras.quantize_scope({c.__name__: c for c in objects})
 
 
@@ -268,13 +333,14 @@ def _refuse_unsupported(model: Any) -> None:
 
 
 def qat_model(model: Any, calibration: np.ndarray, preserve_sparsity: bool = False,
-              only: set[str] | None = None) -> Any:
+              only: set[str] | None = None, per_channel: bool = False) -> Any:
     """A QAT copy of `model` with fake-quant nodes where the int8 TFLite graph rounds. `model` itself is left unchanged.
 
     `calibration` holds a few hundred training examples, never the test split. It starts every
     activation range at the float model's range. `preserve_sparsity` keeps the zeros of
     Dense/Conv2D kernels exactly zero through training (TF-MOT's prune-preserving scheme).
     `only` names the layers to quantize (progressive QAT); the others stay float.
+    `per_channel` gives every Dense kernel one scale per output unit (PerChannelDenseQuantizeConfig).
     Raises EdgeccError naming the first layer that cannot be quantized.
     """
     _refuse_unsupported(model)
@@ -287,6 +353,8 @@ def qat_model(model: Any, calibration: np.ndarray, preserve_sparsity: bool = Fal
         if only is not None and layer.name not in only:
             return layer
         config = CONFIGS.get(type(layer))
+        if per_channel and type(layer) is keras.layers.Dense:
+            return tfmot.quantization.keras.quantize_annotate_layer(layer, PerChannelDenseQuantizeConfig(preserve_sparsity))
         return tfmot.quantization.keras.quantize_annotate_layer(layer, config() if config else None)
 
     annotated = keras.models.clone_model(twinned, clone_function=annotate)
@@ -374,10 +442,15 @@ def to_int8_tflite_from_qat(qat: Any, calibration: np.ndarray) -> bytes:
     from freshly initialised weights. Converting the frozen function, not a SavedModel made
     from it, avoids re-tracing every Keras layer: about 1.5 s here instead of 7 to 15 s.
     """
+    global _converting
     dtype = qat.inputs[0].dtype
     batch_one = tf.TensorSpec((1, *qat.input_shape[1:]), dtype)
-    with int8_graph():
-        function = tf.function(lambda x: qat(x, training=False)).get_concrete_function(batch_one)
+    _converting = True
+    try:
+        with int8_graph():
+            function = tf.function(lambda x: qat(x, training=False)).get_concrete_function(batch_one)
+    finally:
+        _converting = False
 
     def representative() -> Iterator[list[np.ndarray]]:
         for example in calibration:
