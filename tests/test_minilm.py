@@ -192,14 +192,43 @@ def test_classifier_converts_to_float_and_int8_tflite(classifier: Any, questions
 
 def test_qat_model_accepts_the_classifier(classifier: Any, questions: Any) -> None:
     pytest.importorskip("tensorflow_model_optimization")
-    from edgecc.train.qat import OutputQuantizeConfig, SoftmaxQuantizeConfig, qat_model
+    from edgecc.train.qat import HookedSoftmaxQuantizeConfig, OutputQuantizeConfig, qat_model
 
     qat = qat_model(classifier, questions.x[questions.train_index[:4]])
     configs = {layer.name: type(layer.quantize_config) for layer in qat.layers if hasattr(layer, "quantize_config")}
-    assert configs["quant_block0_softmax"] is SoftmaxQuantizeConfig
+    assert configs["quant_block0_softmax"] is HookedSoftmaxQuantizeConfig
     assert configs["quant_padding_bias"] is OutputQuantizeConfig and configs["quant_pool"] is OutputQuantizeConfig
     assert "quant_block0_mlp_up" in configs and "quant_logits" in configs  # Dense with exact GELU, and the head
     assert np.isfinite(qat.predict(questions.x[:2], verbose=0)).all()
+
+
+def test_qat_rounds_the_padding_bias_sum_where_the_int8_graph_does(classifier: Any, questions: Any) -> None:
+    """TFLite rounds scores + padding bias (an int8 ADD) before the SOFTMAX; the QAT graph must round it the same way,
+    so that its first attention probabilities equal the int8 model's to within one step of the softmax's 1/256 grid
+    (but for a few elements, which earlier roundings landing on neighbouring steps move further)."""
+    pytest.importorskip("tensorflow_model_optimization")
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgecc.train.layers import keras
+    from edgecc.train.qat import qat_model, to_int8_tflite_from_qat
+
+    calibration = questions.x[questions.train_index[:8]]
+    qat = qat_model(classifier, calibration)
+    interpreter = Interpreter(model_content=to_int8_tflite_from_qat(qat, calibration),
+                              experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    (softmax,) = [d for d in interpreter.get_tensor_details() if d["name"].endswith("quant_block0_softmax/Softmax")]
+    padded = [row for row in questions.x[questions.test_index] if (row == minilm.PAD_ID).any()][:3]
+    assert padded, "no test question is padded at this length"
+    probabilities = keras.Model(qat.inputs, qat.get_layer("quant_block0_softmax").output)
+    for row in padded:
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], row[np.newaxis])
+        interpreter.invoke()
+        scale, zero_point = softmax["quantization"]
+        int8 = (interpreter.get_tensor(softmax["index"]).astype(np.float32) - zero_point) * scale
+        expected = probabilities(row[np.newaxis]).numpy()
+        steps = np.abs(int8.reshape(expected.shape) - expected) * 256
+        assert np.mean(steps > 1.01) < 0.01  # 0.3% here; 24% when the QAT graph did not round the sum
 
 
 @pytest.mark.parametrize(("task", "train_size", "test_size", "classes"),
