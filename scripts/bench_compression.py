@@ -163,6 +163,7 @@ def parse_tasks(description: str, tasks: tuple[str, ...]) -> argparse.Namespace:
     parser.add_argument("tasks", nargs="*", metavar="TASK",
                         help=f"tasks to run (default all: {', '.join(tasks)}); the others keep their last rows")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--cache", type=Path, help="edgecc's teacher and stage cache (default: none, train everything)")
     parser.add_argument("--render", action="store_true", help=RENDER_HELP)
     args = parser.parse_args()
     unknown = sorted(set(args.tasks) - set(tasks))
@@ -212,7 +213,8 @@ def _row(r: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     args = parse_tasks(__doc__.splitlines()[0], TASKS)
-    results = with_earlier_rows([run_task(task) for task in args.tasks], OUT / "compression.json", TASKS)
+    results = with_earlier_rows([run_task(task, cache=args.cache) for task in args.tasks], OUT / "compression.json",
+                                TASKS)
     header = ["task", "stage", "validation accuracy", "test accuracy", "drop (points)", "file bytes", "gzip bytes",
               "params", "smaller than float", "int8 speed-up vs float", "int8 weight sparsity"]
     body = "\n".join([

