@@ -6,7 +6,9 @@ rounds, every range from the build's 256 calibration examples) without training 
 and scores it on the build's validation split (never the test split): everything rounded with one scale per Dense
 kernel (what QAT started from before compress.per_channel reached it) or one per output unit (per_channel = true),
 and, to say what is left, the same with the LayerNorms or the Dense layers left float. The two ways that round
-everything are also converted to int8 TFLite and scored with the LiteRT interpreter. Writes
+everything are also converted to int8 TFLite and scored with the LiteRT interpreter. Each figure is one
+conversion of one teacher on one split: rounding one more tensor in the QAT graph (MaskedSoftmax's padding-bias sum,
+added on 2026-12-04) moved them by up to 1.6 points, so only larger differences say something. Writes
 `benchmarks/quantization.json` and the BENCHMARKS.md section; tasks not run keep their last rows.
 """
 
