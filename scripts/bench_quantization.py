@@ -84,7 +84,8 @@ def main() -> None:
     args = parse_cached_tasks(__doc__.splitlines()[0], tuple(TASKS), tuple(TASKS))
     results = with_earlier_rows([run_task(task, args.cache) for task in args.tasks], OUT / "quantization.json",
                                 tuple(TASKS))
-    lines = ["| task | rounded | validation accuracy, QAT graph before training | same, int8 TFLite | change from float |",
+    lines = ["| task | rounded | validation accuracy, QAT graph before training | same, int8 TFLite "
+             "| change from float |",
              "|---|---|---|---|---|"]
     notes = []
     for result in results:

@@ -155,7 +155,8 @@ def test_per_channel_qat_gives_every_dense_kernel_its_own_scales(
     content = to_int8_tflite_from_qat(qat, x[:16])
     graph, int8 = read_graph(content), Model(content)
     weights = {graph.tensors[op.inputs[1]].name.split("/")[1].removeprefix("quant_"): op.inputs[1]
-               for op in graph.operators if op.kind == "FULLY_CONNECTED" and "/quant_" in graph.tensors[op.inputs[1]].name}
+               for op in graph.operators
+               if op.kind == "FULLY_CONNECTED" and "/quant_" in graph.tensors[op.inputs[1]].name}
     trained = {w.name.split("/")[0].removeprefix("quant_"): w.numpy() for w in qat.weights
                if w.name.endswith("/kernel:0")}
     for layer in dense:
@@ -163,5 +164,6 @@ def test_per_channel_qat_gives_every_dense_kernel_its_own_scales(
         np.testing.assert_allclose(graph.tensors[index].scale, np.abs(trained[layer.name]).max(axis=0) / 127, rtol=1e-5)
         if sparse:  # the int8 weights are (units, inputs)
             assert not np.any(int8.interpreter.get_tensor(index)[:, ::2]), layer.name
-    agreement = np.mean(qat.predict(x[1500:1600], verbose=0).argmax(-1) == [int8.invoke(e).argmax() for e in x[1500:1600]])
+    held_out = x[1500:1600]
+    agreement = np.mean(qat.predict(held_out, verbose=0).argmax(-1) == [int8.invoke(e).argmax() for e in held_out])
     assert agreement >= 0.95, agreement

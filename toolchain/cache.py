@@ -180,7 +180,8 @@ def stages_key(teacher: str, compress: dict[str, Any]) -> str:
     examples they train on, and on the compress section; `select` only chooses among them, so it is left out."""
     stages = {name: value for name, value in compress.items() if _keyed(name, value, compress["stages"])}
     if compress.get("per_channel") and "qat" in compress["stages"]:
-        stages["qat_dense_kernels"] = "per channel"  # QAT rounded them per tensor whatever per_channel said until 2026-12-04
+        # until 2026-12-04 QAT rounded Dense kernels per tensor whatever per_channel said
+        stages["qat_dense_kernels"] = "per channel"
     return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages,
                                       "students_train_on": STUDENTS_TRAIN_ON, "epoch_kept": EPOCH_KEPT},
                                      sort_keys=True).encode()).hexdigest()

@@ -215,8 +215,8 @@ class CompressSection:
 
     stages: tuple[str, ...] = spec(("ptq",), choices=STAGES, doc="compression stages, in order; the last quantizes")
     calibration_samples: int = spec(256, minimum=1, doc="training examples used to calibrate int8 ranges")
-    per_channel: bool = spec(False, doc="per-channel int8 weights for fully connected layers (ptq and qat); about 12 bytes "
-                             "more per output unit, worth it for a pretrained encoder")
+    per_channel: bool = spec(False, doc="per-channel int8 weights for fully connected layers (ptq and qat); about 12 "
+                             "bytes more per output unit, worth it for a pretrained encoder")
     head_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, applies=PRUNE, doc="prune: share of attention heads kept per block")
     block_fraction: float = spec(1.0, minimum=0.01, maximum=1.0, applies=PRUNE,
                                  doc="prune: share of whole encoder blocks kept (the least important go first)")

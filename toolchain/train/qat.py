@@ -311,7 +311,8 @@ class HookedSoftmaxQuantizeConfig(HookedQuantizeConfig, SoftmaxQuantizeConfig):
     """QatMaskedSoftmax: its biased scores rounded like any hook, its output on the softmax's fixed grid."""
 
 
-TWINS: dict[type, type] = {LayerNorm: QatLayerNorm, AttentionScores: QatAttentionScores, MaskedSoftmax: QatMaskedSoftmax}
+TWINS: dict[type, type] = {LayerNorm: QatLayerNorm, AttentionScores: QatAttentionScores,
+                           MaskedSoftmax: QatMaskedSoftmax}
 CONFIGS: dict[type, type] = {
     QatLayerNorm: LayerNormQuantizeConfig,
     QatAttentionScores: HookedQuantizeConfig,
@@ -376,10 +377,12 @@ def qat_model(model: Any, calibration: np.ndarray, preserve_sparsity: bool = Fal
     def annotate(layer: Any) -> Any:
         if only is not None and layer.name not in only:
             return layer
-        config = CONFIGS.get(type(layer))
         if per_channel and type(layer) is keras.layers.Dense:
-            return tfmot.quantization.keras.quantize_annotate_layer(layer, PerChannelDenseQuantizeConfig(preserve_sparsity))
-        return tfmot.quantization.keras.quantize_annotate_layer(layer, config() if config else None)
+            quantize_config = PerChannelDenseQuantizeConfig(preserve_sparsity)
+        else:
+            config = CONFIGS.get(type(layer))
+            quantize_config = config() if config else None
+        return tfmot.quantization.keras.quantize_annotate_layer(layer, quantize_config)
 
     annotated = keras.models.clone_model(twinned, clone_function=annotate)
     scheme = (tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme() if preserve_sparsity
