@@ -209,11 +209,14 @@ def test_qat_rounds_the_padding_bias_sum_where_the_int8_graph_does(classifier: A
     pytest.importorskip("tensorflow_model_optimization")
     from ai_edge_litert.interpreter import Interpreter
 
+    from edgecc.runtime import Quantization
     from edgecc.train.layers import keras
     from edgecc.train.qat import qat_model, to_int8_tflite_from_qat
 
     calibration = questions.x[questions.train_index[:8]]
     qat = qat_model(classifier, calibration)
+    # LiteRT's default kernels (XNNPACK, as on rpi4); its reference kernels' int8 SOFTMAX parts from the QAT graph
+    # on 6.5% of the elements (not looked into)
     interpreter = Interpreter(model_content=to_int8_tflite_from_qat(qat, calibration),
                               experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
@@ -224,8 +227,7 @@ def test_qat_rounds_the_padding_bias_sum_where_the_int8_graph_does(classifier: A
     for row in padded:
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], row[np.newaxis])
         interpreter.invoke()
-        scale, zero_point = softmax["quantization"]
-        int8 = (interpreter.get_tensor(softmax["index"]).astype(np.float32) - zero_point) * scale
+        int8 = Quantization(*softmax["quantization"]).dequantize(interpreter.get_tensor(softmax["index"]))
         expected = probabilities(row[np.newaxis]).numpy()
         steps = np.abs(int8.reshape(expected.shape) - expected) * 256
         assert np.mean(steps > 1.01) < 0.01  # 0.3% here; 24% when the QAT graph did not round the sum

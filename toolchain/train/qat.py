@@ -248,37 +248,34 @@ class TokenEmbeddingQuantizeConfig(OutputQuantizeConfig):
         return []
 
 
-class PerChannelKernelQuantizer(quantizers.LastValueQuantizer):
+class _LeftToTheConverter:
     """A Dense kernel rounded symmetrically per output unit, on the grid max|w|/127 that the converter uses.
 
     The converter refuses a per-channel fake-quant of a Dense kernel ("'tfl.transpose' op has mismatched quantized
     axes": FULLY_CONNECTED wants the kernel transposed). So the int8 graph is traced without it
-    (`_converting`) and the converter rounds the float kernel per channel itself, onto the same grid.
+    (`_converting`; a sparse kernel still masked) and the converter rounds the float kernel per channel itself,
+    onto the same grid.
     """
 
     def __init__(self) -> None:
         super().__init__(num_bits=8, per_axis=True, symmetric=True, narrow_range=True)
 
     def __call__(self, inputs: Any, training: Any, weights: dict[str, Any], **kwargs: Any) -> Any:
-        return inputs if _converting else super().__call__(inputs, training, weights, **kwargs)
+        if not _converting:
+            return super().__call__(inputs, training, weights, **kwargs)
+        mask = weights.get("sparsity_mask")
+        return inputs if mask is None else inputs * mask
 
     def get_config(self) -> dict[str, Any]:
         return {}
 
 
-class SparsePerChannelKernelQuantizer(PrunePreserveDefaultWeightsQuantizer):
+class PerChannelKernelQuantizer(_LeftToTheConverter, quantizers.LastValueQuantizer):
+    """One scale per output unit of a Dense kernel (_LeftToTheConverter)."""
+
+
+class SparsePerChannelKernelQuantizer(_LeftToTheConverter, PrunePreserveDefaultWeightsQuantizer):
     """PerChannelKernelQuantizer that keeps the kernel's zeros, as the prune-preserving scheme does."""
-
-    def __init__(self) -> None:
-        super().__init__(num_bits=8, per_axis=True, symmetric=True, narrow_range=True)
-
-    def __call__(self, inputs: Any, training: Any, weights: dict[str, Any], **kwargs: Any) -> Any:
-        if _converting:
-            return inputs * weights["sparsity_mask"]
-        return super().__call__(inputs, training, weights, **kwargs)
-
-    def get_config(self) -> dict[str, Any]:
-        return {}
 
 
 _converting = False  # True while to_int8_tflite_from_qat traces the int8 graph
