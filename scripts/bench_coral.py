@@ -1,19 +1,17 @@
 """edgecc's transformers built for a Coral USB Accelerator: what runs on the Edge TPU, and how fast it is estimated.
 
-For each task chosen with `--tasks` (default: neu_det, cwru_bearing, trec, trec_mix,
-trec_mix_unpruned, the two MiniLM tasks, their `_mix` variants, minilm_trec_mix_keep1, minilm_trec_mix_gated,
-trec_sigmoid, trec_sigmoid_unpruned, minilm_trec_sigmoid, minilm_trec_sigmoid_6blocks and
-minilm_trec_sigmoid_neurons; also `digits`, the built-in default recipe, and `trec_tiny`, a one-block text model
-trained for 2 epochs, both for a quick run) this runs `edgecc build --target coral-usb` (teachers and stages from `--cache`, shared with the rpi4 benchmarks), keeps
-the build under `benchmarks/models/coral_<task>/` (git-ignored) and reads its manifest:
-accuracy of the float teacher and of model.tflite on the task's test split, the share of
-operators and MACs the bundle's pipeline runs on the Edge TPU, its segments, parameter
-bytes cached on chip vs streamed, and the coral-usb estimate beside the rpi4 estimate of
-the same model (edgecc's cost model, not measurements). Each task's verdicts judge the
-issue's goals and say what stays on the CPU and why (its share of the MACs and the Edge
-TPU rule it breaks) and how much of the coral-usb estimate is the Edge TPU invokes, so a
-missed goal names its cause. Writes `benchmarks/coral.json` and the BENCHMARKS.md section;
-tasks not run keep their last rows.
+For each task chosen with `--tasks` (default: neu_det, cwru_bearing, trec, trec_mix, trec_mix_unpruned, the two
+MiniLM tasks, their `_mix` variants, minilm_trec_mix_keep1, minilm_trec_mix_gated, trec_sigmoid,
+trec_sigmoid_unpruned, minilm_trec_sigmoid, minilm_trec_sigmoid_6blocks and minilm_trec_sigmoid_neurons; also
+`digits`, the built-in default recipe, and `trec_tiny`, a one-block text model trained for 2 epochs, both for a
+quick run) this runs `edgecc build --target coral-usb` (teachers and stages from `--cache`, shared with the rpi4
+benchmarks), keeps the build under `benchmarks/models/coral_<task>/` (git-ignored) and reads its manifest: accuracy
+of the float teacher and of model.tflite on the task's test split, the share of operators and MACs the bundle's
+pipeline runs on the Edge TPU, its segments, parameter bytes cached on chip vs streamed, and the coral-usb estimate
+beside the rpi4 estimate of the same model (edgecc's cost model, not measurements). Each task's verdicts judge the
+issue's goals and say what stays on the CPU and why (its share of the MACs and the Edge TPU rule it breaks) and how
+much of the coral-usb estimate is the Edge TPU invokes, so a missed goal names its cause. Writes
+`benchmarks/coral.json` and the BENCHMARKS.md section; tasks not run keep their last rows.
 """
 
 from __future__ import annotations
