@@ -179,6 +179,7 @@ class Row:
     model: str
     precision: str
     runtime: str
+    setup: str  # the runtime's version and build as the source states it: one software stack on the board
     published_ms: float
     cls: str  # the device class whose coefficients it fits and is estimated with
     cpu_class: str  # the class of the CPU (an Edge TPU's host)
@@ -213,7 +214,8 @@ def featurize(index: int, m: Measurement) -> Row:
         return estimate_latency(graph, costs, target, on_tpu, streamed, threads=m.threads, models=models).total_ms
 
     cls = "edgetpu" if m.runtime == "edgetpu" else cpu_class
-    return Row(index, m.device, m.model, m.precision, m.runtime, m.latency_ms, cls, cpu_class, kernels_of(target),
+    return Row(index, m.device, m.model, m.precision, m.runtime, m.runtime_version, m.latency_ms, cls, cpu_class,
+               kernels_of(target),
                _totals(latency_of, CPU_FEATURES, cpu_class), _totals(latency_of, TPU_FEATURES, "edgetpu") if on_tpu else {})
 
 
@@ -370,14 +372,18 @@ def summary_table(rows: list[Row], by_model: dict[int, float], by_device: dict[i
 
 def calibration_table(rows: list[Row], by_device: dict[int, float]) -> str:
     """`edgecc targets calibrate` on a board the estimator has not seen: from its leave-one-device-out estimates,
-    the factor from 1 or 2 of the board's models (every choice), and the error on its other models."""
-    lines = ["| board | class | runtime | models | uncalibrated median / worst | calibrated on 1: median / worst | "
-             "calibrated on 2: median / worst |", "|---|---|---|---|---|---|---|"]
-    groups: dict[tuple[str, str], list[Row]] = {}
+    the factor from 1 or 2 of the board's models (every choice), and the error on its other models.
+
+    A calibration's records and the models it is judged on share one setup, as `edgecc bench` records made on the
+    user's board do: the same runtime build (the rows' runtime_version) and precision. Rows of one board from sources
+    years apart ran other builds (XNNPACK's README gives rpi2's fp32 MobileNet v1 341 ms in 2020, 302 ms in 2022)."""
+    lines = ["| board | class | runtime build | precision | models | uncalibrated median / worst | "
+             "calibrated on 1: median / worst | calibrated on 2: median / worst |", "|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str, str], list[Row]] = {}
     for r in rows:
         if r.index in by_device and r.cls != "edgetpu":
-            groups.setdefault((r.device, r.runtime), []).append(r)
-    for (device, runtime), mine in sorted(groups.items()):
+            groups.setdefault((r.device, r.setup, r.precision), []).append(r)
+    for (device, setup, precision), mine in sorted(groups.items()):
         if len(mine) < 3:
             continue
         cells = [[abs(by_device[r.index] / r.published_ms - 1) for r in mine]]
@@ -387,7 +393,8 @@ def calibration_table(rows: list[Row], by_device: dict[int, float]) -> str:
                 factor = calibration_factor([r.published_ms for r in chosen], [by_device[r.index] for r in chosen])
                 errors += [abs(factor * by_device[r.index] / r.published_ms - 1) for r in mine if r not in chosen]
             cells.append(errors)
-        lines.append(f"| {device} | {mine[0].cls} | {runtime} | {len(mine)} | "
+        build = f"{mine[0].runtime}: {setup.split(' (')[0]}"
+        lines.append(f"| {device} | {mine[0].cls} | {build} | {precision} | {len(mine)} | "
                      + " | ".join(f"{statistics.median(e):.0%} / {max(e):.0%}" for e in cells) + " |")
     return "\n".join(lines)
 
@@ -468,7 +475,9 @@ def main() -> None:
         "Calibration (`edgecc targets calibrate REC MODEL [REC MODEL ...]`, one factor: the geometric mean of "
         "measured over estimated) on a board the estimator has not seen: each board's estimates are its "
         "leave-one-device-out ones; the factor comes from 1 or 2 of its models (every choice) and the error is "
-        "measured on its other models. Goal (issue 14): median <= 10% from 2 records.",
+        "measured on its other models of the same setup, as `edgecc bench` records made on a user's board would be: "
+        "the same runtime build and precision (setups with at least 3 models). Goal (issue 14): median <= 10% from "
+        "2 records.",
         "",
         calibration_table(rows, by_device),
         "",

@@ -180,7 +180,8 @@ def _synthetic_rows(estimator: Any, cls: str, truth: dict[str, float], outlier: 
         work = dict.fromkeys(estimator.TPU_FEATURES if cls == "edgetpu" else estimator.CPU_FEATURES, 0.0) | shares
         cpu, tpu = ({"op_cycles": 0.5}, work) if cls == "edgetpu" else (work, {})
         ms = sum(truth[n] * v for n, v in shares.items()) + (0.5 if tpu else 0)
-        rows.append(estimator.Row(i, "board", f"model{i}", "int8", "tflite", ms * (off_by if i == outlier else 1), cls,
+        rows.append(estimator.Row(i, "board", f"model{i}", "int8", "tflite", "build", ms * (off_by if i == outlier else 1),
+                                  cls,
                         "cortex-a" if tpu else cls, "tflite" if tpu else "tflite-micro", cpu, tpu))
     return rows
 
@@ -220,6 +221,20 @@ def test_coefficients_and_a_kernel_librarys_factor_are_fitted_at_once(estimator:
     assert {n: fit.coefficients[n] for n in truth} == pytest.approx(truth, rel=0.03)
     assert fit.kernels == {"microtvm-cmsis-nn": pytest.approx(3.0, rel=0.03)}
     assert max(abs(estimator.estimate(r, {"cortex-m": fit}) / r.published_ms - 1) for r in rows) < 0.02
+
+
+def test_calibration_is_judged_within_one_setup_of_a_board(estimator: Any) -> None:
+    """A board's rows from two runtime builds, one twice as slow, each off the estimate by its own factor: calibrated
+    on records of the same build, the other models of that build come out exact; builds and precisions never mix."""
+    rows = [estimator.Row(i, "board", f"model{i % 4}", precision, "tflite", build, 10.0 * (i + 1) * factor,
+                          "cortex-a", "cortex-a", "tflite", {}, {})
+            for i, (build, factor, precision) in enumerate([("2020", 2.0, "fp32")] * 4 + [("2022", 1.25, "fp32")] * 4
+                                                           + [("2022", 1.25, "int8")] * 2)]
+    estimates = {r.index: 10.0 * (r.index + 1) for r in rows}
+    lines = estimator.calibration_table(rows, estimates).splitlines()[2:]
+    assert [line.split(" | ")[2:6] for line in lines] == [["tflite: 2020", "fp32", "4", "50% / 50%"],
+                                                          ["tflite: 2022", "fp32", "4", "20% / 20%"]]
+    assert all(line.endswith("| 0% / 0% | 0% / 0% |") for line in lines)
 
 
 def test_a_lookup_moves_the_rows_it_gathers_not_its_whole_table() -> None:
