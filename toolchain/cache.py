@@ -182,6 +182,9 @@ def stages_key(teacher: str, compress: dict[str, Any]) -> str:
     if compress.get("per_channel") and "qat" in compress["stages"]:
         # until 2026-12-04 QAT rounded Dense kernels per tensor whatever per_channel said
         stages["qat_dense_kernels"] = "per channel"
+    if compress.get("vocabulary_fraction", 1.0) < 1.0 and "prune" in compress["stages"]:
+        # until 2026-12-05 a token training never used read [UNK], not the nearest kept row
+        stages["dropped_tokens_read"] = "the nearest kept row"
     return hashlib.sha256(json.dumps({"format": FORMAT, "teacher": teacher, "compress": stages,
                                       "students_train_on": STUDENTS_TRAIN_ON, "epoch_kept": EPOCH_KEPT},
                                      sort_keys=True).encode()).hexdigest()

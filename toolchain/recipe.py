@@ -226,7 +226,7 @@ class CompressSection:
     neuron_fraction: float = spec(0.5, minimum=0.01, maximum=1.0, applies=PRUNE, doc="prune: share of feed-forward neurons kept")
     vocabulary_fraction: float = spec(1.0, minimum=0.01, maximum=1.0, applies={**PRUNE, **TEXT},
                                       doc="prune: share of the token embedding rows kept, the tokens used most in "
-                                          "training; the others share the [UNK] row")
+                                          "training; each other token reads the kept row nearest to its own")
     freeze_norms: bool = spec(False, applies=PRUNE, doc="prune: replace each LayerNorm's per-token 1/sigma by its training mean "
                               "before distilling, so that the norms fold into the Dense layers after them")
     mixing: str = spec("per_head", choices=MIXING_FORMS, applies=MIX,
