@@ -180,8 +180,8 @@ def _synthetic_rows(estimator: Any, cls: str, truth: dict[str, float], outlier: 
         work = dict.fromkeys(estimator.TPU_FEATURES if cls == "edgetpu" else estimator.CPU_FEATURES, 0.0) | shares
         cpu, tpu = ({"op_cycles": 0.5}, work) if cls == "edgetpu" else (work, {})
         ms = sum(truth[n] * v for n, v in shares.items()) + (0.5 if tpu else 0)
-        rows.append(estimator.Row(i, "board", f"model{i}", "int8", "tflite", "build", ms * (off_by if i == outlier else 1),
-                                  cls,
+        published = ms * (off_by if i == outlier else 1)
+        rows.append(estimator.Row(i, "board", f"model{i}", "int8", "tflite", "build", published, cls,
                         "cortex-a" if tpu else cls, "tflite" if tpu else "tflite-micro", cpu, tpu))
     return rows
 
