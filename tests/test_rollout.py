@@ -124,7 +124,7 @@ BLOCKER = """
 import importlib.abc, sys
 class Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("edgecc", "tensorflow", "tf_keras", "keras"):
+        if name.split(".")[0] in ("edgecc", "tensorflow", "tf_keras", "keras", "tokenizers"):
             raise ImportError(f"{name} is blocked: the board has the bundle folder only")
 sys.meta_path.insert(0, Absent())
 """

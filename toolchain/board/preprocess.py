@@ -2,7 +2,9 @@
 
 The one implementation of edgecc's preprocessing: `edgecc build` (edgecc.data) imports the tokenizer and
 the image conversion from here, and the board runs this file as it is (numpy, the standard library, and
-Pillow for images), so the board feeds the model exactly what the build's evaluation fed it.
+Pillow for images), so the board feeds the model exactly what the build's evaluation fed it. A MiniLM build
+tokenizes with HuggingFace's `tokenizers` (Rust, not on the board); `wordpiece` redoes its BERT WordPiece in
+plain Python, and tests/test_preprocess.py holds the two to the same ids.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +21,16 @@ import numpy as np
 TOKEN = re.compile(r"[a-z0-9']+|[^\sa-z0-9]")
 TOKENIZER = (f'lowercase, then re.findall(r"{TOKEN.pattern}", text); words not in the vocabulary -> unknown_id; '
              "cut to sequence_length or padded at the end with padding_id")
+# what edgecc.train.minilm's tokenizer description says of its rules; a manifest's tokenizer naming them is
+# tokenized by `wordpiece`
+WORDPIECE = ("BERT normaliser (clean text, lower case, accents stripped, Chinese characters split), WordPiece, "
+             "[CLS] ... [SEP]")
+BERT_SPECIAL = re.compile(r"\[(?:PAD|UNK|CLS|SEP|MASK)\]")  # matched in the raw text, before any normalising
+WORDPIECE_LONGEST_WORD = 100  # characters; a longer word is [UNK] (max_input_chars_per_word)
+# CJK Unified Ideographs and their extensions: BERT puts spaces around each, so each is a word of its own
+CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+       (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+ASCII_CONTROLS = {code: " " if chr(code) in "\t\n\r" else None for code in (*range(32), 127)}
 STANDARDIZE_EPSILON = 1e-3
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 TEXT_SUFFIX = ".txt"
@@ -41,6 +54,87 @@ def token_ids(words: Sequence[str], ids: Mapping[str, int], length: int, padding
     encoded = np.full(length, padding_id, dtype=np.int32)
     found = [ids.get(word, unknown_id) for word in words[:length]]
     encoded[: len(found)] = found
+    return encoded
+
+
+def _bert_normalised(text: str) -> str:
+    """BERT's normaliser: control characters dropped, white space made ' ', a space either side of each CJK
+    ideograph, accents stripped (NFD, then no nonspacing marks), lower case."""
+    if text.isascii():  # the usual line: no ideograph, no accent, so the controls and the case are all there is
+        return text.translate(ASCII_CONTROLS).lower()
+    kept = []
+    for char in text:
+        if char not in "\t\n\r" and (char == "\ufffd" or unicodedata.category(char) in ("Cc", "Cf", "Co", "Cs")):
+            continue
+        if char.isspace():
+            kept.append(" ")
+        elif any(low <= ord(char) <= high for low, high in CJK):
+            kept.append(f" {char} ")
+        else:
+            kept.append(char)
+    stripped = "".join(c for c in unicodedata.normalize("NFD", "".join(kept)) if unicodedata.category(c) != "Mn")
+    # each character on its own, as Rust's char::to_lowercase: str.lower() makes a word's last capital sigma "ς"
+    return "".join(c.lower() for c in stripped) if "Σ" in stripped else stripped.lower()
+
+
+def _is_punctuation(char: str) -> bool:
+    return (char.isascii() and not char.isalnum() and char.isprintable() and not char.isspace()) \
+        or unicodedata.category(char).startswith("P")
+
+
+def _bert_words(text: str) -> list[str]:
+    """BERT's pre-tokenizer: split at white space, and each punctuation mark a word of its own."""
+    words: list[str] = []
+    for chunk in text.split():
+        start = 0
+        for i, char in enumerate(chunk):
+            if _is_punctuation(char):
+                words += [chunk[start:i], char] if i > start else [char]
+                start = i + 1
+        if start < len(chunk):
+            words.append(chunk[start:])
+    return words
+
+
+def _word_pieces(word: str, ids: Mapping[str, int], unknown_id: int) -> list[int]:
+    """WordPiece: the longest vocabulary entry from the left, then from where it ended with the "##" prefix; a
+    word with a part no entry matches, or longer than WORDPIECE_LONGEST_WORD, is [UNK] whole."""
+    if len(word) > WORDPIECE_LONGEST_WORD:
+        return [unknown_id]
+    pieces, start = [], 0
+    while start < len(word):
+        for end in range(len(word), start, -1):
+            piece = ids.get(word[start:end] if start == 0 else f"##{word[start:end]}")
+            if piece is not None:
+                break
+        else:
+            return [unknown_id]
+        pieces.append(piece)
+        start = end
+    return pieces
+
+
+def wordpiece(text: str, ids: Mapping[str, int], length: int, padding_id: int, unknown_id: int) -> np.ndarray:
+    """`text` as BERT's WordPiece tokenizer gives it (HuggingFace `tokenizers` with all-MiniLM-L6-v2's
+    tokenizer.json): [CLS], the pieces cut to `length` - 2, [SEP], then `padding_id` to `length`. A special token
+    written in the text ("[MASK]") is that token, as `tokenizers` matches them before normalising.
+
+    The characters' classes (control, punctuation, accent) come from Python's unicodedata. With Python 3.11
+    (Unicode 14) and tokenizers 0.23, "a" + c + "b" gives the same ids for 281,471 of the 282,230 assigned code
+    points c; the other 759 are characters assigned since tokenizers' Unicode tables (e.g. U+0890, an Arabic
+    pound mark), which tokenizers takes for unassigned letters."""
+    found: list[int] = []
+    start = 0
+    for special in [*BERT_SPECIAL.finditer(text), None]:
+        segment = text[start:special.start() if special else len(text)]
+        for word in _bert_words(_bert_normalised(segment)):
+            found += _word_pieces(word, ids, unknown_id)
+        if special:
+            found.append(ids.get(special.group(), unknown_id))
+            start = special.end()
+    encoded = np.full(length, padding_id, dtype=np.int32)
+    kept = [ids["[CLS]"], *found[: length - 2], ids["[SEP]"]]
+    encoded[: len(kept)] = kept
     return encoded
 
 
@@ -89,11 +183,13 @@ class Preprocessor:
         pre = self.pre
         if not self.is_text:
             raise BadInput("is text (or names no file), and this model does not take text")
-        if pre.get("tokenizer") != TOKENIZER:  # MiniLM's WordPiece is HuggingFace's `tokenizers`, not redone here
-            raise BadInput("is text, but this model's tokenizer (manifest preprocessing.tokenizer) is not edgecc's "
-                           "word tokenizer: it needs the `tokenizers` package; send token ids as a .npy instead")
-        return token_ids(tokenize(text), self.ids, int(pre["sequence_length"]), int(pre["padding_id"]),
-                         int(pre["unknown_id"]))
+        arguments = (self.ids, int(pre["sequence_length"]), int(pre["padding_id"]), int(pre["unknown_id"]))
+        if pre.get("tokenizer") == TOKENIZER:
+            return token_ids(tokenize(text), *arguments)
+        if WORDPIECE in pre.get("tokenizer", ""):
+            return wordpiece(text, *arguments)
+        raise BadInput("is text, but this model's tokenizer (manifest preprocessing.tokenizer) is neither edgecc's "
+                       "word tokenizer nor BERT's WordPiece; send token ids as a .npy instead")
 
     def array(self, raw: np.ndarray) -> np.ndarray:
         """Raw values (any shape with the input's element count) -> x = raw * scale + offset, standardized if so."""

