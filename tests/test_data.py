@@ -244,6 +244,7 @@ def test_include_and_exclude_apply_only_to_images(tmp_path: Path) -> None:
 def test_tokenizer_rule() -> None:
     assert tokenize("How did SERFDOM develop, in 1861? Don't") == [
         "how", "did", "serfdom", "develop", ",", "in", "1861", "?", "don't"]
+    assert tokenize("Weld seam, ok? " * 100_000, limit=4) == ["weld", "seam", ",", "ok"]
 
 
 def test_text_tsv_vocabulary_from_training_only(tmp_path: Path) -> None:

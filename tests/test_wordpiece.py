@@ -139,3 +139,24 @@ def test_a_wordpiece_bundle_answers_raw_text_on_the_board(tmp_path: Path) -> Non
     assert [json.loads(line)["label"] for line in result.stdout.splitlines()] == expected
     logged = [r for r in records(bundle / "rollout-audit.jsonl") if r["kind"] == "prediction"]
     assert [r["candidate"]["label"] for r in logged] == expected
+
+
+class CountingIds(dict):
+    """A vocabulary that counts its lookups."""
+
+    lookups = 0
+
+    def get(self, key, default=None):  # type: ignore[no-untyped-def]
+        self.lookups += 1
+        return super().get(key, default)
+
+
+def test_a_long_text_is_read_only_as_far_as_the_sequence_goes() -> None:
+    """A line of a million words costs what its first words cost: the service is not held up by one long input."""
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "weld", "seam", "##s", "é"]
+    short, long = CountingIds(zip(vocabulary, range(9))), CountingIds(zip(vocabulary, range(9)))
+    text = "weld seams, é " * 10
+    expected = wordpiece(text, short, 16, 0, 1)
+    assert wordpiece(text * 100_000, long, 16, 0, 1).tolist() == expected.tolist()
+    assert long.lookups <= short.lookups
+    assert bert_tokenizer(vocabulary, 16).encode(text * 1000).ids == expected.tolist()

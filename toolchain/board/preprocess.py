@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,11 @@ WORDPIECE_LONGEST_WORD = 100  # characters; a longer word is [UNK] (max_input_ch
 CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
 ASCII_CONTROLS = {code: " " if chr(code) in "\t\n\r" else None for code in (*range(32), 127)}
+# BERT's white space: what str.isspace() calls so (all below U+3001), less the control characters it drops instead
+BERT_SPACE = "".join(c for c in map(chr, range(0x3001))
+                     if c.isspace() and (c in "\t\n\r" or unicodedata.category(c) != "Cc"))
+BERT_CHUNK = re.compile(f"[^{re.escape(BERT_SPACE)}]+")
+ASCII_WORD = re.compile(r"[!-/:-@\[-`{-~]|[^!-/:-@\[-`{-~]+")  # an ASCII punctuation mark, or a run of none
 STANDARDIZE_EPSILON = 1e-3
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 TEXT_SUFFIX = ".txt"
@@ -43,9 +49,10 @@ class BadInput(ValueError):
     """An input the model cannot take (unreadable, wrong shape or type): rejected, the service goes on."""
 
 
-def tokenize(text: str) -> list[str]:
-    """The words of `text` as the vocabulary knows them (the rule `TOKENIZER` states)."""
-    return TOKEN.findall(text.lower())
+def tokenize(text: str, limit: int | None = None) -> list[str]:
+    """The words of `text` as the vocabulary knows them (the rule `TOKENIZER` states); the first `limit` only, found
+    without tokenizing the rest (a long line costs little more than a short one)."""
+    return [match.group() for match in itertools.islice(TOKEN.finditer(text.lower()), limit)]
 
 
 def token_ids(words: Sequence[str], ids: Mapping[str, int], length: int, padding_id: int,
@@ -82,18 +89,20 @@ def _is_punctuation(char: str) -> bool:
         or unicodedata.category(char).startswith("P")
 
 
-def _bert_words(text: str) -> list[str]:
-    """BERT's pre-tokenizer: split at white space, and each punctuation mark a word of its own."""
-    words: list[str] = []
-    for chunk in text.split():
-        start = 0
-        for i, char in enumerate(chunk):
-            if _is_punctuation(char):
-                words += [chunk[start:i], char] if i > start else [char]
-                start = i + 1
-        if start < len(chunk):
-            words.append(chunk[start:])
-    return words
+def _bert_words(chunk: str) -> Iterator[str]:
+    """BERT's pre-tokenizer on normalised text without white space: each punctuation mark a word of its own."""
+    if chunk.isascii():
+        yield from ASCII_WORD.findall(chunk)
+        return
+    start = 0
+    for i, char in enumerate(chunk):
+        if _is_punctuation(char):
+            if i > start:
+                yield chunk[start:i]
+            yield char
+            start = i + 1
+    if start < len(chunk):
+        yield chunk[start:]
 
 
 def _word_pieces(word: str, ids: Mapping[str, int], unknown_id: int) -> list[int]:
@@ -123,19 +132,27 @@ def wordpiece(text: str, ids: Mapping[str, int], length: int, padding_id: int, u
     (Unicode 14) and tokenizers 0.23, "a" + c + "b" gives the same ids for 281,471 of the 282,230 assigned code
     points c; the other 759 are characters assigned since tokenizers' Unicode tables (e.g. U+0890, an Arabic
     pound mark), which tokenizers takes for unassigned letters."""
-    found: list[int] = []
-    start = 0
-    for special in [*BERT_SPECIAL.finditer(text), None]:
-        segment = text[start:special.start() if special else len(text)]
-        for word in _bert_words(_bert_normalised(segment)):
-            found += _word_pieces(word, ids, unknown_id)
-        if special:
-            found.append(ids.get(special.group(), unknown_id))
-            start = special.end()
+    found = list(itertools.islice(_pieces(text, ids, unknown_id), length - 2))
     encoded = np.full(length, padding_id, dtype=np.int32)
-    kept = [ids["[CLS]"], *found[: length - 2], ids["[SEP]"]]
+    kept = [ids["[CLS]"], *found, ids["[SEP]"]]
     encoded[: len(kept)] = kept
     return encoded
+
+
+def _pieces(text: str, ids: Mapping[str, int], unknown_id: int) -> Iterator[int]:
+    """The ids of `text`'s word pieces, one white-space-free chunk at a time, so that a caller taking the first few
+    normalises no further (BERT's normaliser and pre-tokenizer never join or split across white space); one chunk
+    is read whole, about a microsecond a character where it is not ASCII."""
+    start = 0
+    for special in itertools.chain(BERT_SPECIAL.finditer(text), [None]):
+        end = special.start() if special else len(text)
+        for chunk in BERT_CHUNK.finditer(text, start, end):
+            for part in _bert_normalised(chunk.group()).split():  # a CJK ideograph comes out spaced
+                for word in _bert_words(part):
+                    yield from _word_pieces(word, ids, unknown_id)
+        if special:
+            yield ids.get(special.group(), unknown_id)
+            start = special.end()
 
 
 def pixels(image: Any, height: int, width: int, channels: int) -> np.ndarray:
@@ -185,7 +202,7 @@ class Preprocessor:
             raise BadInput("is text (or names no file), and this model does not take text")
         arguments = (self.ids, int(pre["sequence_length"]), int(pre["padding_id"]), int(pre["unknown_id"]))
         if pre.get("tokenizer") == TOKENIZER:
-            return token_ids(tokenize(text), *arguments)
+            return token_ids(tokenize(text, arguments[1]), *arguments)
         if WORDPIECE in pre.get("tokenizer", ""):
             return wordpiece(text, *arguments)
         raise BadInput("is text, but this model's tokenizer (manifest preprocessing.tokenizer) is neither edgecc's "
