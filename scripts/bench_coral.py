@@ -2,9 +2,9 @@
 
 For each task chosen with `--tasks` (default: neu_det, cwru_bearing, trec, trec_mix, trec_mix_unpruned, the two
 MiniLM tasks, their `_mix` variants, minilm_trec_mix_keep1, minilm_trec_mix_gated, trec_sigmoid,
-trec_sigmoid_unpruned, minilm_trec_sigmoid, minilm_trec_sigmoid_6blocks, minilm_trec_sigmoid_vocabulary and
-minilm_trec_sigmoid_progressive and minilm_trec_sigmoid_hidden; also `digits`, the built-in default recipe, and `trec_tiny`, a one-block text model
-trained for 2 epochs, both for a quick run) this runs `edgecc build --target coral-usb` (teachers and stages from
+trec_sigmoid_unpruned, minilm_trec_sigmoid, minilm_trec_sigmoid_6blocks, minilm_trec_sigmoid_vocabulary,
+minilm_trec_sigmoid_progressive and minilm_trec_sigmoid_hidden; also `digits`, the built-in default recipe, and
+`trec_tiny`, a one-block text model trained for 2 epochs, both for a quick run) this runs `edgecc build --target coral-usb` (teachers and stages from
 `--cache`, shared with the rpi4 benchmarks), keeps the build under `benchmarks/models/coral_<task>/` (git-ignored)
 and reads its manifest: accuracy of the float teacher and of model.tflite on the task's test split, the share of
 operators and MACs the bundle's pipeline runs on the Edge TPU, its segments, parameter bytes cached on chip vs
