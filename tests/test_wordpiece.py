@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from edgecc.board.preprocess import WORDPIECE, wordpiece
+from edgecc.board.preprocess import WORDPIECE, BadInput, Preprocessor, wordpiece
 from edgecc.data import Dataset, Preprocessing
 from edgecc.runtime import Model
 from test_rollout import BLOCKER, make_bundle, records
@@ -160,3 +160,12 @@ def test_a_long_text_is_read_only_as_far_as_the_sequence_goes() -> None:
     assert wordpiece(text * 100_000, long, 16, 0, 1).tolist() == expected.tolist()
     assert long.lookups <= short.lookups
     assert bert_tokenizer(vocabulary, 16).encode(text * 1000).ids == expected.tolist()
+
+
+def test_a_wordpiece_manifest_without_its_marks_rejects_text_and_names_the_field() -> None:
+    pre = {"model_input_shape": [1, 8], "tokenizer": WORDPIECE, "vocabulary": ["[PAD]", "[UNK]", "weld"],
+           "sequence_length": 8, "padding_id": 0, "unknown_id": 1}
+    with pytest.raises(BadInput, match=r"preprocessing.vocabulary lacks \[CLS\] or \[SEP\]"):
+        Preprocessor(pre).text("weld")
+    assert Preprocessor({**pre, "vocabulary": [*pre["vocabulary"], "[CLS]", "[SEP]"]}).text("weld").tolist() == [
+        3, 2, 4, 0, 0, 0, 0, 0]

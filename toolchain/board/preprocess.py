@@ -31,7 +31,7 @@ WORDPIECE_LONGEST_WORD = 100  # characters; a longer word is [UNK] (max_input_ch
 # CJK Unified Ideographs and their extensions: BERT puts spaces around each, so each is a word of its own
 CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
-ASCII_CONTROLS = {code: " " if chr(code) in "\t\n\r" else None for code in (*range(32), 127)}
+ASCII_CONTROLS = dict.fromkeys((*range(32), 127))  # str.translate drops them
 # BERT's white space: what str.isspace() calls so (all below U+3001), less the control characters it drops instead
 BERT_SPACE = "".join(c for c in map(chr, range(0x3001))
                      if c.isspace() and (c in "\t\n\r" or unicodedata.category(c) != "Cc"))
@@ -64,21 +64,16 @@ def token_ids(words: Sequence[str], ids: Mapping[str, int], length: int, padding
     return encoded
 
 
-def _bert_normalised(text: str) -> str:
-    """BERT's normaliser: control characters dropped, white space made ' ', a space either side of each CJK
-    ideograph, accents stripped (NFD, then no nonspacing marks), lower case."""
-    if text.isascii():  # the usual line: no ideograph, no accent, so the controls and the case are all there is
-        return text.translate(ASCII_CONTROLS).lower()
+def _bert_normalised(chunk: str) -> str:
+    """BERT's normaliser on a chunk without white space: control characters dropped, a space either side of each
+    CJK ideograph, accents stripped (NFD, then no nonspacing marks), lower case."""
+    if chunk.isascii():  # the usual line: no ideograph, no accent, so the controls and the case are all there is
+        return chunk.translate(ASCII_CONTROLS).lower()
     kept = []
-    for char in text:
-        if char not in "\t\n\r" and (char == "\ufffd" or unicodedata.category(char) in ("Cc", "Cf", "Co", "Cs")):
+    for char in chunk:
+        if char == "\ufffd" or unicodedata.category(char) in ("Cc", "Cf", "Co", "Cs"):
             continue
-        if char.isspace():
-            kept.append(" ")
-        elif any(low <= ord(char) <= high for low, high in CJK):
-            kept.append(f" {char} ")
-        else:
-            kept.append(char)
+        kept.append(f" {char} " if any(low <= ord(char) <= high for low, high in CJK) else char)
     stripped = "".join(c for c in unicodedata.normalize("NFD", "".join(kept)) if unicodedata.category(c) != "Mn")
     # each character on its own, as Rust's char::to_lowercase: str.lower() makes a word's last capital sigma "ς"
     return "".join(c.lower() for c in stripped) if "Σ" in stripped else stripped.lower()
@@ -195,18 +190,23 @@ class Preprocessor:
         self.size = int(np.prod(self.shape))
         self.is_text = "vocabulary" in pre
         self.ids = {word: i for i, word in enumerate(pre["vocabulary"])} if self.is_text else {}
+        self.marked = "[CLS]" in self.ids and "[SEP]" in self.ids  # WordPiece's sequence marks
 
     def text(self, text: str) -> np.ndarray:
         pre = self.pre
         if not self.is_text:
             raise BadInput("is text (or names no file), and this model does not take text")
         arguments = (self.ids, int(pre["sequence_length"]), int(pre["padding_id"]), int(pre["unknown_id"]))
-        if pre.get("tokenizer") == TOKENIZER:
+        tokenizer = pre.get("tokenizer", "")
+        if tokenizer == TOKENIZER:
             return token_ids(tokenize(text, arguments[1]), *arguments)
-        if WORDPIECE in pre.get("tokenizer", ""):
-            return wordpiece(text, *arguments)
-        raise BadInput("is text, but this model's tokenizer (manifest preprocessing.tokenizer) is neither edgecc's "
-                       "word tokenizer nor BERT's WordPiece; send token ids as a .npy instead")
+        if WORDPIECE not in tokenizer:
+            raise BadInput("is text, but this model's tokenizer (manifest preprocessing.tokenizer) is neither edgecc's "
+                           "word tokenizer nor BERT's WordPiece; send token ids as a .npy instead")
+        if not self.marked:
+            raise BadInput("is text, but the manifest's preprocessing.vocabulary lacks [CLS] or [SEP], which BERT's "
+                           "WordPiece puts around every text")
+        return wordpiece(text, *arguments)
 
     def array(self, raw: np.ndarray) -> np.ndarray:
         """Raw values (any shape with the input's element count) -> x = raw * scale + offset, standardized if so."""
