@@ -27,7 +27,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_compression import command_line, parse_cached_tasks, table, with_earlier_rows  # noqa: E402
 from bench_estimator import ROOT, write_section  # noqa: E402
-from bench_imbalance import merged, relocatable, to_toml  # noqa: E402
+from bench_imbalance import host, merged, relocatable, to_toml  # noqa: E402
 
 from edgecc.build import build  # noqa: E402
 from edgecc.check import Assessment, assess  # noqa: E402
@@ -177,7 +177,7 @@ def run_task(task: str, recipe: Path | None, cache: Path) -> dict[str, Any]:
         "mixed": [mixed(out, stage, stages[0]["accuracy"]) for stage in stages if "mix" in stage.get("stages", ())],
     }
     return {"task": task, "rows": [row], "build_seconds": round(time.perf_counter() - started),
-            "date": date.today().isoformat(), "recipe": manifest["recipe"]["name"],
+            "date": date.today().isoformat(), "host": host(), "recipe": manifest["recipe"]["name"],
             "test_size": manifest["data"]["test_size"]}
 
 
@@ -291,7 +291,9 @@ def main() -> None:
         " vocabulary trimmed as the recipe's with the word pieces training never used read as [UNK], scored 0.9432 on"
         " the validation split against 0.9707 whole (such pieces now read their nearest kept row: 0.9579);"
         " minilm_trec_sigmoid_progressive adds progressive QAT (compress.progressive) to it, after its QAT cost 2.2"
-        " points on validation (0.9451 to 0.9231). The TREC recipe has rounded every Dense kernel with one scale per"
+        " points on validation (0.9451 to 0.9231); minilm_trec_sigmoid_hidden keeps all six blocks and distils each"
+        " against the teacher's own block output in `prune` and `mix` (compress.hidden_weight 1.0; the recipe has"
+        " none), added after progressive QAT gained one validation question. The TREC recipe has rounded every Dense kernel with one scale per"
         " output unit since 2026-12-04 (compress.per_channel = true, scripts/bench_quantization.py); of the MiniLM TREC"
         " rows, minilm_trec_sigmoid and those dated 2026-12-05 were built with it (minilm_trec_sigmoid kept 96.67% of"
         " its teacher with one scale per kernel). Builds are kept under `benchmarks/models/coral_<task>/`; rows in"
