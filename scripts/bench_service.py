@@ -15,6 +15,8 @@ edgecc check's latency estimate of the same model on a Raspberry Pi 4. The table
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
 import json
 import shutil
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +54,7 @@ NOW = {"every record, disk": ("full", False, 0.0), f"interval {INTERVAL_S:g} s, 
        "every record, log in memory": ("full", True, 0.0),
        f"shadow, interval {INTERVAL_S:g} s, disk": ("shadow", False, INTERVAL_S)}
 BEFORE = {"every record, disk": ("full", False, 0.0), "every record, log in memory": ("full", True, 0.0)}
+CHOSEN = f"interval {INTERVAL_S:g} s, disk"  # the overhead table's column
 LINE = "What is the melting point of the steel in this weld seam ?"  # a text model's input, as the line sends it
 
 
@@ -101,25 +104,32 @@ def board_at(revision: str, work: Path) -> ModuleType:
     return importlib.import_module(f"{package.name}.serve")
 
 
-def per_input_ms(run: Callable[[int], Any], inputs: int) -> float:
-    """The fastest of 10 batches' mean wall time per call: on a shared machine a neighbour only ever adds time
-    (as timeit's advice has it), and a median still moved by half from run to run here."""
-    batches = []
+def per_input_ms(runs: dict[str, Callable[[], Any] | None], inputs: int) -> dict[str, float | None]:
+    """Each run's fastest of 10 batches' mean wall time per call (None for a run that is None). The runs take turns
+    within each of the 10 rounds, so that a slow spell of the machine falls on them alike; and on a shared machine
+    a neighbour only ever adds time (as timeit's advice has it), while a median still moved by half from run to run
+    here."""
+    batches: dict[str, list[float]] = {name: [] for name, run in runs.items() if run is not None}
     for _ in range(10):
-        start = time.perf_counter()
-        for i in range(inputs // 10):
-            run(i)
-        batches.append((time.perf_counter() - start) * 1000 / (inputs // 10))
-    return min(batches)
+        for name in batches:
+            run = runs[name]
+            assert run is not None
+            start = time.perf_counter()
+            for _ in range(inputs // 10):
+                run()
+            batches[name].append((time.perf_counter() - start) * 1000 / (inputs // 10))
+    return {name: min(batches[name]) if name in batches else None for name in runs}
 
 
-def service_ms(board: ModuleType, folder: Path, column: tuple[str, bool, float], example: str | Path,
-               inputs: int) -> float | None:
-    """`board`'s serve.py handling the input (a text line, or an input file) per input, in the column's stage, log
-    place and fsync policy; None when that serve.py rejects the input."""
+@contextlib.contextmanager
+def service_run(board: ModuleType, folder: Path, column: tuple[str, bool, float], example: str | Path,
+                name: str) -> Iterator[tuple[Any, Any] | None]:
+    """`board`'s serve.py set up for the column's stage, log place and fsync policy, with its own rollout file
+    `name`.toml in the bundle: (its Service, the Job of the input, a text line or an input file), or None when that
+    serve.py rejects the input."""
     stage, in_memory, interval = column
     with tempfile.TemporaryDirectory(dir=MEMORY if in_memory else folder) as logs:
-        toml = folder / "rollout.toml"
+        toml = folder / f"{name}.toml"
         toml.write_text(f'baseline = "../{folder.name}_baseline.tflite"\nautomatic = false\n'
                         f'log = "{logs}/audit.jsonl"\nstate = "{logs}/state.json"\n')
         options = {"fsync_interval_s": interval} if interval else {}  # the scripts before --fsync fsync every record
@@ -129,13 +139,15 @@ def service_ms(board: ModuleType, folder: Path, column: tuple[str, bool, float],
             rollout.decide(stage, "command", "benchmark", {})
         job = board.Job(example.name, path=example) if isinstance(example, Path) else board.Job("line", text=example)
         try:
-            return None if "rejected" in service.handle(job) else per_input_ms(lambda _: service.handle(job), inputs)
+            yield None if "rejected" in service.handle(job) else (service, job)
         finally:
             rollout.log.close()
 
 
 def measure(folder: Path, inputs: int, before: ModuleType | None) -> dict[str, Any]:
-    """The bare call and the service per input on the bundle `folder`, its own model as the baseline."""
+    """The bare call and the service per input on the bundle `folder`, its own model as the baseline. The bare call
+    runs the interpreter of the service in the overhead column (`full`, `--fsync interval`): two interpreters of
+    one model differed by 5% here, more than the service's own work on MiniLM."""
     shutil.copyfile(folder / "model.tflite", folder.parent / f"{folder.name}_baseline.tflite")
     example: str | Path = example_input(folder)
     if isinstance(example, str):
@@ -143,22 +155,23 @@ def measure(folder: Path, inputs: int, before: ModuleType | None) -> dict[str, A
     else:
         x, example = example, folder.parent / f"{folder.name}_in.npy"
         np.save(example, x)
-
     content = (folder / "model.tflite").read_bytes()
     model = Model(content)
     q = model.input_quantization.quantize(x[np.newaxis], model.input["dtype"])
-    interpreter, source, sink = model.interpreter, model.input["index"], model.output["index"]
 
-    def bare(_: int) -> None:
-        interpreter.set_tensor(source, q)
-        interpreter.invoke()
-        interpreter.get_tensor(sink)
-
+    boards = {"now": (serve, NOW), **({"before": (before, BEFORE)} if before else {})}
+    with contextlib.ExitStack() as stack:
+        services = {f"{when}: {label}": stack.enter_context(service_run(board, folder, column, example,
+                                                                        f"rollout_{when}_{i}"))
+                    for when, (board, columns) in boards.items() for i, (label, column) in enumerate(columns.items())}
+        chosen = services[f"now: {CHOSEN}"]
+        assert chosen is not None, f"{folder.name}: today's serve.py rejects its own example input"
+        runs: dict[str, Callable[[], Any] | None] = {"bare": functools.partial(chosen[0].candidate.run, q)}
+        runs |= {name: None if s is None else functools.partial(s[0].handle, s[1]) for name, s in services.items()}
+        times = per_input_ms(runs, inputs)
     return {"name": folder.name, "input": "text line" if isinstance(example, str) else ".npy file",
-            "bare": per_input_ms(bare, inputs),
-            "now": {label: service_ms(serve, folder, column, example, inputs) for label, column in NOW.items()},
-            "before": {label: service_ms(before, folder, column, example, inputs) for label, column in BEFORE.items()}
-            if before else {},
+            "bare": times["bare"], "now": {label: times[f"now: {label}"] for label in NOW},
+            "before": {label: times[f"before: {label}"] for label in BEFORE} if before else {},
             "rpi4": assess(content, "rpi4", measure_arena=False).latency}
 
 
@@ -166,21 +179,20 @@ def tables(rows: list[dict[str, Any]], revision: str | None) -> list[str]:
     """Per-input times, then the overhead against the bare call and against the rpi4 estimate."""
     before = [f"before ({revision}): {label}" for label in BEFORE] if revision else []
     now = [f"now: {label}" for label in NOW]
-    chosen = f"interval {INTERVAL_S:g} s, disk"
     lines = [f"| model | input | bare call | {' | '.join([*before, *now])} |",
              "|---|---|" + "---|" * (1 + len(before) + len(now))]
     for row in rows:
         figures = [*row["before"].values(), *row["now"].values()]
         lines.append(f"| {row['name']} | {row['input']} | {row['bare']:.3f} | "
                      + " | ".join("rejected" if ms is None else f"{ms:.3f}" for ms in figures) + " |")
-    lines += ["", f"| model | overhead per input, now: {chosen} (ms) | against the bare host call | rpi4 estimate of "
+    lines += ["", f"| model | overhead per input, now: {CHOSEN} (ms) | against the bare host call | rpi4 estimate of "
               "the model (ms, band) | overhead against the rpi4 estimate |", "|---|---|---|---|---|"]
     for row in rows:
-        overhead, estimate = row["now"][chosen] - row["bare"], row["rpi4"]
+        overhead, estimate = row["now"][CHOSEN] - row["bare"], row["rpi4"]
         lines.append(f"| {row['name']} | {overhead:.3f} | {overhead / row['bare']:+.0%} | {estimate.total_ms:.4f} "
                      f"({estimate.low_ms:.4f}-{estimate.high_ms:.4f}) | {overhead / estimate.total_ms:+.0%} |")
-    worst = max(row["now"][chosen] - row["bare"] for row in rows)
-    under = [row["name"] for row in rows if row["now"][chosen] - row["bare"] < 0.1 * row["bare"]]
+    worst = max(row["now"][CHOSEN] - row["bare"] for row in rows)
+    under = [row["name"] for row in rows if row["now"][CHOSEN] - row["bare"] < 0.1 * row["bare"]]
     return [*lines, "", f"The issue's target, under 10% of the bare host call with `--fsync interval {INTERVAL_S:g}`, "
                         f"holds for {', '.join(under) if under else 'none of these models'}; on this host it holds for "
                         f"any model whose call takes at least {10 * worst:.1f} ms (ten times the largest overhead "
@@ -206,7 +218,8 @@ def main() -> None:
         "",
         f"`python scripts/bench_service.py {' '.join(sys.argv[1:])}`, "
         f"{date.today().isoformat()}, on {host()}, Python {sys.version.split()[0]}, one interpreter thread. Per input "
-        "in ms, the fastest of 10 batches: the bare interpreter call (set the int8 input, invoke, read the output) "
+        "in ms, the fastest of 10 batches, the columns taking turns in each of 10 rounds: the bare interpreter call "
+        f"(set the int8 input, invoke, read the output; on the interpreter of the `{CHOSEN}` column's service) "
         "against serve.py's whole handling of one input as the line sends it (for a model with a tokenizer, the text "
         f"line \"{LINE}\", tokenized by the service; else one .npy file, read): preprocess, quantize, invoke, "
         "dequantize, one audit record written with one os.write, the gates; `full` runs the candidate alone, `shadow` "
