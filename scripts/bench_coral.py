@@ -4,15 +4,15 @@ For each task chosen with `--tasks` (default: neu_det, cwru_bearing, trec, trec_
 MiniLM tasks, their `_mix` variants, minilm_trec_mix_keep1, minilm_trec_mix_gated, trec_sigmoid,
 trec_sigmoid_unpruned, minilm_trec_sigmoid, minilm_trec_sigmoid_6blocks, minilm_trec_sigmoid_vocabulary,
 minilm_trec_sigmoid_progressive and minilm_trec_sigmoid_hidden; also `digits`, the built-in default recipe, and
-`trec_tiny`, a one-block text model trained for 2 epochs, both for a quick run) this runs `edgecc build --target coral-usb` (teachers and stages from
-`--cache`, shared with the rpi4 benchmarks), keeps the build under `benchmarks/models/coral_<task>/` (git-ignored)
-and reads its manifest: accuracy of the float teacher and of model.tflite on the task's test split, the share of
-operators and MACs the bundle's pipeline runs on the Edge TPU, its segments, parameter bytes cached on chip vs
-streamed, and the coral-usb estimate beside the rpi4 estimate of the same model (edgecc's cost model, not
-measurements). Each task's verdicts judge the issue's goals and say what stays on the CPU and why (its share of the
-MACs and the Edge TPU rule it breaks) and how much of the coral-usb estimate is the Edge TPU invokes, so a missed
-goal names its cause. Writes `benchmarks/coral.json` and the BENCHMARKS.md section; tasks not run keep their last
-rows.
+`trec_tiny`, a one-block text model trained for 2 epochs, both for a quick run) this runs `edgecc build --target
+coral-usb` (teachers and stages from `--cache`, shared with the rpi4 benchmarks), keeps the build under
+`benchmarks/models/coral_<task>/` (git-ignored) and reads its manifest: accuracy of the float teacher and of
+model.tflite on the task's test split, the share of operators and MACs the bundle's pipeline runs on the Edge TPU,
+its segments, parameter bytes cached on chip vs streamed, and the coral-usb estimate beside the rpi4 estimate of the
+same model (edgecc's cost model, not measurements). Each task's verdicts judge the issue's goals and say what stays
+on the CPU and why (its share of the MACs and the Edge TPU rule it breaks) and how much of the coral-usb estimate is
+the Edge TPU invokes, so a missed goal names its cause. Writes `benchmarks/coral.json` and the BENCHMARKS.md
+section; tasks not run keep their last rows.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ TASKS = {"neu_det": MODELS / "neu_det.toml", "cwru_bearing": MODELS / "cwru_bear
          "minilm_trec_mix": None, "minilm_sms_spam_mix": None, "minilm_trec_mix_keep1": None,
          "minilm_trec_mix_gated": None, "trec_sigmoid": None, "trec_sigmoid_unpruned": None,
          "minilm_trec_sigmoid": None, "minilm_trec_sigmoid_6blocks": None, "minilm_trec_sigmoid_vocabulary": None,
-         "minilm_trec_sigmoid_progressive": None, "minilm_trec_sigmoid_hidden": None}
+         "minilm_trec_sigmoid_progressive": None,
+         "minilm_trec_sigmoid_hidden": MODELS / "minilm" / "trec_coral.toml"}
 DEFAULT_TASKS = ("neu_det", "cwru_bearing", "trec", "trec_mix", "trec_mix_unpruned", "minilm_trec", "minilm_sms_spam",
                  "minilm_trec_mix", "minilm_sms_spam_mix", "minilm_trec_mix_keep1", "minilm_trec_mix_gated",
                  "trec_sigmoid", "trec_sigmoid_unpruned", "minilm_trec_sigmoid", "minilm_trec_sigmoid_6blocks",
@@ -94,13 +95,10 @@ DERIVED: dict[str, tuple[str, StageChange, dict[str, Any]]] = {
 }
 DERIVED["minilm_trec_sigmoid_progressive"] = ("minilm_trec", MIX_BEFORE_LAST,
                                               {**DERIVED["minilm_trec_sigmoid_vocabulary"][2], "progressive": True})
-# minilm_trec_sigmoid_hidden is minilm_trec_sigmoid_vocabulary with all six blocks, each distilled against the
-# teacher's own block output (compress.hidden_weight 1.0 in `prune` and `mix`; the recipe has none), added after
-# progressive QAT gained 1 validation question: the sigmoid attention (1.8 points on validation) is then learnt
-# block by block, as TinyBERT distils its students, rather than from the logits alone.
-DERIVED["minilm_trec_sigmoid_hidden"] = ("minilm_trec", MIX_BEFORE_LAST,
-                                         {**DERIVED["minilm_trec_sigmoid_vocabulary"][2], "block_fraction": 1.0,
-                                          "hidden_weight": 1.0})
+# minilm_trec_sigmoid_hidden is models/minilm/trec_coral.toml: minilm_trec_sigmoid_vocabulary with all six blocks,
+# each distilled against the teacher's own block output (compress.hidden_weight 1.0 in `prune` and `mix`; trec.toml
+# has none), added after progressive QAT gained 1 validation question: the sigmoid attention (1.8 points on
+# validation) is then learnt block by block, as TinyBERT distils its students, rather than from the logits alone.
 # the issue's goals: share of MACs on the Edge TPU, and how close to the teacher the coral model stays
 MAC_SHARE_GOAL = {task: 0.85 for task in TASKS if task.startswith("minilm")}
 REFERENCE_MAC_SHARE_GOAL = 0.90
@@ -291,10 +289,11 @@ def main() -> None:
         " vocabulary trimmed as the recipe's with the word pieces training never used read as [UNK], scored 0.9432 on"
         " the validation split against 0.9707 whole (such pieces now read their nearest kept row: 0.9579);"
         " minilm_trec_sigmoid_progressive adds progressive QAT (compress.progressive) to it, after its QAT cost 2.2"
-        " points on validation (0.9451 to 0.9231); minilm_trec_sigmoid_hidden keeps all six blocks and distils each"
-        " against the teacher's own block output in `prune` and `mix` (compress.hidden_weight 1.0; the recipe has"
-        " none), added after progressive QAT gained one validation question. The TREC recipe has rounded every Dense kernel with one scale per"
-        " output unit since 2026-12-04 (compress.per_channel = true, scripts/bench_quantization.py); of the MiniLM TREC"
+        " points on validation (0.9451 to 0.9231); minilm_trec_sigmoid_hidden (models/minilm/trec_coral.toml) keeps"
+        " all six blocks and distils each against the teacher's own block output in `prune` and `mix`"
+        " (compress.hidden_weight 1.0; trec.toml has none), added after progressive QAT gained one validation"
+        " question. The TREC recipe has rounded every Dense kernel with one scale per output unit since 2026-12-04 "
+        "(compress.per_channel = true, scripts/bench_quantization.py); of the MiniLM TREC"
         " rows, minilm_trec_sigmoid and those dated 2026-12-05 were built with it (minilm_trec_sigmoid kept 96.67% of"
         " its teacher with one scale per kernel). Builds are kept under `benchmarks/models/coral_<task>/`; rows in"
         " `benchmarks/coral.json`.",
