@@ -4,7 +4,7 @@ The one implementation of edgecc's preprocessing: `edgecc build` (edgecc.data) i
 the image conversion from here, and the board runs this file as it is (numpy, the standard library, and
 Pillow for images), so the board feeds the model exactly what the build's evaluation fed it. A MiniLM build
 tokenizes with HuggingFace's `tokenizers` (Rust, not on the board); `wordpiece` redoes its BERT WordPiece in
-plain Python, and tests/test_preprocess.py holds the two to the same ids.
+plain Python, and tests/test_wordpiece.py holds the two to the same ids.
 """
 
 from __future__ import annotations
@@ -196,10 +196,11 @@ class Preprocessor:
         pre = self.pre
         if not self.is_text:
             raise BadInput("is text (or names no file), and this model does not take text")
-        arguments = (self.ids, int(pre["sequence_length"]), int(pre["padding_id"]), int(pre["unknown_id"]))
+        length = int(pre["sequence_length"])
+        arguments = (self.ids, length, int(pre["padding_id"]), int(pre["unknown_id"]))
         tokenizer = pre.get("tokenizer", "")
         if tokenizer == TOKENIZER:
-            return token_ids(tokenize(text, arguments[1]), *arguments)
+            return token_ids(tokenize(text, length), *arguments)
         if WORDPIECE not in tokenizer:
             raise BadInput("is text, but this model's tokenizer (manifest preprocessing.tokenizer) is neither edgecc's "
                            "word tokenizer nor BERT's WordPiece; send token ids as a .npy instead")
