@@ -30,9 +30,10 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import date
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 
 import numpy as np
@@ -397,16 +398,30 @@ def campaign(mutants: int, seed: int, models: list[Path], commands: tuple[str, .
     """Run `mutants` mutants over `workers` processes; every row is logged as it arrives.
 
     After `minutes` no further mutant is counted (the table says how many ran), so a campaign fits a time budget.
+    The workers are spawned, not forked: the caller may have threads (a pytest-xdist worker has), and a fork of a
+    threaded process can deadlock in the child. A worker that dies raises BrokenProcessPool; one that makes no
+    progress for longer than a mutant's commands can take is killed and named, so a campaign never hangs.
     """
     tally = Tally()
     jobs = [(seed, i, [str(m) for m in models], commands) for i in range(mutants)]
     deadline = time.monotonic() + minutes * 60
-    with get_context("fork").Pool(workers, initializer=warm_imports, maxtasksperchild=500) as pool:
-        for row in pool.imap_unordered(run_mutant, jobs, chunksize=4):
-            tally.add(row)
-            log(json.dumps(row))
-            if time.monotonic() > deadline:
-                break
+    stall_s = (len(commands) + 2) * TIMEOUT_S + 120  # two runtime loads and the commands, each under its alarm
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=warm_imports,
+                               max_tasks_per_child=500)
+    try:
+        pending = {pool.submit(run_mutant, job) for job in jobs}
+        while pending and time.monotonic() <= deadline:
+            done, pending = wait(pending, timeout=stall_s, return_when=FIRST_COMPLETED)
+            if not done:
+                for process in active_children():
+                    process.kill()
+                raise RuntimeError(f"fuzz campaign: no mutant finished in {stall_s} s; its workers were killed")
+            for future in done:
+                row = future.result()
+                tally.add(row)
+                log(json.dumps(row))
+    finally:
+        pool.shutdown(cancel_futures=True)
     return tally
 
 

@@ -161,6 +161,15 @@ def test_arena_size_allocates_in_tflite_micro(stm32: tuple[Path, bytes, int, lis
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_native_output_beyond_a_pipes_buffer_is_read_whole() -> None:
+    """The recording run prints a line per allocation; a large model's lines can exceed a pipe's 64 KiB buffer,
+    which must not block the measurement (run in a child, so a regression fails here instead of hanging)."""
+    script = ("import os; from edgecc.arena import _fd_output; "
+              "print(len(_fd_output(lambda: [os.write(fd, b'x' * 1000) for fd in (1, 2) for _ in range(200)])))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == str(2 * 200 * 1000), result.stderr
+
+
 def test_an_op_tflite_micro_lacks_is_named(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     model = tiny_models["gelu_int8"].read_bytes()
     with pytest.raises(EdgeccError, match="GELU"):

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,25 +109,25 @@ def arena_split(arena: ArenaMeasurement, lower_bound: int, planned: int | None) 
 
 
 def _fd_output(action: object) -> str:
-    """Run `action()` and return what native code wrote to fds 1 and 2 meanwhile."""
-    read_end, write_end = os.pipe()
-    saved = os.dup(1), os.dup(2)
-    sys.stdout.flush()
-    os.dup2(write_end, 1)
-    os.dup2(write_end, 2)
-    try:
-        action()  # type: ignore[operator]
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        os.close(write_end)
-        for fd in saved:
-            os.close(fd)
-    chunks = []
-    while chunk := os.read(read_end, 65536):
-        chunks.append(chunk)
-    os.close(read_end)
-    return b"".join(chunks).decode(errors="replace")
+    """Run `action()` and return what native code wrote to fds 1 and 2 meanwhile.
+
+    The output goes to a temporary file, not a pipe: this process reads it only after `action` returns, so
+    a pipe would block the writer for good once its buffer (64 KiB, or 4 KiB under a user's pipe limit) fills.
+    """
+    with tempfile.TemporaryFile() as capture:
+        saved = os.dup(1), os.dup(2)
+        sys.stdout.flush()
+        os.dup2(capture.fileno(), 1)
+        os.dup2(capture.fileno(), 2)
+        try:
+            action()  # type: ignore[operator]
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+        capture.seek(0)
+        return capture.read().decode(errors="replace")
 
 
 def _allocates(content: bytes, size: int) -> bool:
