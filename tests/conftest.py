@@ -8,6 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
         present = [name for name in ("tensorflow", "tf_keras") if importlib.util.find_spec(name)]
         assert not present, f"EDGECC_BASE_INSTALL is set but {present} can be imported"
+
+
+@contextmanager
+def killed_after(process: subprocess.Popen, seconds: float = 120) -> Iterator[None]:
+    """Kill `process` if the block still runs after `seconds`: a read from its pipes then ends (EOF) and the test
+    fails, instead of waiting for a line that never comes until CI's own time limit."""
+    timer = threading.Timer(seconds, process.kill)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def edgecc_command() -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import edgecc, edgecc_command, needs_train_extra
+from conftest import edgecc, edgecc_command, killed_after, needs_train_extra
 from edgecc.cost import op_costs
 from edgecc.reader import read_graph
 from edgecc.report import markdown
@@ -242,9 +242,10 @@ def test_interrupted_build_keeps_the_previous_result(default_build, tmp_path: Pa
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     process = subprocess.Popen([edgecc_command(), "build", "--target", "rpi4", "--out", str(target), "--no-cache"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    for line in process.stderr:  # SIGTERM once the teacher is training: the build is under way, nothing written
-        if "training float teacher" in line:
-            break
+    with killed_after(process, 600):
+        for line in process.stderr:  # SIGTERM once the teacher is training: the build is under way, nothing written
+            if "training float teacher" in line:
+                break
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

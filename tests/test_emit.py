@@ -112,11 +112,15 @@ def test_a_live_builds_staging_is_never_removed(tmp_path: Path) -> None:
                 os.read(go_r, 1)
         finally:
             os._exit(0)
-    os.read(ready_r, 1)
-    with atomic_directory(out) as staging:  # a concurrent, faster build of the same output
-        (staging / "model.tflite").write_bytes(b"fast build")
-    assert (tmp_path / f".out.staging-{pid}" / "model.tflite").read_bytes() == b"slow build"
-    os.write(go_w, b"x")
+    os.close(ready_w)  # only the child holds it now: should the child end before writing, the read gets EOF
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        with atomic_directory(out) as staging:  # a concurrent, faster build of the same output
+            (staging / "model.tflite").write_bytes(b"fast build")
+        assert (tmp_path / f".out.staging-{pid}" / "model.tflite").read_bytes() == b"slow build"
+        os.write(go_w, b"x")
+    finally:
+        os.close(go_w)  # the child's read ends even when an assertion failed: no process is left waiting
     assert os.waitpid(pid, 0)[1] == 0
     assert (out / "model.tflite").read_bytes() == b"slow build"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

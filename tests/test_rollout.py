@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, needs_train_extra
+from conftest import FIXTURES, killed_after, needs_train_extra
 from edgecc.board import serve
 from edgecc.board.gates import ClassLimits, Gates, RolloutError, Tally, judge, load
 from edgecc.board.preprocess import npy_array
@@ -154,10 +154,13 @@ def test_kill_9_at_random_moments_of_switching_leaves_one_stage_and_whole_record
         rounds += 1
         driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(toml), str(vit_rollout.parent / "in.npy")],
                                   stdout=subprocess.PIPE, text=True)
-        assert driver.stdout.readline() == "ready\n"
-        time.sleep(rng.uniform(0.0, 0.15))
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        try:
+            with killed_after(driver):
+                assert driver.stdout.readline() == "ready\n"
+            time.sleep(rng.uniform(0.0, 0.15))
+        finally:  # never left running: it loops for good, holding CI's output pipe
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
         lines = log.read_bytes().split(b"\n")
         assert lines[-1] == b""  # the log ends with a whole record
         written = [json.loads(line) for line in lines[:-1]]
@@ -281,7 +284,8 @@ def test_http_answers_on_localhost(vit_rollout: Path) -> None:
     process = subprocess.Popen([sys.executable, "serve.py", "--rollout", "rollout.toml", "--http", "0"],
                                cwd=vit_rollout, stderr=subprocess.PIPE, text=True)
     try:
-        address = next(line for line in process.stderr if "listening on " in line).split("listening on ")[1].strip()
+        with killed_after(process):
+            address = next(line for line in process.stderr if "listening on " in line).split("listening on ")[1].strip()
         assert address.startswith("http://127.0.0.1:")
         body = vit_rollout.parent / "in.npy"
         np.save(body, np.full((8, 8, 1), 0.5, np.float32))
@@ -330,7 +334,8 @@ def test_fsync_interval_loses_no_answered_record_to_kill_9(vit_rollout: Path) ->
         for path in sorted(inbox.iterdir()):
             process.stdin.write(f"{path}\n")
         process.stdin.flush()
-        answered = [json.loads(process.stdout.readline()) for _ in range(20)]
+        with killed_after(process):
+            answered = [json.loads(process.stdout.readline()) for _ in range(20)]
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
