@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import date
@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 SEEDS = ("vit_int8.tflite", "gelu_int8.tflite")
 TIMEOUT_S = 60
+WORKER_MUTANTS = 500  # mutants one worker process runs before a fresh one takes over (bounds its memory)
 COMMANDS = ("check-rpi4", "check-stm32h7", "profile", "bench", "shadow", "verify")
 # the runtime whose refusal each command must not hide; verify compares hashes, it does not judge a model
 JUDGE = {"check-rpi4": "litert", "check-stm32h7": "tflm", "profile": "litert", "bench": "litert", "shadow": "litert"}
@@ -398,31 +399,44 @@ def campaign(mutants: int, seed: int, models: list[Path], commands: tuple[str, .
     """Run `mutants` mutants over `workers` processes; every row is logged as it arrives.
 
     After `minutes` no further mutant is counted (the table says how many ran), so a campaign fits a time budget.
-    The workers are spawned, not forked: the caller may have threads (a pytest-xdist worker has), and a fork of a
-    threaded process can deadlock in the child. A worker that dies raises BrokenProcessPool; one that makes no
-    progress for longer than a mutant's commands can take is killed and named, so a campaign never hangs.
     """
     tally = Tally()
-    jobs = [(seed, i, [str(m) for m in models], commands) for i in range(mutants)]
     deadline = time.monotonic() + minutes * 60
-    stall_s = (len(commands) + 2) * TIMEOUT_S + 120  # two runtime loads and the commands, each under its alarm
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=warm_imports,
-                               max_tasks_per_child=500)
+    for start in range(0, mutants, workers * WORKER_MUTANTS):
+        jobs = [(seed, i, [str(m) for m in models], commands)
+                for i in range(start, min(mutants, start + workers * WORKER_MUTANTS))]
+        for row in _rows(jobs, workers, stall_s=(len(commands) + 2) * TIMEOUT_S + 120):
+            tally.add(row)
+            log(json.dumps(row))
+            if time.monotonic() > deadline:
+                return tally
+    return tally
+
+
+def _rows(jobs: list[tuple], workers: int, stall_s: float) -> Iterator[dict]:
+    """The rows of `jobs` as they finish, from a fresh pool of `workers` processes.
+
+    The workers are spawned, not forked: the caller may have threads (a pytest-xdist worker has), and a fork of a
+    threaded process can deadlock in the child. A pool per batch, not ProcessPoolExecutor's max_tasks_per_child,
+    bounds a worker's life: with it, Python 3.11's pool stops replacing workers (CPython gh-115634) and the campaign
+    hangs after workers x limit mutants. A worker that dies raises BrokenProcessPool; if no mutant finishes within
+    `stall_s` (every command has its own alarm), the workers are killed and the campaign fails instead of hanging.
+    """
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=warm_imports)
+    stalled = False
     try:
         pending = {pool.submit(run_mutant, job) for job in jobs}
-        while pending and time.monotonic() <= deadline:
+        while pending:
             done, pending = wait(pending, timeout=stall_s, return_when=FIRST_COMPLETED)
             if not done:
+                stalled = True
                 for process in active_children():
                     process.kill()
-                raise RuntimeError(f"fuzz campaign: no mutant finished in {stall_s} s; its workers were killed")
+                raise RuntimeError(f"fuzz campaign: no mutant finished in {stall_s:.0f} s; its workers were killed")
             for future in done:
-                row = future.result()
-                tally.add(row)
-                log(json.dumps(row))
+                yield future.result()
     finally:
-        pool.shutdown(cancel_futures=True)
-    return tally
+        pool.shutdown(wait=not stalled, cancel_futures=True)
 
 
 def table(tally: Tally, argv: list[str], seconds: float, asked: int) -> str:
