@@ -129,8 +129,30 @@ def test_shadow_on_a_model_whose_batch_is_not_one_is_bad_input(tmp_path: Path) -
 
 
 def test_bench_on_a_model_without_inputs_is_bad_input(tmp_path: Path) -> None:
-    content = campaign_mutant(1, 412)  # found by the seed-1 campaign
+    content = campaign_mutant(1, 412)  # found by the seed-1 campaign: its first operator reads the dropped input
     (tmp_path / "m.tflite").write_bytes(content)
     result = edgecc("bench", str(tmp_path / "m.tflite"), "--runs", "2", "--warmup", "0", "--quiet")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "inputs and" in result.stderr
+    assert "operator 0 of subgraph 0 reads tensor 0, which no earlier operator writes" in result.stderr
+
+
+def test_bench_on_a_well_formed_model_without_outputs_is_bad_input(tmp_path: Path) -> None:
+    from edgecc.tflite_edit import pack, unpack
+
+    model = unpack((FIXTURES / "gelu_int8.tflite").read_bytes())
+    model.subgraphs[0].outputs = []  # every operator still reads what an earlier one wrote: well formed
+    (tmp_path / "m.tflite").write_bytes(pack(model))
+    result = edgecc("bench", str(tmp_path / "m.tflite"), "--runs", "2", "--warmup", "0", "--quiet")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "the model has 1 inputs and 0 outputs" in result.stderr
+
+
+@pytest.mark.parametrize("command", [("check", "--target", "rpi4"), ("check", "--target", "stm32h7"),
+                                     ("profile", "--target", "rpi4"), ("bench", "--runs", "2", "--warmup", "0")])
+def test_a_model_whose_output_no_operator_writes_is_refused(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """Found by the seed-1 campaign (mutant 3814: the operator list cut from 4 to 1). LiteRT and TFLite Micro both
+    allocate it; check said it fits and shadow failed with an internal error (LiteRT: "Tensor data is null")."""
+    (tmp_path / "m.tflite").write_bytes(campaign_mutant(1, 3814))
+    result = edgecc(command[0], str(tmp_path / "m.tflite"), *command[1:])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "subgraph 0's output tensor 7 is written by no operator" in result.stderr

@@ -287,6 +287,7 @@ def _check_graph(model: Any, content: bytes) -> None:
                 for name, value in vars(options).items() if options is not None else ():
                     if name.endswith("SubgraphIndex") and not 0 <= value < len(subgraphs):
                         _fail(f"{where} calls subgraph {value}, but the model has {len(subgraphs)} subgraphs")
+        _data_flow(subgraph, buffers, s)
     for m, metadata in enumerate(model.metadata or []):
         if not 0 <= metadata.buffer < len(buffers):
             _fail(f"metadata {m} reads buffer {metadata.buffer}, but the model has {len(buffers)} buffers")
@@ -296,6 +297,30 @@ def _check_graph(model: Any, content: bytes) -> None:
         count = len(subgraphs[signature.subgraphIndex].tensors or [])
         for tensor_map in (signature.inputs or []) + (signature.outputs or []):
             _indices([tensor_map.tensorIndex], count, f"signature {g}", optional=False)
+
+
+def _data_flow(subgraph: Any, buffers: list[Any], s: int) -> None:
+    """Every tensor an operator reads, and every output of the subgraph, is written before it is read: an input, a
+    constant, a variable, an empty tensor or an earlier operator's output. LiteRT and TFLite Micro allocate and run a
+    model that breaks this, reading memory nothing wrote (LiteRT then refuses to return such an output, "Tensor data
+    is null"), so it would pass a check and give no answer, or a wrong one, on the board."""
+    tensors = subgraph.tensors or []
+
+    def available(t: int) -> bool:
+        tensor, buffer = tensors[t], buffers[tensors[t].buffer]
+        return bool(tensor.isVariable or (buffer.data is not None and len(buffer.data)) or buffer.offset > 1
+                    or 0 in (tensor.shape if tensor.shape is not None else ()))
+
+    written = {int(t) for t in (subgraph.inputs if subgraph.inputs is not None else ())}
+    for o, op in enumerate(subgraph.operators or []):
+        for t in (int(t) for t in (op.inputs if op.inputs is not None else ()) if t >= 0):
+            if t not in written and not available(t):
+                _fail(f"operator {o} of subgraph {s} reads tensor {t}, which no earlier operator writes (nor is it "
+                      "an input, a constant or a variable)")
+        written.update(int(t) for t in (op.outputs if op.outputs is not None else ()) if t >= 0)
+    for t in (int(t) for t in (subgraph.outputs if subgraph.outputs is not None else ())):
+        if t not in written and not available(t):
+            _fail(f"subgraph {s}'s output tensor {t} is written by no operator (nor is it an input or a constant)")
 
 
 # Operators that only move or select data: their first input and first output have one type. LiteRT's kernels
