@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -446,10 +447,13 @@ def table(tally: Tally, argv: list[str], seconds: float, asked: int) -> str:
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     rows = [f"| {command} | " + " | ".join(str(counts[c]) for c in columns) + " |"
             for command, counts in tally.counts.items()]
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip() or "unknown"  # the verifier's fixes change the table
     return "\n".join([
         "## Fuzzing the TensorFlow-free commands with malformed models",
         "",
-        f"`python scripts/fuzz_models.py {' '.join(argv)}`, {date.today().isoformat()}, on {cpu} "
+        f"`python scripts/fuzz_models.py {' '.join(argv)}` at revision {revision}, {date.today().isoformat()}, "
+        f"on {cpu} "
         f"({os.cpu_count()} cores, 2 workers), {seconds / 60:.0f} min. {tally.mutants:,} mutants"
         f"{f' (of {asked:,} asked: the --minutes budget ran out)' if tally.mutants < asked else ''} of "
         f"{', '.join(SEEDS)} ({len(MUTATIONS)} kinds, {tally.mutants // len(MUTATIONS):,}+ each); LiteRT "

@@ -106,7 +106,7 @@ def campaign_mutant(seed: int, index: int) -> bytes:
 # Mutants the campaigns (BENCHMARKS.md) found slipping through: each now exits 2 with one line.
 FOUND_BY_FUZZING = {389: "turns a BOOL tensor into a INT8 one", 1739: "turns a INT32 tensor into a INT8 one",
                     3688: "name is not UTF-8 text", 4372: "name is not UTF-8 text",
-                    7360: "first input is -1, no tensor"}  # the 10,000-mutant run: SIGSEGV in LiteRT
+                    7360: "input 0 is -1, no tensor"}  # the 10,000-mutant run: SIGSEGV in LiteRT
 
 
 @pytest.mark.parametrize("index", sorted(FOUND_BY_FUZZING))
@@ -145,6 +145,13 @@ def test_bench_on_a_well_formed_model_without_outputs_is_bad_input(tmp_path: Pat
     result = edgecc("bench", str(tmp_path / "m.tflite"), "--runs", "2", "--warmup", "0", "--quiet")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "the model has 1 inputs and 0 outputs" in result.stderr
+
+
+def test_a_fully_connected_without_its_weights_is_refused() -> None:
+    """Found by the seed-1 campaign (mutant 6838: FULLY_CONNECTED's weights index overwritten with -1): check, profile
+    and bench died with SIGSEGV in LiteRT on some runs, as LiteRT's own "was optional but was expected" came too late."""
+    with pytest.raises(EdgeccError, match=r"operator 52 of subgraph 0 \(FULLY_CONNECTED\)'s input 1 is -1, no tensor"):
+        check_model_file(campaign_mutant(1, 6838))
 
 
 @pytest.mark.parametrize("command", [("check", "--target", "rpi4"), ("check", "--target", "stm32h7"),

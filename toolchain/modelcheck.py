@@ -279,9 +279,10 @@ def _check_graph(model: Any, content: bytes) -> None:
             _indices(op.intermediates, len(tensors), f"{where}'s intermediates", optional=False)
             code = model.operatorCodes[op.opcodeIndex]
             kind = builtins[max(code.builtinCode, code.deprecatedBuiltinCode)]
-            if kind != "CUSTOM" and op.inputs is not None and len(op.inputs) and op.inputs[0] == -1:
-                # no builtin operator's first input is optional; LiteRT's RSQRT read one and crashed (SIGSEGV)
-                _fail(f"{where} ({kind})'s first input is -1, no tensor; only a later input may be optional")
+            inputs = op.inputs if op.inputs is not None else ()
+            for k in range(min(len(inputs), 0 if kind == "CUSTOM" else REQUIRED_INPUTS.get(kind, 1))):
+                if inputs[k] == -1:
+                    _fail(f"{where} ({kind})'s input {k} is -1, no tensor; {kind} needs a tensor there")
             _same_type(kind, op, tensors, types, where)
             for options in (op.builtinOptions, op.builtinOptions2):
                 for name, value in vars(options).items() if options is not None else ():
@@ -321,6 +322,15 @@ def _data_flow(subgraph: Any, buffers: list[Any], s: int) -> None:
     for t in (int(t) for t in (subgraph.outputs if subgraph.outputs is not None else ())):
         if t not in written and not available(t):
             _fail(f"subgraph {s}'s output tensor {t} is written by no operator (nor is it an input or a constant)")
+
+
+# How many leading inputs a builtin operator cannot do without ("-1": no tensor). No builtin operator's first input
+# is optional (LiteRT's RSQRT read a missing one and crashed, SIGSEGV); these need more, e.g. FULLY_CONNECTED's weights
+# (a missing one crashed LiteRT now and then, SIGSEGV, before its own "was optional but was expected"); a later input,
+# such as a bias, may be optional.
+REQUIRED_INPUTS = {"FULLY_CONNECTED": 2, "CONV_2D": 2, "DEPTHWISE_CONV_2D": 2, "CONV_3D": 2, "TRANSPOSE_CONV": 3,
+                   "BATCH_MATMUL": 2, "ADD": 2, "SUB": 2, "MUL": 2, "DIV": 2, "SQUARED_DIFFERENCE": 2, "MAXIMUM": 2,
+                   "MINIMUM": 2}
 
 
 # Operators that only move or select data: their first input and first output have one type. LiteRT's kernels
