@@ -154,6 +154,13 @@ def test_a_fully_connected_without_its_weights_is_refused() -> None:
         check_model_file(campaign_mutant(1, 6838))
 
 
+def test_weights_whose_buffer_index_was_lost_are_refused() -> None:
+    """Found by the seed-1 campaign (mutant 862: a 32x32 weight tensor's buffer index overwritten with 0, the empty
+    buffer): LiteRT and TFLite Micro ran it on weights nothing wrote, and check said it fits."""
+    with pytest.raises(EdgeccError, match="operator 25 of subgraph 0 reads tensor 13, which no earlier operator writes"):
+        check_model_file(campaign_mutant(1, 862))
+
+
 @pytest.mark.parametrize("command", [("check", "--target", "rpi4"), ("check", "--target", "stm32h7"),
                                      ("profile", "--target", "rpi4"), ("bench", "--runs", "2", "--warmup", "0")])
 def test_a_model_whose_output_no_operator_writes_is_refused(tmp_path: Path, command: tuple[str, ...]) -> None:
