@@ -149,7 +149,7 @@ def test_bench_on_a_well_formed_model_without_outputs_is_bad_input(tmp_path: Pat
 
 def test_a_fully_connected_without_its_weights_is_refused() -> None:
     """Found by the seed-1 campaign (mutant 6838: FULLY_CONNECTED's weights index overwritten with -1): check, profile
-    and bench died with SIGSEGV in LiteRT on some runs, as LiteRT's own "was optional but was expected" came too late."""
+    and bench died with SIGSEGV in LiteRT on some runs, before LiteRT's own "was optional but was expected"."""
     with pytest.raises(EdgeccError, match=r"operator 52 of subgraph 0 \(FULLY_CONNECTED\)'s input 1 is -1, no tensor"):
         check_model_file(campaign_mutant(1, 6838))
 
@@ -157,7 +157,7 @@ def test_a_fully_connected_without_its_weights_is_refused() -> None:
 def test_weights_whose_buffer_index_was_lost_are_refused() -> None:
     """Found by the seed-1 campaign (mutant 862: a 32x32 weight tensor's buffer index overwritten with 0, the empty
     buffer): LiteRT and TFLite Micro ran it on weights nothing wrote, and check said it fits."""
-    with pytest.raises(EdgeccError, match="operator 25 of subgraph 0 reads tensor 13, which no earlier operator writes"):
+    with pytest.raises(EdgeccError, match="operator 25 of subgraph 0 reads tensor 13, which no earlier operator"):
         check_model_file(campaign_mutant(1, 862))
 
 
