@@ -269,6 +269,7 @@ def _check_graph(model: Any, content: bytes) -> None:
             _check_tensor(model, content, s, i, tensor, types)
         _indices(subgraph.inputs, len(tensors), f"subgraph {s}'s inputs", optional=False)
         _indices(subgraph.outputs, len(tensors), f"subgraph {s}'s outputs", optional=False)
+        kinds: list[str] = []  # each operator's builtin name
         for o, op in enumerate(subgraph.operators or []):
             where = f"operator {o} of subgraph {s}"
             if not 0 <= op.opcodeIndex < len(model.operatorCodes or []):
@@ -279,6 +280,7 @@ def _check_graph(model: Any, content: bytes) -> None:
             _indices(op.intermediates, len(tensors), f"{where}'s intermediates", optional=False)
             code = model.operatorCodes[op.opcodeIndex]
             kind = builtins[max(code.builtinCode, code.deprecatedBuiltinCode)]
+            kinds.append(kind)
             inputs = op.inputs if op.inputs is not None else ()
             for k in range(min(len(inputs), 0 if kind == "CUSTOM" else REQUIRED_INPUTS.get(kind, 1))):
                 if inputs[k] == -1:
@@ -288,7 +290,7 @@ def _check_graph(model: Any, content: bytes) -> None:
                 for name, value in vars(options).items() if options is not None else ():
                     if name.endswith("SubgraphIndex") and not 0 <= value < len(subgraphs):
                         _fail(f"{where} calls subgraph {value}, but the model has {len(subgraphs)} subgraphs")
-        _data_flow(subgraph, buffers, s)
+        _data_flow(subgraph, buffers, kinds, s)
     for m, metadata in enumerate(model.metadata or []):
         if not 0 <= metadata.buffer < len(buffers):
             _fail(f"metadata {m} reads buffer {metadata.buffer}, but the model has {len(buffers)} buffers")
@@ -300,11 +302,12 @@ def _check_graph(model: Any, content: bytes) -> None:
             _indices([tensor_map.tensorIndex], count, f"signature {g}", optional=False)
 
 
-def _data_flow(subgraph: Any, buffers: list[Any], s: int) -> None:
+def _data_flow(subgraph: Any, buffers: list[Any], kinds: list[str], s: int) -> None:
     """Every tensor an operator reads, and every output of the subgraph, is written before it is read: an input, a
     constant, a variable, an empty tensor or an earlier operator's output. LiteRT and TFLite Micro allocate and run a
     model that breaks this, reading memory nothing wrote (LiteRT then refuses to return such an output, "Tensor data
-    is null"), so it would pass a check and give no answer, or a wrong one, on the board."""
+    is null"), so it would pass a check and give no answer, or a wrong one, on the board. A custom operator's inputs
+    are exempt: Vela's ethos-u operator takes its scratch memory as inputs, which nothing writes before it runs."""
     tensors = subgraph.tensors or []
 
     def available(t: int) -> bool:
@@ -315,7 +318,7 @@ def _data_flow(subgraph: Any, buffers: list[Any], s: int) -> None:
     written = {int(t) for t in (subgraph.inputs if subgraph.inputs is not None else ())}
     for o, op in enumerate(subgraph.operators or []):
         for t in (int(t) for t in (op.inputs if op.inputs is not None else ()) if t >= 0):
-            if t not in written and not available(t):  # e.g. weights whose buffer index was lost
+            if t not in written and not available(t) and kinds[o] != "CUSTOM":  # e.g. weights whose buffer index was lost
                 _fail(f"operator {o} of subgraph {s} reads tensor {t}, which no earlier operator writes (nor is it "
                       f"an input, a constant or a variable; its buffer {tensors[t].buffer} holds no data)")
         written.update(int(t) for t in (op.outputs if op.outputs is not None else ()) if t >= 0)
