@@ -318,7 +318,8 @@ def _data_flow(subgraph: Any, buffers: list[Any], kinds: list[str], s: int) -> N
     written = {int(t) for t in (subgraph.inputs if subgraph.inputs is not None else ())}
     for o, op in enumerate(subgraph.operators or []):
         for t in (int(t) for t in (op.inputs if op.inputs is not None else ()) if t >= 0):
-            if t not in written and not available(t) and kinds[o] != "CUSTOM":  # e.g. weights whose buffer index was lost
+            # e.g. weights whose buffer index was lost
+            if t not in written and not available(t) and kinds[o] != "CUSTOM":
                 _fail(f"operator {o} of subgraph {s} reads tensor {t}, which no earlier operator writes (nor is it "
                       f"an input, a constant or a variable; its buffer {tensors[t].buffer} holds no data)")
         written.update(int(t) for t in (op.outputs if op.outputs is not None else ()) if t >= 0)
