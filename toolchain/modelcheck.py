@@ -203,6 +203,11 @@ def _indices(values: Any, count: int, where: str, optional: bool) -> None:
             _fail(f"{where} names tensor {index}, but the subgraph has {count} tensors")
 
 
+def _stored_bytes(buffer: Any) -> int:
+    """The constant data a buffer holds: inside the flatbuffer, or after it (offset and size, for large models)."""
+    return len(buffer.data) if buffer.data is not None else (buffer.size if buffer.offset > 1 else 0)
+
+
 def _check_tensor(model: Any, content: bytes, s: int, i: int, tensor: Any, types: dict[int, str]) -> None:
     where = f"tensor {i} of subgraph {s}"
     if tensor.type not in types:
@@ -232,8 +237,7 @@ def _check_tensor(model: Any, content: bytes, s: int, i: int, tensor: Any, types
         if scales > 1 and not (0 <= dimension < len(shape) and shape[dimension] == scales):
             _fail(f"{where} has {scales} per-channel scales that do not match dimension "
                   f"{quantization.quantizedDimension} of its shape {shape}")
-    buffer = model.buffers[tensor.buffer]
-    stored = len(buffer.data) if buffer.data is not None else (buffer.size if buffer.offset > 1 else 0)
+    stored = _stored_bytes(model.buffers[tensor.buffer])
     if stored and dtype not in VARIABLE_SIZE_TYPES and tensor.sparsity is None:
         expected = -(-elements * BITS[dtype] // 8)
         if stored != expected:
@@ -311,8 +315,8 @@ def _data_flow(subgraph: Any, buffers: list[Any], kinds: list[str], s: int) -> N
     tensors = subgraph.tensors or []
 
     def available(t: int) -> bool:
-        tensor, buffer = tensors[t], buffers[tensors[t].buffer]
-        return bool(tensor.isVariable or (buffer.data is not None and len(buffer.data)) or buffer.offset > 1
+        tensor = tensors[t]
+        return bool(tensor.isVariable or _stored_bytes(buffers[tensor.buffer])
                     or 0 in (tensor.shape if tensor.shape is not None else ()))
 
     written = {int(t) for t in (subgraph.inputs if subgraph.inputs is not None else ())}
