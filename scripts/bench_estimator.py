@@ -62,12 +62,14 @@ KERNEL_BOUNDS = (0.2, 5.0)  # a kernel library's factor against the class's refe
 # stays constant, let tests/test_estimator.py's row 2.2 times off move the others' coefficients 3-4 times as far).
 ROBUST: dict[str, Any] = {"loss": "cauchy", "f_scale": 0.25}
 REFERENCE_KERNELS = {"cortex-m": "tflite-micro", "cortex-a": "litert-xnnpack"}
-# Published figures the rebuilt architecture cannot account for, kept in the fit (ROBUST bounds their pull) and named
-# with the reason when they are beyond the goal.
-KNOWN_LIMITS = {("edgetpu", "inception_resnet_v2_299"): (
-    "inception_resnet_v2_299 on the Edge TPU, which Coral lists faster (57 ms USB, 69 ms Dev Board) than its "
-    "Inception v4 (85 ms, 102 ms) although the keras.applications rebuild has ~56 MB of int8 parameters and streams "
-    "~48 MB of them past the 8 MB on-chip cache: the published latency does not fit the rebuild's parameter count")}
+# The least time any kernels can take for a row's rebuilt model on its board: its multiply-accumulates at the cores'
+# peak (int8 at INT8_PEAK times the fp32 rate: a 128-bit NEON multiply-accumulate or SDOT instruction does 16 int8
+# MACs against 4 fp32 ones; a Cortex-M's SMLAD 2 a cycle against one fp32 FMA) and the Edge TPU's, plus the bytes that
+# cross the host link every inference at the link's signalling rate (USB 3.0 and PCIe Gen 2 x1, the Coral boards'
+# links, both signal at 5 Gbit/s; 8b/10b coding leaves 4). A published figure below its row's floor cannot be of the
+# rebuilt architecture: the row is shown with its floor and neither fitted nor counted.
+INT8_PEAK = 4
+LINK_SIGNALLING_BYTES_PER_S = 5e9 / 8
 
 
 def _mobilenet_v1(keras: Any) -> Any:
@@ -146,6 +148,7 @@ BUILDERS: dict[str, Callable[[Any], Any]] = {
     "resnet152_v2_299": _applications("ResNet152V2", 299),
     "inception_resnet_v2_299": _applications("InceptionResNetV2", 299),
     "vgg16": _applications("VGG16", 224), "vgg19": _applications("VGG19", 224),
+    "densenet121": _applications("DenseNet121", 224),
 }
 
 
@@ -186,6 +189,7 @@ class Row:
     kernels: str  # the CPU kernel library
     cpu: dict[str, float]  # feature totals of the operators on the CPU
     tpu: dict[str, float]  # and of the Edge TPU part (empty on a CPU)
+    floor_ms: float = 0.0  # the least time the rebuilt model can take on the board (see INT8_PEAK)
 
 
 def _totals(latency_of: Callable[[dict[str, ClassModel]], float], names: tuple[str, ...], cls: str) -> dict[str, float]:
@@ -214,9 +218,13 @@ def featurize(index: int, m: Measurement) -> Row:
         return estimate_latency(graph, costs, target, on_tpu, streamed, threads=m.threads, models=models).total_ms
 
     cls = "edgetpu" if m.runtime == "edgetpu" else cpu_class
+    cpu = _totals(latency_of, CPU_FEATURES, cpu_class)
+    tpu = _totals(latency_of, TPU_FEATURES, "edgetpu") if on_tpu else {}
+    floor = (sum(ms / (INT8_PEAK if name.endswith("_int8") else 1) for name, ms in cpu.items()
+                 if name.startswith(("gemm_", "depthwise_")))
+             + tpu.get("tpu_macs", 0.0) + streamed / LINK_SIGNALLING_BYTES_PER_S * 1e3)
     return Row(index, m.device, m.model, m.precision, m.runtime, m.runtime_version, m.latency_ms, cls, cpu_class,
-               kernels_of(target),
-               _totals(latency_of, CPU_FEATURES, cpu_class), _totals(latency_of, TPU_FEATURES, "edgetpu") if on_tpu else {})
+               kernels_of(target), cpu, tpu, floor)
 
 
 @dataclass
@@ -410,13 +418,22 @@ def fp32_rates(rows: list[Row]) -> str:
 
 
 def beyond_goal(rows: list[Row], estimates: dict[int, float], worst: float = 0.5) -> str:
-    """The rows whose held-out error is beyond the issue's worst-error goal, in dataset order, and the known limits
-    among them."""
+    """The rows whose held-out error is beyond the issue's worst-error goal, in dataset order."""
     errors = {r.index: estimates[r.index] / r.published_ms - 1 for r in rows}
     far = [r for r in sorted(rows, key=lambda r: r.index) if abs(errors[r.index]) > worst]
-    limits = sorted({KNOWN_LIMITS[(r.runtime, r.model)] for r in far if (r.runtime, r.model) in KNOWN_LIMITS})
-    return (", ".join(f"{r.device} {r.runtime} {r.model} {errors[r.index]:+.0%}" for r in far) or "none") + "".join(
-        f". Known limit: {reason}" for reason in limits)
+    return ", ".join(f"{r.device} {r.runtime} {r.model} {errors[r.index]:+.0%}" for r in far) or "none"
+
+
+def below_floor(rows: list[Row], impossible: list[Row]) -> str:
+    """The published figures faster than their rebuilt model can run, each with its floor and the estimate of a fit
+    without its model."""
+    described = []
+    for r in impossible:
+        held_out_ms = estimate(r, fit_all([k for k in rows if k.model != r.model]))
+        described.append(f"{r.device} {r.runtime} {r.model} {r.precision}: published {r.published_ms:g} ms, floor "
+                         f"{r.floor_ms:.3g} ms (held-out estimate {held_out_ms:.4g} ms, "
+                         f"{held_out_ms / r.published_ms - 1:+.0%})")
+    return "; ".join(described) or "none"
 
 
 def write_section(path: Path, name: str, body: str) -> None:
@@ -440,7 +457,10 @@ def main() -> None:
     measurements = load_measurements(DATASET)
     unbuilt = {m.model for m in measurements
                if args.built_only and not (CACHE / f"{m.model}_{m.precision}.tflite").exists()}
-    rows = [featurize(i, m) for i, m in enumerate(measurements) if m.runtime in MODELLED and m.model not in unbuilt]
+    featurized = [featurize(i, m) for i, m in enumerate(measurements)
+                  if m.runtime in MODELLED and m.model not in unbuilt]
+    rows = [r for r in featurized if r.published_ms >= r.floor_ms]
+    impossible = [r for r in featurized if r.published_ms < r.floor_ms]
     skipped = sorted({(m.runtime, m.device) for m in measurements if m.runtime not in MODELLED})
     by_model = held_out(rows, lambda r: r.model)
     by_device = held_out(rows, lambda r: r.device)
@@ -452,9 +472,10 @@ def main() -> None:
         f"`python scripts/bench_estimator.py`, {date.today().isoformat()}, on {platform.machine()} "
         f"({platform.processor() or platform.system()}). {len(measurements)} published rows over "
         f"{len({m.device for m in measurements})} devices in `benchmarks/latency_measurements.toml` (each with its "
-        f"source); {len(rows)} run on a runtime edgecc models and are estimated here. Every estimate is held out: the "
-        "class's coefficients are fitted without any row of the same model (leave-one-model-out); the last column "
-        "fits them without any row of the same device instead. The band is the 10th-90th percentile of the "
+        f"source); {len(featurized)} run on a runtime edgecc models and {len(rows)} of them are estimated here (the "
+        f"other {len(impossible)} are faster than their rebuilt model can run: see below). Every estimate is held "
+        "out: the class's coefficients are fitted without any row of the same model (leave-one-model-out); the "
+        "last column fits them without any row of the same device instead. The band is the 10th-90th percentile of the "
         "leave-one-model-out ratio published / estimated per class, stored in `toolchain/latency_model.toml` "
         "(fitted on all rows) and used by `edgecc check`. The fit, one rule for every class: the coefficients (each "
         f"within its physical range) minimise the {ROBUST['loss']} loss of log(estimate / published) with f_scale "
@@ -467,6 +488,13 @@ def main() -> None:
         summary_table(rows, by_model, by_device),
         "",
         f"Held-out rows beyond the worst-error goal (50%): {beyond_goal(rows, by_model)}.",
+        "",
+        "Published figures below their rebuilt model's floor, shown here and neither fitted nor counted above: the "
+        "least time any kernels can take for the rebuild on the board, its multiply-accumulates at the cores' peak "
+        f"(int8 at {INT8_PEAK}x the fp32 rate) and the Edge TPU's 4 TOPS, plus the bytes that must cross the host link "
+        f"every inference (parameters beyond the on-chip memory, activations to and from the CPU) at "
+        f"{LINK_SIGNALLING_BYTES_PER_S * 8 / 1e9:g} Gbit/s, the signalling rate of USB 3.0 and of PCIe Gen 2 x1: "
+        f"{below_floor(rows, impossible)}.",
         "",
         "Not estimated (runtimes with their own kernels that no edgecc profile describes): "
         + ", ".join(f"{rt} on {dev}" for rt, dev in skipped) + "."
