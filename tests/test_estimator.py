@@ -67,6 +67,20 @@ def test_the_kernel_library_enters_the_estimate() -> None:
     assert compiled.total_ms < interpreter.total_ms and "microtvm-cmsis-nn kernels" in compiled.method
 
 
+def test_litert_builtin_kernels_run_element_wise_operators_on_one_thread() -> None:
+    """LiteRT's built-in kernels spread matrix products over their threads but not an ADD; XNNPACK spreads both."""
+    from edgecc.cost import OpCost
+    from edgecc.latency import cpu_features
+
+    rpi4 = load_target("rpi4")
+    cost = OpCost(macs=4096, activation_bytes=0, weight_bytes=0)
+    for kernels, add_spread in (("tflite", 1), ("litert-xnnpack", 4)):
+        target = dataclasses.replace(rpi4, cpu=dataclasses.replace(rpi4.cpu, kernels=kernels))
+        for kind, key, spread in (("ADD", "elementwise_int8", add_spread), ("FULLY_CONNECTED", "gemm_int8", 4)):
+            one, four = (cpu_features(cost, kind, True, target, n)[key] for n in (1, 4))
+            assert one / four == pytest.approx(spread), (kernels, kind)
+
+
 def test_fewer_threads_give_a_longer_estimate() -> None:
     from edgecc.cost import op_costs
     from edgecc.latency import estimate_latency

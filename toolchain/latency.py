@@ -53,6 +53,10 @@ MEASURED_RUNTIMES = ("tflite-micro", "microtvm-cmsis-nn", "x-cube-ai", "plumerai
 # each runtime's usual CPU kernel library (edgecc.targets.KERNELS), when a profile's cpu.kernels is empty
 DEFAULT_KERNELS = {"tflite-micro": "tflite-micro", "ethos-u": "tflite-micro", "litert-xnnpack": "litert-xnnpack",
                    "edgetpu": "tflite"}
+# kernel libraries whose element-wise operators run on one thread: LiteRT's built-in kernels spread only matrix
+# products, depthwise convolutions and reductions over their thread pool (cpu_backend_threadpool); XNNPACK spreads every
+# operator
+ONE_THREAD_ELEMENTWISE = ("tflite",)
 # peak fp32 multiply-accumulates per cycle of one core when a profile does not give cpu.fp32_macs_per_cycle: one
 # 128-bit NEON FMA a cycle (Cortex-A15/A57/A72, flatlib's vfpbench: 8 single-precision FLOP a cycle), one FPU
 # FMA a cycle on a Cortex-M
@@ -154,8 +158,9 @@ def cpu_features(cost: OpCost, kind: str, is_int8: bool, target: Target, threads
     precision = "int8" if is_int8 else "fp32"
     features = {"op_cycles": cycle_ms, "bytes": cost.bytes_moved / (target.memory.bandwidth_gbps.value * 1e9) * 1e3}
     if cost.macs:
-        features[f"{KINDS.get(kind, 'elementwise')}_{precision}"] = \
-            cost.macs * cycle_ms / threads / fp32_macs_per_cycle(target)
+        work = KINDS.get(kind, "elementwise")
+        spread = 1 if work == "elementwise" and kernels_of(target) in ONE_THREAD_ELEMENTWISE else threads
+        features[f"{work}_{precision}"] = cost.macs * cycle_ms / spread / fp32_macs_per_cycle(target)
     return features
 
 
