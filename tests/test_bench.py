@@ -23,6 +23,15 @@ def test_bench_record(tiny_models, tmp_path: Path) -> None:
     assert data["rss_after_bytes"] > 0 and data["model_rss_bytes"] == data["rss_after_bytes"] - data["rss_before_bytes"]
 
 
+def test_bench_without_warm_up_times_the_zero_input() -> None:
+    """Found by fuzzing: with `--warmup 0` the timed runs read an input tensor nothing had set, and a text model's
+    GATHER took its garbage for token ids ("gather index out of bounds", exit 2) on a model that runs."""
+    text_model = Path(__file__).parent / "fixtures" / "text_int8.tflite"
+    result = edgecc("bench", str(text_model), "--runs", "2", "--warmup", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["warmup"] == 0
+
+
 def test_calibrated_profile_reproduces_the_measurement(tiny_models, tmp_path: Path) -> None:
     model = tiny_models["vit_int8"]
     record = tmp_path / "record.json"

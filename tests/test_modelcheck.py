@@ -170,3 +170,29 @@ def test_a_model_whose_output_no_operator_writes_is_refused(tmp_path: Path, comm
     result = edgecc(command[0], str(tmp_path / "m.tflite"), *command[1:])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "subgraph 0's output tensor 7 is written by no operator" in result.stderr
+
+
+@pytest.mark.parametrize("size", [13, 8, 16])
+def test_a_malformed_offline_memory_plan_is_refused(tmp_path: Path, size: int) -> None:
+    """Found by the seed-2 campaign (mutant 2692 of a TREC build for stm32h7: its OfflineMemoryAllocation buffer
+    resized to bytes that are not whole 32-bit words): TFLite Micro loaded it and check stopped with an internal
+    error (exit 3). A plan shorter than its header or than the offsets the header counts is refused too, as TFLite
+    Micro would read past it; a well-formed plan passes."""
+    from edgecc.memplan import read_offline_plan, write_offline_plan
+    from edgecc.reader import read_graph
+
+    planned = write_offline_plan(VIT, [-1] * len(read_graph(VIT).tensors))
+    check_model_file(planned)
+
+    def resize(model: schema.ModelT) -> None:
+        entry = next(e for e in model.metadata if e.name == b"OfflineMemoryAllocation")
+        model.buffers[entry.buffer].data = bytes(model.buffers[entry.buffer].data)[:size]
+
+    (tmp_path / "m.tflite").write_bytes(repacked(resize, planned))
+    for target in ("stm32h7", "rpi4"):
+        result = edgecc("check", str(tmp_path / "m.tflite"), "--target", target)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert f"OfflineMemoryAllocation metadata (TFLite Micro's offline memory plan) is malformed: {size} bytes" \
+            in result.stderr
+    with pytest.raises(EdgeccError, match="malformed"):
+        read_offline_plan((tmp_path / "m.tflite").read_bytes())

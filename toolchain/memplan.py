@@ -30,10 +30,10 @@ import numpy as np
 from edgecc.arena import PROBE_ARENA, ArenaMeasurement, measure_arena, micro_interpreter
 from edgecc.errors import EdgeccError
 from edgecc.liveness import MemoryPlan, aligned, lifetimes, plan_memory
+from edgecc.modelcheck import METADATA_NAME, offline_plan
 from edgecc.reader import Graph, read_graph
 from edgecc.tflite_edit import pack, unpack
 
-METADATA_NAME = "OfflineMemoryAllocation"
 FORMAT_VERSION = 1
 ONLINE = -1  # the offset that asks TFLite Micro to plan a tensor itself
 BEAM_WIDTH = 16
@@ -152,10 +152,7 @@ def read_offline_plan(content: bytes) -> list[int] | None:
     model = unpack(content)
     for entry in model.metadata or []:
         if entry.name == METADATA_NAME.encode():
-            words = np.frombuffer(bytes(model.buffers[entry.buffer].data), "<i4")
-            if len(words) < 3 or len(words) != 3 + int(words[2]):
-                raise EdgeccError(f"the model's {METADATA_NAME} metadata is malformed ({len(words)} words)")
-            return [int(w) for w in words[3:]]
+            return offline_plan(model.buffers[entry.buffer].data, "model")
     return None
 
 

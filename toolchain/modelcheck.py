@@ -19,6 +19,7 @@ from typing import Any
 
 from edgecc.errors import EdgeccError
 
+METADATA_NAME = "OfflineMemoryAllocation"  # the metadata entry of TFLite Micro's offline memory plan
 MAX_TABLES = 1_000_000  # flatbuffers' Verifier default
 MAX_TENSOR_BYTES = 2**31  # LiteRT sizes tensors in int and size_t; a larger one is corrupt, not real
 VARIABLE_SIZE_TYPES = {"STRING", "RESOURCE", "VARIANT"}
@@ -203,6 +204,18 @@ def _indices(values: Any, count: int, where: str, optional: bool) -> None:
             _fail(f"{where} names tensor {index}, but the subgraph has {count} tensors")
 
 
+def offline_plan(data: bytes | None, where: str) -> list[int]:
+    """The offsets of an OfflineMemoryAllocation entry (TFLite Micro's offline memory plan: version, subgraph, count,
+    then count offsets, each a little-endian 32-bit word), refused whole unless its words are all there, as TFLite
+    Micro reads as many as the header says."""
+    data = b"" if data is None else bytes(data)
+    count = struct.unpack_from("<i", data, 8)[0] if len(data) >= 12 else None
+    if len(data) % 4 or count is None or len(data) // 4 != 3 + count:
+        raise EdgeccError(f"{where}: the {METADATA_NAME} metadata (TFLite Micro's offline memory plan) is malformed: "
+                          f"{len(data)} bytes, not a three-word header and as many 32-bit offsets as it says")
+    return list(struct.unpack_from(f"<{count}i", data, 12))
+
+
 def _stored_bytes(buffer: Any) -> int:
     """The constant data a buffer holds: inside the flatbuffer, or after it (offset and size, for large models)."""
     return len(buffer.data) if buffer.data is not None else (buffer.size if buffer.offset > 1 else 0)
@@ -298,6 +311,8 @@ def _check_graph(model: Any, content: bytes) -> None:
     for m, metadata in enumerate(model.metadata or []):
         if not 0 <= metadata.buffer < len(buffers):
             _fail(f"metadata {m} reads buffer {metadata.buffer}, but the model has {len(buffers)} buffers")
+        if metadata.name == METADATA_NAME.encode():  # TFLite Micro reads it when it loads the model
+            offline_plan(buffers[metadata.buffer].data, "model")
     for g, signature in enumerate(model.signatureDefs or []):
         if not 0 <= signature.subgraphIndex < len(subgraphs):
             _fail(f"signature {g} names subgraph {signature.subgraphIndex}, but the model has {len(subgraphs)}")

@@ -84,13 +84,17 @@ class Model:
         except RuntimeError as err:
             raise EdgeccError(f"the TFLite interpreter cannot run this model: {one_line(err)}") from None
 
-    def invoke(self, x: np.ndarray) -> np.ndarray:
-        """Run one float example (no batch axis); returns the float output of the model."""
+    def set_input(self, x: np.ndarray) -> None:
+        """Quantize one float example (no batch axis) into the input tensor, for the next `run`."""
         try:  # LiteRT checks the input's shape and type only here (a batch other than 1, a bool input, ...)
             q = self.input_quantization.quantize(x[np.newaxis], self.input["dtype"])
             self.interpreter.set_tensor(self.input["index"], q)
         except ValueError as err:
             raise EdgeccError(f"the model's input {[int(d) for d in self.input['shape']]} {np.dtype(self.input['dtype']).name} "
                               f"cannot take an example of shape {x.shape}: {one_line(err)}") from None
+
+    def invoke(self, x: np.ndarray) -> np.ndarray:
+        """Run one float example (no batch axis); returns the float output of the model."""
+        self.set_input(x)
         self.run()
         return self.output_quantization.dequantize(self.interpreter.get_tensor(self.output["index"]))[0]
