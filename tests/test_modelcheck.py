@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
+import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -196,3 +200,40 @@ def test_a_malformed_offline_memory_plan_is_refused(tmp_path: Path, size: int) -
             in result.stderr
     with pytest.raises(EdgeccError, match="malformed"):
         read_offline_plan((tmp_path / "m.tflite").read_bytes())
+
+
+LITERT_RUNS = """
+import sys
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+interpreter = Interpreter(model_path=sys.argv[1])
+interpreter.allocate_tensors()
+interpreter.invoke()
+"""
+
+
+@pytest.mark.parametrize("scale, refused", [
+    (1.2264053e37, "twice the larger input scale over 2\\*\\*20 times the output scale is 0"),
+    (1e-9, "twice the larger input scale over 2\\*\\*20 times the output scale is 9.3"),
+    (0.0, "not a positive finite number: \\[0.0\\]"), (-1.0, "not a positive finite number"),
+    (math.inf, "not a positive finite number"), (math.nan, "not a positive finite number"),
+    (1e-6, None), (1e30, None)])
+def test_a_quantization_scale_litert_would_abort_on_is_refused(tmp_path: Path, scale: float,
+                                                               refused: str | None) -> None:
+    """Found by the seed-2 campaign (mutant 8152: the int8 ADD's output scale overwritten with 1.2e37): check, profile,
+    bench and shadow all died by SIGABRT, as LiteRT's ADD aborts the process when twice its larger input scale over
+    2**20 times its output scale is not between 0 and 1. Checked against LiteRT itself: every scale refused here
+    kills it (or, NaN, is refused by it), every scale passed runs."""
+    def set_scale(model: schema.ModelT) -> None:
+        model.subgraphs[0].tensors[26].quantization.scale = [scale]  # vit_int8's positional ADD's output
+
+    path = tmp_path / "m.tflite"
+    path.write_bytes(repacked(set_scale))
+    runtime = subprocess.run([sys.executable, "-c", LITERT_RUNS, str(path)], capture_output=True, timeout=120)
+    result = edgecc("check", str(path), "--target", "rpi4")
+    if refused is None:
+        assert runtime.returncode == 0 and result.returncode == 0, (runtime.stderr, result.stderr)
+        return
+    assert runtime.returncode == (1 if math.isnan(scale) else -signal.SIGABRT), runtime.stderr
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert re.search(refused, result.stderr), result.stderr

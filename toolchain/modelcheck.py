@@ -13,13 +13,17 @@ the tensor's shape and type say. Each problem is one line naming where it is.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from edgecc.errors import EdgeccError
 
 METADATA_NAME = "OfflineMemoryAllocation"  # the metadata entry of TFLite Micro's offline memory plan
+QUANTIZED = ("INT8", "UINT8", "INT16", "INT4")  # integer types whose scale turns them into real numbers
 MAX_TABLES = 1_000_000  # flatbuffers' Verifier default
 MAX_TENSOR_BYTES = 2**31  # LiteRT sizes tensors in int and size_t; a larger one is corrupt, not real
 VARIABLE_SIZE_TYPES = {"STRING", "RESOURCE", "VARIANT"}
@@ -244,6 +248,9 @@ def _check_tensor(model: Any, content: bytes, s: int, i: int, tensor: Any, types
         scales, zero_points = len(quantization.scale), len(quantization.zeroPoint)
         if scales != zero_points:
             _fail(f"{where} has {scales} quantization scales but {zero_points} zero points")
+        if dtype in QUANTIZED and not all(0 < float(v) < math.inf for v in quantization.scale):
+            _fail(f"{where} ({dtype}) has a quantization scale that is not a positive finite number: "
+                  f"{[float(v) for v in quantization.scale][:4]}")
         # a 1-D tensor has one dimension to quantize along, whatever quantized_dimension says: TFLite Micro reads it
         # so (its person_detect example's biases say 3), where LiteRT refuses the model (runtime.litert_view)
         dimension = 0 if len(shape) == 1 else quantization.quantizedDimension
@@ -303,6 +310,7 @@ def _check_graph(model: Any, content: bytes) -> None:
                 if inputs[k] == -1:
                     _fail(f"{where} ({kind})'s input {k} is -1, no tensor; {kind} needs a tensor there")
             _same_type(kind, op, tensors, types, where)
+            _rescale(kind, op, tensors, types, where)
             for options in (op.builtinOptions, op.builtinOptions2):
                 for name, value in vars(options).items() if options is not None else ():
                     if name.endswith("SubgraphIndex") and not 0 <= value < len(subgraphs):
@@ -362,6 +370,28 @@ DATA_MOVES = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "PAD", "PADV2", 
               "CONCATENATION", "PACK", "UNPACK", "SPLIT", "GATHER", "MAX_POOL_2D", "SPACE_TO_DEPTH",
               "DEPTH_TO_SPACE", "BROADCAST_TO", "TILE", "REVERSE_V2"}
 DATA_INPUT = {"SPLIT": 1}  # SPLIT's first input is its axis, the data comes second (google-coral/test_data split_concat)
+
+
+def _rescale(kind: str, op: Any, tensors: list[Any], types: dict[int, str], where: str) -> None:
+    """LiteRT's 8-bit ADD and SUB rescale in fixed point (add.cc, sub.cc): twice the larger input scale over 2**20
+    times the output scale, that product in float32, must lie strictly between 0 and 1, or the kernel aborts the
+    process (QuantizeMultiplierSmallerThanOneExp's TFLITE_CHECK) instead of refusing the model."""
+    if kind not in ("ADD", "SUB") or op.inputs is None or op.outputs is None:
+        return
+    if len(op.inputs) != 2 or not len(op.outputs):
+        return
+    operands = [tensors[t] for t in (*op.inputs, op.outputs[0]) if t >= 0]
+    scales = [t.quantization.scale if t.quantization is not None else None for t in operands]
+    if len(operands) != 3 or any(types.get(t.type) not in ("INT8", "UINT8") for t in operands) \
+            or any(v is None or len(v) != 1 for v in scales):
+        return
+    (in1,), (in2,), (out,) = (np.asarray(v, np.float32) for v in scales)
+    with np.errstate(over="ignore"):
+        multiplier = float(2 * max(in1, in2)) / float(np.float32(1 << 20) * out)
+    if not 0 < multiplier < 1:
+        _fail(f"{where} ({kind}) cannot rescale inputs of scale {float(in1):g} and {float(in2):g} to an output of "
+              f"scale {float(out):g}: twice the larger input scale over 2**20 times the output scale is "
+              f"{multiplier:g}, and LiteRT's 8-bit {kind} needs it between 0 and 1")
 
 
 def _same_type(kind: str, op: Any, tensors: list[Any], types: dict[int, str], where: str) -> None:
