@@ -440,7 +440,12 @@ def _rows(jobs: list[tuple], workers: int, stall_s: float) -> Iterator[dict]:
         pool.shutdown(wait=not stalled, cancel_futures=True)
 
 
-def table(tally: Tally, argv: list[str], seconds: float, asked: int) -> str:
+def _shown(path: Path) -> str:
+    """A mutated model as the table names it: its path in the repository, else as given."""
+    return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+
+
+def table(tally: Tally, argv: list[str], seconds: float, asked: int, models: list[Path]) -> str:
     columns = ["exit 0", "exit 1", "exit 2", "exit 0, runtime refuses", "exit 0, LiteRT refuses", "traceback", "signal", "hang",
                "other exit code"]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -456,7 +461,8 @@ def table(tally: Tally, argv: list[str], seconds: float, asked: int) -> str:
         f"on {cpu} "
         f"({os.cpu_count()} cores, 2 workers), {seconds / 60:.0f} min. {tally.mutants:,} mutants"
         f"{f' (of {asked:,} asked: the --minutes budget ran out)' if tally.mutants < asked else ''} of "
-        f"{', '.join(SEEDS)} ({len(MUTATIONS)} kinds, {tally.mutants // len(MUTATIONS):,}+ each); LiteRT "
+        f"{', '.join(_shown(m) for m in models)} ({len(MUTATIONS)} kinds, {tally.mutants // len(MUTATIONS):,}+ each); "
+        "LiteRT "
         f"refuses {tally.refused_by_litert:,}, TFLite Micro {tally.refused_by_tflm:,}. Each command ran in a forked "
         f"child with a {TIMEOUT_S} s limit. \"Runtime\" is the target's: LiteRT, or TFLite Micro for stm32h7 (it "
         "ignores operator versions, so it runs some models LiteRT refuses). `verify` compares hashes with a "
@@ -482,11 +488,12 @@ def main() -> None:
         parser.error(f"--commands: unknown {', '.join(sorted(set(commands) - set(COMMANDS)))}")
     start = time.perf_counter()
     with args.log.open("w") as log:
-        tally = campaign(args.mutants, args.seed, [FIXTURES / s for s in SEEDS] + args.models, commands,
+        models = [FIXTURES / s for s in SEEDS] + args.models
+        tally = campaign(args.mutants, args.seed, models, commands,
                          log=lambda line: (log.write(line + "\n"), log.flush()), minutes=args.minutes)
     for failure in tally.failures:
         print(failure)
-    body = table(tally, sys.argv[1:], time.perf_counter() - start, args.mutants)
+    body = table(tally, sys.argv[1:], time.perf_counter() - start, args.mutants, models)
     print(body)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_estimator import write_section

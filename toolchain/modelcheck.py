@@ -8,7 +8,11 @@ vector and string inside the file and aligned; a bounded number of tables),
 then checks what LiteRT's InterpreterBuilder checks when it builds the graph:
 indices in range (-1 is the optional input), known builtin codes and tensor
 types, non-negative dimensions, constant buffers inside the file and as large as
-the tensor's shape and type say. Each problem is one line naming where it is.
+the tensor's shape and type say; and what would make a runtime abort the process
+instead of refusing the file: tensors read before anything writes them, missing
+required inputs, quantization scales LiteRT's fixed-point kernels cannot take, a
+TFLite Micro offline memory plan shorter than it says. Each problem is one line
+naming where it is.
 """
 
 from __future__ import annotations
