@@ -215,8 +215,9 @@ interpreter.invoke()
 @pytest.mark.parametrize("scale, refused", [
     (1.2264053e37, "twice the larger input scale over 2\\*\\*20 times the output scale is 0"),
     (1e-9, "twice the larger input scale over 2\\*\\*20 times the output scale is 9.3"),
-    (0.0, "not a positive finite number: \\[0.0\\]"), (-1.0, "not a positive finite number"),
-    (math.inf, "not a positive finite number"), (math.nan, "not a positive finite number"),
+    (0.0, "scale\\(s\\) \\[0.0\\]; a tensor's scale must be positive and finite"),
+    (-1.0, "must be positive and finite"),
+    (math.inf, "must be positive and finite"), (math.nan, "must be positive and finite"),
     (1e-6, None), (1e30, None)])
 def test_a_quantization_scale_litert_would_abort_on_is_refused(tmp_path: Path, scale: float,
                                                                refused: str | None) -> None:
@@ -237,3 +238,23 @@ def test_a_quantization_scale_litert_would_abort_on_is_refused(tmp_path: Path, s
     assert runtime.returncode == (1 if math.isnan(scale) else -signal.SIGABRT), runtime.stderr
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert re.search(refused, result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("scale, refused", [(0.0, None), (-1.0, "a constant's scale must be finite and at least 0")])
+def test_a_constant_channel_of_scale_zero_runs(tmp_path: Path, scale: float, refused: str | None) -> None:
+    """A per-channel weight scale of 0 (a channel whose weights are all zero) is a model LiteRT runs, so it passes;
+    a negative one does not."""
+    def set_channel(model: schema.ModelT) -> None:
+        weights = next(t for t in model.subgraphs[0].tensors
+                       if t.type == schema.TensorType.INT8 and model.buffers[t.buffer].data is not None
+                       and t.quantization is not None and len(t.quantization.scale) > 1)
+        weights.quantization.scale = [scale, *weights.quantization.scale[1:]]
+
+    path = tmp_path / "m.tflite"
+    path.write_bytes(repacked(set_channel))
+    result = edgecc("check", str(path), "--target", "rpi4")
+    if refused is None:
+        runtime = subprocess.run([sys.executable, "-c", LITERT_RUNS, str(path)], capture_output=True, timeout=120)
+        assert runtime.returncode == 0 and result.returncode == 0, (runtime.stderr, result.stderr)
+    else:
+        assert result.returncode == 2 and refused in result.stderr, result.stderr

@@ -252,9 +252,13 @@ def _check_tensor(model: Any, content: bytes, s: int, i: int, tensor: Any, types
         scales, zero_points = len(quantization.scale), len(quantization.zeroPoint)
         if scales != zero_points:
             _fail(f"{where} has {scales} quantization scales but {zero_points} zero points")
-        if dtype in QUANTIZED and not all(0 < float(v) < math.inf for v in quantization.scale):
-            _fail(f"{where} ({dtype}) has a quantization scale that is not a positive finite number: "
-                  f"{[float(v) for v in quantization.scale][:4]}")
+        # runtimes divide by an activation's scale (a zero output scale makes LiteRT's convolution abort); a
+        # constant's channel may have scale 0, all its weights zero, which LiteRT and TFLite Micro both run
+        constant = bool(_stored_bytes(model.buffers[tensor.buffer]))
+        odd = [float(v) for v in quantization.scale if not ((0 <= v) if constant else (0 < v)) or not v < math.inf]
+        if dtype in QUANTIZED and odd:
+            _fail(f"{where} ({dtype}) has quantization scale(s) {odd[:4]}; a {'constant' if constant else 'tensor'}'s "
+                  f"scale must be {'finite and at least 0' if constant else 'positive and finite'}")
         # a 1-D tensor has one dimension to quantize along, whatever quantized_dimension says: TFLite Micro reads it
         # so (its person_detect example's biases say 3), where LiteRT refuses the model (runtime.litert_view)
         dimension = 0 if len(shape) == 1 else quantization.quantizedDimension
