@@ -427,9 +427,10 @@ def beyond_goal(rows: list[Row], estimates: dict[int, float], worst: float = 0.5
 def below_floor(rows: list[Row], impossible: list[Row]) -> str:
     """The published figures faster than their rebuilt model can run, each with its floor and the estimate of a fit
     without its model."""
+    fits = {model: fit_all([k for k in rows if k.model != model]) for model in {r.model for r in impossible}}
     described = []
     for r in impossible:
-        held_out_ms = estimate(r, fit_all([k for k in rows if k.model != r.model]))
+        held_out_ms = estimate(r, fits[r.model])
         described.append(f"{r.device} {r.runtime} {r.model} {r.precision}: published {r.published_ms:g} ms, floor "
                          f"{r.floor_ms:.3g} ms (held-out estimate {held_out_ms:.4g} ms, "
                          f"{held_out_ms / r.published_ms - 1:+.0%})")

@@ -204,7 +204,6 @@ def test_a_malformed_offline_memory_plan_is_refused(tmp_path: Path, size: int) -
 
 LITERT_RUNS = """
 import sys
-import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 interpreter = Interpreter(model_path=sys.argv[1])
 interpreter.allocate_tensors()

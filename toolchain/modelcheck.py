@@ -247,6 +247,7 @@ def _check_tensor(model: Any, content: bytes, s: int, i: int, tensor: Any, types
         elements *= d
         if elements * BITS.get(dtype, 8) > 8 * MAX_TENSOR_BYTES:
             _fail(f"{where} has an impossible shape {shape} (over {MAX_TENSOR_BYTES:,} bytes)")
+    stored = _stored_bytes(model.buffers[tensor.buffer])
     quantization = tensor.quantization
     if quantization is not None and quantization.scale is not None and quantization.zeroPoint is not None:
         scales, zero_points = len(quantization.scale), len(quantization.zeroPoint)
@@ -254,18 +255,16 @@ def _check_tensor(model: Any, content: bytes, s: int, i: int, tensor: Any, types
             _fail(f"{where} has {scales} quantization scales but {zero_points} zero points")
         # runtimes divide by an activation's scale (a zero output scale makes LiteRT's convolution abort); a
         # constant's channel may have scale 0, all its weights zero, which LiteRT and TFLite Micro both run
-        constant = bool(_stored_bytes(model.buffers[tensor.buffer]))
-        odd = [float(v) for v in quantization.scale if not ((0 <= v) if constant else (0 < v)) or not v < math.inf]
-        if dtype in QUANTIZED and odd:
-            _fail(f"{where} ({dtype}) has quantization scale(s) {odd[:4]}; a {'constant' if constant else 'tensor'}'s "
-                  f"scale must be {'finite and at least 0' if constant else 'positive and finite'}")
+        if dtype in QUANTIZED and (odd := [float(v) for v in quantization.scale
+                                           if not ((0 <= v) if stored else (0 < v)) or not v < math.inf]):
+            _fail(f"{where} ({dtype}) has quantization scale(s) {odd[:4]}; a {'constant' if stored else 'tensor'}'s "
+                  f"scale must be {'finite and at least 0' if stored else 'positive and finite'}")
         # a 1-D tensor has one dimension to quantize along, whatever quantized_dimension says: TFLite Micro reads it
         # so (its person_detect example's biases say 3), where LiteRT refuses the model (runtime.litert_view)
         dimension = 0 if len(shape) == 1 else quantization.quantizedDimension
         if scales > 1 and not (0 <= dimension < len(shape) and shape[dimension] == scales):
             _fail(f"{where} has {scales} per-channel scales that do not match dimension "
                   f"{quantization.quantizedDimension} of its shape {shape}")
-    stored = _stored_bytes(model.buffers[tensor.buffer])
     if stored and dtype not in VARIABLE_SIZE_TYPES and tensor.sparsity is None:
         expected = -(-elements * BITS[dtype] // 8)
         if stored != expected:
