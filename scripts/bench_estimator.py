@@ -39,11 +39,12 @@ CACHE = ROOT / "benchmarks" / "models" / "estimator"
 DATASET = ROOT / "benchmarks" / "latency_measurements.toml"
 MODELLED = ("tflite-micro", "microtvm-cmsis-nn", "tflite", "litert-xnnpack", "edgetpu")  # CMSIS-NN or TFLite kernels
 CPU_FEATURES = ("op_cycles", "bytes", *(f"{k}_{p}" for p in ("int8", "fp32") for k in ("gemm", "depthwise", "elementwise")))
-TPU_FEATURES = ("tpu_op_us", "tpu_macs", "invoke_ms", "link")
+TPU_FEATURES = ("tpu_op_us", "tpu_macs", "tpu_bytes", "invoke_ms", "link")
 UNIT = ClassModel({}, {}, 1.0, 1.0, 0)
 # Physically sensible range of each coefficient, so that the fit cannot trade one term for another: CPU work
 # terms are cycles per operator, per MAC on one thread, per element; bytes and the host link are multiples
-# of the profile's bandwidth; tpu_macs a multiple of the time at peak rate (>= 1), tpu_op_us microseconds.
+# of the profile's bandwidth; tpu_macs a multiple of the time at peak rate (>= 1), tpu_op_us microseconds, tpu_bytes
+# nanoseconds per byte a non-matrix operator reads and writes (up to 10: 0.1 GB/s, slower than the host link).
 BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
     "cortex-m": {  # Cortex-M4/M7/M33 with the DSP extension: SMLAD is 2 MACs a cycle, SXTB16 unpacking and
         "op_cycles": (100, 20_000),  # loads make ~1 cycle/MAC the floor of an int8 GEMM; scalar C is 4-10
@@ -53,7 +54,8 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
         "op_cycles": (1_000, 200_000),  # MAC terms are multiples of the core's peak fp32 rate (cpu.fp32_macs_per_cycle),
         "gemm_int8": (0.25, 8), "depthwise_int8": (0.25, 32), "elementwise_int8": (0.5, 80),  # int8 up to 4x faster
         "gemm_fp32": (1, 12), "depthwise_fp32": (1, 40), "elementwise_fp32": (1, 80), "bytes": (0.3, 5)},
-    "edgetpu": {"tpu_op_us": (0, 100), "tpu_macs": (1, 10), "invoke_ms": (0.1, 5), "link": (0.7, 2)},
+    "edgetpu": {"tpu_op_us": (0, 100), "tpu_macs": (1, 10), "tpu_bytes": (0, 10), "invoke_ms": (0.1, 5),
+                "link": (0.7, 2)},
 }
 KERNEL_BOUNDS = (0.2, 5.0)  # a kernel library's factor against the class's reference one
 # The fit's loss, one rule for every class: Cauchy's (scipy's least_squares) of r = log(estimate / published) with
@@ -132,6 +134,48 @@ def _fc_autoencoder_ad(keras: Any) -> Any:
     return keras.Model(inputs, layers.Dense(640)(x))
 
 
+def _inception_v1_224(keras: Any) -> Any:
+    """GoogLeNet as TF-slim's inception_v1 builds it (Coral's Inception v1): batch-normalised convolutions, the
+    "5x5" branch of each inception block a 3x3 convolution, MaxPool_5a 2x2, 1001 classes, 224x224x3."""
+    layers = keras.layers
+
+    def conv(x: Any, filters: int, size: int, stride: int = 1) -> Any:
+        x = layers.Conv2D(filters, size, stride, padding="same", use_bias=False)(x)
+        return layers.ReLU()(layers.BatchNormalization()(x))
+
+    inputs = keras.Input((224, 224, 3))
+    x = layers.MaxPooling2D(3, 2, padding="same")(conv(inputs, 64, 7, 2))
+    x = layers.MaxPooling2D(3, 2, padding="same")(conv(conv(x, 64, 1), 192, 3))
+    blocks = {"3b": (64, 96, 128, 16, 32, 32), "3c": (128, 128, 192, 32, 96, 64), "4b": (192, 96, 208, 16, 48, 64),
+              "4c": (160, 112, 224, 24, 64, 64), "4d": (128, 128, 256, 24, 64, 64), "4e": (112, 144, 288, 32, 64, 64),
+              "4f": (256, 160, 320, 32, 128, 128), "5b": (256, 160, 320, 32, 128, 128),
+              "5c": (384, 192, 384, 48, 128, 128)}
+    for name, (b0, b1a, b1b, b2a, b2b, b3) in blocks.items():
+        x = layers.Concatenate()([conv(x, b0, 1), conv(conv(x, b1a, 1), b1b, 3), conv(conv(x, b2a, 1), b2b, 3),
+                                  conv(layers.MaxPooling2D(3, 1, padding="same")(x), b3, 1)])
+        if name == "3c":
+            x = layers.MaxPooling2D(3, 2, padding="same")(x)
+        elif name == "4f":
+            x = layers.MaxPooling2D(2, 2, padding="same")(x)
+    x = layers.Conv2D(1001, 1)(layers.AveragePooling2D(7)(x))
+    return keras.Model(inputs, layers.Softmax()(layers.Flatten()(x)))
+
+
+def _unet_mv2_128(keras: Any) -> Any:
+    """The U-Net of TensorFlow's image segmentation tutorial (Coral's "Unet Mv2"): a MobileNet v2 encoder on
+    128x128x3, four pix2pix upsampling blocks (3x3 transposed convolution, stride 2, batch norm, ReLU) of 512, 256,
+    128 and 64 filters, each joined to the encoder's skip of its size, and a transposed convolution to 3 classes."""
+    layers = keras.layers
+    base = keras.applications.MobileNetV2(weights=None, input_shape=(128, 128, 3), include_top=False)
+    skips = [base.get_layer(name).output for name in ("block_1_expand_relu", "block_3_expand_relu",
+                                                        "block_6_expand_relu", "block_13_expand_relu")]
+    x = base.get_layer("block_16_project").output
+    for filters, skip in zip((512, 256, 128, 64), reversed(skips)):
+        x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", use_bias=False)(x)
+        x = layers.Concatenate()([layers.ReLU()(layers.BatchNormalization()(x)), skip])
+    return keras.Model(base.input, layers.Conv2DTranspose(3, 3, strides=2, padding="same")(x))
+
+
 def _applications(name: str, size: int) -> Callable[[Any], Any]:
     def build(keras: Any) -> Any:
         return getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
@@ -149,6 +193,7 @@ BUILDERS: dict[str, Callable[[Any], Any]] = {
     "inception_resnet_v2_299": _applications("InceptionResNetV2", 299),
     "vgg16": _applications("VGG16", 224), "vgg19": _applications("VGG19", 224),
     "densenet121": _applications("DenseNet121", 224),
+    "inception_v1_224": _inception_v1_224, "unet_mv2_128": _unet_mv2_128,
 }
 
 
