@@ -161,6 +161,52 @@ def _inception_v1_224(keras: Any) -> Any:
     return keras.Model(inputs, layers.Softmax()(layers.Flatten()(x)))
 
 
+def _inception_v4_299(keras: Any) -> Any:
+    """Inception v4 as TF-slim builds it (Coral's Inception v4, Szegedy et al. 2016): the stem, 4 Inception-A,
+    Reduction-A, 7 Inception-B, Reduction-B and 3 Inception-C blocks, batch-normalised convolutions, 1001 classes,
+    299x299x3."""
+    layers = keras.layers
+
+    def conv(x: Any, filters: int, size: tuple[int, int] | int, stride: int = 1, padding: str = "same") -> Any:
+        x = layers.Conv2D(filters, size, stride, padding=padding, use_bias=False)(x)
+        return layers.ReLU()(layers.BatchNormalization()(x))
+
+    def chain(x: Any, *steps: tuple[int, Any]) -> Any:
+        for filters, size in steps:
+            x = conv(x, filters, size)
+        return x
+
+    def pool(x: Any) -> Any:
+        return layers.MaxPooling2D(3, 2, padding="valid")(x)
+
+    def avg(x: Any, filters: int) -> Any:
+        return conv(layers.AveragePooling2D(3, 1, padding="same")(x), filters, 1)
+
+    inputs = keras.Input((299, 299, 3))
+    x = conv(conv(conv(inputs, 32, 3, 2, "valid"), 32, 3, padding="valid"), 64, 3)
+    x = layers.Concatenate()([pool(x), conv(x, 96, 3, 2, "valid")])
+    x = layers.Concatenate()([conv(conv(x, 64, 1), 96, 3, padding="valid"),
+                              conv(chain(x, (64, 1), (64, (1, 7)), (64, (7, 1))), 96, 3, padding="valid")])
+    x = layers.Concatenate()([conv(x, 192, 3, 2, "valid"), pool(x)])
+    for _ in range(4):
+        x = layers.Concatenate()([conv(x, 96, 1), chain(x, (64, 1), (96, 3)), chain(x, (64, 1), (96, 3), (96, 3)),
+                                  avg(x, 96)])
+    x = layers.Concatenate()([conv(x, 384, 3, 2, "valid"), conv(chain(x, (192, 1), (224, 3)), 256, 3, 2, "valid"),
+                              pool(x)])
+    for _ in range(7):
+        x = layers.Concatenate()([conv(x, 384, 1), chain(x, (192, 1), (224, (1, 7)), (256, (7, 1))),
+                                  chain(x, (192, 1), (192, (7, 1)), (224, (1, 7)), (224, (7, 1)), (256, (1, 7))),
+                                  avg(x, 128)])
+    x = layers.Concatenate()([conv(conv(x, 192, 1), 192, 3, 2, "valid"),
+                              conv(chain(x, (256, 1), (256, (1, 7)), (320, (7, 1))), 320, 3, 2, "valid"), pool(x)])
+    for _ in range(3):
+        b1, b2 = conv(x, 384, 1), chain(x, (384, 1), (448, (3, 1)), (512, (1, 3)))
+        x = layers.Concatenate()([conv(x, 256, 1), conv(b1, 256, (1, 3)), conv(b1, 256, (3, 1)),
+                                  conv(b2, 256, (1, 3)), conv(b2, 256, (3, 1)), avg(x, 256)])
+    x = layers.Dense(1001)(layers.Flatten()(layers.AveragePooling2D(8)(x)))
+    return keras.Model(inputs, layers.Softmax()(x))
+
+
 def _unet_mv2_128(keras: Any) -> Any:
     """The U-Net of TensorFlow's image segmentation tutorial (Coral's "Unet Mv2"): a MobileNet v2 encoder on
     128x128x3, four pix2pix upsampling blocks (3x3 transposed convolution, stride 2, batch norm, ReLU) of 512, 256,
@@ -193,7 +239,8 @@ BUILDERS: dict[str, Callable[[Any], Any]] = {
     "inception_resnet_v2_299": _applications("InceptionResNetV2", 299),
     "vgg16": _applications("VGG16", 224), "vgg19": _applications("VGG19", 224),
     "densenet121": _applications("DenseNet121", 224),
-    "inception_v1_224": _inception_v1_224, "unet_mv2_128": _unet_mv2_128,
+    "inception_v1_224": _inception_v1_224, "inception_v4_299": _inception_v4_299,
+    "unet_mv2_128": _unet_mv2_128,
 }
 
 
