@@ -39,12 +39,11 @@ CACHE = ROOT / "benchmarks" / "models" / "estimator"
 DATASET = ROOT / "benchmarks" / "latency_measurements.toml"
 MODELLED = ("tflite-micro", "microtvm-cmsis-nn", "tflite", "litert-xnnpack", "edgetpu")  # CMSIS-NN or TFLite kernels
 CPU_FEATURES = ("op_cycles", "bytes", *(f"{k}_{p}" for p in ("int8", "fp32") for k in ("gemm", "depthwise", "elementwise")))
-TPU_FEATURES = ("tpu_op_us", "tpu_macs", "tpu_bytes", "invoke_ms", "link")
+TPU_FEATURES = ("tpu_op_us", "tpu_macs", "invoke_ms", "link")
 UNIT = ClassModel({}, {}, 1.0, 1.0, 0)
 # Physically sensible range of each coefficient, so that the fit cannot trade one term for another: CPU work
 # terms are cycles per operator, per MAC on one thread, per element; bytes and the host link are multiples
-# of the profile's bandwidth; tpu_macs a multiple of the time at peak rate (>= 1), tpu_op_us microseconds, tpu_bytes
-# nanoseconds per byte a non-matrix operator reads and writes (up to 10: 0.1 GB/s, slower than the host link).
+# of the profile's bandwidth; tpu_macs a multiple of the time at peak rate (>= 1), tpu_op_us microseconds.
 BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
     "cortex-m": {  # Cortex-M4/M7/M33 with the DSP extension: SMLAD is 2 MACs a cycle, SXTB16 unpacking and
         "op_cycles": (100, 20_000),  # loads make ~1 cycle/MAC the floor of an int8 GEMM; scalar C is 4-10
@@ -54,8 +53,7 @@ BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
         "op_cycles": (1_000, 200_000),  # MAC terms are multiples of the core's peak fp32 rate (cpu.fp32_macs_per_cycle),
         "gemm_int8": (0.25, 8), "depthwise_int8": (0.25, 32), "elementwise_int8": (0.5, 80),  # int8 up to 4x faster
         "gemm_fp32": (1, 12), "depthwise_fp32": (1, 40), "elementwise_fp32": (1, 80), "bytes": (0.3, 5)},
-    "edgetpu": {"tpu_op_us": (0, 100), "tpu_macs": (1, 10), "tpu_bytes": (0, 10), "invoke_ms": (0.1, 5),
-                "link": (0.7, 2)},
+    "edgetpu": {"tpu_op_us": (0, 100), "tpu_macs": (1, 10), "invoke_ms": (0.1, 5), "link": (0.7, 2)},
 }
 KERNEL_BOUNDS = (0.2, 5.0)  # a kernel library's factor against the class's reference one
 # The fit's loss, one rule for every class: Cauchy's (scipy's least_squares) of r = log(estimate / published) with
@@ -207,6 +205,40 @@ def _inception_v4_299(keras: Any) -> Any:
     return keras.Model(inputs, layers.Softmax()(x))
 
 
+def _efficientnet_edgetpu(depth: float, size: int) -> Callable[[Any], Any]:
+    """EfficientNet-EdgeTPU as tensorflow/tpu's efficientnet_edgetpu_builder defines it (width 1.0): a 32-filter
+    3x3 stride-2 stem; blocks (repeats, kernel, stride, expansion, output filters, fused) where a fused block is a
+    k x k convolution to the expanded width and a 1x1 projection, the others MobileNet v2 inverted bottlenecks; ReLU,
+    no squeeze-and-excitation; a 1280-filter head and 1001 classes. `depth` scales the repeats (rounded up)."""
+    blocks = ((1, 3, 1, 4, 24, True), (2, 3, 2, 8, 32, True), (4, 3, 2, 8, 48, True), (5, 5, 2, 8, 96, False),
+              (4, 5, 1, 8, 144, False), (2, 5, 2, 8, 192, False))
+
+    def build(keras: Any) -> Any:
+        layers = keras.layers
+
+        def conv(x: Any, filters: int, size: int, stride: int = 1, relu: bool = True) -> Any:
+            x = layers.BatchNormalization()(layers.Conv2D(filters, size, stride, padding="same", use_bias=False)(x))
+            return layers.ReLU()(x) if relu else x
+
+        inputs = keras.Input((size, size, 3))
+        x, width, first = conv(inputs, 32, 3, 2), 32, True
+        for repeats, kernel, stride, expand, filters, fused in blocks:
+            for i in range(int(np.ceil(depth * repeats))):
+                step = stride if i == 0 else 1
+                wide = (24 if first else width) * expand  # the first block's expansion counts from its stated 24
+                if fused:
+                    y = conv(x, wide, kernel, step)
+                else:
+                    y = layers.DepthwiseConv2D(kernel, step, padding="same", use_bias=False)(conv(x, wide, 1))
+                    y = layers.ReLU()(layers.BatchNormalization()(y))
+                y = conv(y, filters, 1, relu=False)
+                x = layers.Add()([x, y]) if step == 1 and width == filters and not first else y
+                width, first = filters, False
+        x = layers.GlobalAveragePooling2D()(conv(x, 1280, 1))
+        return keras.Model(inputs, layers.Softmax()(layers.Dense(1001)(x)))
+    return build
+
+
 def _unet_mv2_128(keras: Any) -> Any:
     """The U-Net of TensorFlow's image segmentation tutorial (Coral's "Unet Mv2"): a MobileNet v2 encoder on
     128x128x3, four pix2pix upsampling blocks (3x3 transposed convolution, stride 2, batch norm, ReLU) of 512, 256,
@@ -240,6 +272,7 @@ BUILDERS: dict[str, Callable[[Any], Any]] = {
     "vgg16": _applications("VGG16", 224), "vgg19": _applications("VGG19", 224),
     "densenet121": _applications("DenseNet121", 224),
     "inception_v1_224": _inception_v1_224, "inception_v4_299": _inception_v4_299,
+    "efficientnet_edgetpu_s": _efficientnet_edgetpu(1.0, 224), "efficientnet_edgetpu_m": _efficientnet_edgetpu(1.1, 240),
     "unet_mv2_128": _unet_mv2_128,
 }
 

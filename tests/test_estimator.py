@@ -81,22 +81,6 @@ def test_litert_builtin_kernels_run_element_wise_operators_on_one_thread() -> No
             assert one / four == pytest.approx(spread), (kernels, kind)
 
 
-def test_an_edge_tpu_operator_outside_the_systolic_array_is_priced_by_the_bytes_it_moves() -> None:
-    """An ADD, a pooling or a concatenation streams its tensors through the Edge TPU; a convolution's time is its
-    MACs, however large its tensors."""
-    from edgecc.cost import OpCost
-    from edgecc.latency import edgetpu_features
-
-    coral = load_target("coral-usb")
-    small, large = (OpCost(macs=4096, activation_bytes=n, weight_bytes=0) for n in (1 << 10, 1 << 20))
-    for kind in ("ADD", "MAX_POOL_2D", "CONCATENATION"):
-        assert edgetpu_features(large, kind, coral)["tpu_bytes"] == pytest.approx(
-            1024 * edgetpu_features(small, kind, coral)["tpu_bytes"]), kind
-    for kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
-        assert "tpu_bytes" not in edgetpu_features(large, kind, coral)
-        assert edgetpu_features(large, kind, coral) == edgetpu_features(small, kind, coral)
-
-
 def test_fewer_threads_give_a_longer_estimate() -> None:
     from edgecc.cost import op_costs
     from edgecc.latency import estimate_latency

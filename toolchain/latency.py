@@ -17,10 +17,8 @@ The sum is scaled by the kernels' factor (`cpu.kernels`: TFLite Micro's interpre
 CMSIS-NN, microTVM's compiled CMSIS-NN calls, LiteRT's built-in kernels, XNNPACK), one
 number per kernel library fitted against the class's reference library.
 On an Edge TPU the mapped operators cost a time per operator plus their MACs at the
-accelerator's peak rate, and the operators that are not matrix products (element-wise,
-pooling, concatenation, reshapes: what the systolic array does not run) a time per byte
-of the tensors they read and write; each inference a fixed invoke time, and what crosses
-the host link (parameters that do not fit on chip, activations passed to and from the CPU)
+accelerator's peak rate, each inference a fixed invoke time, and what crosses the
+host link (parameters that do not fit on chip, activations passed to and from the CPU)
 its bytes at the link's bandwidth; the rest runs on the host CPU.
 
 The coefficients, each within a physically sensible range, and the error band of each
@@ -172,15 +170,11 @@ def fp32_macs_per_cycle(target: Target) -> float:
     return figure.value if figure else FP32_MACS_PER_CYCLE[CPU_CLASS[target.runtime]]
 
 
-def edgetpu_features(cost: OpCost, kind: str, target: Target) -> dict[str, float]:
-    """One Edge TPU operator's work: a count (per us), its MACs at the peak rate (ms) and, for an operator the
-    systolic array does not run, the bytes of its tensors (ms per ns a byte)."""
+def edgetpu_features(cost: OpCost, target: Target) -> dict[str, float]:
+    """One Edge TPU operator's work: a count (per us) and its MACs at the peak rate (ms)."""
     tpu = target.edgetpu
     assert tpu is not None
-    features = {"tpu_op_us": 1e-3, "tpu_macs": cost.macs / (tpu.tops.value * 1e12 / 2) * 1e3}
-    if kind not in KINDS:
-        features["tpu_bytes"] = cost.activation_bytes * 1e-6
-    return features
+    return {"tpu_op_us": 1e-3, "tpu_macs": cost.macs / (tpu.tops.value * 1e12 / 2) * 1e3}
 
 
 def fixed_features(target: Target, streamed_bytes: int, invokes: int = 1) -> dict[str, float]:
@@ -229,7 +223,7 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
         is_int8 = out is None or out.dtype in INT_TYPES
         unit = "edgetpu" if tpu_class and on_tpu and on_tpu[index] else "cpu"
         if unit == "edgetpu":
-            ms = _priced(edgetpu_features(cost, op.kind, target), tpu_class)
+            ms = _priced(edgetpu_features(cost, target), tpu_class)
         else:
             ms = _priced(cpu_features(cost, op.kind, is_int8, target, used), cpu_class) * scale
             cpu_precisions.add("int8" if is_int8 else "fp32")
