@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares
 
-from edgecc.calibrate import calibration_factor
+from edgecc.calibrate import MAX_SPLIT, calibrated_ms, calibration_factors
 from edgecc.check import assess, crossing_bytes
 from edgecc.cost import op_costs
-from edgecc.latency import (CPU_CLASS, MODEL_FILE, ClassModel, Measurement, estimate_latency, fp32_macs_per_cycle,
-                            kernels_of, load_measurements)
+from edgecc.latency import (CPU_CLASS, MAC_TERMS, MODEL_FILE, ClassModel, Measurement, estimate_latency,
+                            fp32_macs_per_cycle, kernels_of, load_measurements)
 from edgecc.targets import KERNELS, load_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,9 +364,11 @@ def _price(features: dict[str, float], coefficients: dict[str, float]) -> float:
     return sum(coefficients.get(n, 0.0) * v for n, v in features.items())
 
 
-def _cpu_ms(row: Row, fits: dict[str, Fit]) -> float:
+def _cpu_ms(row: Row, fits: dict[str, Fit], terms: tuple[str, ...] = ("",)) -> float:
+    """The row's CPU estimate, or of it the terms whose names start with one of `terms` (MAC_TERMS: its MAC work)."""
     cpu = fits[row.cpu_class]
-    return cpu.kernels.get(row.kernels, 1.0) * _price(row.cpu, cpu.coefficients)
+    return cpu.kernels.get(row.kernels, 1.0) * _price({n: v for n, v in row.cpu.items() if n.startswith(terms)},
+                                                      cpu.coefficients)
 
 
 def _bounded(a: np.ndarray, offset: np.ndarray, names: tuple[str, ...], bounds: dict[str, tuple[float, float]],
@@ -433,14 +435,14 @@ def estimate(row: Row, fits: dict[str, Fit]) -> float:
     return cpu + _price(row.tpu, fits["edgetpu"].coefficients) if row.cls == "edgetpu" else cpu
 
 
-def held_out(rows: list[Row], key: Callable[[Row], str]) -> dict[int, float]:
-    """Each row's estimate with every row that shares its key (model, or device) left out of the fit."""
-    estimates = {}
-    for value in {key(r) for r in rows}:
-        fits = fit_all([r for r in rows if key(r) != value])
-        estimates |= {r.index: estimate(r, fits) for r in rows if key(r) == value and r.cls in fits
-                      and r.cpu_class in fits}
-    return estimates
+def fits_without(rows: list[Row], key: Callable[[Row], str]) -> dict[str, dict[str, Fit]]:
+    """For each value of `key`, the classes fitted on the rows that do not share it."""
+    return {value: fit_all([r for r in rows if key(r) != value]) for value in {key(r) for r in rows}}
+
+
+def held_out(rows: list[Row], fits: dict[str, dict[str, Fit]], key: Callable[[Row], str]) -> dict[int, float]:
+    """Each row's estimate by the fit of `fits_without(rows, key)` that left out every row sharing its key."""
+    return {r.index: estimate(r, fits[key(r)]) for r in rows if r.cls in fits[key(r)] and r.cpu_class in fits[key(r)]}
 
 
 def summary(rows: list[Row], estimates: dict[int, float]) -> dict[str, dict[str, float]]:
@@ -503,9 +505,10 @@ def summary_table(rows: list[Row], by_model: dict[int, float], by_device: dict[i
     return "\n".join(lines)
 
 
-def calibration_table(rows: list[Row], by_device: dict[int, float]) -> str:
+def calibration_table(rows: list[Row], device_fits: dict[str, dict[str, Fit]]) -> str:
     """`edgecc targets calibrate` on a board the estimator has not seen: from its leave-one-device-out estimates,
-    the factor from 1 or 2 of the board's models (every choice), and the error on its other models.
+    the factors from 1 or 2 of the board's models (every choice; edgecc.calibrate.calibration_factors: one factor, or
+    from 2 models a factor on the MAC terms and one on the rest), and the error on its other models.
 
     A calibration's records and the models it is judged on share one setup, as `edgecc bench` records made on the
     user's board do: the same runtime build (the rows' runtime_version) and precision. Rows of one board from sources
@@ -514,17 +517,20 @@ def calibration_table(rows: list[Row], by_device: dict[int, float]) -> str:
              "calibrated on 1: median / worst | calibrated on 2: median / worst |", "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str, str], list[Row]] = {}
     for r in rows:
-        if r.index in by_device and r.cls != "edgetpu":
+        if r.cls != "edgetpu" and r.cls in device_fits[r.device]:
             groups.setdefault((r.device, r.setup, r.precision), []).append(r)
     for (device, setup, precision), mine in sorted(groups.items()):
         if len(mine) < 3:
             continue
-        cells = [[abs(by_device[r.index] / r.published_ms - 1) for r in mine]]
+        fits = device_fits[device]
+        est = {r.index: (_cpu_ms(r, fits), _cpu_ms(r, fits, MAC_TERMS)) for r in mine}
+        cells = [[abs(est[r.index][0] / r.published_ms - 1) for r in mine]]
         for k in (1, 2):
             errors = []
             for chosen in itertools.combinations(mine, k):
-                factor = calibration_factor([r.published_ms for r in chosen], [by_device[r.index] for r in chosen])
-                errors += [abs(factor * by_device[r.index] / r.published_ms - 1) for r in mine if r not in chosen]
+                factors = calibration_factors([r.published_ms for r in chosen], *zip(*(est[r.index] for r in chosen)))
+                errors += [abs(calibrated_ms(*est[r.index], factors) / r.published_ms - 1) for r in mine
+                           if r not in chosen]
             cells.append(errors)
         build = f"{mine[0].runtime}: {setup.split(' (')[0]}"
         lines.append(f"| {device} | {mine[0].cls} | {build} | {precision} | {len(mine)} | "
@@ -588,8 +594,9 @@ def main() -> None:
     rows = [r for r in featurized if r.published_ms >= r.floor_ms]
     impossible = [r for r in featurized if r.published_ms < r.floor_ms]
     skipped = sorted({(m.runtime, m.device) for m in measurements if m.runtime not in MODELLED})
-    by_model = held_out(rows, lambda r: r.model)
-    by_device = held_out(rows, lambda r: r.device)
+    device_fits = fits_without(rows, lambda r: r.device)
+    by_model = held_out(rows, fits_without(rows, lambda r: r.model), lambda r: r.model)
+    by_device = held_out(rows, device_fits, lambda r: r.device)
     bands = summary(rows, by_model)
     write_model(fit_all(rows), bands, rows)
     body = "\n".join([
@@ -626,14 +633,16 @@ def main() -> None:
         + ", ".join(f"{rt} on {dev}" for rt, dev in skipped) + "."
         + (f" Not converted in this run (--built-only), so not estimated: {', '.join(sorted(unbuilt))}." if unbuilt else ""),
         "",
-        "Calibration (`edgecc targets calibrate REC MODEL [REC MODEL ...]`, one factor: the geometric mean of "
-        "measured over estimated) on a board the estimator has not seen: each board's estimates are its "
-        "leave-one-device-out ones; the factor comes from 1 or 2 of its models (every choice) and the error is "
+        "Calibration (`edgecc targets calibrate REC MODEL [REC MODEL ...]`: from one model one factor, measured over "
+        "estimated; from two whose share of multiply-accumulate work differs, a factor on the MAC terms and one on the "
+        f"rest, unless they come out more than {MAX_SPLIT:g}x apart or not positive, when the geometric mean of the "
+        "two ratios stands) on a board the estimator has not seen: each board's estimates are its "
+        "leave-one-device-out ones; the factors come from 1 or 2 of its models (every choice) and the error is "
         "measured on its other models of the same setup, as `edgecc bench` records made on a user's board would be: "
         "the same runtime build and precision (setups with at least 3 models). Goal (issue 14): median <= 10% from "
         "2 records.",
         "",
-        calibration_table(rows, by_device),
+        calibration_table(rows, device_fits),
         "",
         table(rows, by_model, by_device, bands),
     ])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import edgecc
+from edgecc.calibrate import MAX_SPLIT
 from edgecc.check import assess
 from edgecc.targets import load_target
 
@@ -46,21 +49,63 @@ def test_calibrated_profile_reproduces_the_measurement(tiny_models, tmp_path: Pa
 
 
 def test_calibrating_on_two_models_takes_the_geometric_mean_of_their_factors(tiny_models, tmp_path: Path) -> None:
+    """Two models of the same share of multiply-accumulate work (one model, twice) give one factor."""
+    model = tiny_models["vit_int8"]
+    record = tmp_path / "record.json"
+    assert edgecc("bench", str(model), "--runs", "10", "--record", str(record), "--quiet").returncode == 0
+    p50 = json.loads(record.read_text())["p50_ms"]
+    other = _record(tmp_path, "again", model, 4 * p50)
+    profile = tmp_path / "mine.toml"
+    result = edgecc("targets", "calibrate", str(record), str(model), str(other), str(model), "--target", "rpi4",
+                    "--out", str(profile))
+    assert result.returncode == 0, result.stderr
+    mine = load_target(str(profile))
+    assert mine.cpu.mac_scale is None
+    assert mine.cpu.latency_scale.value == pytest.approx(2 * p50 / _estimate(model, "rpi4").total_ms, rel=1e-4)
+    odd = edgecc("targets", "calibrate", str(record), str(model), str(other), "--target", "rpi4",
+                 "--out", str(tmp_path / "x.toml"))
+    assert odd.returncode == 2 and "records and models come in pairs" in odd.stderr
+
+
+@pytest.mark.parametrize("mac, rest", [(2.0, 0.5), (20.0, 1.0)])
+def test_models_that_differ_in_their_share_of_macs_calibrate_the_macs_apart(tiny_models, tmp_path: Path, mac: float,
+                                                                           rest: float) -> None:
+    """Records as a board would give them if it ran the MAC terms `mac` times and the rest `rest` times the estimate:
+    from two models both factors come back, and a third model's estimate follows them; factors more than MAX_SPLIT
+    apart are a fit to noise, not a board, and the geometric mean of the two models' ratios stands instead."""
     args = []
     for name in ("vit_int8", "gelu_int8"):
         model = tiny_models[name]
-        record = tmp_path / f"{name}.json"
-        assert edgecc("bench", str(model), "--runs", "10", "--record", str(record), "--quiet").returncode == 0
-        args += [str(record), str(model)]
+        estimate = _estimate(model, "rpi4")
+        args += [str(_record(tmp_path, name, model, mac * estimate.mac_ms + rest * (estimate.total_ms - estimate.mac_ms))),
+                 str(model)]
     profile = tmp_path / "mine.toml"
     result = edgecc("targets", "calibrate", *args, "--target", "rpi4", "--out", str(profile))
     assert result.returncode == 0, result.stderr
     mine = load_target(str(profile))
-    ratios = [json.loads(Path(rec).read_text())["p50_ms"] / assess(Path(m).read_bytes(), "rpi4", measure_arena=False)
-              .latency.total_ms for rec, m in zip(args[::2], args[1::2])]
-    assert mine.cpu.latency_scale.value == pytest.approx((ratios[0] * ratios[1]) ** 0.5, rel=1e-4)
-    odd = edgecc("targets", "calibrate", *args[:3], "--target", "rpi4", "--out", str(tmp_path / "x.toml"))
-    assert odd.returncode == 2 and "records and models come in pairs" in odd.stderr
+    third = _estimate(tiny_models["vit_float"], "rpi4")
+    if mac / rest <= MAX_SPLIT:
+        assert (mine.cpu.mac_scale.value, mine.cpu.latency_scale.value) == (pytest.approx(mac), pytest.approx(rest))
+        assert _estimate(tiny_models["vit_float"], mine).total_ms == pytest.approx(
+            mac * third.mac_ms + rest * (third.total_ms - third.mac_ms), rel=1e-5)
+        assert f"multiply-accumulates by {mac:.3g}, the rest by {rest:.3g}" in result.stdout
+    else:
+        ratios = [json.loads(Path(rec).read_text())["p50_ms"] / _estimate(Path(m), "rpi4").total_ms
+                  for rec, m in zip(args[::2], args[1::2])]
+        assert mine.cpu.mac_scale is None
+        assert mine.cpu.latency_scale.value == pytest.approx((ratios[0] * ratios[1]) ** 0.5, rel=1e-4)
+
+
+def _record(tmp_path: Path, name: str, model: Path, p50_ms: float) -> Path:
+    """A bench record of `model` with the given median (what calibrate reads of one)."""
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"model": name, "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+                                "p50_ms": p50_ms}))
+    return path
+
+
+def _estimate(model: Path, target: Any) -> Any:
+    return assess(model.read_bytes(), target, measure_arena=False).latency
 
 
 def test_calibrate_refuses_a_record_of_another_model(tiny_models, tmp_path: Path) -> None:

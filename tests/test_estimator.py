@@ -241,11 +241,11 @@ def test_calibration_is_judged_within_one_setup_of_a_board(estimator: Any) -> No
     """A board's rows from two runtime builds, one twice as slow, each off the estimate by its own factor: calibrated
     on records of the same build, the other models of that build come out exact; builds and precisions never mix."""
     rows = [estimator.Row(i, "board", f"model{i % 4}", precision, "tflite", build, 10.0 * (i + 1) * factor,
-                          "cortex-a", "cortex-a", "tflite", {}, {})
+                          "cortex-a", "cortex-a", "tflite", {"op_cycles": 10.0 * (i + 1)}, {})
             for i, (build, factor, precision) in enumerate([("2020", 2.0, "fp32")] * 4 + [("2022", 1.25, "fp32")] * 4
                                                            + [("2022", 1.25, "int8")] * 2)]
-    estimates = {r.index: 10.0 * (r.index + 1) for r in rows}
-    lines = estimator.calibration_table(rows, estimates).splitlines()[2:]
+    fits = {"board": {"cortex-a": estimator.Fit({"op_cycles": 1.0})}}  # the estimate: 10 ms x (index + 1)
+    lines = estimator.calibration_table(rows, fits).splitlines()[2:]
     assert [line.split(" | ")[2:6] for line in lines] == [["tflite: 2020", "fp32", "4", "50% / 50%"],
                                                           ["tflite: 2022", "fp32", "4", "20% / 20%"]]
     assert all(line.endswith("| 0% / 0% | 0% / 0% |") for line in lines)

@@ -188,7 +188,7 @@ def targets_calibrate(
     from edgecc.calibrate import calibrate, write_profile
     from edgecc.targets import load_target
 
-    def work() -> tuple[Any, float]:
+    def work() -> tuple[Any, tuple[float, float | None]]:
         if len(files) % 2:
             raise EdgeccError(f"{files[-1]}: records and models come in pairs (REC MODEL [REC MODEL ...])")
         pairs = []
@@ -200,12 +200,13 @@ def targets_calibrate(
             if not model.is_file():
                 raise EdgeccError(f"{model} does not exist")
             pairs.append((data, model.read_bytes()))
-        profile, factor = calibrate(pairs, load_target(target), name)
+        profile, factors = calibrate(pairs, load_target(target), name)
         write_profile(profile, out)
-        return profile, factor
+        return profile, factors
 
-    profile, factor = _run(work)
-    stdout.print(f"wrote {out}: {profile.name}, estimates scaled by {factor:.3g}; use it with --target {out}")
+    profile, (rest, mac) = _run(work)
+    scaled = f"multiply-accumulates by {mac:.3g}, the rest by {rest:.3g}" if mac else f"by {rest:.3g}"
+    stdout.print(f"wrote {out}: {profile.name}, estimates scaled {scaled}; use it with --target {out}")
 
 
 @app.command()

@@ -57,6 +57,9 @@ DEFAULT_KERNELS = {"tflite-micro": "tflite-micro", "ethos-u": "tflite-micro", "l
 # products, depthwise convolutions and reductions over their thread pool (cpu_backend_threadpool); XNNPACK spreads every
 # operator
 ONE_THREAD_ELEMENTWISE = ("tflite",)
+# the CPU terms that price multiply-accumulates (convolutions, matrix products): `edgecc targets calibrate` may scale them
+# apart from the rest (per-operator, memory and element-wise work), as cpu.mac_scale
+MAC_TERMS = ("gemm_", "depthwise_")
 # peak fp32 multiply-accumulates per cycle of one core when a profile does not give cpu.fp32_macs_per_cycle: one
 # 128-bit NEON FMA a cycle (Cortex-A15/A57/A72, flatlib's vfpbench: 8 single-precision FLOP a cycle), one FPU
 # FMA a cycle on a Cortex-M
@@ -132,6 +135,7 @@ class LatencyEstimate:
     fixed_ms: float  # per-inference costs outside the operators (accelerator invoke, streamed parameters)
     ops: tuple[OpEstimate, ...]
     method: str
+    mac_ms: float = 0.0  # of total_ms, the CPU's multiply-accumulate terms (MAC_TERMS), which cpu.mac_scale scales
 
 
 def read_models(path: Path = MODEL_FILE) -> dict[str, ClassModel]:
@@ -216,8 +220,10 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
     used = min(threads or target.cpu.cores.value, target.cpu.cores.value)
     tpu_class = _needed("edgetpu", models) if on_tpu is not None and any(on_tpu) and target.edgetpu else None
     kernels = kernels_of(target)
-    scale = (target.cpu.latency_scale.value if target.cpu.latency_scale else 1.0) * cpu_class.kernels.get(kernels, 1.0)
-    ops, cpu_precisions = [], set()
+    kernel_factor = cpu_class.kernels.get(kernels, 1.0)
+    scale = target.cpu.latency_scale.value if target.cpu.latency_scale else 1.0
+    mac_scale = target.cpu.mac_scale.value if target.cpu.mac_scale else scale
+    ops, cpu_precisions, mac_ms = [], set(), 0.0
     for index, (op, cost) in enumerate(zip(graph.operators, costs)):
         out = graph.tensors[op.outputs[0]] if op.outputs else None
         is_int8 = out is None or out.dtype in INT_TYPES
@@ -225,7 +231,10 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
         if unit == "edgetpu":
             ms = _priced(edgetpu_features(cost, target), tpu_class)
         else:
-            ms = _priced(cpu_features(cost, op.kind, is_int8, target, used), cpu_class) * scale
+            features = cpu_features(cost, op.kind, is_int8, target, used)
+            mac = _priced({n: v for n, v in features.items() if n.startswith(MAC_TERMS)}, cpu_class) * kernel_factor
+            ms = mac * mac_scale + (_priced(features, cpu_class) * kernel_factor - mac) * scale
+            mac_ms += mac * mac_scale
             cpu_precisions.add("int8" if is_int8 else "fp32")
         ops.append(OpEstimate(index, op.kind, cost.macs, cost.bytes_moved, unit, ms))
     fixed = 0.0
@@ -243,4 +252,4 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
         method += (f"; its {' and '.join(unfitted)} operators are priced at the {CPU_CLASS[target.runtime]} class's "
                    f"prior rates: no published {' or '.join(unfitted)} measurement of the class fits them, so the "
                    "band does not cover them")
-    return LatencyEstimate(total, total * band.band_low, total * band.band_high, fixed, tuple(ops), method)
+    return LatencyEstimate(total, total * band.band_low, total * band.band_high, fixed, tuple(ops), method, mac_ms)
