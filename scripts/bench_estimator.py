@@ -272,7 +272,8 @@ BUILDERS: dict[str, Callable[[Any], Any]] = {
     "vgg16": _applications("VGG16", 224), "vgg19": _applications("VGG19", 224),
     "densenet121": _applications("DenseNet121", 224),
     "inception_v1_224": _inception_v1_224, "inception_v4_299": _inception_v4_299,
-    "efficientnet_edgetpu_s": _efficientnet_edgetpu(1.0, 224), "efficientnet_edgetpu_m": _efficientnet_edgetpu(1.1, 240),
+    "efficientnet_edgetpu_s": _efficientnet_edgetpu(1.0, 224),
+    "efficientnet_edgetpu_m": _efficientnet_edgetpu(1.1, 240),
     "unet_mv2_128": _unet_mv2_128,
 }
 

@@ -77,8 +77,8 @@ def test_models_that_differ_in_their_share_of_macs_calibrate_the_macs_apart(tiny
     for name in ("vit_int8", "gelu_int8"):
         model = tiny_models[name]
         estimate = _estimate(model, "rpi4")
-        args += [str(_record(tmp_path, name, model, mac * estimate.mac_ms + rest * (estimate.total_ms - estimate.mac_ms))),
-                 str(model)]
+        p50 = mac * estimate.mac_ms + rest * (estimate.total_ms - estimate.mac_ms)
+        args += [str(_record(tmp_path, name, model, p50)), str(model)]
     profile = tmp_path / "mine.toml"
     result = edgecc("targets", "calibrate", *args, "--target", "rpi4", "--out", str(profile))
     assert result.returncode == 0, result.stderr

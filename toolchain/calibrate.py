@@ -35,8 +35,9 @@ def calibration_factors(measured_ms: list[float], estimated_ms: list[float],
     """(latency_scale, mac_scale) from the models' measured and estimated latencies and the estimates' MAC terms.
 
     One factor, the geometric mean of measured over estimated (errors are relative), with mac_scale None; from two or
-    more models whose share of MAC work differs, a factor on the MAC terms and one on the rest, those that fit the models
-    best (least squares of the relative error), kept when both are positive and within MAX_SPLIT of each other."""
+    more models whose share of MAC work differs, a factor on the MAC terms and one on the rest, those that fit the
+    models best (least squares of the relative error), kept when both are positive and within MAX_SPLIT of each
+    other."""
     one = math.exp(sum(math.log(m / e) for m, e in zip(measured_ms, estimated_ms)) / len(measured_ms))
     a = np.array([[mac / m, (e - mac) / m] for m, e, mac in zip(measured_ms, estimated_ms, mac_ms)])
     if len(a) < 2 or np.linalg.matrix_rank(a) < 2:
@@ -82,9 +83,9 @@ def calibrate(records: list[tuple[dict[str, Any], bytes]], target: Target,
     note = (f"calibrated with edgecc bench on {first.get('machine', 'an unnamed machine')} at "
             f"{first.get('measured_at', '?')} with {first.get('threads', '?')} threads: {runs}")
     rest, mac = factors
-    cpu = dataclasses.replace(
-        target.cpu, latency_scale=Figure(round(rest, 6), f"{note}; x{rest:.3g}{' on all but the MAC terms' if mac else ''}"),
-        mac_scale=Figure(round(mac, 6), f"{note}; x{mac:.3g} on the MAC terms") if mac else None)
+    scope = " on all but the MAC terms" if mac else ""
+    cpu = dataclasses.replace(target.cpu, latency_scale=Figure(round(rest, 6), f"{note}; x{rest:.3g}{scope}"),
+                              mac_scale=Figure(round(mac, 6), f"{note}; x{mac:.3g} on the MAC terms") if mac else None)
     return dataclasses.replace(target, name=name or f"{target.name}-calibrated", cpu=cpu), factors
 
 

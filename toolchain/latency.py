@@ -57,8 +57,8 @@ DEFAULT_KERNELS = {"tflite-micro": "tflite-micro", "ethos-u": "tflite-micro", "l
 # products, depthwise convolutions and reductions over their thread pool (cpu_backend_threadpool); XNNPACK spreads every
 # operator
 ONE_THREAD_ELEMENTWISE = ("tflite",)
-# the CPU terms that price multiply-accumulates (convolutions, matrix products): `edgecc targets calibrate` may scale them
-# apart from the rest (per-operator, memory and element-wise work), as cpu.mac_scale
+# the CPU terms that price multiply-accumulates (convolutions, matrix products): `edgecc targets calibrate` may scale
+# them apart from the rest (per-operator, memory and element-wise work), as cpu.mac_scale
 MAC_TERMS = ("gemm_", "depthwise_")
 # peak fp32 multiply-accumulates per cycle of one core when a profile does not give cpu.fp32_macs_per_cycle: one
 # 128-bit NEON FMA a cycle (Cortex-A15/A57/A72, flatlib's vfpbench: 8 single-precision FLOP a cycle), one FPU

@@ -70,9 +70,10 @@ class Cpu:
                         "litert-xnnpack; empty means the runtime's usual one (an Edge TPU host: tflite)")
     latency_scale: Rate | None = spec(None, doc="measured over estimated latency on this board, written by "
                                       "`edgecc targets calibrate`; absent means 1")
-    mac_scale: Rate | None = spec(None, doc="measured over estimated multiply-accumulate work (convolutions, matrix "
-                                  "products) on this board, written by `edgecc targets calibrate` from models that differ "
-                                  "in their share of it; latency_scale then scales the rest; absent means latency_scale")
+    mac_scale: Rate | None = spec(None, doc="measured over estimated multiply-accumulate work (convolutions, "
+                                  "matrix products) on this board, written by `edgecc targets calibrate` from models "
+                                  "that differ in their share of it; latency_scale then scales the rest; absent means "
+                                  "latency_scale")
 
 
 @dataclass(frozen=True)
