@@ -120,6 +120,17 @@ def test_bad_figures_the_estimator_reads_are_refused_by_field(tmp_path: Path, fi
         load_target(str(profile(tmp_path, "ra6m4", **{field: value})))
 
 
+@pytest.mark.parametrize("value, message", [("0", "0.0 must be above 0"), ("-1.5", "-1.5 must be above 0"),
+                                            ("nan", "nan is not a finite"), ("inf", "inf is not a finite")])
+def test_a_bad_calibration_factor_is_refused_by_field(tmp_path: Path, value: str, message: str) -> None:
+    """A hand-edited or truncated calibrated profile: its MAC factor is named like every other figure."""
+    path = profile(tmp_path, "rpi4")
+    text = path.read_text().replace("\nclock_mhz = ", f'\nmac_scale = {{ value = {value}, source = "test" }}\nclock_mhz = ')
+    path.write_text(text)
+    with pytest.raises(EdgeccError, match=f"cpu.mac_scale.value: {message}".replace(".", r"\.")):
+        load_target(str(path))
+
+
 def test_a_profile_without_clock_is_refused_by_field(tmp_path: Path) -> None:
     path = tmp_path / "mine.toml"
     path.write_text("\n".join(line for line in (Path(__file__).parents[1] / "targets" / "rpi3bplus.toml").read_text().splitlines()
