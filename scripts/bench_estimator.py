@@ -88,6 +88,11 @@ def _mobilenet_v3_small(keras: Any) -> Any:
     return keras.applications.MobileNetV3Small(weights=None, input_shape=(224, 224, 3), include_preprocessing=False)
 
 
+def _mobilenet_v2_030_80(keras: Any) -> Any:
+    """The model of Plumerai's Cortex-M comparison: MobileNet v2 at width 0.30 on 80x80x3, 1000 classes."""
+    return keras.applications.MobileNetV2(weights=None, alpha=0.3, input_shape=(80, 80, 3))
+
+
 def _mobilenet_v1_025_96_vww(keras: Any) -> Any:
     """MLPerf Tiny visual wake words: MobileNet v1 at width 0.25 on 96x96x3, two classes."""
     return keras.applications.MobileNet(weights=None, alpha=0.25, input_shape=(96, 96, 3), classes=2)
@@ -264,7 +269,8 @@ def _applications(name: str, size: int) -> Callable[[Any], Any]:
 BUILDERS: dict[str, Callable[[Any], Any]] = {
     "mobilenet_v1": _mobilenet_v1, "mobilenet_v2": _mobilenet_v2,
     "mobilenet_v3_large": _mobilenet_v3_large, "mobilenet_v3_small": _mobilenet_v3_small,
-    "mobilenet_v1_025_96_vww": _mobilenet_v1_025_96_vww, "ds_cnn_kws": _ds_cnn_kws,
+    "mobilenet_v1_025_96_vww": _mobilenet_v1_025_96_vww, "mobilenet_v2_030_80": _mobilenet_v2_030_80,
+    "ds_cnn_kws": _ds_cnn_kws,
     "resnet8_ic": _resnet8_ic, "fc_autoencoder_ad": _fc_autoencoder_ad,
     "resnet50_v1_299": _applications("ResNet50", 299), "resnet50_v2_299": _applications("ResNet50V2", 299),
     "resnet152_v2_299": _applications("ResNet152V2", 299),
