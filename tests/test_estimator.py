@@ -125,8 +125,8 @@ def test_bad_figures_the_estimator_reads_are_refused_by_field(tmp_path: Path, fi
 def test_a_bad_calibration_factor_is_refused_by_field(tmp_path: Path, value: str, message: str) -> None:
     """A hand-edited or truncated calibrated profile: its MAC factor is named like every other figure."""
     path = profile(tmp_path, "rpi4")
-    text = path.read_text().replace("\nclock_mhz = ", f'\nmac_scale = {{ value = {value}, source = "test" }}\nclock_mhz = ')
-    path.write_text(text)
+    line = f'mac_scale = {{ value = {value}, source = "test" }}'
+    path.write_text(path.read_text().replace("\nclock_mhz = ", f"\n{line}\nclock_mhz = "))
     with pytest.raises(EdgeccError, match=f"cpu.mac_scale.value: {message}".replace(".", r"\.")):
         load_target(str(path))
 
