@@ -20,6 +20,7 @@ import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -137,15 +138,19 @@ def _fc_autoencoder_ad(keras: Any) -> Any:
     return keras.Model(inputs, layers.Dense(640)(x))
 
 
+def _conv(keras: Any, x: Any, filters: int, size: Any, stride: int = 1, padding: str = "same",
+          relu: bool = True) -> Any:
+    """A convolution without bias, then batch norm and (unless `relu` is False) ReLU: the unit of the slim and
+    EfficientNet builds below, whose batch norms the converter folds into the convolution."""
+    layers = keras.layers
+    x = layers.BatchNormalization()(layers.Conv2D(filters, size, stride, padding=padding, use_bias=False)(x))
+    return layers.ReLU()(x) if relu else x
+
+
 def _inception_v1_224(keras: Any) -> Any:
     """GoogLeNet as TF-slim's inception_v1 builds it (Coral's Inception v1): batch-normalised convolutions, the
     "5x5" branch of each inception block a 3x3 convolution, MaxPool_5a 2x2, 1001 classes, 224x224x3."""
-    layers = keras.layers
-
-    def conv(x: Any, filters: int, size: int, stride: int = 1) -> Any:
-        x = layers.Conv2D(filters, size, stride, padding="same", use_bias=False)(x)
-        return layers.ReLU()(layers.BatchNormalization()(x))
-
+    layers, conv = keras.layers, partial(_conv, keras)
     inputs = keras.Input((224, 224, 3))
     x = layers.MaxPooling2D(3, 2, padding="same")(conv(inputs, 64, 7, 2))
     x = layers.MaxPooling2D(3, 2, padding="same")(conv(conv(x, 64, 1), 192, 3))
@@ -168,11 +173,7 @@ def _inception_v4_299(keras: Any) -> Any:
     """Inception v4 as TF-slim builds it (Coral's Inception v4, Szegedy et al. 2016): the stem, 4 Inception-A,
     Reduction-A, 7 Inception-B, Reduction-B and 3 Inception-C blocks, batch-normalised convolutions, 1001 classes,
     299x299x3."""
-    layers = keras.layers
-
-    def conv(x: Any, filters: int, size: tuple[int, int] | int, stride: int = 1, padding: str = "same") -> Any:
-        x = layers.Conv2D(filters, size, stride, padding=padding, use_bias=False)(x)
-        return layers.ReLU()(layers.BatchNormalization()(x))
+    layers, conv = keras.layers, partial(_conv, keras)
 
     def chain(x: Any, *steps: tuple[int, Any]) -> Any:
         for filters, size in steps:
@@ -219,12 +220,7 @@ def _efficientnet_edgetpu(depth: float, size: int) -> Callable[[Any], Any]:
               (4, 5, 1, 8, 144, False), (2, 5, 2, 8, 192, False))
 
     def build(keras: Any) -> Any:
-        layers = keras.layers
-
-        def conv(x: Any, filters: int, size: int, stride: int = 1, relu: bool = True) -> Any:
-            x = layers.BatchNormalization()(layers.Conv2D(filters, size, stride, padding="same", use_bias=False)(x))
-            return layers.ReLU()(x) if relu else x
-
+        layers, conv = keras.layers, partial(_conv, keras)
         inputs = keras.Input((size, size, 3))
         x, width, first = conv(inputs, 32, 3, 2), 32, True
         for repeats, kernel, stride, expand, filters, fused in blocks:
