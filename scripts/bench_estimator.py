@@ -367,11 +367,11 @@ def _price(features: dict[str, float], coefficients: dict[str, float]) -> float:
     return sum(coefficients.get(n, 0.0) * v for n, v in features.items())
 
 
-def _cpu_ms(row: Row, fits: dict[str, Fit], terms: tuple[str, ...] = ("",)) -> float:
-    """The row's CPU estimate, or of it the terms whose names start with one of `terms` (MAC_TERMS: its MAC work)."""
+def _cpu_ms(row: Row, fits: dict[str, Fit], macs_only: bool = False) -> float:
+    """The row's CPU estimate, or (`macs_only`) of it the multiply-accumulate terms (MAC_TERMS)."""
     cpu = fits[row.cpu_class]
-    return cpu.kernels.get(row.kernels, 1.0) * _price({n: v for n, v in row.cpu.items() if n.startswith(terms)},
-                                                      cpu.coefficients)
+    features = {n: v for n, v in row.cpu.items() if n.startswith(MAC_TERMS)} if macs_only else row.cpu
+    return cpu.kernels.get(row.kernels, 1.0) * _price(features, cpu.coefficients)
 
 
 def _bounded(a: np.ndarray, offset: np.ndarray, names: tuple[str, ...], bounds: dict[str, tuple[float, float]],
@@ -526,7 +526,7 @@ def calibration_table(rows: list[Row], device_fits: dict[str, dict[str, Fit]]) -
         if len(mine) < 3:
             continue
         fits = device_fits[device]
-        est = {r.index: (_cpu_ms(r, fits), _cpu_ms(r, fits, MAC_TERMS)) for r in mine}
+        est = {r.index: (_cpu_ms(r, fits), _cpu_ms(r, fits, macs_only=True)) for r in mine}
         cells = [[abs(est[r.index][0] / r.published_ms - 1) for r in mine]]
         for k in (1, 2):
             errors = []

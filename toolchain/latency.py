@@ -232,8 +232,10 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
             ms = _priced(edgetpu_features(cost, target), tpu_class)
         else:
             features = cpu_features(cost, op.kind, is_int8, target, used)
-            mac = _priced({n: v for n, v in features.items() if n.startswith(MAC_TERMS)}, cpu_class) * kernel_factor
-            ms = mac * mac_scale + (_priced(features, cpu_class) * kernel_factor - mac) * scale
+            macs = {n: v for n, v in features.items() if n.startswith(MAC_TERMS)}
+            mac = _priced(macs, cpu_class) * kernel_factor
+            rest = _priced({n: v for n, v in features.items() if n not in macs}, cpu_class) * kernel_factor
+            ms = mac * mac_scale + rest * scale
             mac_ms += mac * mac_scale
             cpu_precisions.add("int8" if is_int8 else "fp32")
         ops.append(OpEstimate(index, op.kind, cost.macs, cost.bytes_moved, unit, ms))
