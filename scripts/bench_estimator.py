@@ -32,7 +32,7 @@ from edgecc.calibrate import MAX_SPLIT, calibrated_ms, calibration_factors
 from edgecc.check import assess, crossing_bytes
 from edgecc.cost import op_costs
 from edgecc.latency import (CPU_CLASS, MAC_TERMS, MODEL_FILE, ClassModel, Measurement, estimate_latency,
-                            fp32_macs_per_cycle, kernels_of, load_measurements)
+                            fp32_macs_per_cycle, int8_macs_per_cycle, kernels_of, load_measurements)
 from edgecc.targets import KERNELS, load_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +48,12 @@ UNIT = ClassModel({}, {}, 1.0, 1.0, 0)
 BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
     "cortex-m": {  # Cortex-M4/M7/M33 with the DSP extension: SMLAD is 2 MACs a cycle, SXTB16 unpacking and
         "op_cycles": (100, 20_000),  # loads make ~1 cycle/MAC the floor of an int8 GEMM; scalar C is 4-10
-        "gemm_int8": (1, 8), "depthwise_int8": (1, 16), "elementwise_int8": (2, 50),
-        "gemm_fp32": (2, 20), "depthwise_fp32": (2, 40), "elementwise_fp32": (2, 50), "bytes": (0, 2)},
+        "gemm_int8": (2, 16), "depthwise_int8": (2, 32), "elementwise_int8": (4, 100),  # MAC terms are multiples of
+        "gemm_fp32": (2, 20), "depthwise_fp32": (2, 40), "elementwise_fp32": (2, 50), "bytes": (0, 2)},  # the peak
     "cortex-a": {  # NEON: 4 fp32 or 8-16 int8 MACs per instruction; thread dispatch is tens of microseconds; the
-        "op_cycles": (1_000, 200_000),  # MAC terms are multiples of the core's peak fp32 rate (cpu.fp32_macs_per_cycle),
-        "gemm_int8": (0.25, 8), "depthwise_int8": (0.25, 32), "elementwise_int8": (0.5, 80),  # int8 up to 4x faster
-        "gemm_fp32": (1, 12), "depthwise_fp32": (1, 40), "elementwise_fp32": (1, 80), "bytes": (0.3, 5)},
+        "op_cycles": (1_000, 200_000),  # MAC terms are multiples of the core's peak rate for their precision
+        "gemm_int8": (1, 32), "depthwise_int8": (1, 128), "elementwise_int8": (2, 320),  # (cpu.fp32_macs_per_cycle,
+        "gemm_fp32": (1, 12), "depthwise_fp32": (1, 40), "elementwise_fp32": (1, 80), "bytes": (0.3, 5)},  # int8_...)
     "edgetpu": {"tpu_op_us": (0, 100), "tpu_macs": (1, 10), "invoke_ms": (0.1, 5), "link": (0.7, 2)},
 }
 KERNEL_BOUNDS = (0.2, 5.0)  # a kernel library's factor against the class's reference one
@@ -64,12 +64,10 @@ KERNEL_BOUNDS = (0.2, 5.0)  # a kernel library's factor against the class's refe
 ROBUST: dict[str, Any] = {"loss": "cauchy", "f_scale": 0.25}
 REFERENCE_KERNELS = {"cortex-m": "tflite-micro", "cortex-a": "litert-xnnpack"}
 # The least time any kernels can take for a row's rebuilt model on its board: its multiply-accumulates at the cores'
-# peak (int8 at INT8_PEAK times the fp32 rate: a 128-bit NEON multiply-accumulate or SDOT instruction does 16 int8
-# MACs against 4 fp32 ones; a Cortex-M's SMLAD 2 a cycle against one fp32 FMA) and the Edge TPU's, plus the bytes that
+# peak for their precision (edgecc.latency's MAC terms with coefficient 1) and the Edge TPU's, plus the bytes that
 # cross the host link every inference at the link's signalling rate (USB 3.0 and PCIe Gen 2 x1, the Coral boards'
 # links, both signal at 5 Gbit/s; 8b/10b coding leaves 4). A published figure below its row's floor cannot be of the
 # rebuilt architecture: the row is shown with its floor and neither fitted nor counted.
-INT8_PEAK = 4
 LINK_SIGNALLING_BYTES_PER_S = 5e9 / 8
 
 
@@ -317,7 +315,7 @@ class Row:
     kernels: str  # the CPU kernel library
     cpu: dict[str, float]  # feature totals of the operators on the CPU
     tpu: dict[str, float]  # and of the Edge TPU part (empty on a CPU)
-    floor_ms: float = 0.0  # the least time the rebuilt model can take on the board (see INT8_PEAK)
+    floor_ms: float = 0.0  # the least time the rebuilt model can take on the board (see LINK_SIGNALLING_BYTES_PER_S)
 
 
 def _totals(latency_of: Callable[[dict[str, ClassModel]], float], names: tuple[str, ...], cls: str) -> dict[str, float]:
@@ -348,8 +346,7 @@ def featurize(index: int, m: Measurement) -> Row:
     cls = "edgetpu" if m.runtime == "edgetpu" else cpu_class
     cpu = _totals(latency_of, CPU_FEATURES, cpu_class)
     tpu = _totals(latency_of, TPU_FEATURES, "edgetpu") if on_tpu else {}
-    floor = (sum(ms / (INT8_PEAK if name.endswith("_int8") else 1) for name, ms in cpu.items()
-                 if name.startswith(("gemm_", "depthwise_")))
+    floor = (sum(ms for name, ms in cpu.items() if name.startswith(MAC_TERMS))
              + tpu.get("tpu_macs", 0.0) + streamed / LINK_SIGNALLING_BYTES_PER_S * 1e3)
     return Row(index, m.device, m.model, m.precision, m.runtime, m.runtime_version, m.latency_ms, cls, cpu_class,
                kernels_of(target), cpu, tpu, floor)
@@ -541,13 +538,16 @@ def calibration_table(rows: list[Row], device_fits: dict[str, dict[str, Fit]]) -
     return "\n".join(lines)
 
 
-def fp32_rates(rows: list[Row]) -> str:
-    """Each fp32 board's peak fp32 rate per core, and whether its profile gives it or the class default stands in."""
+def peak_rates(rows: list[Row]) -> str:
+    """Each CPU board's peak fp32 and int8 rates per core, and whether its profile gives them or the class default
+    stands in."""
     rates = []
-    for device in sorted({r.device for r in rows if r.precision == "fp32"}):
+    for device in sorted({r.device for r in rows if r.cls != "edgetpu"}):
         target = load_target(device)
-        given = "profile" if target.cpu.fp32_macs_per_cycle else "class default"
-        rates.append(f"{device} {fp32_macs_per_cycle(target):g} ({target.cpu.core.split(' (')[0]}, {given})")
+        given = ["profile" if figure else "class default"
+                 for figure in (target.cpu.fp32_macs_per_cycle, target.cpu.int8_macs_per_cycle)]
+        rates.append(f"{device} {fp32_macs_per_cycle(target):g} / {int8_macs_per_cycle(target):g} "
+                     f"({target.cpu.core.split(' (')[0]}, {' / '.join(given)})")
     return ", ".join(rates)
 
 
@@ -618,8 +618,8 @@ def main() -> None:
         f"{ROBUST['f_scale']} (scipy's least_squares), under which a row's pull is largest at about "
         f"{ROBUST['f_scale']:.0%} off and falls beyond, so that one doubtful published figure cannot drag the class's "
         "other rows. Goals (issue 14): median |error| <= 20%, worst <= 50%, band covers >= 80%, per class with >= 5 "
-        "rows. The int8 and fp32 work is counted in cycles at each core's peak fp32 "
-        f"rate (`cpu.fp32_macs_per_cycle`, multiply-accumulates per cycle): {fp32_rates(rows)}.",
+        "rows. The fp32 and int8 work is counted in cycles at each core's peak rate for its precision "
+        f"(`cpu.fp32_macs_per_cycle` and `cpu.int8_macs_per_cycle`, multiply-accumulates per cycle): {peak_rates(rows)}.",
         "",
         summary_table(rows, by_model, by_device),
         "",
@@ -627,7 +627,7 @@ def main() -> None:
         "",
         "Published figures below their rebuilt model's floor, shown here and neither fitted nor counted above: the "
         "least time any kernels can take for the rebuild on the board, its multiply-accumulates at the cores' peak "
-        f"(int8 at {INT8_PEAK}x the fp32 rate) and the Edge TPU's 4 TOPS, plus the bytes that must cross the host link "
+        "for their precision and the Edge TPU's 4 TOPS, plus the bytes that must cross the host link "
         f"every inference (parameters beyond the on-chip memory, activations to and from the CPU) at "
         f"{LINK_SIGNALLING_BYTES_PER_S * 8 / 1e9:g} Gbit/s, the signalling rate of USB 3.0 and of PCIe Gen 2 x1: "
         f"{below_floor(rows, impossible)}.",

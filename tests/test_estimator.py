@@ -160,18 +160,51 @@ def test_the_cores_fp32_rate_scales_the_multiply_accumulates_of_int8_and_float_m
         macs = [o.ms for o in wide.ops if o.macs]
         assert macs and max(o.ms for o in one.ops if o.macs) > max(macs), name
         assert default.total_ms == pytest.approx(wide.total_ms) and FP32_MACS_PER_CYCLE["cortex-a"] == 4
-    assert "4 fp32 MACs per cycle of a core" in wide.method
+    assert "4 fp32 and 16 int8 MACs per cycle of a core" in wide.method
 
 
+def test_the_cores_int8_rate_scales_only_the_int8_multiply_accumulates() -> None:
+    """A Helium Cortex-M completes 4 times an M4's int8 MACs per cycle at 2 times its fp32 ones, so a profile may give
+    the int8 rate apart: doubling it halves every int8 operator's work term (matrix product, depthwise or element-wise)
+    and leaves its per-operator and memory terms and a float model's estimate as they were; without it the class's ratio
+    to the fp32 rate stands in."""
+    from edgecc.cost import op_costs
+    from edgecc.latency import INT8_PER_FP32, cpu_features, estimate_latency, int8_macs_per_cycle
+    from edgecc.reader import read_graph
+
+    h7 = load_target("stm32h7")
+    assert h7.cpu.int8_macs_per_cycle is None and int8_macs_per_cycle(h7) == INT8_PER_FP32["cortex-m"] == 2
+    fast = dataclasses.replace(h7, cpu=dataclasses.replace(h7.cpu, int8_macs_per_cycle=Figure(4, "test")))
+    fixtures = Path(__file__).parent / "fixtures"
+    graph = read_graph((fixtures / "vit_int8.tflite").read_bytes())
+    costs = op_costs(graph)
+    checked = 0
+    for op, cost in zip(graph.operators, costs):
+        if not cost.macs:
+            continue
+        base, doubled = (cpu_features(cost, op.kind, True, t, 1) for t in (h7, fast))
+        for name, value in base.items():
+            assert doubled[name] == pytest.approx(value / 2 if name.endswith("_int8") else value), name
+            checked += name.endswith("_int8")
+    assert checked
+    assert estimate_latency(graph, costs, fast).total_ms < estimate_latency(graph, costs, h7).total_ms
+    rpi4 = load_target("rpi4")
+    fast_rpi4 = dataclasses.replace(rpi4, cpu=dataclasses.replace(rpi4.cpu, int8_macs_per_cycle=Figure(64, "test")))
+    floats = read_graph((fixtures / "vit_float.tflite").read_bytes())
+    assert (estimate_latency(floats, op_costs(floats), fast_rpi4).total_ms
+            == pytest.approx(estimate_latency(floats, op_costs(floats), rpi4).total_ms))
+
+
+@pytest.mark.parametrize("field, base", [("fp32_macs_per_cycle", "rpi4"), ("int8_macs_per_cycle", "ra8d1")])
 @pytest.mark.parametrize("value, message", [
-    ("0", "cpu.fp32_macs_per_cycle.value: 0.0 must be above 0"),
-    ("-4", "cpu.fp32_macs_per_cycle.value: -4.0 must be above 0"),
-    ("nan", "cpu.fp32_macs_per_cycle.value: nan is not a finite"),
-    ("inf", "cpu.fp32_macs_per_cycle.value: inf is not a finite"),
+    ("0", "value: 0.0 must be above 0"),
+    ("-4", "value: -4.0 must be above 0"),
+    ("nan", "value: nan is not a finite"),
+    ("inf", "value: inf is not a finite"),
 ])
-def test_a_bad_fp32_rate_is_refused_by_field(tmp_path: Path, value: str, message: str) -> None:
-    with pytest.raises(EdgeccError, match=message.replace(".", r"\.")):
-        load_target(str(profile(tmp_path, "rpi4", fp32_macs_per_cycle=value)))
+def test_a_bad_peak_rate_is_refused_by_field(tmp_path: Path, field: str, base: str, value: str, message: str) -> None:
+    with pytest.raises(EdgeccError, match=f"cpu.{field}.{message}".replace(".", r"\.")):
+        load_target(str(profile(tmp_path, base, **{field: value})))
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ and multiplied by a coefficient of the device class (Cortex-M, Cortex-A, Edge TP
   - a fixed cost per operator, in cycles of the profile's clock;
   - its multiply-accumulates in cycles per MAC on the threads it runs on: matrix products
     (convolutions, fully connected, batch matmul: the same GEMM inner loop in CMSIS-NN, ruy
-    and XNNPACK), depthwise convolutions, and element-wise work, for int8 and fp32; both count
-    cycles at the core's peak fp32 rate (`cpu.fp32_macs_per_cycle`: a Cortex-A7 completes one
-    fp32 multiply-accumulate a cycle, a Cortex-A72 four), as the SIMD datapath that sets it sets
-    the int8 rate too (XNNPACK's published int8 MobileNets run about 2.5x their fp32 speed on a
-    Cortex-A7, A53 and A72 alike, while the A72 completes 3x the A7's int8 MACs per cycle), so
-    an fp32 coefficient is the inverse of the kernels' efficiency and at least 1, and an int8
-    one may be below 1;
+    and XNNPACK), depthwise convolutions, and element-wise work, for int8 and fp32, each counted
+    in cycles at the core's peak rate for its precision (`cpu.fp32_macs_per_cycle`: a Cortex-A7
+    completes one fp32 multiply-accumulate a cycle, a Cortex-A72 four; `cpu.int8_macs_per_cycle`,
+    by default the class's ratio to the fp32 rate, as one SIMD datapath sets both: XNNPACK's
+    published int8 MobileNets run about 2.5x their fp32 speed on a Cortex-A7, A53 and A72 alike;
+    a Helium Cortex-M's vector unit breaks that ratio, so its profile gives the int8 figure), so
+    each coefficient is the inverse of the kernels' efficiency and at least 1;
   - the bytes it moves over the profile's memory bandwidth.
 The sum is scaled by the kernels' factor (`cpu.kernels`: TFLite Micro's interpreter with
 CMSIS-NN, microTVM's compiled CMSIS-NN calls, LiteRT's built-in kernels, XNNPACK), one
@@ -64,6 +64,10 @@ MAC_TERMS = ("gemm_", "depthwise_")
 # 128-bit NEON FMA a cycle (Cortex-A15/A57/A72, flatlib's vfpbench: 8 single-precision FLOP a cycle), one FPU
 # FMA a cycle on a Cortex-M
 FP32_MACS_PER_CYCLE = {"cortex-m": 1.0, "cortex-a": 4.0}
+# peak int8 multiply-accumulates per cycle over peak fp32 ones when a profile does not give cpu.int8_macs_per_cycle:
+# a Cortex-M's SMLAD does 2 int8 (as int16) MACs a cycle against the FPU's one FMA; a 128-bit NEON SDOT or
+# widening multiply-accumulate pair does 16 against FMLA's 4
+INT8_PER_FP32 = {"cortex-m": 2.0, "cortex-a": 4.0}
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,8 @@ def cpu_features(cost: OpCost, kind: str, is_int8: bool, target: Target, threads
     if cost.macs:
         work = KINDS.get(kind, "elementwise")
         spread = 1 if work == "elementwise" and kernels_of(target) in ONE_THREAD_ELEMENTWISE else threads
-        features[f"{work}_{precision}"] = cost.macs * cycle_ms / spread / fp32_macs_per_cycle(target)
+        rate = int8_macs_per_cycle(target) if is_int8 else fp32_macs_per_cycle(target)
+        features[f"{work}_{precision}"] = cost.macs * cycle_ms / spread / rate
     return features
 
 
@@ -172,6 +177,13 @@ def fp32_macs_per_cycle(target: Target) -> float:
     """One core's peak fp32 multiply-accumulates per cycle: the profile's figure, else its class's default."""
     figure = target.cpu.fp32_macs_per_cycle
     return figure.value if figure else FP32_MACS_PER_CYCLE[CPU_CLASS[target.runtime]]
+
+
+def int8_macs_per_cycle(target: Target) -> float:
+    """One core's peak int8 multiply-accumulates per cycle: the profile's figure, else its class's ratio to the fp32
+    rate."""
+    figure = target.cpu.int8_macs_per_cycle
+    return figure.value if figure else INT8_PER_FP32[CPU_CLASS[target.runtime]] * fp32_macs_per_cycle(target)
 
 
 def edgetpu_features(cost: OpCost, target: Target) -> dict[str, float]:
@@ -243,7 +255,8 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
     band = cpu_class
     method = (f"estimate: per-operator model of the {CPU_CLASS[target.runtime]} class (coefficients fitted on published "
               f"measurements) with the {target.name} profile's clock, {used} thread(s), "
-              f"{fp32_macs_per_cycle(target):g} fp32 MACs per cycle of a core, memory bandwidth and {kernels} kernels")
+              f"{fp32_macs_per_cycle(target):g} fp32 and {int8_macs_per_cycle(target):g} int8 MACs per cycle of a "
+              f"core, memory bandwidth and {kernels} kernels")
     if tpu_class:
         fixed = _priced(fixed_features(target, streamed_bytes, invokes), tpu_class)
         band = tpu_class

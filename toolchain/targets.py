@@ -62,9 +62,13 @@ class Cpu:
     clock_mhz: Rate = spec()
     fp32_macs_per_cycle: Rate | None = spec(None, doc="peak single-precision multiply-accumulates one core completes "
                                             "per cycle (SIMD lanes x FMA pipes: Cortex-A7 1, Cortex-A72 4), from a "
-                                            "datasheet or a measured peak; the latency estimate scales int8 work by it "
-                                            "too (the same SIMD datapath); absent means the class default "
+                                            "datasheet or a measured peak; absent means the class default "
                                             "(edgecc.latency.FP32_MACS_PER_CYCLE)")
+    int8_macs_per_cycle: Rate | None = spec(None, doc="peak int8 multiply-accumulates one core completes per cycle "
+                                            "(a Cortex-M4, M7 or M33's SMLAD 2, a Helium core's 128-bit vector MAC "
+                                            "every 2 cycles 8), from a datasheet or the core's scheduling model; "
+                                            "absent means the class's ratio to the fp32 rate "
+                                            "(edgecc.latency.INT8_PER_FP32) times fp32_macs_per_cycle")
     kernels: str = spec("", choices=("", *KERNELS), doc="the CPU kernel library: tflite-micro (TFLite Micro's "
                         "interpreter with CMSIS-NN), microtvm-cmsis-nn, tflite (LiteRT's built-in kernels) or "
                         "litert-xnnpack; empty means the runtime's usual one (an Edge TPU host: tflite)")
