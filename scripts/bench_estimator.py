@@ -619,7 +619,8 @@ def main() -> None:
         f"{ROBUST['f_scale']:.0%} off and falls beyond, so that one doubtful published figure cannot drag the class's "
         "other rows. Goals (issue 14): median |error| <= 20%, worst <= 50%, band covers >= 80%, per class with >= 5 "
         "rows. The fp32 and int8 work is counted in cycles at each core's peak rate for its precision "
-        f"(`cpu.fp32_macs_per_cycle` and `cpu.int8_macs_per_cycle`, multiply-accumulates per cycle): {peak_rates(rows)}.",
+        "(`cpu.fp32_macs_per_cycle` and `cpu.int8_macs_per_cycle`, multiply-accumulates per cycle): "
+        f"{peak_rates(rows)}.",
         "",
         summary_table(rows, by_model, by_device),
         "",
