@@ -19,6 +19,7 @@ import contextlib
 import functools
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,26 @@ def per_input_ms(runs: dict[str, Callable[[], Any] | None], inputs: int) -> dict
     return {name: min(batches[name]) if name in batches else None for name in runs}
 
 
+def read_file(path: Path) -> bytes:
+    """A file's bytes through the thinnest calls Python has (os.open, os.read, os.close: one system call each)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def least_work(example: str | Path, pre: Preprocessor, log: int) -> Callable[[], None]:
+    """The least any service must do per input besides the interpreter call: take the input in (a text line
+    tokenized with the service's tokenizer; a .npy file's bytes read) and append one JSON record to the log."""
+    take = functools.partial(pre.text, example) if isinstance(example, str) else functools.partial(read_file, example)
+
+    def run() -> None:
+        take()
+        os.write(log, (json.dumps({"id": "r0000001", "class": 3}) + "\n").encode())
+    return run
+
+
 @contextlib.contextmanager
 def service_run(board: ModuleType, folder: Path, column: tuple[str, bool, float], example: str | Path,
                 name: str) -> Iterator[tuple[Any, Any] | None]:
@@ -149,8 +170,9 @@ def measure(folder: Path, inputs: int, before: ModuleType | None) -> dict[str, A
     one model differed by 5% here, more than the service's own work on MiniLM."""
     shutil.copyfile(folder / "model.tflite", folder.parent / f"{folder.name}_baseline.tflite")
     example: str | Path = example_input(folder)
+    pre = Preprocessor(json.loads((folder / "manifest.json").read_text())["preprocessing"])
     if isinstance(example, str):
-        x = Preprocessor(json.loads((folder / "manifest.json").read_text())["preprocessing"]).text(example)
+        x = pre.text(example)
     else:
         x, example = example, folder.parent / f"{folder.name}_in.npy"
         np.save(example, x)
@@ -160,16 +182,19 @@ def measure(folder: Path, inputs: int, before: ModuleType | None) -> dict[str, A
 
     boards = {"now": (serve, NOW), **({"before": (before, BEFORE)} if before else {})}
     with contextlib.ExitStack() as stack:
+        log = os.open(folder / "least.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        stack.callback(os.close, log)
         services = {f"{when}: {label}": stack.enter_context(service_run(board, folder, column, example,
                                                                         f"rollout_{when}_{i}"))
                     for when, (board, columns) in boards.items() for i, (label, column) in enumerate(columns.items())}
         chosen = services[f"now: {CHOSEN}"]
         assert chosen is not None, f"{folder.name}: today's serve.py rejects its own example input"
-        runs: dict[str, Callable[[], Any] | None] = {"bare": functools.partial(chosen[0].candidate.run, q)}
+        runs: dict[str, Callable[[], Any] | None] = {"bare": functools.partial(chosen[0].candidate.run, q),
+                                                     "least": least_work(example, pre, log)}
         runs |= {name: None if s is None else functools.partial(s[0].handle, s[1]) for name, s in services.items()}
         times = per_input_ms(runs, inputs)
     return {"name": folder.name, "input": "text line" if isinstance(example, str) else ".npy file",
-            "bare": times["bare"], "now": {label: times[f"now: {label}"] for label in NOW},
+            "bare": times["bare"], "least": times["least"], "now": {label: times[f"now: {label}"] for label in NOW},
             "before": {label: times[f"before: {label}"] for label in BEFORE} if before else {},
             "rpi4": assess(content, "rpi4", measure_arena=False).latency}
 
@@ -184,18 +209,24 @@ def tables(rows: list[dict[str, Any]], revision: str | None) -> list[str]:
         figures = [*row["before"].values(), *row["now"].values()]
         lines.append(f"| {row['name']} | {row['input']} | {row['bare']:.3f} | "
                      + " | ".join("rejected" if ms is None else f"{ms:.3f}" for ms in figures) + " |")
-    lines += ["", f"| model | overhead per input, now: {CHOSEN} (ms) | against the bare host call | rpi4 estimate of "
-              "the model (ms, band) | overhead against the rpi4 estimate |", "|---|---|---|---|---|"]
+    lines += ["", f"| model | overhead per input, now: {CHOSEN} (ms) | against the bare host call | least work per "
+              "input (ms) | against the bare host call | rpi4 estimate of the model (ms, band) | overhead against the "
+              "rpi4 estimate |", "|---|---|---|---|---|---|---|"]
     for row in rows:
-        overhead, estimate = row["now"][CHOSEN] - row["bare"], row["rpi4"]
-        lines.append(f"| {row['name']} | {overhead:.3f} | {overhead / row['bare']:+.0%} | {estimate.total_ms:.4f} "
-                     f"({estimate.low_ms:.4f}-{estimate.high_ms:.4f}) | {overhead / estimate.total_ms:+.0%} |")
+        overhead, least, estimate = row["now"][CHOSEN] - row["bare"], row["least"], row["rpi4"]
+        lines.append(f"| {row['name']} | {overhead:.3f} | {overhead / row['bare']:+.0%} | {least:.4f} | "
+                     f"{least / row['bare']:+.0%} | {estimate.total_ms:.4f} ({estimate.low_ms:.4f}-"
+                     f"{estimate.high_ms:.4f}) | {overhead / estimate.total_ms:+.0%} |")
     worst = max(row["now"][CHOSEN] - row["bare"] for row in rows)
     under = [row["name"] for row in rows if row["now"][CHOSEN] - row["bare"] < 0.1 * row["bare"]]
+    beyond = [row["name"] for row in rows if row["least"] >= 0.1 * row["bare"]]
     return [*lines, "", f"The issue's target, under 10% of the bare host call with `--fsync interval {INTERVAL_S:g}`, "
                         f"holds for {', '.join(under) if under else 'none of these models'}; on this host it holds for "
                         f"any model whose call takes at least {10 * worst:.1f} ms (ten times the largest overhead "
-                        "above)."]
+                        "above). The least work per input is the least a Python service can do besides the call (`least_work`: "
+                        "take the input in, append one JSON record, through Python's thinnest calls); where it alone "
+                        "is 10% of the bare call or more, no Python service meets the target: "
+                        f"{', '.join(beyond) if beyond else 'none of these models'}."]
 
 
 def main() -> None:
