@@ -223,8 +223,9 @@ def tables(rows: list[dict[str, Any]], revision: str | None) -> list[str]:
     return [*lines, "", f"The issue's target, under 10% of the bare host call with `--fsync interval {INTERVAL_S:g}`, "
                         f"holds for {', '.join(under) if under else 'none of these models'}; on this host it holds for "
                         f"any model whose call takes at least {10 * worst:.1f} ms (ten times the largest overhead "
-                        "above). The least work per input is the least a Python service can do besides the call (`least_work`: "
-                        "take the input in, append one JSON record, through Python's thinnest calls); where it alone "
+                        "above). The least work per input is the least a Python service can do besides the call "
+                        "(`least_work`: take the input in, append one JSON record, through Python's thinnest calls); "
+                        "where it alone "
                         "is 10% of the bare call or more, no Python service meets the target: "
                         f"{', '.join(beyond) if beyond else 'none of these models'}."]
 
