@@ -274,9 +274,10 @@ def tables(rows: list[dict[str, Any]], revision: str | None) -> list[str]:
                         "(`least_work`: take the input in, append one JSON record, through Python's thinnest calls); "
                         "where it alone "
                         "is 10% of the bare call or more, no Python service meets the target: "
-                        f"{', '.join(beyond) if beyond else 'none of these models'}. The C column does the same for a "
-                        "file input in C (NATIVE_LEAST, the system's cc -O2; n/a: a text line, whose tokenizer has no C "
-                        "version here): where it is 10% of the bare call or more, no service that takes its inputs as "
+                        f"{', '.join(beyond) if beyond else 'none of these models'}. The C column does the same "
+                        "for a file input in C (NATIVE_LEAST, the system's cc -O2; n/a: a text line, whose tokenizer "
+                        "has no C version here): where it is 10% of the bare call or more, no service that takes its "
+                        "inputs as "
                         f"files meets the target on this host, in any language: "
                         f"{', '.join(native) if native else 'none of these models'}."]
 
