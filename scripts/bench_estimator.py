@@ -440,9 +440,24 @@ def fits_without(rows: list[Row], key: Callable[[Row], str]) -> dict[str, dict[s
     return {value: fit_all([r for r in rows if key(r) != value]) for value in {key(r) for r in rows}}
 
 
-def held_out(rows: list[Row], fits: dict[str, dict[str, Fit]], key: Callable[[Row], str]) -> dict[int, float]:
-    """Each row's estimate by the fit of `fits_without(rows, key)` that left out every row sharing its key."""
+def fits_without_pair(rows: list[Row]) -> dict[tuple[str, str], dict[str, Fit]]:
+    """For each (model, board) of the rows, the classes fitted on the rows of neither: a new model on a new board."""
+    return {(m, d): fit_all([r for r in rows if r.model != m and r.device != d])
+            for m, d in {(r.model, r.device) for r in rows}}
+
+
+def pair(row: Row) -> tuple[str, str]:
+    return row.model, row.device
+
+
+def held_out(rows: list[Row], fits: dict[Any, dict[str, Fit]], key: Callable[[Row], Any]) -> dict[int, float]:
+    """Each row's estimate by the fit in `fits` (fits_without or fits_without_pair) that left out its key."""
     return {r.index: estimate(r, fits[key(r)]) for r in rows if r.cls in fits[key(r)] and r.cpu_class in fits[key(r)]}
+
+
+def percentile_band(ratios: list[float]) -> tuple[float, float]:
+    """The nearest of `ratios` at or outside their 10th and 90th percentiles, so that the band covers >= 80% of them."""
+    return float(np.percentile(ratios, 10, method="lower")), float(np.percentile(ratios, 90, method="higher"))
 
 
 def summary(rows: list[Row], estimates: dict[int, float]) -> dict[str, dict[str, float]]:
@@ -452,24 +467,34 @@ def summary(rows: list[Row], estimates: dict[int, float]) -> dict[str, dict[str,
         if not ratios:
             continue
         errors = [abs(1 / q - 1) for q in ratios]
-        # the nearest held-out rows at or outside the 10th and 90th percentiles, so that the band covers >= 80% of them
-        low, high = np.percentile(ratios, 10, method="lower"), np.percentile(ratios, 90, method="higher")
+        low, high = percentile_band(ratios)
         out[cls] = {"rows": len(ratios), "median": statistics.median(errors), "worst": max(errors),
-                    "band_low": float(low), "band_high": float(high)}
+                    "band_low": low, "band_high": high}
     return out
 
 
-def write_model(fits: dict[str, Fit], bands: dict[str, dict[str, float]], rows: list[Row]) -> None:
+def write_model(fits: dict[str, Fit], bands: dict[str, dict[str, float]], unseen: dict[str, dict[str, float]],
+                calibrated: dict[str, list[float]], rows: list[Row]) -> None:
     lines = [f"# Written by scripts/bench_estimator.py on {date.today().isoformat()}: per device class, the latency",
              "# estimator's coefficients fitted on every modelled row of benchmarks/latency_measurements.toml,",
-             "# and the band: 10th-90th percentile of published / estimated over the rows held out",
-             "# (leave-one-model-out). Read by edgecc.latency; do not edit by hand.", ""]
+             "# and its bands: 10th-90th percentile of published / estimated over the rows held out one model at a",
+             "# time (band_low, band_high: for the boards with rows, `devices`), with their board and model at once",
+             "# (unseen), and so and then calibrated on 1 or 2 of the board's other models (calibrated). Read by",
+             "# edgecc.latency; do not edit by hand.", ""]
     for cls, band in bands.items():
         lines += [f'[class.{cls}]', f"rows = {band['rows']}", f"band_low = {band['band_low']:.4f}",
                   f"band_high = {band['band_high']:.4f}",
                   f"precisions = {sorted({r.precision for r in rows if r.cls == cls})}".replace("'", '"'),
+                  f"devices = {sorted({r.device for r in rows if r.cls == cls})}".replace("'", '"'),
                   f"coefficients = {_inline(fits[cls].coefficients)}"]
-        lines += [f"kernels = {_inline(fits[cls].kernels)}", ""] if fits[cls].kernels else [""]
+        lines += [f"kernels = {_inline(fits[cls].kernels)}"] if fits[cls].kernels else []
+        if cls in unseen:
+            lines.append(f"unseen = {{ low = {unseen[cls]['band_low']:.4f}, high = {unseen[cls]['band_high']:.4f}, "
+                         f"count = {unseen[cls]['rows']} }}")
+        if calibrated.get(cls):
+            low, high = percentile_band(calibrated[cls])
+            lines.append(f"calibrated = {{ low = {low:.4f}, high = {high:.4f}, count = {len(calibrated[cls])} }}")
+        lines.append("")
     MODEL_FILE.write_text("\n".join(lines))
 
 
@@ -491,51 +516,80 @@ def table(rows: list[Row], by_model: dict[int, float], by_device: dict[int, floa
     return "\n".join(lines)
 
 
-def summary_table(rows: list[Row], by_model: dict[int, float], by_device: dict[int, float]) -> str:
-    model_stats, device_stats = summary(rows, by_model), summary(rows, by_device)
+def summary_table(rows: list[Row], by_model: dict[int, float], by_device: dict[int, float], by_pair: dict[int, float],
+                  calibrated: dict[str, list[float]]) -> str:
+    model_stats, device_stats, pair_stats = summary(rows, by_model), summary(rows, by_device), summary(rows, by_pair)
     lines = ["| class | rows | boards | median abs error | worst | band (published / estimate) | band covers | "
-             "leave-device-out median / worst |", "|---|---|---|---|---|---|---|---|"]
+             "leave-device-out median / worst | band on a board without rows (board and model held out) | band "
+             "after calibrating on 1 or 2 models |", "|---|---|---|---|---|---|---|---|---|---|"]
     for cls, s in model_stats.items():
         mine = [r for r in rows if r.cls == cls]
         covered = sum(s["band_low"] <= r.published_ms / by_model[r.index] <= s["band_high"] for r in mine)
         d = device_stats.get(cls)
-        lodo = f"{d['median']:.0%} / {d['worst']:.0%}" if d and len({r.device for r in mine}) > 1 else "one board"
+        several = d and len({r.device for r in mine}) > 1
+        lodo = f"{d['median']:.0%} / {d['worst']:.0%}" if several else "one board"
+        p = pair_stats.get(cls)
+        unseen = f"{p['band_low']:.2f}-{p['band_high']:.2f}" if several and p else "one board"
+        after = "{:.2f}-{:.2f}".format(*percentile_band(calibrated[cls])) if calibrated.get(cls) else "-"
         lines.append(f"| {cls} | {s['rows']} | {len({r.device for r in mine})} | {s['median']:.0%} | {s['worst']:.0%} | "
-                     f"{s['band_low']:.2f}-{s['band_high']:.2f} | {covered}/{len(mine)} | {lodo} |")
+                     f"{s['band_low']:.2f}-{s['band_high']:.2f} | {covered}/{len(mine)} | {lodo} | {unseen} | "
+                     f"{after} |")
     return "\n".join(lines)
 
 
-def calibration_table(rows: list[Row], device_fits: dict[str, dict[str, Fit]]) -> str:
-    """`edgecc targets calibrate` on a board the estimator has not seen: from its leave-one-device-out estimates,
-    the factors from 1 or 2 of the board's models (every choice; edgecc.calibrate.calibration_factors: one factor, or
-    from 2 models a factor on the MAC terms and one on the rest), and the error on its other models.
+def calibrations(rows: list[Row], pair_fits: dict[tuple[str, str], dict[str, Fit]]) -> dict[
+        tuple[str, str, str], list[list[tuple[Row, float]]]]:
+    """`edgecc targets calibrate` on a board and a model the estimator has not seen: per setup (board, runtime build,
+    precision) with at least 3 models, each model's published / estimated ratio by the fit without its board and its
+    model (fits_without_pair), uncalibrated, then calibrated on 1 and on 2 of the board's other models (every choice,
+    estimated by the same fit; edgecc.calibrate.calibration_factors: one factor, or from 2 models a factor on the MAC
+    terms and one on the rest).
 
     A calibration's records and the models it is judged on share one setup, as `edgecc bench` records made on the
     user's board do: the same runtime build (the rows' runtime_version) and precision. Rows of one board from sources
     years apart ran other builds (XNNPACK's README gives rpi2's fp32 MobileNet v1 341 ms in 2020, 302 ms in 2022)."""
-    lines = ["| board | class | runtime build | precision | models | uncalibrated median / worst | "
-             "calibrated on 1: median / worst | calibrated on 2: median / worst |", "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str, str], list[Row]] = {}
     for r in rows:
-        if r.cls != "edgetpu" and r.cls in device_fits[r.device]:
+        if r.cls != "edgetpu" and r.cls in pair_fits[pair(r)]:
             groups.setdefault((r.device, r.setup, r.precision), []).append(r)
-    for (device, setup, precision), mine in sorted(groups.items()):
+    out = {}
+    for key, mine in sorted(groups.items()):
         if len(mine) < 3:
             continue
-        fits = device_fits[device]
-        est = {r.index: (_cpu_ms(r, fits), _cpu_ms(r, fits, macs_only=True)) for r in mine}
-        cells = [[abs(est[r.index][0] / r.published_ms - 1) for r in mine]]
-        for k in (1, 2):
-            errors = []
-            for chosen in itertools.combinations(mine, k):
-                factors = calibration_factors([r.published_ms for r in chosen], *zip(*(est[r.index] for r in chosen)))
-                errors += [abs(calibrated_ms(*est[r.index], factors) / r.published_ms - 1) for r in mine
-                           if r not in chosen]
-            cells.append(errors)
-        build = f"{mine[0].runtime}: {setup.split(' (')[0]}"
-        lines.append(f"| {device} | {mine[0].cls} | {build} | {precision} | {len(mine)} | "
-                     + " | ".join(f"{statistics.median(e):.0%} / {max(e):.0%}" for e in cells) + " |")
+        runs: list[list[tuple[Row, float]]] = [[], [], []]
+        for judged in mine:
+            fits = pair_fits[pair(judged)]
+            est = {r.index: (_cpu_ms(r, fits), _cpu_ms(r, fits, macs_only=True)) for r in mine}
+            others = [r for r in mine if r is not judged]
+            for k in (0, 1, 2):
+                for chosen in itertools.combinations(others, k):
+                    factors = (calibration_factors([r.published_ms for r in chosen],
+                                                   *zip(*(est[r.index] for r in chosen))) if chosen else (1.0, None))
+                    runs[k].append((judged, judged.published_ms / calibrated_ms(*est[judged.index], factors)))
+        out[key] = runs
+    return out
+
+
+def calibration_table(runs: dict[tuple[str, str, str], list[list[tuple[Row, float]]]]) -> str:
+    """Per setup, the median and worst error of its models uncalibrated and calibrated on 1 and on 2 (calibrations)."""
+    lines = ["| board | class | runtime build | precision | models | uncalibrated median / worst | "
+             "calibrated on 1: median / worst | calibrated on 2: median / worst |", "|---|---|---|---|---|---|---|---|"]
+    for (device, setup, precision), cells in runs.items():
+        mine = cells[0]  # one ratio per model
+        errors = [[abs(1 / q - 1) for _, q in cell] for cell in cells]
+        build = f"{mine[0][0].runtime}: {setup.split(' (')[0]}"
+        lines.append(f"| {device} | {mine[0][0].cls} | {build} | {precision} | {len(mine)} | "
+                     + " | ".join(f"{statistics.median(e):.0%} / {max(e):.0%}" for e in errors) + " |")
     return "\n".join(lines)
+
+
+def calibrated_ratios(runs: dict[tuple[str, str, str], list[list[tuple[Row, float]]]]) -> dict[str, list[float]]:
+    """Per class, the published / estimated ratios of every board's models after calibrating on 1 or 2 others."""
+    out: dict[str, list[float]] = {}
+    for cells in runs.values():
+        for row, q in cells[1] + cells[2]:
+            out.setdefault(row.cls, []).append(q)
+    return out
 
 
 def peak_rates(rows: list[Row]) -> str:
@@ -597,11 +651,14 @@ def main() -> None:
     rows = [r for r in featurized if r.published_ms >= r.floor_ms]
     impossible = [r for r in featurized if r.published_ms < r.floor_ms]
     skipped = sorted({(m.runtime, m.device) for m in measurements if m.runtime not in MODELLED})
-    device_fits = fits_without(rows, lambda r: r.device)
     by_model = held_out(rows, fits_without(rows, lambda r: r.model), lambda r: r.model)
-    by_device = held_out(rows, device_fits, lambda r: r.device)
+    by_device = held_out(rows, fits_without(rows, lambda r: r.device), lambda r: r.device)
+    pair_fits = fits_without_pair(rows)
+    by_pair = held_out(rows, pair_fits, pair)
     bands = summary(rows, by_model)
-    write_model(fit_all(rows), bands, rows)
+    runs = calibrations(rows, pair_fits)
+    calibrated = calibrated_ratios(runs)
+    write_model(fit_all(rows), bands, summary(rows, by_pair), calibrated, rows)
     body = "\n".join([
         "## Latency estimator against published measurements",
         "",
@@ -613,7 +670,10 @@ def main() -> None:
         "out: the class's coefficients are fitted without any row of the same model (leave-one-model-out); the "
         "last column fits them without any row of the same device instead. The band is the 10th-90th percentile of the "
         "leave-one-model-out ratio published / estimated per class, stored in `toolchain/latency_model.toml` "
-        "(fitted on all rows) and used by `edgecc check`. The fit, one rule for every class: the coefficients (each "
+        "(fitted on all rows) and used by `edgecc check` on the boards with rows; on a board without (a user's own "
+        "profile, or a built-in one no row is of) check uses the band of the rows held out with their board and their "
+        "model at once (a new model on a new board), and on a profile `edgecc targets calibrate` wrote, the band after "
+        "calibration (below). The fit, one rule for every class: the coefficients (each "
         f"within its physical range) minimise the {ROBUST['loss']} loss of log(estimate / published) with f_scale "
         f"{ROBUST['f_scale']} (scipy's least_squares), under which a row's pull is largest at about "
         f"{ROBUST['f_scale']:.0%} off and falls beyond, so that one doubtful published figure cannot drag the class's "
@@ -622,7 +682,7 @@ def main() -> None:
         "(`cpu.fp32_macs_per_cycle` and `cpu.int8_macs_per_cycle`, multiply-accumulates per cycle): "
         f"{peak_rates(rows)}.",
         "",
-        summary_table(rows, by_model, by_device),
+        summary_table(rows, by_model, by_device, by_pair, calibrated),
         "",
         f"Held-out rows beyond the worst-error goal (50%): {beyond_goal(rows, by_model)}.",
         "",
@@ -640,13 +700,14 @@ def main() -> None:
         "Calibration (`edgecc targets calibrate REC MODEL [REC MODEL ...]`: from one model one factor, measured over "
         "estimated; from two whose share of multiply-accumulate work differs, a factor on the MAC terms and one on the "
         f"rest, unless they come out more than {MAX_SPLIT:g}x apart or not positive, when the geometric mean of the "
-        "two ratios stands) on a board the estimator has not seen: each board's estimates are its "
-        "leave-one-device-out ones; the factors come from 1 or 2 of its models (every choice) and the error is "
-        "measured on its other models of the same setup, as `edgecc bench` records made on a user's board would be: "
-        "the same runtime build and precision (setups with at least 3 models). Goal (issue 14): median <= 10% from "
-        "2 records.",
+        "two ratios stands) on a board and a model the estimator has not seen: each model's estimate comes from the "
+        "fit without its board and without its model, and the factors from 1 or 2 of the board's other models of the "
+        "same setup (every choice, estimated by the same fit), as `edgecc bench` records made on a user's board would "
+        "be: the same runtime build and precision (setups with at least 3 models). The 10th-90th percentile of the "
+        "calibrated ratios, on 1 and 2 models pooled per class, is the band check gives a calibrated profile. Goal "
+        "(issue 14): median <= 10% from 2 records.",
         "",
-        calibration_table(rows, device_fits),
+        calibration_table(runs),
         "",
         table(rows, by_model, by_device, bands),
     ])

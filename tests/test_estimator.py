@@ -102,6 +102,28 @@ def test_the_band_check_reports_is_the_one_the_bench_stored() -> None:
         assert stored[cls].band_low < 1 < stored[cls].band_high
 
 
+def test_the_band_follows_what_the_estimator_has_seen_of_the_board() -> None:
+    """The bands as the bench stored them (read here with tomllib, not edgecc's reader): rpi4 has published rows, so
+    its estimate gets the band of the rows held out with their model; rpi5 has none, so the band of the rows held out
+    with their board and model at once; a profile `edgecc targets calibrate` wrote (it carries cpu.latency_scale), the
+    band after calibration, whatever board it is of."""
+    import tomllib
+
+    stored = tomllib.loads(MODEL_FILE.read_text(encoding="utf-8"))["class"]["cortex-a"]
+    assert "rpi4" in stored["devices"] and "rpi5" not in stored["devices"]
+    rpi4 = load_target("rpi4")
+    scaled = dataclasses.replace(rpi4.cpu, latency_scale=Figure(1.5, "test"))
+    calibrated = dataclasses.replace(rpi4, name="my-pi", cpu=scaled)
+    expected = {"rpi4": (stored["band_low"], stored["band_high"], "each held out with its model"),
+                "rpi5": (stored["unseen"]["low"], stored["unseen"]["high"], "held out with its board"),
+                "my-pi": (stored["calibrated"]["low"], stored["calibrated"]["high"], "calibrated on 1 or 2")}
+    for target in ("rpi4", "rpi5", calibrated):
+        latency = assess(MODEL, target, measure_arena=False).latency
+        low, high, words = expected[target if isinstance(target, str) else target.name]
+        assert (latency.low_ms, latency.high_ms) == pytest.approx((latency.total_ms * low, latency.total_ms * high))
+        assert words in latency.method
+
+
 def test_an_unreadable_model_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "latency_model.toml"
     path.write_text("[class.cortex-m]\nrows = 3\n")
@@ -288,11 +310,15 @@ def test_calibration_is_judged_within_one_setup_of_a_board(estimator: Any) -> No
                           "cortex-a", "cortex-a", "tflite", {"op_cycles": 10.0 * (i + 1)}, {})
             for i, (build, factor, precision) in enumerate([("2020", 2.0, "fp32")] * 4 + [("2022", 1.25, "fp32")] * 4
                                                            + [("2022", 1.25, "int8")] * 2)]
-    fits = {"board": {"cortex-a": estimator.Fit({"op_cycles": 1.0})}}  # the estimate: 10 ms x (index + 1)
-    lines = estimator.calibration_table(rows, fits).splitlines()[2:]
+    fit = {"cortex-a": estimator.Fit({"op_cycles": 1.0})}  # the estimate: 10 ms x (index + 1)
+    runs = estimator.calibrations(rows, {estimator.pair(r): fit for r in rows})
+    lines = estimator.calibration_table(runs).splitlines()[2:]
     assert [line.split(" | ")[2:6] for line in lines] == [["tflite: 2020", "fp32", "4", "50% / 50%"],
                                                           ["tflite: 2022", "fp32", "4", "20% / 20%"]]
     assert all(line.endswith("| 0% / 0% | 0% / 0% |") for line in lines)
+    calibrated = estimator.calibrated_ratios(runs)  # the band after calibration: every other model exact
+    assert list(calibrated) == ["cortex-a"] and len(calibrated["cortex-a"]) == 2 * (4 * 3 + 6 * 2)
+    assert calibrated["cortex-a"] == pytest.approx([1.0] * 48)
 
 
 def test_a_lookup_moves_the_rows_it_gathers_not_its_whole_table() -> None:

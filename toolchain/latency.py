@@ -24,8 +24,9 @@ its bytes at the link's bandwidth; the rest runs on the host CPU.
 The coefficients, each within a physically sensible range, and the error band of each
 class are fitted and measured by scripts/bench_estimator.py on published measurements
 (benchmarks/latency_measurements.toml) and stored in latency_model.toml beside this
-module: the band is the 10th-90th percentile of the estimator's held-out error
-(leave-one-model-out) for that class.
+module: a band is the 10th-90th percentile of the estimator's held-out error for that class,
+held out one model at a time for a board with published rows, one board at a time for a board
+without, and after calibration for a calibrated profile (ClassModel).
 """
 
 from __future__ import annotations
@@ -110,15 +111,32 @@ def load_measurements(path: Path) -> tuple[Measurement, ...]:
 
 
 @dataclass(frozen=True)
+class Band:
+    """Published over estimated: its 10th and 90th percentiles over `count` held-out estimates."""
+
+    low: float
+    high: float
+    count: int
+
+
+@dataclass(frozen=True)
 class ClassModel:
-    """One device class's fitted coefficients and held-out error band."""
+    """One device class's fitted coefficients and held-out error bands.
+
+    Which band an estimate gets depends on what the estimator has seen of the board: the band of the rows held out
+    one model at a time for a board with published rows (`devices`), the wider one of the rows held out one board at a
+    time for a board it has none of (a user's own profile, or a built-in one without rows), and for a profile
+    `edgecc targets calibrate` wrote, the band of boards held out and then calibrated on 1 or 2 of their models."""
 
     coefficients: dict[str, float]
     kernels: dict[str, float]  # each kernel library's factor on the CPU terms; absent means 1 (the reference library)
-    band_low: float  # published over estimated, 10th percentile of the held-out rows
+    band_low: float  # published over estimated, 10th percentile of the rows held out one model at a time
     band_high: float  # and the 90th
     rows: int  # held-out rows the band comes from
     precisions: tuple[str, ...] = ("int8", "fp32")  # of those rows: a term of another precision is a prior, not a fit
+    devices: tuple[str, ...] = ()  # the boards with rows
+    unseen: Band | None = None  # over the rows held out one board at a time
+    calibrated: Band | None = None  # over the boards held out, each calibrated on 1 or 2 of its models
 
 
 @dataclass(frozen=True)
@@ -149,10 +167,27 @@ def read_models(path: Path = MODEL_FILE) -> dict[str, ClassModel]:
         return {name: ClassModel({k: float(v) for k, v in c["coefficients"].items()},
                                  {k: float(v) for k, v in c.get("kernels", {}).items()},
                                  float(c["band_low"]), float(c["band_high"]), int(c["rows"]),
-                                 tuple(str(p) for p in c["precisions"]))
+                                 tuple(str(p) for p in c["precisions"]), tuple(str(d) for d in c.get("devices", ())),
+                                 _band(c["unseen"]) if "unseen" in c else None,
+                                 _band(c["calibrated"]) if "calibrated" in c else None)
                 for name, c in data["class"].items()}
     except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as err:
         raise EdgeccError(f"{path}: the latency model cannot be read ({err}); rerun scripts/bench_estimator.py") from None
+
+
+def _band(table: dict[str, object]) -> Band:
+    return Band(float(table["low"]), float(table["high"]), int(table["count"]))  # type: ignore[arg-type]
+
+
+def band_for(model: ClassModel, target: Target) -> tuple[float, float, str]:
+    """The band of `model` an estimate on `target` gets (see ClassModel), and what it was measured on."""
+    if target.cpu.latency_scale and model.calibrated:
+        return (model.calibrated.low, model.calibrated.high, f"{model.calibrated.count} estimates on boards held out "
+                "and calibrated on 1 or 2 of their models, as this profile was")
+    if target.name in model.devices or model.unseen is None:
+        return model.band_low, model.band_high, f"{model.rows} published rows, each held out with its model"
+    return (model.unseen.low, model.unseen.high, f"{model.unseen.count} published rows, each held out with its board, "
+            f"as no published row is of {target.name}")
 
 
 @cache
@@ -252,19 +287,20 @@ def estimate_latency(graph: Graph, costs: list[OpCost], target: Target,
             cpu_precisions.add("int8" if is_int8 else "fp32")
         ops.append(OpEstimate(index, op.kind, cost.macs, cost.bytes_moved, unit, ms))
     fixed = 0.0
-    band = cpu_class
+    band_class = cpu_class
     method = (f"estimate: per-operator model of the {CPU_CLASS[target.runtime]} class (coefficients fitted on published "
               f"measurements) with the {target.name} profile's clock, {used} thread(s), "
               f"{fp32_macs_per_cycle(target):g} fp32 and {int8_macs_per_cycle(target):g} int8 MACs per cycle of a "
               f"core, memory bandwidth and {kernels} kernels")
     if tpu_class:
         fixed = _priced(fixed_features(target, streamed_bytes, invokes), tpu_class)
-        band = tpu_class
+        band_class = tpu_class
         method += "; Edge TPU part at the accelerator's peak rate, invoke and host-link costs fitted on Coral's figures"
     total = fixed + sum(o.ms for o in ops)
-    method += f"; band: 10th-90th percentile of the class's held-out error over {band.rows} published rows"
+    low, high, measured_on = band_for(band_class, target)
+    method += f"; band: 10th-90th percentile of the class's held-out error over {measured_on}"
     if unfitted := sorted(cpu_precisions - set(cpu_class.precisions)):
         method += (f"; its {' and '.join(unfitted)} operators are priced at the {CPU_CLASS[target.runtime]} class's "
                    f"prior rates: no published {' or '.join(unfitted)} measurement of the class fits them, so the "
                    "band does not cover them")
-    return LatencyEstimate(total, total * band.band_low, total * band.band_high, fixed, tuple(ops), method, mac_ms)
+    return LatencyEstimate(total, total * low, total * high, fixed, tuple(ops), method, mac_ms)
