@@ -186,8 +186,8 @@ def band_for(model: ClassModel, target: Target) -> tuple[float, float, str]:
                 "and calibrated on 1 or 2 of their models, as this profile was")
     if target.name in model.devices or model.unseen is None:
         return model.band_low, model.band_high, f"{model.rows} published rows, each held out with its model"
-    return (model.unseen.low, model.unseen.high, f"{model.unseen.count} published rows, each held out with its board, "
-            f"as no published row is of {target.name}")
+    return (model.unseen.low, model.unseen.high, f"{model.unseen.count} published rows, each held out with its board "
+            f"and its model, as no published row is of {target.name}")
 
 
 @cache
