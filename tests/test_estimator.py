@@ -303,6 +303,23 @@ def test_coefficients_and_a_kernel_librarys_factor_are_fitted_at_once(estimator:
     assert max(abs(estimator.estimate(r, {"cortex-m": fit}) / r.published_ms - 1) for r in rows) < 0.02
 
 
+def test_a_new_model_on_a_new_board_is_estimated_by_a_fit_on_rows_of_neither(estimator: Any) -> None:
+    """The band of a board without rows comes from estimates whose fit saw neither the row's board nor its model:
+    twelve rows over three boards (each its own speed) and four models, each estimate equal to the one of a fit on
+    exactly the rows of another board and another model, and different from the fit that leaves out the board only."""
+    speed = {"board0": 1.0, "board1": 1.5, "board2": 0.7}
+    rows = [dataclasses.replace(r, device=f"board{r.index % 3}", model=f"model{r.index % 4}",
+                                published_ms=r.published_ms * speed[f"board{r.index % 3}"])
+            for r in _synthetic_rows(estimator, "cortex-m", {"op_cycles": 2000, "gemm_int8": 3}, outlier=-1, off_by=1)]
+    by_pair = estimator.held_out(rows, estimator.fits_without_pair(rows), estimator.pair)
+    by_device = estimator.held_out(rows, estimator.fits_without(rows, lambda r: r.device), lambda r: r.device)
+    assert sorted(by_pair) == [r.index for r in rows]
+    for r in rows:
+        neither = estimator.fit_all([x for x in rows if x.model != r.model and x.device != r.device])
+        assert by_pair[r.index] == pytest.approx(estimator.estimate(r, neither))
+    assert any(by_pair[r.index] != pytest.approx(by_device[r.index]) for r in rows)
+
+
 def test_calibration_is_judged_within_one_setup_of_a_board(estimator: Any) -> None:
     """A board's rows from two runtime builds, one twice as slow, each off the estimate by its own factor: calibrated
     on records of the same build, the other models of that build come out exact; builds and precisions never mix."""
