@@ -25,8 +25,8 @@ The coefficients, each within a physically sensible range, and the error band of
 class are fitted and measured by scripts/bench_estimator.py on published measurements
 (benchmarks/latency_measurements.toml) and stored in latency_model.toml beside this
 module: a band is the 10th-90th percentile of the estimator's held-out error for that class,
-held out one model at a time for a board with published rows, one board at a time for a board
-without, and after calibration for a calibrated profile (ClassModel).
+held out one model at a time for a board with published rows, with their board and model at
+once for a board without, and after calibration for a calibrated profile (ClassModel).
 """
 
 from __future__ import annotations
@@ -124,9 +124,10 @@ class ClassModel:
     """One device class's fitted coefficients and held-out error bands.
 
     Which band an estimate gets depends on what the estimator has seen of the board: the band of the rows held out
-    one model at a time for a board with published rows (`devices`), the wider one of the rows held out one board at a
-    time for a board it has none of (a user's own profile, or a built-in one without rows), and for a profile
-    `edgecc targets calibrate` wrote, the band of boards held out and then calibrated on 1 or 2 of their models."""
+    one model at a time for a board with published rows (`devices`), the wider one of the rows held out with their
+    board and their model at once for a board it has none of (a user's own profile, or a built-in one without rows),
+    and for a profile `edgecc targets calibrate` wrote, the band of those rows after calibrating on 1 or 2 of the
+    board's other models."""
 
     coefficients: dict[str, float]
     kernels: dict[str, float]  # each kernel library's factor on the CPU terms; absent means 1 (the reference library)
@@ -135,8 +136,8 @@ class ClassModel:
     rows: int  # held-out rows the band comes from
     precisions: tuple[str, ...] = ("int8", "fp32")  # of those rows: a term of another precision is a prior, not a fit
     devices: tuple[str, ...] = ()  # the boards with rows
-    unseen: Band | None = None  # over the rows held out one board at a time
-    calibrated: Band | None = None  # over the boards held out, each calibrated on 1 or 2 of its models
+    unseen: Band | None = None  # over the rows held out with their board and their model at once
+    calibrated: Band | None = None  # the same after calibrating on 1 or 2 of the board's other models
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,8 @@ def read_models(path: Path = MODEL_FILE) -> dict[str, ClassModel]:
         raise EdgeccError(f"{path}: the latency model cannot be read ({err}); rerun scripts/bench_estimator.py") from None
 
 
-def _band(table: dict[str, object]) -> Band:
-    return Band(float(table["low"]), float(table["high"]), int(table["count"]))  # type: ignore[arg-type]
+def _band(table: dict[str, float]) -> Band:
+    return Band(float(table["low"]), float(table["high"]), int(table["count"]))
 
 
 def band_for(model: ClassModel, target: Target) -> tuple[float, float, str]:
