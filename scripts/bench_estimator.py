@@ -43,17 +43,19 @@ CPU_FEATURES = ("op_cycles", "bytes", *(f"{k}_{p}" for p in ("int8", "fp32") for
 TPU_FEATURES = ("tpu_op_us", "tpu_macs", "invoke_ms", "link")
 UNIT = ClassModel({}, {}, 1.0, 1.0, 0)
 # Physically sensible range of each coefficient, so that the fit cannot trade one term for another: CPU work
-# terms are cycles per operator, per MAC on one thread, per element; bytes and the host link are multiples
-# of the profile's bandwidth; tpu_macs a multiple of the time at peak rate (>= 1), tpu_op_us microseconds.
+# terms are cycles per operator, per MAC on one thread at the core's peak rate for the MAC's precision
+# (cpu.fp32_macs_per_cycle, cpu.int8_macs_per_cycle: each coefficient at least 1), per element; bytes and the host
+# link are multiples of the profile's bandwidth; tpu_macs a multiple of the time at peak rate (>= 1), tpu_op_us
+# microseconds. Cortex-M4/M7/M33 with the DSP extension: SMLAD is 2 int8 MACs a cycle, and SXTB16 unpacking and
+# loads make ~1 cycle a MAC the floor of an int8 GEMM, scalar C 4-10. NEON: 4 fp32 or 16 int8 MACs per
+# instruction; thread dispatch is tens of microseconds.
 BOUNDS: dict[str, dict[str, tuple[float, float]]] = {
-    "cortex-m": {  # Cortex-M4/M7/M33 with the DSP extension: SMLAD is 2 MACs a cycle, SXTB16 unpacking and
-        "op_cycles": (100, 20_000),  # loads make ~1 cycle/MAC the floor of an int8 GEMM; scalar C is 4-10
-        "gemm_int8": (2, 16), "depthwise_int8": (2, 32), "elementwise_int8": (4, 100),  # MAC terms are multiples of
-        "gemm_fp32": (2, 20), "depthwise_fp32": (2, 40), "elementwise_fp32": (2, 50), "bytes": (0, 2)},  # the peak
-    "cortex-a": {  # NEON: 4 fp32 or 8-16 int8 MACs per instruction; thread dispatch is tens of microseconds; the
-        "op_cycles": (1_000, 200_000),  # MAC terms are multiples of the core's peak rate for their precision
-        "gemm_int8": (1, 32), "depthwise_int8": (1, 128), "elementwise_int8": (2, 320),  # (cpu.fp32_macs_per_cycle,
-        "gemm_fp32": (1, 12), "depthwise_fp32": (1, 40), "elementwise_fp32": (1, 80), "bytes": (0.3, 5)},  # int8_...)
+    "cortex-m": {"op_cycles": (100, 20_000), "bytes": (0, 2),
+                 "gemm_int8": (2, 16), "depthwise_int8": (2, 32), "elementwise_int8": (4, 100),
+                 "gemm_fp32": (2, 20), "depthwise_fp32": (2, 40), "elementwise_fp32": (2, 50)},
+    "cortex-a": {"op_cycles": (1_000, 200_000), "bytes": (0.3, 5),
+                 "gemm_int8": (1, 32), "depthwise_int8": (1, 128), "elementwise_int8": (2, 320),
+                 "gemm_fp32": (1, 12), "depthwise_fp32": (1, 40), "elementwise_fp32": (1, 80)},
     "edgetpu": {"tpu_op_us": (0, 100), "tpu_macs": (1, 10), "invoke_ms": (0.1, 5), "link": (0.7, 2)},
 }
 KERNEL_BOUNDS = (0.2, 5.0)  # a kernel library's factor against the class's reference one
@@ -479,7 +481,7 @@ def write_model(fits: dict[str, Fit], bands: dict[str, dict[str, float]], unseen
              "# estimator's coefficients fitted on every modelled row of benchmarks/latency_measurements.toml,",
              "# and its bands: 10th-90th percentile of published / estimated over the rows held out one model at a",
              "# time (band_low, band_high: for the boards with rows, `devices`), with their board and model at once",
-             "# (unseen), and so and then calibrated on 1 or 2 of the board's other models (calibrated). Read by",
+             "# (unseen), and those after calibrating on 1 or 2 of the board's other models (calibrated). Read by",
              "# edgecc.latency; do not edit by hand.", ""]
     for cls, band in bands.items():
         lines += [f'[class.{cls}]', f"rows = {band['rows']}", f"band_low = {band['band_low']:.4f}",
