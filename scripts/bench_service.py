@@ -159,8 +159,9 @@ int main(int argc, char **argv) {
     int fd = open(argv[1], O_RDONLY);
     ssize_t got = read(fd, data, sizeof data);
     close(fd);
+    if (got <= 0) return 1;
     int len = snprintf(line, sizeof line, "{\"id\":\"r%07d\",\"class\":%d}\n", i, data[got - 1] & 3);
-    if (got <= 0 || write(log, line, len) != len) return 1;
+    if (write(log, line, len) != len) return 1;
   }
   clock_gettime(CLOCK_MONOTONIC, &b);
   printf("%.3f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / 1e3 / n);
