@@ -476,7 +476,7 @@ def summary(rows: list[Row], estimates: dict[int, float]) -> dict[str, dict[str,
 
 
 def write_model(fits: dict[str, Fit], bands: dict[str, dict[str, float]], unseen: dict[str, dict[str, float]],
-                calibrated: dict[str, list[float]], rows: list[Row]) -> None:
+                calibrated: dict[str, tuple[float, float, int]], rows: list[Row]) -> None:
     lines = [f"# Written by scripts/bench_estimator.py on {date.today().isoformat()}: per device class, the latency",
              "# estimator's coefficients fitted on every modelled row of benchmarks/latency_measurements.toml,",
              "# and its bands: 10th-90th percentile of published / estimated over the rows held out one model at a",
@@ -493,9 +493,9 @@ def write_model(fits: dict[str, Fit], bands: dict[str, dict[str, float]], unseen
         if cls in unseen:
             lines.append(f"unseen = {{ low = {unseen[cls]['band_low']:.4f}, high = {unseen[cls]['band_high']:.4f}, "
                          f"count = {unseen[cls]['rows']} }}")
-        if calibrated.get(cls):
-            low, high = percentile_band(calibrated[cls])
-            lines.append(f"calibrated = {{ low = {low:.4f}, high = {high:.4f}, count = {len(calibrated[cls])} }}")
+        if cls in calibrated:
+            low, high, count = calibrated[cls]
+            lines.append(f"calibrated = {{ low = {low:.4f}, high = {high:.4f}, count = {count} }}")
         lines.append("")
     MODEL_FILE.write_text("\n".join(lines))
 
@@ -518,9 +518,11 @@ def table(rows: list[Row], by_model: dict[int, float], by_device: dict[int, floa
     return "\n".join(lines)
 
 
-def summary_table(rows: list[Row], by_model: dict[int, float], by_device: dict[int, float], by_pair: dict[int, float],
-                  calibrated: dict[str, list[float]]) -> str:
-    model_stats, device_stats, pair_stats = summary(rows, by_model), summary(rows, by_device), summary(rows, by_pair)
+def summary_table(rows: list[Row], by_model: dict[int, float], model_stats: dict[str, dict[str, float]],
+                  device_stats: dict[str, dict[str, float]], pair_stats: dict[str, dict[str, float]],
+                  calibrated: dict[str, tuple[float, float, int]]) -> str:
+    """Per class, the summary of each held-out estimate (summary: by model, by device, by model and device at once)
+    and the band after calibration (calibrated_bands)."""
     lines = ["| class | rows | boards | median abs error | worst | band (published / estimate) | band covers | "
              "leave-device-out median / worst | band on a board without rows (board and model held out) | band "
              "after calibrating on 1 or 2 models |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -532,7 +534,7 @@ def summary_table(rows: list[Row], by_model: dict[int, float], by_device: dict[i
         lodo = f"{d['median']:.0%} / {d['worst']:.0%}" if several else "one board"
         p = pair_stats.get(cls)
         unseen = f"{p['band_low']:.2f}-{p['band_high']:.2f}" if several and p else "one board"
-        after = "{:.2f}-{:.2f}".format(*percentile_band(calibrated[cls])) if calibrated.get(cls) else "-"
+        after = "{:.2f}-{:.2f}".format(*calibrated[cls][:2]) if cls in calibrated else "-"
         lines.append(f"| {cls} | {s['rows']} | {len({r.device for r in mine})} | {s['median']:.0%} | {s['worst']:.0%} | "
                      f"{s['band_low']:.2f}-{s['band_high']:.2f} | {covered}/{len(mine)} | {lodo} | {unseen} | "
                      f"{after} |")
@@ -592,6 +594,12 @@ def calibrated_ratios(runs: dict[tuple[str, str, str], list[list[tuple[Row, floa
         for row, q in cells[1] + cells[2]:
             out.setdefault(row.cls, []).append(q)
     return out
+
+
+def calibrated_bands(runs: dict[tuple[str, str, str], list[list[tuple[Row, float]]]]) -> dict[
+        str, tuple[float, float, int]]:
+    """Per class, the band after calibration (percentile_band of calibrated_ratios) and how many ratios it is of."""
+    return {cls: (*percentile_band(ratios), len(ratios)) for cls, ratios in calibrated_ratios(runs).items()}
 
 
 def peak_rates(rows: list[Row]) -> str:
@@ -657,10 +665,10 @@ def main() -> None:
     by_device = held_out(rows, fits_without(rows, lambda r: r.device), lambda r: r.device)
     pair_fits = fits_without_pair(rows)
     by_pair = held_out(rows, pair_fits, pair)
-    bands = summary(rows, by_model)
+    bands, pair_stats = summary(rows, by_model), summary(rows, by_pair)
     runs = calibrations(rows, pair_fits)
-    calibrated = calibrated_ratios(runs)
-    write_model(fit_all(rows), bands, summary(rows, by_pair), calibrated, rows)
+    calibrated = calibrated_bands(runs)
+    write_model(fit_all(rows), bands, pair_stats, calibrated, rows)
     body = "\n".join([
         "## Latency estimator against published measurements",
         "",
@@ -684,7 +692,7 @@ def main() -> None:
         "(`cpu.fp32_macs_per_cycle` and `cpu.int8_macs_per_cycle`, multiply-accumulates per cycle): "
         f"{peak_rates(rows)}.",
         "",
-        summary_table(rows, by_model, by_device, by_pair, calibrated),
+        summary_table(rows, by_model, bands, summary(rows, by_device), pair_stats, calibrated),
         "",
         f"Held-out rows beyond the worst-error goal (50%): {beyond_goal(rows, by_model)}.",
         "",
