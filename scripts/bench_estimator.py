@@ -31,7 +31,7 @@ from scipy.optimize import least_squares
 from edgecc.calibrate import MAX_SPLIT, calibrated_ms, calibration_factors
 from edgecc.check import assess, crossing_bytes
 from edgecc.cost import op_costs
-from edgecc.latency import (CPU_CLASS, MAC_TERMS, MODEL_FILE, ClassModel, Measurement, estimate_latency,
+from edgecc.latency import (CPU_CLASS, MAC_TERMS, MODEL_FILE, Band, ClassModel, Measurement, estimate_latency,
                             fp32_macs_per_cycle, int8_macs_per_cycle, kernels_of, load_measurements)
 from edgecc.targets import KERNELS, load_target
 
@@ -41,7 +41,7 @@ DATASET = ROOT / "benchmarks" / "latency_measurements.toml"
 MODELLED = ("tflite-micro", "microtvm-cmsis-nn", "tflite", "litert-xnnpack", "edgetpu")  # CMSIS-NN or TFLite kernels
 CPU_FEATURES = ("op_cycles", "bytes", *(f"{k}_{p}" for p in ("int8", "fp32") for k in ("gemm", "depthwise", "elementwise")))
 TPU_FEATURES = ("tpu_op_us", "tpu_macs", "invoke_ms", "link")
-UNIT = ClassModel({}, {}, 1.0, 1.0, 0)
+UNIT = ClassModel({}, {}, Band(1.0, 1.0, 0))
 # Physically sensible range of each coefficient, so that the fit cannot trade one term for another: CPU work
 # terms are cycles per operator, per MAC on one thread at the core's peak rate for the MAC's precision
 # (cpu.fp32_macs_per_cycle, cpu.int8_macs_per_cycle: each coefficient at least 1), per element; bytes and the host

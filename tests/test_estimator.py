@@ -97,9 +97,9 @@ def test_the_band_check_reports_is_the_one_the_bench_stored() -> None:
     assert stored == class_models() and {"cortex-m", "cortex-a", "edgetpu"} <= set(stored)
     for name, cls in (("stm32l4r5", "cortex-m"), ("rpi4", "cortex-a")):
         latency = assess(MODEL, name, measure_arena=False).latency
-        assert latency.low_ms == pytest.approx(latency.total_ms * stored[cls].band_low)
-        assert latency.high_ms == pytest.approx(latency.total_ms * stored[cls].band_high)
-        assert stored[cls].band_low < 1 < stored[cls].band_high
+        assert latency.low_ms == pytest.approx(latency.total_ms * stored[cls].band.low)
+        assert latency.high_ms == pytest.approx(latency.total_ms * stored[cls].band.high)
+        assert stored[cls].band.low < 1 < stored[cls].band.high
 
 
 def test_the_band_follows_what_the_estimator_has_seen_of_the_board() -> None:

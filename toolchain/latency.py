@@ -131,9 +131,7 @@ class ClassModel:
 
     coefficients: dict[str, float]
     kernels: dict[str, float]  # each kernel library's factor on the CPU terms; absent means 1 (the reference library)
-    band_low: float  # published over estimated, 10th percentile of the rows held out one model at a time
-    band_high: float  # and the 90th
-    rows: int  # held-out rows the band comes from
+    band: Band  # over the rows held out one model at a time
     precisions: tuple[str, ...] = ("int8", "fp32")  # of those rows: a term of another precision is a prior, not a fit
     devices: tuple[str, ...] = ()  # the boards with rows
     unseen: Band | None = None  # over the rows held out with their board and their model at once
@@ -167,7 +165,7 @@ def read_models(path: Path = MODEL_FILE) -> dict[str, ClassModel]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         return {name: ClassModel({k: float(v) for k, v in c["coefficients"].items()},
                                  {k: float(v) for k, v in c.get("kernels", {}).items()},
-                                 float(c["band_low"]), float(c["band_high"]), int(c["rows"]),
+                                 Band(float(c["band_low"]), float(c["band_high"]), int(c["rows"])),
                                  tuple(str(p) for p in c["precisions"]), tuple(str(d) for d in c.get("devices", ())),
                                  _band(c["unseen"]) if "unseen" in c else None,
                                  _band(c["calibrated"]) if "calibrated" in c else None)
@@ -183,12 +181,14 @@ def _band(table: dict[str, float]) -> Band:
 def band_for(model: ClassModel, target: Target) -> tuple[float, float, str]:
     """The band of `model` an estimate on `target` gets (see ClassModel), and what it was measured on."""
     if target.cpu.latency_scale and model.calibrated:
-        return (model.calibrated.low, model.calibrated.high, f"{model.calibrated.count} estimates on boards held out "
-                "and calibrated on 1 or 2 of their models, as this profile was")
-    if target.name in model.devices or model.unseen is None:
-        return model.band_low, model.band_high, f"{model.rows} published rows, each held out with its model"
-    return (model.unseen.low, model.unseen.high, f"{model.unseen.count} published rows, each held out with its board "
-            f"and its model, as no published row is of {target.name}")
+        band, measured_on = model.calibrated, ("estimates on boards held out and calibrated on 1 or 2 of their models, "
+                                               "as this profile was")
+    elif target.name in model.devices or model.unseen is None:
+        band, measured_on = model.band, "published rows, each held out with its model"
+    else:
+        band, measured_on = model.unseen, (f"published rows, each held out with its board and its model, as no "
+                                           f"published row is of {target.name}")
+    return band.low, band.high, f"{band.count} {measured_on}"
 
 
 @cache
