@@ -267,20 +267,18 @@ def tables(rows: list[dict[str, Any]], revision: str | None) -> list[str]:
     worst = max(row["now"][CHOSEN] - row["bare"] for row in rows)
     under = [row["name"] for row in rows if row["now"][CHOSEN] - row["bare"] < 0.1 * row["bare"]]
     beyond = [row["name"] for row in rows if row["least"] >= 0.1 * row["bare"]]
-    native = [row["name"] for row in rows if row["native"] is not None and row["native"] >= 0.1 * row["bare"]]
+    beyond_native = [row["name"] for row in rows if row["native"] is not None and row["native"] >= 0.1 * row["bare"]]
     return [*lines, "", f"The issue's target, under 10% of the bare host call with `--fsync interval {INTERVAL_S:g}`, "
                         f"holds for {', '.join(under) if under else 'none of these models'}; on this host it holds for "
                         f"any model whose call takes at least {10 * worst:.1f} ms (ten times the largest overhead "
                         "above). The least work per input is the least a Python service can do besides the call "
                         "(`least_work`: take the input in, append one JSON record, through Python's thinnest calls); "
-                        "where it alone "
-                        "is 10% of the bare call or more, no Python service meets the target: "
+                        "where it alone is 10% of the bare call or more, no Python service meets the target: "
                         f"{', '.join(beyond) if beyond else 'none of these models'}. The C column does the same "
                         "for a file input in C (NATIVE_LEAST, the system's cc -O2; n/a: a text line, whose tokenizer "
                         "has no C version here): where it is 10% of the bare call or more, no service that takes its "
-                        "inputs as "
-                        f"files meets the target on this host, in any language: "
-                        f"{', '.join(native) if native else 'none of these models'}."]
+                        "inputs as files meets the target on this host, in any language: "
+                        f"{', '.join(beyond_native) if beyond_native else 'none of these models'}."]
 
 
 def main() -> None:
