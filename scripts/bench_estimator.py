@@ -38,7 +38,8 @@ from edgecc.targets import KERNELS, load_target
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / "models" / "estimator"
 DATASET = ROOT / "benchmarks" / "latency_measurements.toml"
-MODELLED = ("tflite-micro", "microtvm-cmsis-nn", "tflite", "litert-xnnpack", "edgetpu")  # CMSIS-NN or TFLite kernels
+# CMSIS-NN or TFLite kernels
+MODELLED = ("tflite-micro", "microtvm-cmsis-nn", "onnc-cmsis-nn", "tflite", "litert-xnnpack", "edgetpu")
 CPU_FEATURES = ("op_cycles", "bytes", *(f"{k}_{p}" for p in ("int8", "fp32") for k in ("gemm", "depthwise", "elementwise")))
 TPU_FEATURES = ("tpu_op_us", "tpu_macs", "invoke_ms", "link")
 UNIT = ClassModel({}, {}, Band(1.0, 1.0, 0))

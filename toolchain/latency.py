@@ -50,7 +50,8 @@ CPU_CLASS = {"tflite-micro": "cortex-m", "ethos-u": "cortex-m", "litert-xnnpack"
 KINDS = {"CONV_2D": "gemm", "TRANSPOSE_CONV": "gemm", "DEPTHWISE_CONV_2D": "depthwise",
          "FULLY_CONNECTED": "gemm", "BATCH_MATMUL": "gemm"}
 INT_TYPES = ("INT8", "UINT8", "INT16", "INT32")
-MEASURED_RUNTIMES = ("tflite-micro", "microtvm-cmsis-nn", "x-cube-ai", "plumerai", "tflite", "litert-xnnpack", "edgetpu")
+MEASURED_RUNTIMES = ("tflite-micro", "microtvm-cmsis-nn", "onnc-cmsis-nn", "x-cube-ai", "plumerai", "tflite",
+                     "litert-xnnpack", "edgetpu")
 # each runtime's usual CPU kernel library (edgecc.targets.KERNELS), when a profile's cpu.kernels is empty
 DEFAULT_KERNELS = {"tflite-micro": "tflite-micro", "ethos-u": "tflite-micro", "litert-xnnpack": "litert-xnnpack",
                    "edgetpu": "tflite"}

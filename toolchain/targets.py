@@ -18,7 +18,7 @@ from edgecc.schema import spec
 
 RUNTIMES = ("litert-xnnpack", "tflite-micro", "edgetpu", "ethos-u")
 # CPU kernel libraries the latency estimator has fitted factors for (edgecc.latency)
-KERNELS = ("tflite-micro", "microtvm-cmsis-nn", "tflite", "litert-xnnpack")
+KERNELS = ("tflite-micro", "microtvm-cmsis-nn", "onnc-cmsis-nn", "tflite", "litert-xnnpack")
 # figures older profiles carried that no estimate reads any more: refused by name so that nobody tunes them in vain
 RETIRED = {"cpu": ("int8_gmacs", "fp32_gmacs", "op_overhead_us"),
            "edgetpu": ("invoke_overhead_ms", "op_overhead_us", "mac_efficiency")}
@@ -70,7 +70,8 @@ class Cpu:
                                             "absent means the class's ratio to the fp32 rate "
                                             "(edgecc.latency.INT8_PER_FP32) times fp32_macs_per_cycle")
     kernels: str = spec("", choices=("", *KERNELS), doc="the CPU kernel library: tflite-micro (TFLite Micro's "
-                        "interpreter with CMSIS-NN), microtvm-cmsis-nn, tflite (LiteRT's built-in kernels) or "
+                        "interpreter with CMSIS-NN), microtvm-cmsis-nn, onnc-cmsis-nn (ONNC's generated calls to "
+                        "CMSIS-NN's q7 kernels), tflite (LiteRT's built-in kernels) or "
                         "litert-xnnpack; empty means the runtime's usual one (an Edge TPU host: tflite)")
     latency_scale: Rate | None = spec(None, doc="measured over estimated latency on this board (with mac_scale: of "
                                       "the terms other than multiply-accumulates), written by `edgecc targets "
