@@ -95,6 +95,11 @@ def _mobilenet_v2_030_80(keras: Any) -> Any:
     return keras.applications.MobileNetV2(weights=None, alpha=0.3, input_shape=(80, 80, 3))
 
 
+def _mobilenet_v1_025_128(keras: Any) -> Any:
+    """MobileNet v1 at width 0.25 on 128x128x3, 1000 classes (Coral's smallest image classifier)."""
+    return keras.applications.MobileNet(weights=None, alpha=0.25, input_shape=(128, 128, 3))
+
+
 def _mobilenet_v1_025_96_vww(keras: Any) -> Any:
     """MLPerf Tiny visual wake words: MobileNet v1 at width 0.25 on 96x96x3, two classes."""
     return keras.applications.MobileNet(weights=None, alpha=0.25, input_shape=(96, 96, 3), classes=2)
@@ -212,31 +217,38 @@ def _inception_v4_299(keras: Any) -> Any:
     return keras.Model(inputs, layers.Softmax()(x))
 
 
-def _efficientnet_edgetpu(depth: float, size: int) -> Callable[[Any], Any]:
-    """EfficientNet-EdgeTPU as tensorflow/tpu's efficientnet_edgetpu_builder defines it (width 1.0): a 32-filter
-    3x3 stride-2 stem; blocks (repeats, kernel, stride, expansion, output filters, fused) where a fused block is a
-    k x k convolution to the expanded width and a 1x1 projection, the others MobileNet v2 inverted bottlenecks; ReLU,
-    no squeeze-and-excitation; a 1280-filter head and 1001 classes. `depth` scales the repeats (rounded up)."""
+def _efficientnet_edgetpu(depth: float, size: int, width: float = 1.0) -> Callable[[Any], Any]:
+    """EfficientNet-EdgeTPU as tensorflow/tpu's efficientnet_edgetpu_builder defines it: a 32-filter 3x3 stride-2
+    stem; blocks (repeats, kernel, stride, expansion, output filters, fused) where a fused block is a k x k
+    convolution to the expanded width and a 1x1 projection, the others MobileNet v2 inverted bottlenecks; ReLU, no
+    squeeze-and-excitation; a 1280-filter head and 1001 classes. `depth` scales the repeats (rounded up), `width`
+    every filter count (efficientnet's round_filters: to the nearest multiple of 8, not below 90% of the scaled
+    count)."""
     blocks = ((1, 3, 1, 4, 24, True), (2, 3, 2, 8, 32, True), (4, 3, 2, 8, 48, True), (5, 5, 2, 8, 96, False),
               (4, 5, 1, 8, 144, False), (2, 5, 2, 8, 192, False))
+
+    def scaled(filters: int) -> int:
+        rounded = max(8, int(filters * width + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * filters * width else rounded
 
     def build(keras: Any) -> Any:
         layers, conv = keras.layers, partial(_conv, keras)
         inputs = keras.Input((size, size, 3))
-        x, width, first = conv(inputs, 32, 3, 2), 32, True
-        for repeats, kernel, stride, expand, filters, fused in blocks:
+        x, current, first = conv(inputs, scaled(32), 3, 2), scaled(32), True
+        for repeats, kernel, stride, expand, stated, fused in blocks:
+            filters = scaled(stated)
             for i in range(int(np.ceil(depth * repeats))):
                 step = stride if i == 0 else 1
-                wide = (24 if first else width) * expand  # the first block's expansion counts from its stated 24
+                wide = (scaled(24) if first else current) * expand  # the first block's expansion counts from its 24
                 if fused:
                     y = conv(x, wide, kernel, step)
                 else:
                     y = layers.DepthwiseConv2D(kernel, step, padding="same", use_bias=False)(conv(x, wide, 1))
                     y = layers.ReLU()(layers.BatchNormalization()(y))
                 y = conv(y, filters, 1, relu=False)
-                x = layers.Add()([x, y]) if step == 1 and width == filters and not first else y
-                width, first = filters, False
-        x = layers.GlobalAveragePooling2D()(conv(x, 1280, 1))
+                x = layers.Add()([x, y]) if step == 1 and current == filters and not first else y
+                current, first = filters, False
+        x = layers.GlobalAveragePooling2D()(conv(x, scaled(1280), 1))
         return keras.Model(inputs, layers.Softmax()(layers.Dense(1001)(x)))
     return build
 
@@ -277,6 +289,9 @@ BUILDERS: dict[str, Callable[[Any], Any]] = {
     "inception_v1_224": _inception_v1_224, "inception_v4_299": _inception_v4_299,
     "efficientnet_edgetpu_s": _efficientnet_edgetpu(1.0, 224),
     "efficientnet_edgetpu_m": _efficientnet_edgetpu(1.1, 240),
+    "efficientnet_edgetpu_l": _efficientnet_edgetpu(1.4, 300, width=1.2),
+    "inception_v3_299": _applications("InceptionV3", 299),
+    "mobilenet_v1_025_128": _mobilenet_v1_025_128,
     "unet_mv2_128": _unet_mv2_128,
 }
 
