@@ -38,7 +38,7 @@ from edgecc.targets import KERNELS, load_target
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / "models" / "estimator"
 DATASET = ROOT / "benchmarks" / "latency_measurements.toml"
-# CMSIS-NN or TFLite kernels
+# runtimes whose kernels edgecc models: CMSIS-NN's (TFLite Micro, microTVM, ONNC), LiteRT's and the Edge TPU's
 MODELLED = ("tflite-micro", "microtvm-cmsis-nn", "onnc-cmsis-nn", "tflite", "litert-xnnpack", "edgetpu")
 CPU_FEATURES = ("op_cycles", "bytes", *(f"{k}_{p}" for p in ("int8", "fp32") for k in ("gemm", "depthwise", "elementwise")))
 TPU_FEATURES = ("tpu_op_us", "tpu_macs", "invoke_ms", "link")
