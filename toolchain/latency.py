@@ -14,8 +14,9 @@ and multiplied by a coefficient of the device class (Cortex-M, Cortex-A, Edge TP
     each coefficient is the inverse of the kernels' efficiency and at least 1;
   - the bytes it moves over the profile's memory bandwidth.
 The sum is scaled by the kernels' factor (`cpu.kernels`: TFLite Micro's interpreter with
-CMSIS-NN, microTVM's compiled CMSIS-NN calls, LiteRT's built-in kernels, XNNPACK), one
-number per kernel library fitted against the class's reference library.
+CMSIS-NN, microTVM's compiled CMSIS-NN calls, ONNC's compiled calls to CMSIS-NN's q7 kernels,
+LiteRT's built-in kernels, XNNPACK), one number per kernel library fitted against the class's
+reference library.
 On an Edge TPU the mapped operators cost a time per operator plus their MACs at the
 accelerator's peak rate, each inference a fixed invoke time, and what crosses the
 host link (parameters that do not fit on chip, activations passed to and from the CPU)
