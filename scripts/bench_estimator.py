@@ -492,7 +492,7 @@ def summary(rows: list[Row], estimates: dict[int, float]) -> dict[str, dict[str,
 
 
 def write_model(fits: dict[str, Fit], bands: dict[str, dict[str, float]], unseen: dict[str, dict[str, float]],
-                calibrated: dict[str, tuple[float, float, int]], rows: list[Row]) -> None:
+                calibrated: dict[str, dict[str, float]], rows: list[Row]) -> None:
     lines = [f"# Written by scripts/bench_estimator.py on {date.today().isoformat()}: per device class, the latency",
              "# estimator's coefficients fitted on every modelled row of benchmarks/latency_measurements.toml,",
              "# and its bands: 10th-90th percentile of published / estimated over the rows held out one model at a",
@@ -506,12 +506,10 @@ def write_model(fits: dict[str, Fit], bands: dict[str, dict[str, float]], unseen
                   f"devices = {sorted({r.device for r in rows if r.cls == cls})}".replace("'", '"'),
                   f"coefficients = {_inline(fits[cls].coefficients)}"]
         lines += [f"kernels = {_inline(fits[cls].kernels)}"] if fits[cls].kernels else []
-        if cls in unseen:
-            lines.append(f"unseen = {{ low = {unseen[cls]['band_low']:.4f}, high = {unseen[cls]['band_high']:.4f}, "
-                         f"count = {unseen[cls]['rows']} }}")
-        if cls in calibrated:
-            low, high, count = calibrated[cls]
-            lines.append(f"calibrated = {{ low = {low:.4f}, high = {high:.4f}, count = {count} }}")
+        for name, band in (("unseen", unseen.get(cls)), ("calibrated", calibrated.get(cls))):
+            if band:
+                lines.append(f"{name} = {{ low = {band['band_low']:.4f}, high = {band['band_high']:.4f}, "
+                             f"count = {band['rows']} }}")
         lines.append("")
     MODEL_FILE.write_text("\n".join(lines))
 
@@ -536,7 +534,7 @@ def table(rows: list[Row], by_model: dict[int, float], by_device: dict[int, floa
 
 def summary_table(rows: list[Row], by_model: dict[int, float], model_stats: dict[str, dict[str, float]],
                   device_stats: dict[str, dict[str, float]], pair_stats: dict[str, dict[str, float]],
-                  calibrated: dict[str, tuple[float, float, int]]) -> str:
+                  calibrated: dict[str, dict[str, float]]) -> str:
     """Per class, the summary of each held-out estimate (summary: by model, by device, by model and device at once)
     and the band after calibration (calibrated_bands)."""
     lines = ["| class | rows | boards | median abs error | worst | band (published / estimate) | band covers | "
@@ -550,7 +548,8 @@ def summary_table(rows: list[Row], by_model: dict[int, float], model_stats: dict
         lodo = f"{d['median']:.0%} / {d['worst']:.0%}" if several else "one board"
         p = pair_stats.get(cls)
         unseen = f"{p['band_low']:.2f}-{p['band_high']:.2f}" if several and p else "one board"
-        after = "{:.2f}-{:.2f}".format(*calibrated[cls][:2]) if cls in calibrated else "-"
+        c = calibrated.get(cls)
+        after = f"{c['band_low']:.2f}-{c['band_high']:.2f}" if c else "-"
         lines.append(f"| {cls} | {s['rows']} | {len({r.device for r in mine})} | {s['median']:.0%} | {s['worst']:.0%} | "
                      f"{s['band_low']:.2f}-{s['band_high']:.2f} | {covered}/{len(mine)} | {lodo} | {unseen} | "
                      f"{after} |")
@@ -612,10 +611,14 @@ def calibrated_ratios(runs: dict[tuple[str, str, str], list[list[tuple[Row, floa
     return out
 
 
-def calibrated_bands(runs: dict[tuple[str, str, str], list[list[tuple[Row, float]]]]) -> dict[
-        str, tuple[float, float, int]]:
-    """Per class, the band after calibration (percentile_band of calibrated_ratios) and how many ratios it is of."""
-    return {cls: (*percentile_band(ratios), len(ratios)) for cls, ratios in calibrated_ratios(runs).items()}
+def calibrated_bands(runs: dict[tuple[str, str, str], list[list[tuple[Row, float]]]]) -> dict[str, dict[str, float]]:
+    """Per class, the band after calibration (percentile_band of calibrated_ratios) and how many ratios it is of, in
+    summary's keys."""
+    out = {}
+    for cls, ratios in calibrated_ratios(runs).items():
+        low, high = percentile_band(ratios)
+        out[cls] = {"band_low": low, "band_high": high, "rows": len(ratios)}
+    return out
 
 
 def peak_rates(rows: list[Row]) -> str:
